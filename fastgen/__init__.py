@@ -1,0 +1,7 @@
+"""fastgen: fused Triton kernels for sampling from generative models, each checked against a torch reference."""
+from fastgen.backend import resolve_backend
+from fastgen.ops import randn
+
+__version__ = "0.1.0"
+
+__all__ = ["randn", "resolve_backend", "__version__"]

@@ -1,0 +1,71 @@
+"""Argument validation shared by every public op: each error names the argument and what was expected."""
+import operator
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INT64_MAX = (1 << 63) - 1
+
+
+def as_int(value, name: str) -> int:
+    """``value`` as a Python int; TypeError for bools, floats and anything else that is not an integer."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
+
+
+def nonneg_int(value, name: str, *, limit: int = INT64_MAX) -> int:
+    """An integer in [0, limit]."""
+    value = as_int(value, name)
+    if not 0 <= value <= limit:
+        raise ValueError(f"{name} must be an integer in [0, {limit}], got {value}")
+    return value
+
+
+def seed64(seed, name: str = "seed") -> int:
+    """A 64-bit seed as an int in [0, 2^64): any int torch.manual_seed accepts (negatives wrap).
+
+    ``None`` draws one from torch's default generator, so torch.manual_seed makes runs reproducible.
+    """
+    if seed is None:
+        lo, hi = torch.randint(0, 1 << 32, (2,), dtype=torch.int64).tolist()
+        return (hi << 32) | lo
+    seed = as_int(seed, name)
+    if not -(1 << 63) <= seed < (1 << 64):
+        raise ValueError(f"{name} must be a 64-bit integer in [-2**63, 2**64), got {seed}")
+    return seed & ((1 << 64) - 1)
+
+
+def shape(value, name: str = "shape") -> torch.Size:
+    """An int or a sequence of non-negative ints as a torch.Size."""
+    dims = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
+    try:
+        dims = tuple(dims)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a sequence of ints, got {type(value).__name__}") from None
+    dims = tuple(as_int(d, f"{name}[{i}]") for i, d in enumerate(dims))
+    if any(d < 0 for d in dims):
+        raise ValueError(f"{name} must have non-negative sizes, got {dims}")
+    return torch.Size(dims)
+
+
+def float_dtype(dtype, name: str = "dtype") -> torch.dtype:
+    """One of the floating dtypes fastgen kernels compute in (fp32, fp16, bf16)."""
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{name} must be a torch.dtype, got {type(dtype).__name__} {dtype!r}")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be one of torch.float32, torch.float16, torch.bfloat16, got {dtype}")
+    return dtype
+
+
+def device(value, name: str = "device") -> torch.device:
+    """A torch.device; None means torch's default device."""
+    if value is None:
+        return torch.get_default_device()
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{name} must name a torch device, got {value!r}") from err

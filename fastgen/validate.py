@@ -1,0 +1,85 @@
+"""Validate every kernel against its torch reference on one device and tabulate the result.
+
+Each op family registers a check: a function (device, quick) -> rows of Case results. The kernel
+runs with outputs poisoned (NaN) so an unwritten element fails; the reference runs in float64 on
+the CPU, so a GPU result is also checked against a different device.
+"""
+import dataclasses
+import time
+
+import torch
+
+from fastgen import testing
+from fastgen._alloc import poisoned_outputs
+from fastgen._table import markdown_table
+
+CHECKS = {}
+
+
+@dataclasses.dataclass
+class Case:
+    op: str
+    case: str
+    dtype: str
+    result: testing.Comparison
+
+
+def check(name):
+    """Register ``fn(device, quick) -> list[Case]`` as the validation of op family ``name``."""
+    def register(fn):
+        CHECKS[name] = fn
+        return fn
+    return register
+
+
+@check("randn")
+def _check_randn(device, quick):
+    from fastgen.kernels import random as k_random
+    from fastgen.ops import randn
+    from fastgen.reference import random as ref
+
+    cases = []
+    seed = 0x9E3779B97F4A7C15  # above 2^63: exercises the full 64-bit key
+    blocks = torch.empty(4099, 4, dtype=torch.int32, device=device)
+    k_random.philox_bits(blocks, seed, 7, (1 << 32) - 2048)  # counter crosses 2^32
+    expected = torch.stack(ref.philox_blocks(seed, 7, torch.arange((1 << 32) - 2048, (1 << 32) + 2051)), 1)
+    exact = testing.compare_exact(blocks.long() & ref.MASK32, expected)
+    cases.append(Case("philox4x32", "4099 blocks x 4 words, bit-exact", "uint32", exact))
+    shapes = [(1,), (7, 129), (5, 123, 123)] if quick else [(1,), (3, 5), (7, 129), (5, 123, 123), (16, 7, 57, 32, 29)]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for shape in shapes:
+            offset, stream = 4 * len(shape) + 1, len(shape)
+            with poisoned_outputs():
+                z = randn(shape, seed=seed, stream=stream, offset=offset, device=device, dtype=dtype, backend="triton")
+            expected = ref.randn(shape, seed=seed, stream=stream, offset=offset, dtype=torch.float64)
+            result = testing.compare(z, expected, dtype=dtype)
+            cases.append(Case("randn", f"{tuple(shape)} offset={offset} stream={stream}",
+                              str(dtype).removeprefix("torch."), result))
+    return cases
+
+
+def run(device=None, quick=False, ops=None, out=print) -> bool:
+    """Run the registered checks (all, or those named in ``ops``) and print one table; True if all pass."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    unknown = sorted(set(ops or ()) - set(CHECKS))
+    if unknown:
+        raise ValueError(f"ops must name registered checks {sorted(CHECKS)}, got unknown {unknown}")
+    start = time.perf_counter()
+    rows, failures = [], []
+    for name, fn in CHECKS.items():
+        if ops and name not in ops:
+            continue
+        for c in fn(device, quick):
+            r = c.result
+            rows.append([c.op, c.case, c.dtype, f"{r.max_abs_err:.2e}", f"{r.max_rel_err:.2e}",
+                         f"{r.worst_ratio:.2f}", r.n_nonfinite_mismatch, "PASS" if r.ok else "FAIL"])
+            if not r.ok:
+                failures.append(f"{c.op} {c.case} {c.dtype}:\n{r.describe()}")
+    out(f"fastgen validate: Triton kernels vs float64 torch reference on {device}"
+        + (" (Triton interpreter)" if device.type == "cpu" else ""))
+    out(markdown_table(["op", "case", "dtype", "max abs err", "max rel err", "err/tol", "NaN/inf mismatch",
+                        "status"], rows))
+    for f in failures:
+        out(f)
+    out(f"{len(rows) - len(failures)}/{len(rows)} cases pass in {time.perf_counter() - start:.1f}s")
+    return not failures

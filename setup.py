@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+# kernels/ sits at the top of the source tree and installs as the subpackage fastgen.kernels,
+# so its import name never clashes with another distribution's top-level "kernels".
+packages = find_packages(include=["fastgen", "fastgen.*"])
+package_dir = {"fastgen": "fastgen", "fastgen.kernels": "kernels"}
+
+setup(
+    name="fastgen",
+    version="0.1.0",
+    description="Fused Triton kernels for sampling VAEs, GANs and diffusion models, each validated against a torch reference",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages + ["fastgen.kernels"],
+    package_dir=package_dir,
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.2; platform_system == 'Linux'",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "scipy", "hypothesis", "diffusers"],
+        "bench": ["pytest-benchmark", "nvidia-ml-py", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["fastgen=fastgen.cli:main"]},
+)
