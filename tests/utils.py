@@ -1,0 +1,33 @@
+"""Test helpers: float64 comparison (from fastgen.testing), poisoning, shape lists, non-contiguous views."""
+import torch
+
+from fastgen.testing import TOLERANCES, assert_close, compare, compare_exact, tolerance  # noqa: F401
+
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# Odd sizes on purpose: a single element, sizes that are no multiple of any block, a 5-d tensor.
+ODD_SHAPES = [(1,), (3, 5), (7, 129), (5, 123, 123), (16, 7, 57, 32, 29)]
+# The same without the 5.9M-element case, for sweeps over many variants in the interpreter.
+SMALL_SHAPES = ODD_SHAPES[:4]
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill ``t`` with NaN (integers: -1) in place, so a kernel that skips an element is caught."""
+    return t.fill_(float("nan") if t.is_floating_point() else -1)
+
+
+def noncontiguous(t: torch.Tensor) -> torch.Tensor:
+    """A non-contiguous view holding the same values as ``t``: every other element of a buffer
+    twice as wide in the last dimension (for 0-d/empty tensors a plain copy)."""
+    if t.dim() == 0 or t.numel() == 0:
+        return t.clone()
+    wide = poison(torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device))
+    view = wide[..., ::2]
+    view.copy_(t)
+    assert not view.is_contiguous()
+    return view
+
+
+def rand_like_shape(shape, dtype=torch.float32, device="cpu", *, scale=1.0, generator=None) -> torch.Tensor:
+    """Fresh random normal data (never zeros) of ``shape`` in ``dtype``."""
+    return (torch.randn(shape, dtype=torch.float64, generator=generator) * scale).to(device=device, dtype=dtype)
