@@ -21,7 +21,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scipy", "hypothesis", "diffusers"],
+        "test": ["pytest", "pytest-benchmark", "scipy", "hypothesis", "diffusers", "scikit-learn"],
+        "train": ["scikit-learn", "matplotlib"],
         "bench": ["pytest-benchmark", "nvidia-ml-py", "matplotlib"],
     },
     entry_points={"console_scripts": ["fastgen=fastgen.cli:main"]},

@@ -69,3 +69,24 @@ def device(value, name: str = "device") -> torch.device:
         return torch.device(value)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"{name} must name a torch device, got {value!r}") from err
+
+
+def float_tensor(t, name: str) -> torch.Tensor:
+    """A tensor of a dtype fastgen kernels compute in; TypeError/ValueError naming ``name`` otherwise."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a float32, float16 or bfloat16 tensor, got dtype {t.dtype}")
+    return t
+
+
+def like(t, name: str, ref: torch.Tensor, ref_name: str, *, shape: bool = True) -> torch.Tensor:
+    """``t`` is a float tensor on ``ref``'s device with its dtype (and shape, unless shape=False)."""
+    float_tensor(t, name)
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
+    if shape and t.shape != ref.shape:
+        raise ValueError(f"{name} must have {ref_name}'s shape {tuple(ref.shape)}, got {tuple(t.shape)}")
+    return t
