@@ -24,8 +24,8 @@ import triton.language as tl
 
 from . import launch_block
 
-TWO_POW_M24 = 5.9604644775390625e-08  # 2^-24: scales a 24-bit integer into [0, 1)
-TWO_PI = 6.283185307179586
+TWO_POW_M24 = tl.constexpr(5.9604644775390625e-08)  # 2^-24: scales a 24-bit integer into [0, 1)
+TWO_PI = tl.constexpr(6.283185307179586)
 
 
 def as_int64(value: int) -> int:
