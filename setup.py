@@ -4,6 +4,9 @@ from setuptools import find_packages, setup
 # so its import name never clashes with another distribution's top-level "kernels".
 packages = find_packages(include=["fastgen", "fastgen.*"])
 package_dir = {"fastgen": "fastgen", "fastgen.kernels": "kernels"}
+# bench/ (benchmarks and the report runner) installs the same way, as fastgen.bench, so
+# ``python -m fastgen bench`` works from an installed package.
+package_dir["fastgen.bench"] = "bench"
 
 setup(
     name="fastgen",
@@ -12,7 +15,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=packages + ["fastgen.kernels"],
+    packages=packages + ["fastgen.kernels", "fastgen.bench"],
     package_dir=package_dir,
     install_requires=[
         "torch>=2.4",
