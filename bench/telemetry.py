@@ -39,7 +39,9 @@ def _git_commit():
                               text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    return proc.stdout.strip() or None if proc.returncode == 0 else None
+    if proc.returncode != 0:
+        return None
+    return proc.stdout.strip() or None
 
 
 def machine() -> dict:
@@ -113,36 +115,13 @@ class GPU:
             info.update(torch_name=props.name, compute_capability=f"{props.major}.{props.minor}",
                         sm_count=props.multi_processor_count, torch_memory_bytes=props.total_memory,
                         l2_cache_bytes=getattr(props, "L2_cache_size", None))
-        if not self.available:
-            return info
-        nv, h = self.nvml, self.handle
-        memory = _query(nv.nvmlDeviceGetMemoryInfo, h)
-        max_mem_clock = _query(nv.nvmlDeviceGetMaxClockInfo, h, nv.NVML_CLOCK_MEM)
-        bus_width = _query(nv.nvmlDeviceGetMemoryBusWidth, h)
-        info.update(
-            name=_query(nv.nvmlDeviceGetName, h),
-            driver=_query(nv.nvmlSystemGetDriverVersion),
-            memory_total_bytes=getattr(memory, "total", None),
-            max_sm_clock_mhz=_query(nv.nvmlDeviceGetMaxClockInfo, h, nv.NVML_CLOCK_SM),
-            max_memory_clock_mhz=max_mem_clock,
-            memory_bus_width_bits=bus_width,
-            power_limit_w=_query(nv.nvmlDeviceGetEnforcedPowerLimit, h, scale=1e-3),
-            theoretical_bandwidth_gbs=theoretical_bandwidth_gbs(max_mem_clock, bus_width),
-        )
+        if self.available:
+            info.update(nvml_static(self.nvml, self.handle))
         return info
 
     def sample(self) -> dict:
         """Clocks, power and temperature now (taken before and after the run)."""
-        if not self.available:
-            return {}
-        nv, h = self.nvml, self.handle
-        return {
-            "sm_clock_mhz": _query(nv.nvmlDeviceGetClockInfo, h, nv.NVML_CLOCK_SM),
-            "memory_clock_mhz": _query(nv.nvmlDeviceGetClockInfo, h, nv.NVML_CLOCK_MEM),
-            "power_w": _query(nv.nvmlDeviceGetPowerUsage, h, scale=1e-3),
-            "temperature_c": _query(nv.nvmlDeviceGetTemperature, h, nv.NVML_TEMPERATURE_GPU),
-            "utilization_percent": getattr(_query(nv.nvmlDeviceGetUtilizationRates, h), "gpu", None),
-        }
+        return nvml_sample(self.nvml, self.handle) if self.available else {}
 
     def close(self):
         if self.available:
@@ -154,3 +133,35 @@ def theoretical_bandwidth_gbs(memory_clock_mhz, bus_width_bits):
     if not memory_clock_mhz or not bus_width_bits:
         return None
     return memory_clock_mhz * 1e6 * 2 * bus_width_bits / 8 / 1e9
+
+
+def nvml_static(nv, h) -> dict:
+    """Name, driver, memory size, maximum clocks, bus width, power limit and theoretical bandwidth
+    of NVML device handle ``h`` (``nv``: the pynvml module)."""
+    memory = _query(nv.nvmlDeviceGetMemoryInfo, h)
+    max_memory_clock = _query(nv.nvmlDeviceGetMaxClockInfo, h, nv.NVML_CLOCK_MEM)
+    bus_width = _query(nv.nvmlDeviceGetMemoryBusWidth, h)
+    return {
+        "name": _query(nv.nvmlDeviceGetName, h),
+        "driver": _query(nv.nvmlSystemGetDriverVersion),
+        "memory_total_bytes": getattr(memory, "total", None),
+        "max_sm_clock_mhz": _query(nv.nvmlDeviceGetMaxClockInfo, h, nv.NVML_CLOCK_SM),
+        "max_memory_clock_mhz": max_memory_clock,
+        "memory_bus_width_bits": bus_width,
+        "power_limit_w": _query(nv.nvmlDeviceGetEnforcedPowerLimit, h, scale=1e-3),
+        "theoretical_bandwidth_gbs": theoretical_bandwidth_gbs(max_memory_clock, bus_width),
+    }
+
+
+def nvml_sample(nv, h) -> dict:
+    """Clocks, power, temperature and utilization of NVML device handle ``h`` now."""
+    return {
+        "sm_clock_mhz": _query(nv.nvmlDeviceGetClockInfo, h, nv.NVML_CLOCK_SM),
+        "memory_clock_mhz": _query(nv.nvmlDeviceGetClockInfo, h, nv.NVML_CLOCK_MEM),
+        "power_w": _query(nv.nvmlDeviceGetPowerUsage, h, scale=1e-3),
+        "temperature_c": _query(nv.nvmlDeviceGetTemperature, h, nv.NVML_TEMPERATURE_GPU),
+        "utilization_percent": getattr(_query(nv.nvmlDeviceGetUtilizationRates, h), "gpu", None),
+        # bitmask of why clocks are below maximum (power cap, thermal, ...); 0 = none
+        "clocks_event_reasons": _query(getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None)
+                                       or nv.nvmlDeviceGetCurrentClocksThrottleReasons, h),
+    }
