@@ -194,7 +194,12 @@ class Case:
     def callable(self, provider: Provider, n_sets: int):
         """A zero-argument function running ``provider`` on the next input set (forward, or forward
         then backward with fixed random grad_outputs); returns the forward outputs."""
-        fn = torch.compile(provider.fn, dynamic=False) if provider.role == "compiled" else provider.fn
+        fn = provider.fn
+        if provider.role == "compiled":
+            # Static shapes, compiled afresh for this case: dynamo caches per code object and, past
+            # its recompile limit, would silently run the function eagerly.
+            torch._dynamo.reset()
+            fn = torch.compile(provider.fn, **{"dynamic": False, **provider.compile_options})
         sets = [self.inputs(i) for i in range(n_sets)]
         if self.variant == "fwd":
             calls = itertools.cycle([lambda inputs=inputs: fn(**inputs) for inputs in sets])

@@ -5,6 +5,7 @@ report runner (``python -m fastgen bench``). See bench/README.md for a worked ex
 """
 import dataclasses
 import importlib
+import os
 import pkgutil
 import sys
 from typing import Callable, Optional, Sequence
@@ -32,6 +33,7 @@ class Provider:
     role: str = "peer"
     cpu: str = "always"
     note: str = ""
+    compile_options: dict = dataclasses.field(default_factory=dict)  # role "compiled": torch.compile kwargs
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -198,7 +200,7 @@ def pytest_benchmarks(op: Op):
     from fastgen.bench import harness
 
     device = harness.default_device()
-    quick = device.type == "cpu"
+    quick = device.type == "cpu" or os.environ.get("FASTGEN_BENCH_QUICK", "") not in ("", "0")
     sizes, dtypes = (op.quick_sizes, op.quick_dtypes) if quick else (op.sizes, op.dtypes)
     providers = [p for p in op.providers if p.runs_on(device, quick) and not (quick and p.role == "compiled")]
     params = [pytest.param(variant, provider.name, size, dtype,

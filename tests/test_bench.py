@@ -5,6 +5,7 @@ only the consistency of the figures is checked, never their size."""
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 import types
@@ -43,7 +44,8 @@ def test_quick_run_prints_a_row_per_provider_and_the_copy_limit(quick_run):
     cases = {(r[2], r[3]) for r in rows}
     assert cases == {(str(s), report.dtype_name(d)) for s in randn.quick_sizes for d in randn.quick_dtypes}
     providers = {r[4] for r in rows}
-    assert providers == {"fastgen (interpreter)", "reference", "torch.randn", "copy_ (limit)"}
+    fastgen_label = "fastgen" if torch.cuda.is_available() else "fastgen (interpreter)"
+    assert providers == {fastgen_label, "reference", "torch.randn", "copy_ (limit)"}
     for r in rows:
         assert float(r[5]) > 0 and float(r[8]) > 0 and r[9].endswith("%")
         if r[4] in ("reference", "torch.randn"):
@@ -101,7 +103,8 @@ def test_quick_run_writes_csv_markdown_and_valid_pngs(quick_run):
 def test_pytest_collects_the_bench_files():
     """``pytest bench/`` runs the pytest-benchmark tests declared by each bench_<family>.py (once each here)."""
     proc = subprocess.run([sys.executable, "-m", "pytest", "bench/", "-q", "--benchmark-disable",
-                           "-p", "no:cacheprovider"], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "-p", "no:cacheprovider"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "FASTGEN_BENCH_QUICK": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     randn = registry.load_all()["randn"]
     expected = len(randn.quick_sizes) * len(randn.quick_dtypes) * 3  # fastgen, reference, torch.randn
@@ -139,6 +142,17 @@ def test_measure_times_forward_and_backward_variants():
     cases, notes = report.plan([op], torch.device("cpu"), quick=False)
     assert [p.name for p in cases[0][4]] == ["reference", "mul"]
     assert any("fastgen skipped on CPU" in n for n in notes)
+
+
+def test_compiled_provider_runs_through_torch_compile():
+    """The compiled role goes through torch.compile (here its cheap "eager" backend) in both variants."""
+    op = _toy_op(providers=[fastgen(lambda x: x * 2),
+                            compiled(lambda x: x * 2, compile_options={"backend": "eager"})])
+    cases, _ = report.plan([op], torch.device("cpu"), quick=True, providers=["compiled", "fastgen"])
+    rows, _ = report.measure(cases, torch.device("cpu"), harness.TimerConfig.quick(), progress=False)
+    compiled_rows = [r for r in rows if r["role"] == "compiled"]
+    assert len(compiled_rows) == 4 and not any("error" in r for r in rows)
+    assert all(r["median_ms"] > 0 and r["fastgen_speedup"] > 0 for r in compiled_rows)
 
 
 def test_forward_backward_callable_computes_gradients():
