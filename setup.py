@@ -7,6 +7,7 @@ package_dir = {"fastgen": "fastgen", "fastgen.kernels": "kernels"}
 # bench/ (benchmarks and the report runner) installs the same way, as fastgen.bench, so
 # ``python -m fastgen bench`` works from an installed package.
 package_dir["fastgen.bench"] = "bench"
+packages.append("fastgen.bench")
 
 setup(
     name="fastgen",
@@ -15,7 +16,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=packages + ["fastgen.kernels", "fastgen.bench"],
+    packages=packages + ["fastgen.kernels"],
     package_dir=package_dir,
     install_requires=[
         "torch>=2.4",
