@@ -215,9 +215,37 @@ def table(rows) -> str:
                            "GB/s", "of copy", "fastgen speedup"], body)
 
 
+def summarize(rows) -> list:
+    """Per op, variant, dtype and peer: the geometric mean, min and max of fastgen's speedup over the
+    sizes, and fastgen's best fraction of the copy bandwidth."""
+    groups = {}
+    for r in rows:
+        if r.get("fastgen_speedup") is not None and r["role"] not in ("fastgen", "copy"):
+            groups.setdefault((r["op"], r["variant"], r["dtype"], r["provider"]), []).append(r["fastgen_speedup"])
+    best = {}
+    for r in rows:
+        if r["role"] == "fastgen" and r.get("fraction_of_copy") is not None:
+            key = (r["op"], r["variant"], r["dtype"])
+            best[key] = max(best.get(key, 0.0), r["fraction_of_copy"])
+    return [{"op": op, "variant": variant, "dtype": dtype, "peer": peer, "sizes": len(values),
+             "geomean_speedup": math.exp(sum(map(math.log, values)) / len(values)),
+             "min_speedup": min(values), "max_speedup": max(values),
+             "fastgen_best_fraction_of_copy": best.get((op, variant, dtype))}
+            for (op, variant, dtype, peer), values in groups.items()]
+
+
+def summary_table(summary) -> str:
+    return markdown_table(
+        ["op", "variant", "dtype", "fastgen vs", "geomean speedup", "min-max", "fastgen best of copy"],
+        [[s["op"], s["variant"], s["dtype"], s["peer"], f"{s['geomean_speedup']:.3g}x",
+          f"{s['min_speedup']:.3g}x-{s['max_speedup']:.3g}x",
+          f"{100 * s['fastgen_best_fraction_of_copy']:.3g}%" if s["fastgen_best_fraction_of_copy"] else ""]
+         for s in summary])
+
+
 CSV_FIELDS = ["op", "family", "variant", "shape", "size", "dtype", "device", "provider", "role", "median_ms",
               "p20_ms", "p80_ms", "min_ms", "mean_ms", "reps", "first_call_ms", "input_sets", "bytes", "gbps",
-              "copy_gbps", "fraction_of_copy", "fastgen_speedup", "error"]
+              "copy_gbps", "fraction_of_copy", "fraction_of_theoretical", "fastgen_speedup", "error"]
 
 
 def _finite_or_none(obj):
@@ -265,6 +293,8 @@ def write_outputs(result, out_dir, *, plots=True) -> list:
     with open(path, "w", encoding="utf-8") as f:
         f.write("# " + "\n\n".join(header(result)) + "\n\n")
         f.write(table(result["results"]) + "\n\n")
+        if result["summary"]:
+            f.write(summary_table(result["summary"]) + "\n\n")
         f.write("".join(f"- {n}\n" for n in result["notes"]))
         f.write(f"\nGPU before/after: {json.dumps(result['gpu_before'])} / {json.dumps(result['gpu_after'])}\n")
     files.append(path)
@@ -293,6 +323,11 @@ def run(ops=None, sizes=None, dtypes=None, providers=None, device=None, out="ben
     start = time.perf_counter()
     rows, copies = measure(cases, device, config, progress=progress)
     result.update(wall_s=time.perf_counter() - start, gpu_after=gpu.sample(), results=rows, copy=copies)
+    peak = result["gpu"].get("theoretical_bandwidth_gbs")
+    for row in rows:
+        if peak and row.get("gbps") is not None:
+            row["fraction_of_theoretical"] = row["gbps"] / peak
+    result["summary"] = summarize(rows)
     gpu.close()
     result["notes"] = sorted(set(notes), key=notes.index)
     result["ok"] = not any("error" in r for r in rows)
@@ -300,6 +335,8 @@ def run(ops=None, sizes=None, dtypes=None, providers=None, device=None, out="ben
     for line in header(result):
         echo(line)
     echo(table(rows))
+    if result["summary"]:
+        echo(summary_table(result["summary"]))
     for n in result["notes"]:
         echo(f"note: {n}")
     echo(f"{len(rows)} rows in {result['wall_s']:.1f}s; wrote {', '.join(result['files'])}")

@@ -32,9 +32,11 @@ def quick_run(tmp_path_factory):
     return proc, out
 
 
-def _table_rows(stdout):
-    return [[c.strip() for c in line.strip("|").split("|")] for line in stdout.splitlines()
+def _table_rows(stdout, columns=11):
+    """The randn rows of the printed table with ``columns`` columns (11: results, 7: summary)."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in stdout.splitlines()
             if line.startswith("| randn")]
+    return [r for r in rows if len(r) == columns]
 
 
 def test_quick_run_prints_a_row_per_provider_and_the_copy_limit(quick_run):
@@ -50,6 +52,8 @@ def test_quick_run_prints_a_row_per_provider_and_the_copy_limit(quick_run):
         assert float(r[5]) > 0 and float(r[8]) > 0 and r[9].endswith("%")
         if r[4] in ("reference", "torch.randn"):
             assert r[10].endswith("x") and float(r[10][:-1]) > 0
+    summary = _table_rows(proc.stdout, columns=7)
+    assert {r[3] for r in summary} == {"reference", "torch.randn"} and all(r[4].endswith("x") for r in summary)
     assert "torch.compile(reference) skipped in --quick" in proc.stdout
     assert "No GPU telemetry" in proc.stdout or "Theoretical memory bandwidth" in proc.stdout
     assert "fastgen bench" in proc.stderr  # the progress bar
@@ -82,6 +86,13 @@ def test_quick_run_results_json_holds_consistent_figures(quick_run):
         assert r["fastgen_speedup"] == pytest.approx(r["median_ms"] / fastgen_row["median_ms"])
         if r["role"] != "fastgen":
             assert fastgen_row["speedup_vs"][r["provider"]] == pytest.approx(r["fastgen_speedup"])
+    summary = result["summary"]
+    assert {(s["dtype"], s["peer"]) for s in summary} == {(r["dtype"], r["provider"]) for r in rows
+                                                        if r["role"] in ("reference", "peer")}
+    for s in summary:
+        speedups = [r["fastgen_speedup"] for r in rows if r["provider"] == s["peer"] and r["dtype"] == s["dtype"]]
+        assert s["sizes"] == len(speedups) and s["min_speedup"] == min(speedups) and s["max_speedup"] == max(speedups)
+        assert s["geomean_speedup"] == pytest.approx(math.prod(speedups) ** (1 / len(speedups)))
 
 
 def test_quick_run_writes_csv_markdown_and_valid_pngs(quick_run):
