@@ -207,6 +207,8 @@ class Case:
         grads = {}
 
         def forward_backward(i, inputs):
+            for name in self.op.grad_inputs:
+                inputs[name].grad = None  # no accumulation: every call writes fresh gradients
             outputs = fn(**inputs)
             tensors = [outputs] if isinstance(outputs, torch.Tensor) else [t for t in outputs if isinstance(t, torch.Tensor)]
             tensors = [t for t in tensors if t.requires_grad]

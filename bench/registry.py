@@ -24,9 +24,8 @@ class Provider:
     "reference" (fastgen's eager torch reference), "compiled" (``torch.compile`` of ``fn``, compiled
     lazily, once per case; its compile time is excluded from the timing and reported as the first
     call), "peer" (anything else people compare against: torch's own op, diffusers).
-    cpu: whether it runs on a CPU-only machine: "always", "quick" (only in --quick smoke runs; used
-    for fastgen's Triton kernels, which run on CPU only in the interpreter, whose times mean nothing)
-    or "never".
+    cpu: whether it runs on CPU tensors: "always", "quick" (only in --quick smoke runs and only under
+    the Triton interpreter; for fastgen's Triton kernels, whose interpreted times mean nothing) or "never".
     """
     name: str
     fn: Callable
@@ -46,7 +45,16 @@ class Provider:
             raise ValueError(f"Provider {self.name!r}: cpu must be 'always', 'quick' or 'never', got {self.cpu!r}")
 
     def runs_on(self, device: torch.device, quick: bool) -> bool:
-        return device.type != "cpu" or self.cpu == "always" or (self.cpu == "quick" and quick)
+        if device.type != "cpu" or self.cpu == "always":
+            return True
+        return self.cpu == "quick" and quick and _interpreting()
+
+
+def _interpreting() -> bool:
+    """Whether Triton kernels can run on CPU tensors here (the interpreter was chosen at import)."""
+    from fastgen.backend import triton_available, triton_interpreting
+
+    return triton_available() and triton_interpreting()
 
 
 def fastgen(fn, name="fastgen", **kw) -> Provider:

@@ -89,7 +89,7 @@ def plan(ops, device, *, quick, sizes=None, dtypes=None, providers=None):
                 continue
             if not p.runs_on(device, quick):
                 notes.append(f"{op.name}: {p.name} skipped on CPU" + (f" ({p.note})" if p.note else "")
-                             + ("; it runs in --quick" if p.cpu == "quick" else ""))
+                             + ("; it runs in --quick under the Triton interpreter" if p.cpu == "quick" else ""))
                 continue
             if p.role == "compiled" and quick and not providers:
                 notes.append(f"{op.name}: {p.name} skipped in --quick (compiling takes minutes on CPU); "
@@ -309,6 +309,8 @@ def run(ops=None, sizes=None, dtypes=None, providers=None, device=None, out="ben
         progress=True, plots=True, echo=print) -> dict:
     """Benchmark, print the table, write the files; returns the results dict (``result["ok"]``: no errors)."""
     device = torch.device(device) if device is not None else harness.default_device()
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        raise ValueError(f"device must be cpu or an available cuda device, got {device}")
     sizes = [parse_size(s) for s in sizes] if sizes else None
     dtypes = parse_dtypes(dtypes)
     selected = select_ops(ops)

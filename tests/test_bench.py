@@ -130,7 +130,8 @@ def _double_inputs(size, dtype, device, generator):
 def _toy_op(**kw):
     args = dict(name="double", make_inputs=_double_inputs, sizes=[64], quick_sizes=[64, 256],
                 quick_dtypes=[torch.float32], grad_inputs=("x",),
-                providers=[fastgen(lambda x: x * 2), reference(lambda x: x + x), peer("mul", lambda x: x.mul(2))])
+                providers=[Provider("fastgen", lambda x: x * 2, role="fastgen"), reference(lambda x: x + x),
+                           peer("mul", lambda x: x.mul(2))])
     args.update(kw)
     return Op(**args)
 
@@ -149,9 +150,10 @@ def test_measure_times_forward_and_backward_variants():
         # fwd: x read + y written; fwd+bwd adds grad_y read, x read again, grad_x written
         assert r["bytes"] == (2 * n_bytes if r["variant"] == "fwd" else 5 * n_bytes)
         assert r["fastgen_speedup"] > 0 and r["gbps"] > 0
-    # without --quick a CPU run leaves out fastgen's Triton-on-CPU (interpreter) provider, and says so
-    cases, notes = report.plan([op], torch.device("cpu"), quick=False)
-    assert [p.name for p in cases[0][4]] == ["reference", "mul"]
+    # without --quick a CPU run leaves out fastgen's Triton kernel (on CPU only interpreted), and says so
+    triton_op = _toy_op(providers=[fastgen(lambda x: x * 2), reference(lambda x: x + x)])
+    cases, notes = report.plan([triton_op], torch.device("cpu"), quick=False)
+    assert [p.name for p in cases[0][4]] == ["reference"]
     assert any("fastgen skipped on CPU" in n for n in notes)
 
 
@@ -172,6 +174,9 @@ def test_forward_backward_callable_computes_gradients():
     y = call()
     x = case.inputs(0)["x"]
     assert torch.equal(y, 2 * x.detach()) and x.grad is not None and bool(x.grad.abs().sum() > 0)
+    first_grad = x.grad.clone()
+    call(), call()  # back to set 0: its gradient is written afresh, not accumulated
+    assert torch.equal(x.grad, first_grad)
 
 
 def test_inputs_rotate_over_the_sets():
@@ -234,6 +239,7 @@ def test_register_names_the_family_after_the_file():
     (dict(sizes=["0"]), "sizes must be positive"),
     (dict(sizes=["lots"]), "sizes must be positive element counts"),
     (dict(providers=["nobody"]), "providers must name providers"),
+    (dict(device="meta"), "device must be cpu or an available cuda device"),
 ])
 def test_bad_report_arguments_are_named(kwargs, match, tmp_path):
     with pytest.raises(ValueError, match=match):
