@@ -45,9 +45,15 @@ def synchronized(call, device: torch.device):
     return run
 
 
+def _tensors(outputs) -> list:
+    """A provider's outputs (a tensor or a tuple holding tensors) as a list of tensors."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    return [t for t in outputs if isinstance(t, torch.Tensor)]
+
+
 def all_finite(outputs) -> bool:
-    tensors = [outputs] if isinstance(outputs, torch.Tensor) else [t for t in outputs if isinstance(t, torch.Tensor)]
-    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+    return all(bool(torch.isfinite(t).all()) for t in _tensors(outputs) if t.is_floating_point())
 
 
 def rotation_sets(set_bytes: int, device: torch.device) -> int:
@@ -210,15 +216,15 @@ class Case:
             for name in self.op.grad_inputs:
                 inputs[name].grad = None  # no accumulation: every call writes fresh gradients
             outputs = fn(**inputs)
-            tensors = [outputs] if isinstance(outputs, torch.Tensor) else [t for t in outputs if isinstance(t, torch.Tensor)]
-            tensors = [t for t in tensors if t.requires_grad]
+            tensors = [t for t in _tensors(outputs) if t.requires_grad]
             if i not in grads:
                 g = torch.Generator(device=self.device).manual_seed(self.seed + 104729 + i)
                 grads[i] = [random_tensor(t.shape, t.dtype, t.device, g) for t in tensors]
             torch.autograd.backward(tensors, grads[i])
             return outputs
 
-        calls = itertools.cycle([lambda i=i, inputs=inputs: forward_backward(i, inputs) for i, inputs in enumerate(sets)])
+        calls = itertools.cycle([lambda i=i, inputs=inputs: forward_backward(i, inputs)
+                                 for i, inputs in enumerate(sets)])
         return lambda: next(calls)()
 
 

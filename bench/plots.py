@@ -39,7 +39,8 @@ def plot_all(result, out_dir) -> list:
         fig, axes = plt.subplots(1, len(dtypes), figsize=(5.5 * len(dtypes), 4.2), squeeze=False)
         for ax, dtype in zip(axes[0], dtypes):
             for provider, (xs, ys) in _series([r for r in mine if r["dtype"] == dtype], "gbps").items():
-                style = dict(color="black", linestyle="--", marker="") if provider.startswith("copy_") else dict(marker="o")
+                is_copy = provider.startswith("copy_")
+                style = dict(color="black", linestyle="--", marker="") if is_copy else dict(marker="o")
                 ax.plot(xs, ys, label=provider, **style)
             if peak:
                 ax.axhline(peak, color="red", linestyle=":", label=f"theoretical {peak:.0f} GB/s")

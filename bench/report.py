@@ -55,7 +55,8 @@ def parse_size(text) -> int:
                     raise ValueError
                 value = int(number)
         except (ValueError, IndexError):
-            raise ValueError(f"sizes must be positive element counts like 4096, 2**20, 1e6 or 16M, got {text!r}") from None
+            raise ValueError("sizes must be positive element counts like 4096, 2**20, 1e6 or 16M, "
+                             f"got {text!r}") from None
     if value <= 0:
         raise ValueError(f"sizes must be positive element counts, got {text!r}")
     return value

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
     p.add_argument("--out", default="bench-results", help="output folder (default: ./bench-results)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: tiny sizes, no torch.compile; on CPU fastgen's kernels run in the Triton interpreter")
+                   help="smoke run: tiny sizes, no torch.compile; on CPU the Triton kernels are interpreted")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_bench)
