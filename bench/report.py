@@ -96,7 +96,7 @@ def plan(ops, device, *, quick, sizes=None, dtypes=None, providers=None):
                 notes.append(f"{op.name}: {p.name} skipped in --quick (compiling takes minutes on CPU); "
                              f"name it with --providers to include it")
                 continue
-            if p.role == "fastgen" and device.type == "cpu":
+            if p.cpu == "quick" and device.type == "cpu":
                 notes.append(f"{op.name}: {p.name} on CPU runs in the Triton interpreter: its times test the "
                              "harness, they are not performance")
             chosen.append(p)
@@ -139,7 +139,7 @@ def measure(cases, device, config, *, progress=True):
             for p in providers:
                 bar.set_postfix_str(f"{op.name} {variant} {base['dtype']} {size} {p.name}", refresh=False)
                 row = {**base, "provider": p.name, "role": p.role}
-                if p.role == "fastgen" and device.type == "cpu":
+                if p.cpu == "quick" and device.type == "cpu":
                     row["interpreted"] = True  # Triton interpreter: tests the harness, not the kernel's speed
                 try:
                     call = case.callable(p, n_sets)
