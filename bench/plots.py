@@ -31,6 +31,8 @@ def plot_all(result, out_dir) -> list:
 
     rows = [r for r in result["results"] if "error" not in r]
     device = result["gpu"].get("name") or result["gpu"].get("torch_name") or result["machine"]["cpu"]
+    if any(r.get("interpreted") for r in rows):
+        device += " (fastgen in the Triton interpreter: a smoke test, not performance)"
     peak = result["gpu"].get("theoretical_bandwidth_gbs")
     files = []
     for op, variant in sorted({(r["op"], r["variant"]) for r in rows}):

@@ -100,6 +100,8 @@ def plan(ops, device, *, quick, sizes=None, dtypes=None, providers=None):
                 notes.append(f"{op.name}: {p.name} on CPU runs in the Triton interpreter: its times test the "
                              "harness, they are not performance")
             chosen.append(p)
+        if chosen and not any(p.role == "fastgen" for p in chosen):
+            notes.append(f"{op.name}: no fastgen row here, so no speedups")
         op_dtypes = dtypes or (op.quick_dtypes if quick else op.dtypes)
         skipped = [d for d in op_dtypes if d not in op.dtypes]
         if skipped:
