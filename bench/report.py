@@ -248,7 +248,8 @@ def summary_table(summary) -> str:
 
 CSV_FIELDS = ["op", "family", "variant", "shape", "size", "dtype", "device", "provider", "role", "median_ms",
               "p20_ms", "p80_ms", "min_ms", "mean_ms", "reps", "first_call_ms", "input_sets", "bytes", "gbps",
-              "copy_gbps", "fraction_of_copy", "fraction_of_theoretical", "fastgen_speedup", "error"]
+              "copy_gbps", "fraction_of_copy", "fraction_of_theoretical", "fastgen_speedup", "error", "hardware",
+              "date_utc", "git_commit"]
 
 
 def _finite_or_none(obj):
@@ -289,8 +290,11 @@ def write_outputs(result, out_dir, *, plots=True) -> list:
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
+        m = result["machine"]
+        run = {"hardware": result["gpu"].get("name") or result["gpu"].get("torch_name") or m["cpu"],
+               "date_utc": m["date_utc"], "git_commit": m["git_commit"]}
         for r in result["results"]:
-            writer.writerow({**r, "shape": "x".join(map(str, r.get("shape", [])))})
+            writer.writerow({**r, **run, "shape": "x".join(map(str, r.get("shape", [])))})
     files.append(path)
     path = os.path.join(out_dir, "results.md")
     with open(path, "w", encoding="utf-8") as f:

@@ -103,6 +103,7 @@ def test_quick_run_writes_csv_markdown_and_valid_pngs(quick_run):
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(result["results"]) and float(rows[0]["median_ms"]) > 0
+    assert rows[0]["hardware"] and rows[0]["date_utc"] == result["machine"]["date_utc"]
     assert "| randn" in (out / "results.md").read_text()
     for name in ("randn_fwd_gbps.png", "randn_fwd_speedup.png"):
         with Image.open(out / name) as image:
