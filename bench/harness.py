@@ -1,8 +1,9 @@
 """Timing and traffic: how one (op, variant, size, dtype) case is built, called and timed.
 
 CUDA: ``triton.testing.do_bench`` (CUDA events around each call, L2 flushed before each call,
-warm-up excluded), every per-call time kept; inputs rotate over enough buffer sets to exceed twice
-the L2 cache, so a small case cannot be served from cache. CPU: ``time.perf_counter`` around each
+warm-up excluded), every per-call time kept; on top of the flush, inputs rotate over several buffer
+sets (enough to exceed twice the L2 cache, at most 32), so consecutive calls never reuse the same
+addresses. CPU: ``time.perf_counter`` around each
 call after a warm-up, inputs rotated the same way. Either way the statistics are the median and the
 20th/80th percentiles (Triton's perf_report and Liger-Kernel report the same three).
 
@@ -57,7 +58,8 @@ def all_finite(outputs) -> bool:
 
 
 def rotation_sets(set_bytes: int, device: torch.device) -> int:
-    """How many input sets to rotate over so that together they exceed twice the cache."""
+    """How many input sets to rotate over so that together they exceed twice the cache (2 to MAX_SETS;
+    1 when the op reads no tensor)."""
     if set_bytes <= 0:
         return 1  # nothing to rotate: the op reads no tensors
     if device.type == "cuda":
