@@ -4,6 +4,10 @@ from setuptools import find_packages, setup
 # so its import name never clashes with another distribution's top-level "kernels".
 packages = find_packages(include=["fastgen", "fastgen.*"])
 package_dir = {"fastgen": "fastgen", "fastgen.kernels": "kernels"}
+# bench/ (benchmarks and the report runner) installs the same way, as fastgen.bench, so
+# ``python -m fastgen bench`` works from an installed package.
+package_dir["fastgen.bench"] = "bench"
+packages.append("fastgen.bench")
 
 setup(
     name="fastgen",
