@@ -36,7 +36,9 @@ import triton.language as tl
 from . import launch_block
 from .random import TWO_POW_M24, as_int64, num_tiles, philox
 
-SQRT2 = 1.4142135623730951
+# Globals a kernel reads must be tl.constexpr (compiled Triton rejects plain Python floats).
+SQRT2 = tl.constexpr(1.4142135623730951)
+UNIFORM_SCALE = tl.constexpr(TWO_POW_M24)  # 2^-24: the top 24 bits of a word as a uniform in [0, 1)
 
 
 @triton.jit
@@ -69,7 +71,7 @@ def erfinv_giles(y, one_minus_y):
 @triton.jit
 def truncated_normal(x, erf_psi, erfc_psi, bound):
     """One N(0, 1) truncated to [-psi, psi] (fp32) per uint32 word ``x``."""
-    w = (x >> 8).to(tl.float32) * TWO_POW_M24
+    w = (x >> 8).to(tl.float32) * UNIFORM_SCALE
     y = w * erf_psi
     one_minus_y = (1.0 - w) + w * erfc_psi
     magnitude = tl.minimum(SQRT2 * erfinv_giles(y, one_minus_y), bound)
