@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+import triton
+import triton.language as tl
 
 import fastgen
 from fastgen.kernels import latents as k_latents
@@ -163,3 +165,30 @@ def test_bad_arguments(kwargs, error, name):
     args = dict(n=2, dim=3, seed=0) | kwargs
     with pytest.raises(error, match=name):
         fastgen.latents(args.pop("n"), args.pop("dim"), **args)
+
+
+# --- the per-word transform over the whole range of words ------------------------------------------
+
+@triton.jit
+def _transform_words_kernel(x_ptr, out_ptr, n, erf_psi, erfc_psi, bound, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + i, mask=i < n).to(tl.uint32, bitcast=True)
+    tl.store(out_ptr + i, k_latents.truncated_normal(x, erf_psi, erfc_psi, bound), mask=i < n)
+
+
+@pytest.mark.parametrize("psi", [1e-3, 0.5, 1.0, 2.0, 4.0, 9.0, 1e6])
+def test_word_transform_over_all_uniforms(device, psi):
+    """Every 24-bit uniform w in steps of 255, plus the extremes w = 0 and w = 1 - 2^-24, with both
+    signs: the kernel's fp32 inverse CDF against the float64 reference, and |z| <= psi."""
+    w24 = torch.cat([torch.arange(0, 1 << 24, 255), torch.tensor([1, (1 << 24) - 2, (1 << 24) - 1])])
+    words = torch.cat([w24 << 8, (w24 << 8) | 1 | 0xA4])  # sign bit 0 and 1, other low bits set too
+    x = (words - ((words >> 31) << 32)).to(torch.int32).to(device)  # the uint32 bit patterns as int32
+    out = poison(torch.empty(len(words), device=device))
+    bound = ref.largest_at_most(psi, torch.float32)
+    block = 1 << 16
+    _transform_words_kernel[(triton.cdiv(len(words), block),)](
+        x, out, len(words), math.erf(psi / math.sqrt(2)), math.erfc(psi / math.sqrt(2)), bound, BLOCK=block)
+    expected = ref.truncated_normal(words, psi)
+    assert_close(out, expected)
+    assert out.abs().max().item() <= psi
+    assert (torch.sign(out.cpu())[w24.numel() + 1:] <= 0).all() and (out.cpu()[:w24.numel()] >= 0).all()

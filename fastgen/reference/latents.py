@@ -38,13 +38,16 @@ def philox_words(n: int, *, seed: int, stream: int, offset: int) -> torch.Tensor
     return words[start:start + n]
 
 
-def truncated_normals(n: int, psi: float, *, seed: int, offset: int = 0) -> torch.Tensor:
-    """Float64 N(0, 1) truncated to [-psi, psi] of elements offset .. offset + n - 1 (flat)."""
-    x = philox_words(n, seed=seed, stream=TRUNCATED_STREAM, offset=offset)
+def truncated_normal(x: torch.Tensor, psi: float) -> torch.Tensor:
+    """Float64 N(0, 1) truncated to [-psi, psi], one per uint32 word ``x`` (held in int64)."""
     sign = 1.0 - 2.0 * (x & 1).double()                              # s
     w = (x >> 8).double() * 2.0**-24                                  # w ~ U[0, 1)
-    magnitude = math.sqrt(2.0) * torch.special.erfinv(w * math.erf(psi / math.sqrt(2.0)))  # a = F^-1(w)
-    return sign * magnitude
+    return sign * math.sqrt(2.0) * torch.special.erfinv(w * math.erf(psi / math.sqrt(2.0)))  # s F^-1(w)
+
+
+def truncated_normals(n: int, psi: float, *, seed: int, offset: int = 0) -> torch.Tensor:
+    """Float64 N(0, 1) truncated to [-psi, psi] of elements offset .. offset + n - 1 (flat)."""
+    return truncated_normal(philox_words(n, seed=seed, stream=TRUNCATED_STREAM, offset=offset), psi)
 
 
 def largest_at_most(psi: float, dtype: torch.dtype) -> float:
