@@ -32,20 +32,21 @@ def _train_gan(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    steps = 8000 if args.steps is None else args.steps  # generator updates; ~3 min on one CPU core
     torch.manual_seed(args.seed)
     generator, discriminator = gan.build(args.architecture, latent_dim=args.latent_dim)
     generator.to(args.device)
     discriminator.to(args.device)
     data = gan.digits_for_training(args.architecture)
-    history = gan.train(generator, discriminator, data, loss=args.loss, steps=args.steps,
+    history = gan.train(generator, discriminator, data, loss=args.loss, steps=steps,
                         batch_size=args.batch_size, d_steps=args.d_steps, seed=args.seed,
                         progress=not args.no_progress)
     score = quality.digits_quality(generator.sample(1000, seed=args.seed + 1), value_range=(-1, 1))
     out = args.out or "gan_digits.pt"
-    gan.save_checkpoint(out, generator.cpu(), discriminator.cpu(), loss=args.loss, steps=args.steps,
+    gan.save_checkpoint(out, generator.cpu(), discriminator.cpu(), loss=args.loss, steps=steps,
                         batch_size=args.batch_size, d_steps=args.d_steps, seed=args.seed,
                         seconds=round(history["seconds"], 1), confidence=score.confidence, mmd=score.mmd)
-    print(f"trained {args.architecture} GAN ({args.loss}) for {args.steps} steps in {history['seconds']:.0f}s; "
+    print(f"trained {args.architecture} GAN ({args.loss}) for {steps} steps in {history['seconds']:.0f}s; "
           f"1000 samples: {score}; saved {out}")
     return 0
 
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
     p = commands.add_parser("train", help="train a reference model on the built-in digits, save a checkpoint")
     p.add_argument("target", choices=sorted(TRAIN_TARGETS), help="the model to train")
     p.add_argument("--out", default=None, help="checkpoint path (default: <target>_digits.pt here)")
-    p.add_argument("--steps", type=int, default=8000, help="training steps (generator updates)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the target's; gan: 8000)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
