@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 import fastgen
-from fastgen.kernels import latents as k_latents
+from fastgen.kernels import launch_block, latents as k_latents
 from fastgen.reference import latents as ref
 from fastgen.reference import random as ref_random
 from tests.utils import FLOAT_DTYPES, assert_close, poison
@@ -185,7 +185,7 @@ def test_word_transform_over_all_uniforms(device, psi):
     x = (words - ((words >> 31) << 32)).to(torch.int32).to(device)  # the uint32 bit patterns as int32
     out = poison(torch.empty(len(words), device=device))
     bound = ref.largest_at_most(psi, torch.float32)
-    block = 1 << 16
+    block = launch_block(_transform_words_kernel, 1024)
     _transform_words_kernel[(triton.cdiv(len(words), block),)](
         x, out, len(words), math.erf(psi / math.sqrt(2)), math.erfc(psi / math.sqrt(2)), bound, BLOCK=block)
     expected = ref.truncated_normal(words, psi)
