@@ -18,6 +18,7 @@ setup(
     python_requires=">=3.10",
     packages=packages + ["fastgen.kernels"],
     package_dir=package_dir,
+    package_data={"fastgen": ["checkpoints/*.pt"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.2; platform_system == 'Linux'",

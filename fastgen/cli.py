@@ -2,6 +2,7 @@
 
     validate   check every Triton kernel against its torch reference on this device, print a table
     bench      time every op against its peers and the copy bandwidth: table, results.json, plots
+    train      train a reference model on the built-in data and save a checkpoint (train gan)
 """
 import argparse
 import os
@@ -38,6 +39,40 @@ def _bench(args) -> int:
     return 0 if result["ok"] else 1
 
 
+def _train_gan(args) -> int:
+    import torch
+
+    from fastgen import quality
+    from fastgen.models import gan
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = 8000 if args.steps is None else args.steps  # generator updates; ~3 min on one CPU core
+    torch.manual_seed(args.seed)
+    generator, discriminator = gan.build(args.architecture, latent_dim=args.latent_dim)
+    generator.to(args.device)
+    discriminator.to(args.device)
+    data = gan.digits_for_training(args.architecture)
+    history = gan.train(generator, discriminator, data, loss=args.loss, steps=steps,
+                        batch_size=args.batch_size, d_steps=args.d_steps, seed=args.seed,
+                        progress=not args.no_progress)
+    score = quality.digits_quality(generator.sample(1000, seed=args.seed + 1), value_range=(-1, 1))
+    out = args.out or "gan_digits.pt"
+    gan.save_checkpoint(out, generator.cpu(), discriminator.cpu(), loss=args.loss, steps=steps,
+                        batch_size=args.batch_size, d_steps=args.d_steps, seed=args.seed,
+                        seconds=round(history["seconds"], 1), confidence=score.confidence, mmd=score.mmd)
+    print(f"trained {args.architecture} GAN ({args.loss}) for {steps} steps in {history['seconds']:.0f}s; "
+          f"1000 samples: {score}; saved {out}")
+    return 0
+
+
+TRAIN_TARGETS = {"gan": _train_gan}
+
+
+def _train(args) -> int:
+    return TRAIN_TARGETS[args.target](args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastgen", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,5 +95,20 @@ def main(argv=None) -> int:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_bench)
+    p = commands.add_parser("train", help="train a reference model on the built-in digits, save a checkpoint")
+    p.add_argument("target", choices=sorted(TRAIN_TARGETS), help="the model to train")
+    p.add_argument("--out", default=None, help="checkpoint path (default: <target>_digits.pt here)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the target's; gan: 8000)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--loss", default="nonsaturating", choices=["hinge", "minimax", "nonsaturating", "wgan-gp"],
+                   help="gan: the game (fastgen.reference.gan.LOSSES)")
+    p.add_argument("--architecture", default="dcgan", choices=["dcgan", "mlp"], help="gan: the networks")
+    p.add_argument("--latent-dim", type=int, default=32, help="gan: size of z")
+    p.add_argument("--d-steps", type=int, default=1, help="gan: discriminator updates per generator update")
+    p.set_defaults(run=_train)
     args = parser.parse_args(argv)
     return args.run(args)

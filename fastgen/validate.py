@@ -58,6 +58,28 @@ def _check_randn(device, quick):
     return cases
 
 
+
+@check("latents")
+def _check_latents(device, quick):
+    from fastgen.ops import latents
+    from fastgen.reference import latents as ref
+
+    cases = []
+    seed = 0x9E3779B97F4A7C15
+    sizes = [(1, 1), (37, 19), (512, 128)] if quick else [(1, 1), (3, 5), (37, 19), (512, 128), (4096, 512)]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for truncation in (None, 0.5, 2.0):
+            for n, dim in sizes:
+                offset = n + 1
+                with poisoned_outputs():
+                    z = latents(n, dim, seed=seed, offset=offset, truncation=truncation, device=device, dtype=dtype,
+                                backend="triton")
+                expected = ref.latents(n, dim, seed=seed, offset=offset, truncation=truncation, dtype=torch.float64)
+                result = testing.compare(z, expected, dtype=dtype)
+                cases.append(Case("latents", f"({n}, {dim}) offset={offset} truncation={truncation}",
+                                  str(dtype).removeprefix("torch."), result))
+    return cases
+
 def run(device=None, quick=False, ops=None, out=print) -> bool:
     """Run the registered checks (all, or those named in ``ops``) and print one table; True if all pass."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -1,0 +1,2 @@
+"""Reference generative models in plain torch."""
+from fastgen.models import gan  # noqa: F401
