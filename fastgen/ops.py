@@ -298,10 +298,8 @@ class _ReparameterizeWithKL(torch.autograd.Function):
                                 grad_kl_mode=k_gaussian.GRAD_KL_PER_ROW.value, **grads)
         if grad_kl is not None:
             grad_mu = grads["grad_mu"]
-        grad_noise = grads["grad_noise"]
-        if need_noise and grad_noise is None:  # only the KL, which does not depend on the noise
-            grad_noise = torch.zeros_like(mu)
-        return grad_mu, grads["grad_logvar"], grad_noise, None, None, None
+        # without grad_z, grad_noise stays None: the KL does not depend on the noise
+        return grad_mu, grads["grad_logvar"], grads["grad_noise"], None, None, None
 
 
 def reparameterize_with_kl(mu, logvar, *, seed=None, noise=None, stream=0, offset=0, backend="auto"):

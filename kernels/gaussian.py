@@ -246,7 +246,7 @@ def forward(t: Tiling, mu, logvar, *, mu2=None, logvar2=None, prior_period=0, no
     _gaussian_fwd_kernel[t.grid](
         mu, logvar, noise_ptr=mu if noise is None else noise,
         z_ptr=mu if z is None else z, kl_ptr=mu if kl is None else kl, partial_ptr=mu if partial is None else partial,
-        n_rows=t.n_rows, row_len=t.row_len, n_chunks=t.n_chunks, shift=t.shift, seed=as_int64(seed), stream=stream, offset=offset,
+        n_rows=t.n_rows, row_len=t.row_len, n_chunks=t.n_chunks, shift=t.shift, seed=as_int64(seed or 0), stream=stream, offset=offset,
         NOISE=t.noise if z is not None else 0, STORE_KL=kl is not None, STORE_PARTIAL=partial is not None,
         ROWS=t.rows, CHUNK=t.chunk, **_prior_args(mu, mu2, logvar2, prior_period))
 
@@ -266,7 +266,7 @@ def backward(t: Tiling, mu, logvar, *, mu2=None, logvar2=None, prior_period=0, n
         grad_logvar2_ptr=dummy if grad_logvar2 is None else grad_logvar2,
         grad_noise_ptr=dummy if grad_noise is None else grad_noise,
         n_rows=t.n_rows, row_len=t.row_len, n_chunks=t.n_chunks, shift=t.shift, kl_scale=float(kl_scale),
-        seed=as_int64(seed), stream=stream, offset=offset,
+        seed=as_int64(seed or 0), stream=stream, offset=offset,
         NOISE=t.noise if grad_z is not None else 0, GRAD_KL=grad_kl_mode if grad_kl is not None else 0,
         WRITE_MU=grad_mu is not None, WRITE_LOGVAR=grad_logvar is not None, WRITE_MU2=grad_mu2 is not None,
         WRITE_LOGVAR2=grad_logvar2 is not None, WRITE_NOISE=grad_noise is not None,
