@@ -245,8 +245,10 @@ def forward(t: Tiling, mu, logvar, *, mu2=None, logvar2=None, prior_period=0, no
     ``prior_period`` elements repeated along the flat index."""
     _gaussian_fwd_kernel[t.grid](
         mu, logvar, noise_ptr=mu if noise is None else noise,
-        z_ptr=mu if z is None else z, kl_ptr=mu if kl is None else kl, partial_ptr=mu if partial is None else partial,
-        n_rows=t.n_rows, row_len=t.row_len, n_chunks=t.n_chunks, shift=t.shift, seed=as_int64(seed or 0), stream=stream, offset=offset,
+        z_ptr=mu if z is None else z, kl_ptr=mu if kl is None else kl,
+        partial_ptr=mu if partial is None else partial,
+        n_rows=t.n_rows, row_len=t.row_len, n_chunks=t.n_chunks, shift=t.shift,
+        seed=as_int64(seed or 0), stream=stream, offset=offset,
         NOISE=t.noise if z is not None else 0, STORE_KL=kl is not None, STORE_PARTIAL=partial is not None,
         ROWS=t.rows, CHUNK=t.chunk, **_prior_args(mu, mu2, logvar2, prior_period))
 
@@ -261,7 +263,8 @@ def backward(t: Tiling, mu, logvar, *, mu2=None, logvar2=None, prior_period=0, n
     _gaussian_bwd_kernel[t.grid](
         mu, logvar, noise_ptr=dummy if noise is None else noise,
         grad_z_ptr=dummy if grad_z is None else grad_z, grad_kl_ptr=dummy if grad_kl is None else grad_kl,
-        grad_mu_ptr=dummy if grad_mu is None else grad_mu, grad_logvar_ptr=dummy if grad_logvar is None else grad_logvar,
+        grad_mu_ptr=dummy if grad_mu is None else grad_mu,
+        grad_logvar_ptr=dummy if grad_logvar is None else grad_logvar,
         grad_mu2_ptr=dummy if grad_mu2 is None else grad_mu2,
         grad_logvar2_ptr=dummy if grad_logvar2 is None else grad_logvar2,
         grad_noise_ptr=dummy if grad_noise is None else grad_noise,

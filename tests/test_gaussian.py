@@ -417,8 +417,8 @@ def test_gaussian_kl_bad_arguments(kwargs, error, match):
             fastgen.gaussian_kl(torch.randn(4, 3), torch.randn(4, 3), backend=backend, **kwargs)
 
 
-def test_batch_reductions_need_a_batch_dimension():
-    mu = torch.tensor(0.5)
+def test_batch_reductions_need_a_batch_dimension(device):
+    mu = torch.tensor(0.5, device=device)
     for red in ("per_sample", "batchmean"):
         with pytest.raises(ValueError, match="batch dimension"):
             fastgen.gaussian_kl(mu, mu, reduction=red)

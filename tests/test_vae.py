@@ -57,11 +57,12 @@ def test_elbo_trains_on_digits(data, arch, likelihood):
 def test_fused_vae_trains_like_the_reference(data, device):
     """The fused path (Triton kernels; the interpreter on CPU) from the same seed gives the same
     losses as the reference at every step, and improves the held-out ELBO just as well."""
-    x_train, x_test = data
+    x_train, x_test = (x.to(device) for x in data)
     runs = {}
     for fused in (True, False):
         torch.manual_seed(0)
         model = VAE((1, 8, 8), latent_dim=8, hidden=64, fused=fused, backend="triton" if fused else "torch")
+        model.to(device)
         before = held_out(model, x_test)
         losses = train(model, x_train, 40)
         runs[fused] = (before, losses, held_out(model, x_test))
@@ -74,10 +75,11 @@ def test_fused_vae_trains_like_the_reference(data, device):
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
 def test_fused_and_reference_losses_and_gradients_agree(data, device, arch, likelihood):
-    x = data[1][:32]
+    x = data[1][:32].to(device)
     torch.manual_seed(0)
     fused = VAE((1, 8, 8), latent_dim=6, hidden=8, arch=arch, likelihood=likelihood, fused=True, backend="triton")
     reference = VAE((1, 8, 8), latent_dim=6, hidden=8, arch=arch, likelihood=likelihood, fused=False)
+    fused.to(device), reference.to(device)
     reference.load_state_dict(fused.state_dict())
     parts = []
     for model in (fused, reference):
