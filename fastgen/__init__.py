@@ -2,8 +2,10 @@
 from fastgen.backend import resolve_backend
 from fastgen.ops import randn
 from fastgen.ops import latents
+from fastgen.ops import gaussian_kl, reparameterize, reparameterize_with_kl
 
 __version__ = "0.1.0"
 
 __all__ = ["randn", "resolve_backend", "__version__"]
 __all__ += ["latents"]
+__all__ += ["gaussian_kl", "reparameterize", "reparameterize_with_kl"]

@@ -80,6 +80,60 @@ def _check_latents(device, quick):
                                   str(dtype).removeprefix("torch."), result))
     return cases
 
+@check("gaussian")
+def _check_gaussian(device, quick):
+    from fastgen import ops
+    from fastgen.reference import gaussian as ref
+    from fastgen.reference import random as ref_random
+
+    cases = []
+    seed, offset = 0x9E3779B97F4A7C15, 3
+    shapes = [(1,), (7, 129), (5, 33, 37)] if quick else [(1,), (3, 5), (7, 129), (5, 123, 123), (16, 7, 57, 32, 29)]
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        for shape in shapes:
+            mu64, logvar64, mu2_64 = (torch.randn(shape, dtype=torch.float64, generator=gen) for _ in range(3))
+            logvar64 = 0.5 * logvar64
+            mu64, logvar64, mu2_64 = (t.to(dtype).double() for t in (mu64, logvar64, mu2_64))  # representable
+            mu, logvar, mu2 = (t.to(device, dtype).requires_grad_() for t in (mu64, logvar64, mu2_64))
+            eps = ref_random.randn(shape, seed=seed, offset=offset, dtype=torch.float64)
+            label = f"{tuple(shape)}"
+
+            def add(op, case, actual, expected):
+                cases.append(Case(op, f"{label} {case}".strip(), name, testing.compare(actual, expected, dtype=dtype)))
+
+            with poisoned_outputs():
+                z = ops.reparameterize(mu, logvar, seed=seed, offset=offset, backend="triton")
+                g_mu, g_logvar = torch.autograd.grad(z, (mu, logvar), torch.ones_like(z))
+            leaves = [t.clone().requires_grad_() for t in (mu64, logvar64)]
+            z64 = ref.reparameterize(*leaves, eps)
+            r_mu, r_logvar = torch.autograd.grad(z64, leaves, torch.ones_like(z64))
+            add("reparameterize", f"offset={offset}", z, z64)
+            add("reparameterize", "grad logvar", g_logvar, r_logvar)
+            for reduction in ("none", "per_sample", "sum", "batchmean"):
+                with poisoned_outputs():
+                    kl = ops.gaussian_kl(mu, logvar, reduction=reduction, backend="triton")
+                add("gaussian_kl", reduction, kl, ref.reduce(ref.gaussian_kl(mu64, logvar64), reduction))
+            prior = mu2[0] if len(shape) > 1 else mu2
+            with poisoned_outputs():
+                kl = ops.gaussian_kl(mu, logvar, prior, logvar, backend="triton")
+                grads = torch.autograd.grad(kl, (mu, logvar), torch.ones_like(kl))
+            leaves = [t.clone().requires_grad_() for t in (mu64, logvar64)]
+            kl64 = ref.reduce(ref.gaussian_kl(leaves[0], leaves[1], mu2_64[0] if len(shape) > 1 else mu2_64,
+                                              leaves[1]), "per_sample")
+            ref_grads = torch.autograd.grad(kl64, leaves, torch.ones_like(kl64))
+            add("gaussian_kl", "prior mu2=mu2[0], logvar2=logvar", kl, kl64)
+            add("gaussian_kl", "prior: grad mu", grads[0], ref_grads[0])
+            add("gaussian_kl", "prior: grad logvar", grads[1], ref_grads[1])
+            with poisoned_outputs():
+                z, kl = ops.reparameterize_with_kl(mu, logvar, seed=seed, offset=offset, backend="triton")
+            z64, kl64 = ref.reparameterize_with_kl(mu64, logvar64, eps)
+            add("reparameterize_with_kl", "z", z, z64)
+            add("reparameterize_with_kl", "kl", kl, kl64)
+    return cases
+
+
 def run(device=None, quick=False, ops=None, out=print) -> bool:
     """Run the registered checks (all, or those named in ``ops``) and print one table; True if all pass."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

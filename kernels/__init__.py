@@ -14,7 +14,10 @@ def interpreted(kernel) -> bool:
 INTERPRETER_BLOCK = 1 << 16
 
 
-def launch_block(kernel, block: int) -> int:
-    """The BLOCK to launch ``kernel`` with: ``block`` (tuned for GPUs) when compiled, a large block
-    when interpreted. Results never depend on BLOCK (tests check that), only the speed does."""
-    return max(block, INTERPRETER_BLOCK) if interpreted(kernel) else block
+def launch_block(kernel, block, default: int) -> int:
+    """The BLOCK to launch ``kernel`` with: ``block`` when the caller chose one (tests do, to check
+    that results never depend on it), else ``default`` (tuned for GPUs) when compiled and a large
+    block when interpreted: only the speed depends on BLOCK."""
+    if block is not None:
+        return block
+    return max(default, INTERPRETER_BLOCK) if interpreted(kernel) else default

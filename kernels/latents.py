@@ -105,11 +105,11 @@ def _truncated_latents_kernel(out_ptr, n, seed: tl.int64, stream: tl.int64, offs
 
 
 def truncated_latents(out, seed: int, stream: int, offset: int, erf_psi: float, erfc_psi: float, bound: float,
-                      block: int = 2048):
+                      block=None):
     """Fill contiguous ``out`` with truncated normals of elements offset .. offset + out.numel() - 1,
     |z| <= ``bound`` (psi rounded down to out's dtype)."""
     n = out.numel()
-    block = launch_block(_truncated_latents_kernel, block)
+    block = launch_block(_truncated_latents_kernel, block, 2048)
     grid = (num_tiles(n, offset, block),)
     _truncated_latents_kernel[grid](out, n, as_int64(seed), stream, offset, erf_psi, erfc_psi, bound, BLOCK=block)
     return out

@@ -100,19 +100,19 @@ def _philox_kernel(out_ptr, n_blocks, seed: tl.int64, stream: tl.int64, counter:
     tl.store(row + 3, x3.to(tl.int32, bitcast=True), mask=mask)
 
 
-def randn(out, seed: int, stream: int, offset: int, block: int = 2048):
+def randn(out, seed: int, stream: int, offset: int, block=None):
     """Fill contiguous ``out`` with normals of elements offset .. offset + out.numel() - 1."""
     n = out.numel()
-    block = launch_block(_randn_kernel, block)
+    block = launch_block(_randn_kernel, block, 2048)
     grid = (num_tiles(n, offset, block),)
     _randn_kernel[grid](out, n, as_int64(seed), stream, offset, BLOCK=block)
     return out
 
 
-def philox_bits(out, seed: int, stream: int, counter: int, block: int = 256):
+def philox_bits(out, seed: int, stream: int, counter: int, block=None):
     """Raw Philox words of counter blocks counter .. counter + out.shape[0] - 1 into int32 ``out`` [m, 4]."""
     n_blocks = out.shape[0]
-    block = launch_block(_philox_kernel, block)
+    block = launch_block(_philox_kernel, block, 256)
     grid = (triton.cdiv(n_blocks, block),)
     _philox_kernel[grid](out, n_blocks, as_int64(seed), stream, counter, BLOCK=block)
     return out

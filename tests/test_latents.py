@@ -185,7 +185,7 @@ def test_word_transform_over_all_uniforms(device, psi):
     x = (words - ((words >> 31) << 32)).to(torch.int32).to(device)  # the uint32 bit patterns as int32
     out = poison(torch.empty(len(words), device=device))
     bound = ref.largest_at_most(psi, torch.float32)
-    block = launch_block(_transform_words_kernel, 1024)
+    block = launch_block(_transform_words_kernel, None, 1024)
     _transform_words_kernel[(triton.cdiv(len(words), block),)](
         x, out, len(words), math.erf(psi / math.sqrt(2)), math.erfc(psi / math.sqrt(2)), bound, BLOCK=block)
     expected = ref.truncated_normal(words, psi)

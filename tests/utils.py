@@ -24,7 +24,7 @@ def noncontiguous(t: torch.Tensor) -> torch.Tensor:
     wide = poison(torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device))
     view = wide[..., ::2]
     view.copy_(t)
-    assert not view.is_contiguous()
+    assert t.numel() == 1 or not view.is_contiguous()  # torch calls every 1-element view contiguous
     return view
 
 

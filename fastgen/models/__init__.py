@@ -1,2 +1,5 @@
-"""Reference generative models in plain torch."""
+"""Reference generative models in plain torch (the VAE can run on fastgen's fused ops)."""
 from fastgen.models import gan  # noqa: F401
+from fastgen.models.vae import VAE
+
+__all__ = ["VAE", "gan"]

@@ -1,4 +1,5 @@
 """Pure-torch references, written to be read: each line beside the equation it implements."""
 from . import random
+from . import gaussian
 
-__all__ = ["random"]
+__all__ = ["random", "gaussian"]
