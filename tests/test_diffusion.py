@@ -465,3 +465,33 @@ def test_bad_input(call, error, match):
 def test_reference_rejects_odd_channels():
     with pytest.raises(ValueError, match="even channel count"):
         ref.ddpm_step(torch.randn(2, 3, 4), 5, torch.randn(2, 1, 4), SCHEDULE, variance_type="learned", seed=0)
+
+
+@pytest.mark.parametrize("block", [16, 64])
+def test_results_do_not_depend_on_block(device, monkeypatch, block):
+    """Many tiles per sample (the interpreter otherwise runs one): same numbers as one big tile."""
+    g = gen(18)
+    sample, out = (rand_like_shape(SHAPE, torch.float32, device, generator=g) for _ in range(2))
+    t = per_sample_t(700, 3, device)
+    calls = [
+        lambda: fastgen.ddpm_step(out, t, sample, SCHEDULE, seed=SEED, offset=6, backend="triton"),
+        lambda: fastgen.ddim_step(out, t, t - 50, sample, SCHEDULE, eta=0.8, seed=SEED, offset=1, backend="triton"),
+        lambda: (fastgen.q_sample(sample, t, SCHEDULE, seed=SEED, offset=3, backend="triton"),),
+    ]
+    expected = [call() for call in calls]
+    monkeypatch.setattr(k_diffusion, "launch_block", lambda kernel, _: block)
+    for call, want in zip(calls, expected):
+        for a, b in zip(call(), want):
+            assert torch.equal(a, b)
+
+
+def test_validate_diffusion_check_passes_and_catches_a_bad_kernel(device, monkeypatch):
+    from fastgen import validate
+
+    lines = []
+    assert validate.run(device=device, quick=True, ops=["diffusion"], out=lines.append), "\n".join(lines)
+    real = k_diffusion.ddim_step
+    monkeypatch.setattr(k_diffusion, "ddim_step", lambda prev, *a, **k: (real(prev, *a, **k), prev.mul_(1.001)))
+    lines = []
+    assert validate.run(device=device, quick=True, ops=["diffusion"], out=lines.append) is False
+    assert "FAIL" in "\n".join(lines)
