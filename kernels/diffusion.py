@@ -41,7 +41,7 @@ VARIANCE = {"fixed_small": 0, "fixed_small_log": 1, "fixed_large": 2, "fixed_lar
 CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD = 0, 1, 2
 NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR = 0, 1, 2
 PREV_SCALAR, PREV_TENSOR, PREV_T_MINUS_1 = 0, 1, 2
-MIN_VARIANCE = 1e-20
+MIN_VARIANCE = tl.constexpr(1e-20)  # diffusers clamps beta~ before its log
 
 
 @triton.jit
