@@ -127,8 +127,13 @@ def _threshold_scales(k_diffusion, step, model_output, sample, t, prev_t, table,
     x0 = empty(sample.shape, dtype=torch.float32, device=sample.device)
     step(None, x0, model_output, sample, t, prev_t, table, prediction_type=prediction_type,
          clip=k_diffusion.CLIP_NONE, noise_mode=k_diffusion.NOISE_NONE, **extra)
-    flat = x0.reshape(sample.shape[0], -1).abs()
-    return torch.quantile(flat, ratio, dim=1).clamp(min=1.0, max=max_value).contiguous()
+    ordered = x0.reshape(sample.shape[0], -1).abs().sort(dim=1).values
+    # torch.quantile's linear interpolation, without its 2^24-element limit
+    position = ratio * (ordered.shape[1] - 1)
+    below = int(position)
+    above = min(below + 1, ordered.shape[1] - 1)
+    scale = torch.lerp(ordered[:, below], ordered[:, above], position - below)
+    return scale.clamp(min=1.0, max=max_value).contiguous()
 
 
 def q_sample(x0, t, schedule, *, seed=None, noise=None, offset=0, return_noise=False, backend="auto"):

@@ -227,7 +227,7 @@ def _tiles(n: int, block: int, noise: int) -> int:
     return triton.cdiv(n + (3 if noise == NOISE_PHILOX else 0), block)
 
 
-def _timestep_args(t, prefix: str):
+def _timestep_args(t):
     """(arg, stride, is_tensor) for an int or an integer tensor of shape [] / [B]."""
     if isinstance(t, int):
         return t, 0, False
@@ -240,7 +240,7 @@ def q_sample(out, x0, t, table, *, seed=0, offset=0, noise=None, noise_out=None,
     mode = NOISE_TENSOR if noise is not None else NOISE_PHILOX
     block = _block(_q_sample_kernel, n, block)
     tiles = _tiles(n, block, mode)
-    t_arg, t_stride, t_tensor = _timestep_args(t, "t")
+    t_arg, t_stride, t_tensor = _timestep_args(t)
     _q_sample_kernel[(batch * tiles,)](
         out, noise_out if noise_out is not None else out, x0, noise if noise is not None else x0, table,
         table.shape[1], t_arg, t_stride, n, tiles, as_int64(seed), offset,
@@ -251,7 +251,7 @@ def q_sample(out, x0, t, table, *, seed=0, offset=0, noise=None, noise_out=None,
 def _prev_args(prev_t):
     if prev_t is None:
         return 0, 0, PREV_T_MINUS_1
-    arg, stride, is_tensor = _timestep_args(prev_t, "prev_t")
+    arg, stride, is_tensor = _timestep_args(prev_t)
     return arg, stride, PREV_TENSOR if is_tensor else PREV_SCALAR
 
 
@@ -263,7 +263,7 @@ def ddpm_step(prev, x0, model_output, sample, t, prev_t, table, *, prediction_ty
     n = sample.numel() // batch
     block = _block(_ddpm_step_kernel, n, block)
     tiles = _tiles(n, block, noise_mode)
-    t_arg, t_stride, t_tensor = _timestep_args(t, "t")
+    t_arg, t_stride, t_tensor = _timestep_args(t)
     s_arg, s_stride, s_mode = _prev_args(prev_t)
     any_out = prev if prev is not None else x0
     _ddpm_step_kernel[(batch * tiles,)](
@@ -283,7 +283,7 @@ def ddim_step(prev, x0, model_output, sample, t, prev_t, table, *, prediction_ty
     n = sample.numel() // batch
     block = _block(_ddim_step_kernel, n, block)
     tiles = _tiles(n, block, noise_mode)
-    t_arg, t_stride, t_tensor = _timestep_args(t, "t")
+    t_arg, t_stride, t_tensor = _timestep_args(t)
     s_arg, s_stride, s_mode = _prev_args(prev_t)
     any_out = prev if prev is not None else x0
     _ddim_step_kernel[(batch * tiles,)](

@@ -161,6 +161,8 @@ def model_variance(t, prev_t, schedule, variance_type="fixed_small", predicted_v
     posterior = (bbar_s / bbar_t * beta_ts).clamp_min(MIN_VARIANCE)
     shape = (-1,) + (1,) * (predicted_variance.dim() - 1 if predicted_variance is not None else 0)
     posterior, beta_ts = posterior.reshape(shape), beta_ts.reshape(shape)
+    if predicted_variance is not None:
+        posterior, beta_ts = posterior.to(predicted_variance.device), beta_ts.to(predicted_variance.device)
     if variance_type in ("fixed_small", "fixed_small_log"):
         return posterior, posterior.log()
     if variance_type in ("fixed_large", "fixed_large_log"):
@@ -304,7 +306,7 @@ def vlb_terms(model_output, x0, x_t, t, schedule, *, prediction_type="epsilon", 
     kl = kl.reshape(x0.shape[0], -1).mean(1) / math.log(2.0)
     nll = -discretized_gaussian_log_likelihood(x0, means=out["mean"], log_scales=0.5 * out["log_variance"])
     nll = nll.reshape(x0.shape[0], -1).mean(1) / math.log(2.0)
-    return torch.where(_timesteps(t, x0.shape[0]) == 0, nll, kl)
+    return torch.where(_timesteps(t, x0.shape[0]).to(x0.device) == 0, nll, kl)
 
 
 # --- sampling --------------------------------------------------------------------------------------
