@@ -33,7 +33,8 @@ from fastgen import _checks
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid")
 
 # Rows of ``NoiseSchedule.kernel_table``: what the fused kernels gather per timestep.
-KERNEL_ROWS = ("alphas_cumprod", "one_minus_alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
+KERNEL_ROWS = ("alphas_cumprod", "one_minus_alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+               "betas")
 
 
 def _betas_for_alpha_bar(num_steps: int, alpha_bar, max_beta: float = 0.999) -> torch.Tensor:
@@ -167,7 +168,7 @@ class NoiseSchedule:
         return self._cache[key]
 
     def kernel_table(self, device) -> torch.Tensor:
-        """The contiguous fp32 [4, T] table the fused kernels gather from (rows: KERNEL_ROWS), cached."""
+        """The contiguous fp32 [5, T] table the fused kernels gather from (rows: KERNEL_ROWS), cached."""
         key = ("kernel", torch.device(device))
         if key not in self._cache:
             rows = [getattr(self, name) for name in KERNEL_ROWS]

@@ -201,9 +201,15 @@ def test_ddpm_step_kernel_matches_reference(device, prediction_type, variance_ty
     kwargs = dict(prediction_type=prediction_type, variance_type=variance_type, **CLIPS[clip])
     prev, x0 = fastgen.ddpm_step(out, t, sample, SCHEDULE, seed=SEED, offset=5, backend="triton", **kwargs)
     assert prev.dtype == x0.dtype == dtype and prev.shape == x0.shape == SHAPE
-    prev_ref, x0_ref = ref.ddpm_step(out.cpu(), t.cpu() if tensor_t else t, sample.cpu(), SCHEDULE, seed=SEED, offset=5,
-                                     **kwargs)
-    assert_close(x0, x0_ref)
+    t_cpu = t.cpu() if tensor_t else t
+    prev_ref, x0_ref = ref.ddpm_step(out.cpu(), t_cpu, sample.cpu(), SCHEDULE, seed=SEED, offset=5, **kwargs)
+    if prediction_type == "epsilon":
+        # x0 = (x - sqrt(1 - abar) eps) / sqrt(abar): the numerator's fp32 rounding grows by 1/sqrt(abar)
+        # (~160 at t = 999), so compare x0 in the numerator's units: sqrt(abar) x0
+        sqrt_abar = SCHEDULE.sqrt_alphas_cumprod[torch.as_tensor(t_cpu)].reshape(-1, 1, 1, 1)
+        assert_close(x0.cpu().double() * sqrt_abar, x0_ref * sqrt_abar, dtype=dtype)
+    else:
+        assert_close(x0, x0_ref)
     assert_close(prev, prev_ref)
 
 
