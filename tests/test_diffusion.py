@@ -125,6 +125,32 @@ def in_float64(sched):
     return sched
 
 
+def test_vlb_terms_match_torch_distributions():
+    """L_{t-1} = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) in bits per dimension, checked with
+    torch.distributions; L_0 = -log p(x0 | x1) (discretized Gaussian) in bits per dimension."""
+    g = gen(19)
+    shape = (3, 2, 4, 4)
+    x0 = torch.linspace(-1, 1, 256, dtype=torch.float64)[torch.randint(0, 256, shape, generator=g)]
+    out = torch.cat([torch.randn(shape, generator=g, dtype=torch.float64),
+                     torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1], 1)  # eps and the fraction
+    t = torch.tensor([0, 5, 700])
+    x_t = ref.q_sample(x0, t, SCHEDULE, torch.randn(shape, generator=g, dtype=torch.float64))
+    terms = ref.vlb_terms(out, x0, x_t, t, SCHEDULE, variance_type="learned_range")
+    p = ref.p_mean_variance(out, t, x_t, SCHEDULE, variance_type="learned_range", clip_sample=False)
+    for b in (1, 2):
+        abar_t, abar_s = SCHEDULE.alphas_cumprod[t[b]], SCHEDULE.alphas_cumprod[t[b] - 1]
+        beta = SCHEDULE.betas[t[b]]
+        q_mean = (abar_s.sqrt() * beta * x0[b] + (1 - beta).sqrt() * (1 - abar_s) * x_t[b]) / (1 - abar_t)
+        q_std = ((1 - abar_s) / (1 - abar_t) * beta).sqrt()
+        kl = torch.distributions.kl_divergence(torch.distributions.Normal(q_mean, q_std),
+                                               torch.distributions.Normal(p["mean"][b], p["variance"][b].sqrt()))
+        assert abs(terms[b].item() - kl.mean().item() / math.log(2)) < 1e-9 * max(1.0, abs(terms[b].item()))
+    small = ref.p_mean_variance(out[:, :2], t, x_t, SCHEDULE, clip_sample=False)
+    assert torch.all(small["variance"][0] == SCHEDULE.posterior_variance[1])  # Improved DDPM's clipped beta~ at t = 0
+    nll = -ref.discretized_gaussian_log_likelihood(x0[0], means=p["mean"][0], log_scales=0.5 * p["log_variance"][0])
+    assert abs(terms[0].item() - nll.mean().item() / math.log(2)) < 1e-9
+
+
 @pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"])
 @pytest.mark.parametrize("prediction_type", PREDICTIONS)
 def test_reference_ddpm_step_matches_diffusers(prediction_type, variance_type):

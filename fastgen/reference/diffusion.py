@@ -155,10 +155,16 @@ def model_variance(t, prev_t, schedule, variance_type="fixed_small", predicted_v
         fixed_large(_log):  beta_{t|s}                                                       [Ho] sec. 3.2
         learned:            the model's extra channels are the variance itself (diffusers' convention)
         learned_range:      log var = f log beta_{t|s} + (1 - f) log beta~, f = (v + 1) / 2  [ND] eq. (15)
-    The _log variants go through the log (as GLIDE/diffusers do); the value is the same.
+    The _log variants go through the log (as GLIDE/diffusers do); the value is the same. At t = 0,
+    where beta~ = 0 and a step draws no noise (only the decoder likelihood L_0 uses the variance),
+    beta~ is taken from t = 1 for the small and the large variance, as Improved DDPM does.
     """
     _, bbar_t, _, bbar_s, beta_ts = step_coefficients(schedule, t, prev_t, batch)
     posterior = (bbar_s / bbar_t * beta_ts).clamp_min(MIN_VARIANCE)
+    at_zero = _timesteps(t, batch) == 0
+    posterior = torch.where(at_zero, schedule.posterior_variance[1], posterior)
+    if variance_type in ("fixed_large", "fixed_large_log"):
+        beta_ts = torch.where(at_zero, schedule.posterior_variance[1], beta_ts)
     shape = (-1,) + (1,) * (predicted_variance.dim() - 1 if predicted_variance is not None else 0)
     posterior, beta_ts = posterior.reshape(shape), beta_ts.reshape(shape)
     if predicted_variance is not None:
