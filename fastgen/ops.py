@@ -95,7 +95,7 @@ def _choice(value, name: str, choices):
     return value
 
 
-def _positive_float(value, name: str, *, low=0.0, high=float("inf"), low_open=True):
+def _float_in(value, name: str, *, low=0.0, high=float("inf"), low_open=True):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     value = float(value)
@@ -109,9 +109,9 @@ def _clip_args(clip_sample, clip_sample_range, thresholding, dynamic_thresholdin
     for name, flag in (("clip_sample", clip_sample), ("thresholding", thresholding)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
-    _positive_float(clip_sample_range, "clip_sample_range")
-    _positive_float(dynamic_thresholding_ratio, "dynamic_thresholding_ratio", high=1.0)
-    _positive_float(sample_max_value, "sample_max_value")
+    _float_in(clip_sample_range, "clip_sample_range")
+    _float_in(dynamic_thresholding_ratio, "dynamic_thresholding_ratio", high=1.0)
+    _float_in(sample_max_value, "sample_max_value")
 
 
 def _noise_arg(noise, sample):
@@ -281,7 +281,7 @@ def ddim_step(model_output, t, prev_t, sample, schedule, *, eta=0.0, prediction_
     schedule = _schedule_arg(schedule)
     _choice(prediction_type, "prediction_type", ("epsilon", "sample", "v_prediction"))
     _clip_args(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value)
-    eta = _positive_float(eta, "eta", high=1.0, low_open=False)
+    eta = _float_in(eta, "eta", high=1.0, low_open=False)
     for name, flag in (("use_clipped_model_output", use_clipped_model_output), ("set_alpha_to_one", set_alpha_to_one)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
