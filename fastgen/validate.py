@@ -159,3 +159,47 @@ def run(device=None, quick=False, ops=None, out=print) -> bool:
         out(f)
     out(f"{len(rows) - len(failures)}/{len(rows)} cases pass in {time.perf_counter() - start:.1f}s")
     return not failures
+
+
+@check("diffusion")
+def _check_diffusion(device, quick):
+    from fastgen.ops import ddim_step, ddpm_step, q_sample
+    from fastgen.reference import diffusion as ref
+    from fastgen.schedules import NoiseSchedule
+
+    schedule = NoiseSchedule()
+    seed, offset = 0x9E3779B97F4A7C15, 7
+    shapes = [(3, 2, 5, 7)] if quick else [(3, 2, 5, 7), (4, 3, 32, 32), (2, 4, 57, 31)]
+    ddpm_variants = [dict(prediction_type="epsilon", variance_type="fixed_small"),
+                     dict(prediction_type="v_prediction", variance_type="learned_range", thresholding=True,
+                          dynamic_thresholding_ratio=0.9, sample_max_value=2.5),
+                     dict(prediction_type="sample", variance_type="fixed_large", clip_sample=False)]
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        for shape in shapes:
+            x = torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+            eps = torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+            frac = torch.rand(shape, generator=g, dtype=torch.float64).mul(2).sub(1).to(device=device, dtype=dtype)
+            t = torch.arange(shape[0], device=device) * 331 % 1000
+            with poisoned_outputs():
+                x_t = q_sample(x, t, schedule, seed=seed, offset=offset, backend="triton")
+            expected = ref.q_sample(x.cpu(), t.cpu(), schedule, ref.noise_like(shape, t.cpu(), seed=seed, offset=offset))
+            cases.append(Case("q_sample", f"{shape} per-sample t", name, testing.compare(x_t, expected, dtype=dtype)))
+            for kwargs in ddpm_variants:
+                learned = kwargs["variance_type"].startswith("learned")
+                out = torch.cat([eps, frac], 1) if learned else eps
+                with poisoned_outputs():
+                    prev, x0 = ddpm_step(out, t, x, schedule, seed=seed, offset=offset, backend="triton", **kwargs)
+                prev_ref, x0_ref = ref.ddpm_step(out.cpu(), t.cpu(), x.cpu(), schedule, seed=seed, offset=offset,
+                                                 **kwargs)
+                label = f"{shape} {kwargs['prediction_type']}/{kwargs['variance_type']}" + (
+                    " threshold" if kwargs.get("thresholding") else "")
+                cases.append(Case("ddpm_step", label, name, testing.compare(prev, prev_ref, dtype=dtype)))
+                cases.append(Case("ddpm_step x0", label, name, testing.compare(x0, x0_ref, dtype=dtype)))
+            with poisoned_outputs():
+                prev, _ = ddim_step(eps, t, (t - 20).clamp_min(-1), x, schedule, eta=1.0, seed=seed, backend="triton")
+            prev_ref, _ = ref.ddim_step(eps.cpu(), t.cpu(), (t.cpu() - 20).clamp_min(-1), x.cpu(), schedule, eta=1.0, seed=seed)
+            cases.append(Case("ddim_step", f"{shape} eta=1", name, testing.compare(prev, prev_ref, dtype=dtype)))
+    return cases

@@ -1,0 +1,530 @@
+"""DDPM / DDIM: the float64 reference against its formulas, torch.distributions and diffusers; the fused
+kernels (backend="triton") against the reference for every variant, whole stochastic trajectories, the
+per-sample timestep rule, and bad input."""
+import itertools
+import math
+import zlib
+
+import pytest
+import scipy.stats
+import torch
+
+import fastgen
+from fastgen.kernels import diffusion as k_diffusion
+from fastgen.reference import diffusion as ref
+from tests.utils import FLOAT_DTYPES, assert_close, noncontiguous, rand_like_shape
+
+diffusers = pytest.importorskip("diffusers")
+
+SCHEDULE = fastgen.NoiseSchedule()  # linear, T = 1000
+SHAPE = (3, 2, 5, 7)                # [B, C, H, W]: 70 elements per sample, no multiple of 4
+PREDICTIONS = ["epsilon", "sample", "v_prediction"]
+VARIANCES = ["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range"]
+CLIPS = {"none": dict(clip_sample=False), "clip": dict(clip_sample=True, clip_sample_range=1.5),
+         "threshold": dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.5)}
+TIMESTEPS = [999, 500, 1]
+SEED = 0x9E3779B97F4A7C15
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def model_output_for(variance_type, shape, dtype, device, g):
+    """A model output: prediction channels and, for learned variances, the variance channels."""
+    out = rand_like_shape(shape, dtype, device, generator=g)
+    if variance_type == "learned":      # a variance: positive
+        var = (rand_like_shape(shape, torch.float64, generator=g).abs() * 1e-2 + 1e-4).to(device, dtype)
+        return torch.cat([out, var], 1)
+    if variance_type == "learned_range":  # an interpolation fraction in about [-1, 1]
+        var = (rand_like_shape(shape, torch.float64, generator=g).tanh()).to(device, dtype)
+        return torch.cat([out, var], 1)
+    return out
+
+
+def per_sample_t(t, batch, device):
+    """Distinct timesteps per sample, t among them."""
+    values = [t, max(t - 137, 0), min(t + 211, 999)][:batch]
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+# --- the reference against formulas and other implementations -------------------------------------
+
+def test_normal_kl_matches_torch_distributions():
+    g = gen(1)
+    m1, m2, lv1, lv2 = (torch.randn(4, 9, generator=g, dtype=torch.float64) for _ in range(4))
+    expected = torch.distributions.kl_divergence(torch.distributions.Normal(m1, (0.5 * lv1).exp()),
+                                                 torch.distributions.Normal(m2, (0.5 * lv2).exp()))
+    assert_close(ref.normal_kl(m1, lv1, m2, lv2), expected, dtype=torch.float64, rtol=1e-10)
+    assert ref.normal_kl(m1, lv1, m1, lv1).abs().max() < 1e-15
+
+
+def test_discretized_gaussian_log_likelihood():
+    g = gen(2)
+    bins = torch.linspace(-1, 1, 256, dtype=torch.float64)             # the 256 pixel values
+    x = bins[torch.randint(0, 256, (5, 40), generator=g)]
+    means = torch.randn(5, 40, generator=g, dtype=torch.float64) * 0.5
+    log_scales = torch.randn(5, 40, generator=g, dtype=torch.float64) * 0.5 - 2
+    normal = torch.distributions.Normal(means, log_scales.exp())
+    upper = torch.where(x > 0.999, torch.ones_like(x), normal.cdf(x + 1 / 255))
+    lower = torch.where(x < -0.999, torch.zeros_like(x), normal.cdf(x - 1 / 255))
+    expected = torch.log((upper - lower).clamp_min(1e-12))
+    got = ref.discretized_gaussian_log_likelihood(x, means=means, log_scales=log_scales)
+    assert_close(got, expected, dtype=torch.float64, rtol=1e-8, atol=1e-9)
+    # the 256 bin probabilities of one Gaussian sum to 1
+    probs = ref.discretized_gaussian_log_likelihood(bins, means=torch.full_like(bins, 0.3),
+                                                    log_scales=torch.full_like(bins, math.log(0.2))).exp()
+    assert abs(probs.sum().item() - 1) < 1e-9
+
+
+def test_q_posterior_matches_schedule_tables():
+    g = gen(3)
+    x0, xt = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    for t in [1, 17, 999]:
+        mean, var, log_var = ref.q_posterior_mean_variance(x0, xt, t, SCHEDULE)
+        expected = SCHEDULE.posterior_mean_coef1[t] * x0.double() + SCHEDULE.posterior_mean_coef2[t] * xt.double()
+        assert_close(mean, expected, dtype=torch.float64, rtol=1e-10, atol=1e-12)
+        assert_close(var.reshape(-1), SCHEDULE.posterior_variance[t].expand(2), dtype=torch.float64, rtol=1e-10)
+        assert_close(log_var.reshape(-1), SCHEDULE.posterior_log_variance_clipped[t].expand(2), dtype=torch.float64,
+                     rtol=1e-10)
+
+
+def test_predictions_invert_q_sample():
+    g = gen(4)
+    x0, eps = torch.randn(3, 8, generator=g, dtype=torch.float64), torch.randn(3, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([3, 400, 990])
+    xt = ref.q_sample(x0, t, SCHEDULE, eps)
+    a = SCHEDULE.sqrt_alphas_cumprod[t][:, None]
+    b = SCHEDULE.sqrt_one_minus_alphas_cumprod[t][:, None]
+    v = a * eps - b * x0  # Salimans & Ho: v = alpha eps - sigma x
+    for kind, out in [("epsilon", eps), ("sample", x0), ("v_prediction", v)]:
+        assert_close(ref.predict_x0(out, t, xt, SCHEDULE, kind), x0, dtype=torch.float64, rtol=1e-9, atol=1e-9)
+        assert_close(ref.predict_eps(out, t, xt, SCHEDULE, kind), eps, dtype=torch.float64, rtol=1e-9, atol=1e-9)
+
+
+def test_vlb_terms_and_simple_loss():
+    g = gen(5)
+    x0 = torch.linspace(-1, 1, 256)[torch.randint(0, 256, (2, 1, 4, 4), generator=g)]
+    eps = torch.randn(2, 1, 4, 4, generator=g)
+    t = torch.tensor([0, 10])
+    xt = ref.q_sample(x0, t, SCHEDULE, eps)
+    # the true eps with the true posterior variance: KL = 0 at t = 10, a finite NLL at t = 0
+    terms = ref.vlb_terms(eps, x0, xt, t, SCHEDULE)
+    assert terms[1].abs() < 1e-9 and torch.isfinite(terms).all() and terms[0] >= 0
+    assert torch.equal(ref.simple_loss(eps, eps), torch.zeros(2, dtype=torch.float64))
+    assert_close(ref.simple_loss(eps.double() + 0.5, eps), torch.full((2,), 0.25, dtype=torch.float64), dtype=torch.float64)
+
+
+def in_float64(sched):
+    """A diffusers scheduler computing in float64 from our float64 schedule, so the formulas can be
+    compared to float64 rounding (diffusers' own fp32 tables lose ~1e-3 in 1 - abar_t / abar_{t-1})."""
+    sched.betas, sched.alphas = SCHEDULE.betas.clone(), SCHEDULE.alphas.clone()
+    sched.alphas_cumprod, sched.one = SCHEDULE.alphas_cumprod.clone(), torch.tensor(1.0, dtype=torch.float64)
+    if hasattr(sched, "final_alpha_cumprod"):
+        sched.final_alpha_cumprod = SCHEDULE.alphas_cumprod[0].clone()
+    return sched
+
+
+def test_vlb_terms_match_torch_distributions():
+    """L_{t-1} = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) in bits per dimension, checked with
+    torch.distributions; L_0 = -log p(x0 | x1) (discretized Gaussian) in bits per dimension."""
+    g = gen(19)
+    shape = (3, 2, 4, 4)
+    x0 = torch.linspace(-1, 1, 256, dtype=torch.float64)[torch.randint(0, 256, shape, generator=g)]
+    out = torch.cat([torch.randn(shape, generator=g, dtype=torch.float64),
+                     torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1], 1)  # eps and the fraction
+    t = torch.tensor([0, 5, 700])
+    x_t = ref.q_sample(x0, t, SCHEDULE, torch.randn(shape, generator=g, dtype=torch.float64))
+    terms = ref.vlb_terms(out, x0, x_t, t, SCHEDULE, variance_type="learned_range")
+    p = ref.p_mean_variance(out, t, x_t, SCHEDULE, variance_type="learned_range", clip_sample=False)
+    for b in (1, 2):
+        abar_t, abar_s = SCHEDULE.alphas_cumprod[t[b]], SCHEDULE.alphas_cumprod[t[b] - 1]
+        beta = SCHEDULE.betas[t[b]]
+        q_mean = (abar_s.sqrt() * beta * x0[b] + (1 - beta).sqrt() * (1 - abar_s) * x_t[b]) / (1 - abar_t)
+        q_std = ((1 - abar_s) / (1 - abar_t) * beta).sqrt()
+        kl = torch.distributions.kl_divergence(torch.distributions.Normal(q_mean, q_std),
+                                               torch.distributions.Normal(p["mean"][b], p["variance"][b].sqrt()))
+        assert abs(terms[b].item() - kl.mean().item() / math.log(2)) < 1e-9 * max(1.0, abs(terms[b].item()))
+    small = ref.p_mean_variance(out[:, :2], t, x_t, SCHEDULE, clip_sample=False)
+    assert torch.all(small["variance"][0] == SCHEDULE.posterior_variance[1])  # Improved DDPM's clipped beta~ at t = 0
+    nll = -ref.discretized_gaussian_log_likelihood(x0[0], means=p["mean"][0], log_scales=0.5 * p["log_variance"][0])
+    assert abs(terms[0].item() - nll.mean().item() / math.log(2)) < 1e-9
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"])
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+def test_reference_ddpm_step_matches_diffusers(prediction_type, variance_type):
+    g = gen(6)
+    sched = in_float64(diffusers.DDPMScheduler(prediction_type=prediction_type, variance_type=variance_type,
+                                               clip_sample=True, clip_sample_range=1.5))
+    shape = (2, 3, 4, 4)
+    sample = torch.randn(shape, generator=g, dtype=torch.float64)
+    out = model_output_for(variance_type, shape, torch.float64, "cpu", g)
+    for t in [700, 1]:
+        noise = torch.randn(shape, generator=gen(t), dtype=torch.float64)
+        expected = sched.step(out, t, sample, generator=gen(t), return_dict=False)
+        got = ref.ddpm_step(out, t, sample, SCHEDULE, prediction_type=prediction_type, variance_type=variance_type,
+                            clip_sample_range=1.5, noise=noise)
+        for a, e in zip(got, expected):
+            assert_close(a, e, dtype=torch.float64, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("eta, use_clipped, prediction_type", [(0.0, False, "epsilon"), (1.0, True, "v_prediction"),
+                                                                (0.5, False, "sample")])
+def test_reference_ddim_step_matches_diffusers(eta, use_clipped, prediction_type):
+    g = gen(7)
+    sched = in_float64(diffusers.DDIMScheduler(prediction_type=prediction_type, set_alpha_to_one=False,
+                                               clip_sample=True))
+    sched.set_timesteps(10)
+    sample, out = (torch.randn(2, 3, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    for t in [sched.timesteps[0].item(), sched.timesteps[-1].item()]:  # 900 -> 800 and 0 -> the end
+        prev_t = t - 100 if t >= 100 else -1
+        noise = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+        expected = sched.step(out, t, sample, eta=eta, use_clipped_model_output=use_clipped, variance_noise=noise,
+                              return_dict=False)
+        got = ref.ddim_step(out, t, prev_t, sample, SCHEDULE, eta=eta, prediction_type=prediction_type,
+                            use_clipped_model_output=use_clipped, final_alpha_cumprod=SCHEDULE.alphas_cumprod[0].item(),
+                            noise=noise)
+        for a, e in zip(got, expected):
+            assert_close(a, e, dtype=torch.float64, rtol=1e-10, atol=1e-12)
+
+
+def test_reference_thresholding_matches_diffusers():
+    g = gen(8)
+    sched = in_float64(diffusers.DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=0.9,
+                                               sample_max_value=2.5, prediction_type="sample"))
+    sample = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    out = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) * 2
+    expected = sched.step(out, 0, sample, return_dict=False)
+    got = ref.ddpm_step(out, 0, sample, SCHEDULE, prediction_type="sample", **CLIPS["threshold"], seed=1)
+    for a, e in zip(got, expected):
+        assert_close(a, e, dtype=torch.float64, rtol=1e-10, atol=1e-12)
+
+
+# --- kernels against the reference -----------------------------------------------------------------
+
+def _variant_cases():
+    """prediction x variance x clip, each with a dtype, a timestep and int or per-sample t such that
+    every dtype meets every prediction, variance and clip mode (a pairwise sweep)."""
+    cases = []
+    for i, (p, v, c) in enumerate(itertools.product(range(3), range(6), range(3))):
+        dtype = FLOAT_DTYPES[(p + v + c) % 3]
+        t = TIMESTEPS[(v + 2 * c + p) % 3]
+        tensor_t = (i // 3 + c) % 2 == 1
+        cases.append(pytest.param(PREDICTIONS[p], VARIANCES[v], list(CLIPS)[c], dtype, t, tensor_t,
+                                  id=f"{PREDICTIONS[p]}-{VARIANCES[v]}-{list(CLIPS)[c]}-{str(dtype)[6:]}-t{t}"
+                                     f"{'-tensor' if tensor_t else ''}"))
+    return cases
+
+
+@pytest.mark.parametrize("prediction_type, variance_type, clip, dtype, t, tensor_t", _variant_cases())
+def test_ddpm_step_kernel_matches_reference(device, prediction_type, variance_type, clip, dtype, t, tensor_t):
+    g = gen(zlib.crc32(f"{prediction_type}/{variance_type}/{clip}".encode()))
+    sample = rand_like_shape(SHAPE, dtype, device, generator=g)
+    out = model_output_for(variance_type, SHAPE, dtype, device, g)
+    if tensor_t:
+        t = per_sample_t(t, SHAPE[0], device)
+    kwargs = dict(prediction_type=prediction_type, variance_type=variance_type, **CLIPS[clip])
+    prev, x0 = fastgen.ddpm_step(out, t, sample, SCHEDULE, seed=SEED, offset=5, backend="triton", **kwargs)
+    assert prev.dtype == x0.dtype == dtype and prev.shape == x0.shape == SHAPE
+    t_cpu = t.cpu() if tensor_t else t
+    prev_ref, x0_ref = ref.ddpm_step(out.cpu(), t_cpu, sample.cpu(), SCHEDULE, seed=SEED, offset=5, **kwargs)
+    if prediction_type == "epsilon":
+        # x0 = (x - sqrt(1 - abar) eps) / sqrt(abar): the numerator's fp32 rounding grows by 1/sqrt(abar)
+        # (~160 at t = 999), so compare x0 in the numerator's units: sqrt(abar) x0
+        sqrt_abar = SCHEDULE.sqrt_alphas_cumprod[torch.as_tensor(t_cpu)].reshape(-1, 1, 1, 1)
+        assert_close(x0.cpu().double() * sqrt_abar, x0_ref * sqrt_abar, dtype=dtype)
+    else:
+        assert_close(x0, x0_ref)
+    assert_close(prev, prev_ref)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("eta, use_clipped, prediction_type, clip, set_alpha_to_one", [
+    (0.0, False, "epsilon", "clip", True),
+    (1.0, True, "v_prediction", "threshold", False),
+    (0.3, False, "sample", "none", True),
+    (0.7, True, "epsilon", "none", False),
+])
+def test_ddim_step_kernel_matches_reference(device, dtype, eta, use_clipped, prediction_type, clip, set_alpha_to_one):
+    g = gen(9)
+    sample, out = (rand_like_shape(SHAPE, dtype, device, generator=g) for _ in range(2))
+    final = 1.0 if set_alpha_to_one else SCHEDULE.alphas_cumprod[0].item()
+    kwargs = dict(eta=eta, prediction_type=prediction_type, use_clipped_model_output=use_clipped, **CLIPS[clip])
+    for t, prev_t in [(980, 960), (torch.tensor([999, 40, 0]), torch.tensor([949, -1, -1])), (0, -1)]:
+        t_dev, prev_dev = ((v.to(device) if isinstance(v, torch.Tensor) else v) for v in (t, prev_t))
+        prev, x0 = fastgen.ddim_step(out, t_dev, prev_dev, sample, SCHEDULE, seed=SEED, backend="triton",
+                                     set_alpha_to_one=set_alpha_to_one, **kwargs)
+        prev_ref, x0_ref = ref.ddim_step(out.cpu(), t, prev_t, sample.cpu(), SCHEDULE, seed=SEED,
+                                         final_alpha_cumprod=final, **kwargs)
+        assert_close(x0, x0_ref)
+        assert_close(prev, prev_ref)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_q_sample_kernel_matches_reference(device, dtype):
+    g = gen(10)
+    x0 = rand_like_shape(SHAPE, dtype, device, generator=g)
+    for t in [0, 999, per_sample_t(420, 3, device)]:
+        x_t, noise = fastgen.q_sample(noncontiguous(x0), t, SCHEDULE, seed=SEED, offset=3, return_noise=True,
+                                      backend="triton")
+        t_cpu = t.cpu() if isinstance(t, torch.Tensor) else t
+        expected_noise = ref.noise_like(SHAPE, t_cpu, seed=SEED, offset=3)
+        assert_close(noise, expected_noise)
+        assert_close(x_t, ref.q_sample(x0.cpu(), t_cpu, SCHEDULE, expected_noise))
+    given = rand_like_shape(SHAPE, dtype, device, generator=g)
+    x_t = fastgen.q_sample(x0, 321, SCHEDULE, noise=noncontiguous(given), backend="triton")
+    assert_close(x_t, ref.q_sample(x0.cpu(), 321, SCHEDULE, given.cpu()))
+
+
+def test_noncontiguous_inputs_and_given_noise(device):
+    g = gen(11)
+    shape = (2, 4, 3, 5)
+    sample = rand_like_shape(shape, torch.float32, device, generator=g)
+    out = model_output_for("learned_range", shape, torch.float32, device, g)
+    noise = rand_like_shape(shape, torch.float32, device, generator=g)
+    kwargs = dict(variance_type="learned_range", prediction_type="v_prediction", prev_t=250)
+    prev, x0 = fastgen.ddpm_step(noncontiguous(out), 300, noncontiguous(sample), SCHEDULE,
+                                 noise=noncontiguous(noise), backend="triton", **kwargs)
+    prev_ref, x0_ref = ref.ddpm_step(out.cpu(), 300, sample.cpu(), SCHEDULE, noise=noise.cpu(), **kwargs)
+    assert_close(prev, prev_ref)
+    assert_close(x0, x0_ref)
+    prev_ddim, _ = fastgen.ddim_step(noncontiguous(out[:, :4]), 300, 250, noncontiguous(sample), SCHEDULE, eta=1.0,
+                                     noise=noncontiguous(noise), backend="triton")
+    assert_close(prev_ddim, ref.ddim_step(out[:, :4].cpu(), 300, 250, sample.cpu(), SCHEDULE, eta=1.0,
+                                          noise=noise.cpu())[0])
+
+
+# --- the noise rule, timesteps, invariances ---------------------------------------------------------
+
+def test_per_sample_noise_rule(device):
+    """Element g of sample b gets fastgen.randn(shape, seed, stream=t[b], offset)[b, g]."""
+    shape = (4, 3, 7)
+    t = torch.tensor([5, 999, 0, 5], device=device)
+    _, noise = fastgen.q_sample(torch.ones(shape, device=device), t, SCHEDULE, seed=77, offset=9, return_noise=True,
+                                backend="triton")
+    for b in range(4):
+        expected = fastgen.randn(shape, seed=77, stream=int(t[b]), offset=9, device=device, backend="triton")[b]
+        assert torch.equal(noise[b], expected)
+
+
+def test_int_and_tensor_timesteps_agree_exactly(device):
+    g = gen(12)
+    sample, out = (rand_like_shape(SHAPE, torch.float32, device, generator=g) for _ in range(2))
+    t_all = torch.full((SHAPE[0],), 613, dtype=torch.int64, device=device)
+    a = fastgen.ddpm_step(out, 613, sample, SCHEDULE, seed=SEED, backend="triton")
+    b = fastgen.ddpm_step(out, t_all, sample, SCHEDULE, seed=SEED, backend="triton")
+    c = fastgen.ddpm_step(out, torch.tensor(613, device=device), sample, SCHEDULE, seed=SEED, backend="triton")
+    d = fastgen.ddim_step(out, 613, 600, sample, SCHEDULE, eta=0.5, seed=SEED, backend="triton")
+    e = fastgen.ddim_step(out, t_all, t_all - 13, sample, SCHEDULE, eta=0.5, seed=SEED, backend="triton")
+    for x, y in [(a, b), (a, c), (d, e)]:
+        assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+    q1 = fastgen.q_sample(sample, 613, SCHEDULE, seed=SEED, backend="triton")
+    assert torch.equal(q1, fastgen.q_sample(sample, t_all, SCHEDULE, seed=SEED, backend="triton"))
+
+
+def test_batch_shards_reproduce_the_full_batch(device):
+    g = gen(13)
+    sample, out = (rand_like_shape((6, 2, 9), torch.float32, device, generator=g) for _ in range(2))
+    t = torch.tensor([10, 20, 30, 40, 50, 60], device=device)
+    full, _ = fastgen.ddpm_step(out, t, sample, SCHEDULE, seed=3, backend="triton")
+    shard, _ = fastgen.ddpm_step(out[2:5], t[2:5], sample[2:5], SCHEDULE, seed=3, offset=2 * 18, backend="triton")
+    assert torch.equal(full[2:5], shard)
+
+
+def test_no_noise_at_t0_and_noise_statistics(device):
+    g = gen(14)
+    sample, out = (rand_like_shape((2, 3, 8), torch.float32, device, generator=g) for _ in range(2))
+    a, _ = fastgen.ddpm_step(out, 0, sample, SCHEDULE, seed=1, backend="triton")
+    b, _ = fastgen.ddpm_step(out, 0, sample, SCHEDULE, seed=2, backend="triton")
+    c, _ = fastgen.ddpm_step(out, torch.tensor([0, 0], device=device), sample, SCHEDULE, seed=3, backend="triton")
+    assert torch.equal(a, b) and torch.equal(a, c)
+    # at t > 0 the step adds sigma z with z ~ N(0, 1): standardised residuals pass a KS test
+    big = (4, 64, 64)
+    x = rand_like_shape(big, torch.float32, device, generator=g)
+    m = rand_like_shape(big, torch.float32, device, generator=g)
+    prev, _ = fastgen.ddpm_step(m, 500, x, SCHEDULE, seed=None, variance_type="fixed_large", backend="triton")
+    mean = ref.p_mean_variance(m.cpu(), 500, x.cpu(), SCHEDULE)["mean"]
+    z = ((prev.cpu().double() - mean) / SCHEDULE.betas[500].sqrt()).reshape(-1).numpy()
+    assert scipy.stats.kstest(z, "norm").pvalue > 1e-4
+
+
+def test_seed_none_follows_torch_manual_seed(device):
+    x = torch.ones(2, 5, device=device)
+    torch.manual_seed(0)
+    a = fastgen.q_sample(x, 10, SCHEDULE, backend="triton")
+    torch.manual_seed(0)
+    b = fastgen.q_sample(x, 10, SCHEDULE, backend="triton")
+    c = fastgen.q_sample(x, 10, SCHEDULE, backend="triton")
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_pred_original_sample_optional(device):
+    g = gen(15)
+    sample, out = (rand_like_shape((2, 3), torch.float32, device, generator=g) for _ in range(2))
+    full = fastgen.ddpm_step(out, 10, sample, SCHEDULE, seed=1, backend="triton")
+    prev, x0 = fastgen.ddpm_step(out, 10, sample, SCHEDULE, seed=1, return_pred_original_sample=False,
+                                 backend="triton")
+    assert x0 is None and torch.equal(prev, full[0])
+    prev, x0 = fastgen.ddim_step(out, 10, 5, sample, SCHEDULE, return_pred_original_sample=False, backend="triton")
+    assert x0 is None and prev.shape == (2, 3)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_empty_batch(device, backend):
+    x = torch.empty(0, 3, 4, device=device)
+    assert fastgen.ddpm_step(x, 5, x, SCHEDULE, seed=0, backend=backend)[0].shape == (0, 3, 4)
+    assert fastgen.ddim_step(x, 5, 4, x, SCHEDULE, backend=backend)[0].shape == (0, 3, 4)
+    assert fastgen.q_sample(x, 5, SCHEDULE, seed=0, backend=backend).shape == (0, 3, 4)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_torch_backend_is_the_reference(dtype):
+    g = gen(16)
+    sample, out = (rand_like_shape((2, 3, 4), dtype, "cpu", generator=g) for _ in range(2))
+    prev, x0 = fastgen.ddpm_step(out, 77, sample, SCHEDULE, seed=4, backend="torch")
+    prev_ref, x0_ref = ref.ddpm_step(out, 77, sample, SCHEDULE, seed=4)
+    assert prev.dtype == dtype and torch.equal(prev, prev_ref.to(dtype)) and torch.equal(x0, x0_ref.to(dtype))
+    prev, _ = fastgen.ddim_step(out, 77, 50, sample, SCHEDULE, eta=0.5, seed=4, backend="torch")
+    assert torch.equal(prev, ref.ddim_step(out, 77, 50, sample, SCHEDULE, eta=0.5, seed=4)[0].to(dtype))
+    x_t, noise = fastgen.q_sample(sample, 77, SCHEDULE, seed=4, return_noise=True, backend="torch")
+    assert torch.equal(noise, ref.noise_like(sample.shape, 77, seed=4).to(dtype))
+
+
+def test_invalid_device_timesteps_give_nan_in_kernel(device):
+    """Device timesteps are not checked on the host (that would synchronise): the kernel marks them NaN."""
+    g = gen(17)
+    sample, out = (rand_like_shape((3, 6), torch.float32, device, generator=g) for _ in range(2))
+    table = SCHEDULE.kernel_table(device)
+    prev = torch.empty_like(sample)
+    t = torch.tensor([5, 1000, 7], device=device)
+    prev_t = torch.tensor([4, 3, 7], device=device)  # sample 2: prev_t == t
+    k_diffusion.ddpm_step(prev, None, out, sample, t, prev_t, table, prediction_type="epsilon",
+                          variance_type="fixed_small", clip=k_diffusion.CLIP_RANGE, noise_mode=k_diffusion.NOISE_PHILOX)
+    assert torch.isfinite(prev[0]).all() and torch.isnan(prev[1:]).all()
+
+
+# --- whole trajectories -----------------------------------------------------------------------------
+
+def toy_model(x, t):
+    """A deterministic stand-in for a denoiser, defined for any float dtype."""
+    return 0.8 * torch.tanh(x) + 0.05 * math.sin(0.01 * t)
+
+
+def kernel_loop(shape, schedule, timesteps, *, seed, device, ddim=False, per_sample=False, **kwargs):
+    x = fastgen.randn(shape, seed=seed, stream=schedule.num_train_timesteps, device=device, backend="triton")
+    for i, t in enumerate(timesteps):
+        prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        t_arg = torch.full((shape[0],), t, device=device) if per_sample else t
+        prev_arg = torch.full((shape[0],), prev_t, device=device) if per_sample else prev_t
+        if ddim:
+            x, _ = fastgen.ddim_step(toy_model(x, t), t_arg, prev_arg, x, schedule, seed=seed, backend="triton",
+                                     **kwargs)
+        else:
+            x, _ = fastgen.ddpm_step(toy_model(x, t), t_arg, x, schedule, prev_t=prev_arg, seed=seed,
+                                     backend="triton", **kwargs)
+    return x
+
+
+def test_ddpm_trajectory_50_steps_lands_on_reference(device):
+    schedule = fastgen.NoiseSchedule("squaredcos_cap_v2", num_train_timesteps=50)
+    timesteps = list(range(49, -1, -1))
+    kwargs = dict(variance_type="fixed_small", prediction_type="epsilon")
+    x0 = kernel_loop((2, 3, 6, 6), schedule, timesteps, seed=SEED, device=device, **kwargs)
+    expected = ref.sample_loop(toy_model, (2, 3, 6, 6), schedule, seed=SEED, **kwargs)
+    assert_close(x0, expected, rtol=2e-5, atol=2e-5)
+    assert x0.std() > 0.1  # noise was added on the way
+    x0_tensor = kernel_loop((2, 3, 6, 6), schedule, timesteps, seed=SEED, device=device, per_sample=True, **kwargs)
+    assert torch.equal(x0, x0_tensor)
+
+
+def test_ddim_trajectory_50_steps_lands_on_reference(device):
+    timesteps = list(range(980, -1, -20))  # 50 strided steps over T = 1000
+    kwargs = dict(eta=1.0, prediction_type="v_prediction")
+    x0 = kernel_loop((2, 3, 6, 6), SCHEDULE, timesteps, seed=SEED, device=device, ddim=True, **kwargs)
+    expected = ref.sample_loop(toy_model, (2, 3, 6, 6), SCHEDULE, seed=SEED, timesteps=timesteps, step=ref.ddim_step,
+                               **kwargs)
+    assert_close(x0, expected, rtol=2e-5, atol=2e-5)
+
+
+# --- bad input --------------------------------------------------------------------------------------
+
+def _bad_calls():
+    x = torch.randn(2, 4, 3)
+    s = SCHEDULE
+    step, ddim, q = fastgen.ddpm_step, fastgen.ddim_step, fastgen.q_sample
+    return [
+        ("t above T", lambda: step(x, 1000, x, s), ValueError, r"t must be a timestep in \[0, 1000\)"),
+        ("t negative", lambda: step(x, -1, x, s), ValueError, "t must be"),
+        ("t tensor out of range", lambda: step(x, torch.tensor([3, 1000]), x, s), ValueError, "t must hold"),
+        ("t float", lambda: step(x, 3.0, x, s), TypeError, "t must be an integer"),
+        ("t float tensor", lambda: step(x, torch.tensor([3.0, 4.0]), x, s), TypeError, "integer tensor"),
+        ("t wrong batch", lambda: step(x, torch.tensor([3, 4, 5]), x, s), ValueError, "batch=2"),
+        ("prev_t >= t", lambda: step(x, 5, x, s, prev_t=5), ValueError, "prev_t must be smaller than t"),
+        ("prev_t tensor >= t", lambda: ddim(x, torch.tensor([5, 9]), torch.tensor([4, 9]), x, s), ValueError,
+         "prev_t must be smaller"),
+        ("prev_t below -1", lambda: ddim(x, 5, -2, x, s), ValueError, r"prev_t must be a timestep in \[-1"),
+        ("odd channels", lambda: step(torch.randn(2, 7, 3), 5, x, s, variance_type="learned"), ValueError,
+         "even channel count"),
+        ("learned wrong channels", lambda: step(torch.randn(2, 6, 3), 5, x, s, variance_type="learned_range"),
+         ValueError, "model_output must have shape"),
+        ("shape mismatch", lambda: step(torch.randn(2, 4, 4), 5, x, s), ValueError, "model_output must have shape"),
+        ("ddim shape mismatch", lambda: ddim(torch.randn(2, 4, 4), 5, 4, x, s), ValueError, "model_output must have"),
+        ("dtype mismatch", lambda: step(x.half(), 5, x, s), TypeError, "model_output must have sample's dtype"),
+        ("noise shape", lambda: step(x, 5, x, s, noise=torch.randn(2, 4)), ValueError, "noise must have"),
+        ("int sample", lambda: step(x, 5, x.long(), s), TypeError, "sample must be a float"),
+        ("0-d sample", lambda: q(torch.tensor(1.0), 5, s), ValueError, "x0 must have a batch dimension"),
+        ("schedule", lambda: step(x, 5, x, "linear"), TypeError, "schedule must be a fastgen.NoiseSchedule"),
+        ("prediction_type", lambda: step(x, 5, x, s, prediction_type="eps"), ValueError, "prediction_type"),
+        ("variance_type", lambda: step(x, 5, x, s, variance_type="small"), ValueError, "variance_type"),
+        ("clip range", lambda: step(x, 5, x, s, clip_sample_range=0.0), ValueError, "clip_sample_range"),
+        ("clip flag", lambda: step(x, 5, x, s, clip_sample=1), TypeError, "clip_sample must be a bool"),
+        ("ratio", lambda: step(x, 5, x, s, thresholding=True, dynamic_thresholding_ratio=1.5), ValueError,
+         "dynamic_thresholding_ratio"),
+        ("eta", lambda: ddim(x, 5, 4, x, s, eta=1.5), ValueError, "eta"),
+        ("eta type", lambda: ddim(x, 5, 4, x, s, eta="1"), TypeError, "eta"),
+        ("offset", lambda: q(x, 5, s, offset=-1), ValueError, "offset"),
+        ("q t", lambda: q(x, 1000, s), ValueError, "t must be a timestep"),
+        ("backend", lambda: q(x, 5, s, backend="cuda"), ValueError, "backend"),
+    ]
+
+
+@pytest.mark.parametrize("call, error, match", [pytest.param(*c[1:], id=c[0]) for c in _bad_calls()])
+def test_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_reference_rejects_odd_channels():
+    with pytest.raises(ValueError, match="even channel count"):
+        ref.ddpm_step(torch.randn(2, 3, 4), 5, torch.randn(2, 1, 4), SCHEDULE, variance_type="learned", seed=0)
+
+
+@pytest.mark.parametrize("block", [16, 64])
+def test_results_do_not_depend_on_block(device, monkeypatch, block):
+    """Many tiles per sample (the interpreter otherwise runs one): same numbers as one big tile."""
+    g = gen(18)
+    sample, out = (rand_like_shape(SHAPE, torch.float32, device, generator=g) for _ in range(2))
+    t = per_sample_t(700, 3, device)
+    calls = [
+        lambda: fastgen.ddpm_step(out, t, sample, SCHEDULE, seed=SEED, offset=6, backend="triton"),
+        lambda: fastgen.ddim_step(out, t, t - 50, sample, SCHEDULE, eta=0.8, seed=SEED, offset=1, backend="triton"),
+        lambda: (fastgen.q_sample(sample, t, SCHEDULE, seed=SEED, offset=3, backend="triton"),),
+    ]
+    expected = [call() for call in calls]
+    monkeypatch.setattr(k_diffusion, "launch_block", lambda kernel, *_: block)
+    for call, want in zip(calls, expected):
+        for a, b in zip(call(), want):
+            assert torch.equal(a, b)
+
+
+def test_validate_diffusion_check_passes_and_catches_a_bad_kernel(device, monkeypatch):
+    from fastgen import validate
+
+    lines = []
+    assert validate.run(device=device, quick=True, ops=["diffusion"], out=lines.append), "\n".join(lines)
+    real = k_diffusion.ddim_step
+    monkeypatch.setattr(k_diffusion, "ddim_step", lambda prev, *a, **k: (real(prev, *a, **k), prev.mul_(1.001)))
+    lines = []
+    assert validate.run(device=device, quick=True, ops=["diffusion"], out=lines.append) is False
+    assert "FAIL" in "\n".join(lines)
