@@ -26,7 +26,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scipy", "hypothesis", "diffusers", "scikit-learn"],
+        "test": ["pytest", "pytest-benchmark", "scipy", "hypothesis", "diffusers", "scikit-learn", "matplotlib"],
         "train": ["scikit-learn", "matplotlib"],
         "bench": ["pytest-benchmark", "nvidia-ml-py", "matplotlib"],
     },
