@@ -240,7 +240,7 @@ class SchedulerBase:
         """Inference timesteps, descending, as diffusers spaces them (Lin et al. 2023, Table 2):
             linspace  round(linspace(0, T - 1, N)) reversed
             leading   arange(N) * (T // N) reversed, + steps_offset
-            trailing  round(arange(T, 0, -T / N)) - 1
+            trailing  round(arange(T, 0, -T / N)) - 1, its first N values (diffusers can append a -1)
         """
         num_train = self.config.num_train_timesteps
         if num_inference_steps is None:
@@ -260,7 +260,9 @@ class SchedulerBase:
             timesteps += self.config.steps_offset
         else:
             step_ratio = num_train / n
-            timesteps = np.round(np.arange(num_train, 0, -step_ratio)).astype(np.int64) - 1
+            # the float arange can yield one value too many (round -> 0 -> timestep -1, e.g. T = 999,
+            # N = 30, where diffusers then steps at alphas_cumprod[-1]): keep the first N
+            timesteps = (np.round(np.arange(num_train, 0, -step_ratio)).astype(np.int64) - 1)[:n]
         if timesteps.max() >= num_train:
             raise ValueError(f"steps_offset={self.config.steps_offset} with num_inference_steps={n} puts timestep "
                              f"{timesteps.max()} outside the schedule [0, {num_train})")

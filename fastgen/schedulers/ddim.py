@@ -27,6 +27,11 @@ N = 10, linspace: 999 -> 899 while the next timestep is 888). Parity with diffus
 is the default. For a chain that steps exactly along its timesteps pass them as custom timesteps
 (a fastgen extension): ``set_timesteps(timesteps=[...])`` makes s the next one in the list.
 
+Numerics: sqrt(1 - abar_s - sigma^2) is clamped at 0 (with eta = 1 and a zero-SNR schedule the value
+is 0 and rounding can make it negative: diffusers then returns NaN). The fused kernel forms it in
+fp32 by subtraction, so where abar_t ~ 0 (cosine / zero-SNR schedules at t = T - 1) it carries
+~sqrt(fp32 eps) ~ 3e-4 absolute error, as diffusers' own fp32 path does.
+
 Other differences: unsupported config values raise ValueError at construction (diffusers: at the
 first step, or NotImplementedError); "laplace" and "sigmoid" beta schedules are accepted (as in
 DDPMScheduler); a model output of the wrong shape or device raises ValueError.
