@@ -59,12 +59,12 @@ def triple(kind, backend="triton", **config):
     return ours, float64_tables(PAIRS[kind][1](**config)), stock
 
 
-def model_output_for(variance_type, shape, g, dtype=torch.float32):
-    out = rand_like_shape(shape, dtype, generator=g)
+def model_output_for(variance_type, shape, g, device):
+    out = rand_like_shape(shape, device=device, generator=g)
     if variance_type == "learned":
-        return torch.cat([out, (torch.rand(shape, generator=g) * 1e-2 + 1e-4).to(dtype)], 1)
+        return torch.cat([out, (torch.rand(shape, generator=g) * 1e-2 + 1e-4).to(device)], 1)
     if variance_type == "learned_range":
-        return torch.cat([out, (torch.rand(shape, generator=g) * 2 - 1).to(dtype)], 1)
+        return torch.cat([out, (torch.rand(shape, generator=g) * 2 - 1).to(device)], 1)
     return out
 
 
@@ -196,27 +196,27 @@ DDPM_SWEEP = [  # (prediction_type, variance_type, clip, beta_schedule, rescale_
 
 
 @pytest.mark.parametrize("prediction_type, variance_type, clip, beta_schedule, zero_snr", DDPM_SWEEP)
-def test_ddpm_step_matches_diffusers(prediction_type, variance_type, clip, beta_schedule, zero_snr):
+def test_ddpm_step_matches_diffusers(device, prediction_type, variance_type, clip, beta_schedule, zero_snr):
     config = dict(prediction_type=prediction_type, variance_type=variance_type, beta_schedule=beta_schedule,
                   rescale_betas_zero_snr=zero_snr, **CLIPS[clip])
     ours, exact, stock = triple("ddpm", **config)
     g = gen(len(prediction_type) * 100 + len(variance_type) * 10 + len(clip))
     for i, t in enumerate([998 if zero_snr else 999, 421, 1, 0]):  # zero SNR: abar_999 = 0, eps undefined
-        sample = rand_like_shape(SHAPE, generator=g)
-        out = model_output_for(variance_type, SHAPE, g)
+        sample = rand_like_shape(SHAPE, device=device, generator=g)
+        out = model_output_for(variance_type, SHAPE, g, device)
         timestep = torch.tensor(t) if i % 2 else t                     # int and 0-d tensor timesteps
         s_ours = noncontiguous(sample) if i % 2 else sample            # contiguous and not
         got = ours.step(out, timestep, s_ours, generator=gen(t))
         assert_outputs(got, exact.step(out, t, sample, generator=gen(t)), stock.step(out, t, sample, generator=gen(t)))
 
 
-def test_ddpm_fixed_large_log_is_fixed_large():
+def test_ddpm_fixed_large_log_is_fixed_large(device):
     """diffusers' fixed_large_log takes sqrt(log beta) (NaN for t > 0); fastgen uses the variance the name
     means, beta_t, as fixed_large does (documented in fastgen/schedulers/ddpm.py)."""
     ours = fs.DDPMScheduler(variance_type="fixed_large_log", backend="triton")
     theirs = float64_tables(diffusers.DDPMScheduler(variance_type="fixed_large"))
     g = gen(3)
-    sample, out = rand_like_shape(SHAPE, generator=g), rand_like_shape(SHAPE, generator=g)
+    sample, out = rand_like_shape(SHAPE, device=device, generator=g), rand_like_shape(SHAPE, device=device, generator=g)
     got = ours.step(out, 500, sample, generator=gen(1))
     assert torch.isfinite(got.prev_sample).all()
     assert_outputs(got, theirs.step(out, 500, sample, generator=gen(1)))
@@ -237,7 +237,7 @@ DDIM_SWEEP = [  # (prediction_type, clip, eta, use_clipped_model_output, set_alp
 
 @pytest.mark.parametrize("prediction_type, clip, eta, use_clipped, set_alpha_to_one, spacing, offset, schedule",
                          DDIM_SWEEP)
-def test_ddim_step_matches_diffusers(prediction_type, clip, eta, use_clipped, set_alpha_to_one, spacing, offset,
+def test_ddim_step_matches_diffusers(device, prediction_type, clip, eta, use_clipped, set_alpha_to_one, spacing, offset,
                                      schedule):
     zero_snr = schedule == "zero_snr"
     config = dict(prediction_type=prediction_type, set_alpha_to_one=set_alpha_to_one, timestep_spacing=spacing,
@@ -248,7 +248,7 @@ def test_ddim_step_matches_diffusers(prediction_type, clip, eta, use_clipped, se
         s.set_timesteps(20)
     g = gen(7)
     for i, t in enumerate(ours.timesteps[[0, 7, -2, -1]]):
-        sample, out = rand_like_shape(SHAPE, generator=g), rand_like_shape(SHAPE, generator=g)
+        sample, out = rand_like_shape(SHAPE, device=device, generator=g), rand_like_shape(SHAPE, device=device, generator=g)
         timestep = t if i % 2 else int(t)
         kwargs = dict(eta=eta, use_clipped_model_output=use_clipped)
         got = ours.step(out, timestep, noncontiguous(sample) if i % 2 else sample, generator=gen(i), **kwargs)
@@ -256,12 +256,12 @@ def test_ddim_step_matches_diffusers(prediction_type, clip, eta, use_clipped, se
                        stock.step(out, t, sample, generator=gen(i), **kwargs), tol=DDIM_NOISY if eta else EXACT)
 
 
-def test_ddim_variance_noise_matches_diffusers():
+def test_ddim_variance_noise_matches_diffusers(device):
     ours, theirs, stock = triple("ddim")
     for s in (ours, theirs, stock):
         s.set_timesteps(10)
     g = gen(11)
-    sample, out, z = (rand_like_shape(SHAPE, generator=g) for _ in range(3))
+    sample, out, z = (rand_like_shape(SHAPE, device=device, generator=g) for _ in range(3))
     got = ours.step(out, 501, sample, eta=0.8, variance_noise=noncontiguous(z))
     assert_outputs(got, theirs.step(out, 501, sample, eta=0.8, variance_noise=z),
                    stock.step(out, 501, sample, eta=0.8, variance_noise=z))
@@ -270,7 +270,7 @@ def test_ddim_variance_noise_matches_diffusers():
 
 
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])
-def test_generator_list_and_return_dict(kind):
+def test_generator_list_and_return_dict(device, kind):
     """One generator per sample draws as diffusers does, so sample b is the step of sample b alone with
     generator b; return_dict=False gives the same pair as a tuple."""
     ours, theirs = pair(kind)
@@ -279,7 +279,7 @@ def test_generator_list_and_return_dict(kind):
     theirs.set_timesteps(25)
     kwargs = dict(eta=1.0) if kind == "ddim" else {}
     g = gen(5)
-    sample, out = rand_like_shape(SHAPE, generator=g), rand_like_shape(SHAPE, generator=g)
+    sample, out = rand_like_shape(SHAPE, device=device, generator=g), rand_like_shape(SHAPE, device=device, generator=g)
     t = ours.timesteps[3]
     got = ours.step(out, t, sample, generator=[gen(b) for b in range(3)], **kwargs)
     assert_outputs(got, theirs.step(out, t, sample, generator=[gen(b) for b in range(3)], **kwargs))
@@ -290,14 +290,14 @@ def test_generator_list_and_return_dict(kind):
 
 
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])
-def test_no_generator_follows_torch_manual_seed_like_diffusers(kind):
+def test_no_generator_follows_torch_manual_seed_like_diffusers(device, kind):
     ours, theirs = pair(kind)
     float64_tables(theirs)
     ours.set_timesteps(10)
     theirs.set_timesteps(10)
     kwargs = dict(eta=1.0) if kind == "ddim" else {}
     g = gen(8)
-    sample, out = rand_like_shape(SHAPE, generator=g), rand_like_shape(SHAPE, generator=g)
+    sample, out = rand_like_shape(SHAPE, device=device, generator=g), rand_like_shape(SHAPE, device=device, generator=g)
     torch.manual_seed(1234)
     got = ours.step(out, 700, sample, **kwargs)
     after_ours = torch.rand(3)
@@ -325,25 +325,25 @@ LOOPS = [
 
 
 @pytest.mark.parametrize("kind, config, loop", LOOPS, ids=[f"{k}{i}" for i, (k, _, _) in enumerate(LOOPS)])
-def test_whole_loop_follows_diffusers_trajectory(kind, config, loop):
+def test_whole_loop_follows_diffusers_trajectory(device, kind, config, loop):
     """A fixed random linear "model", the same generator: fastgen's trajectory is diffusers' (each step
     compared, so drift cannot hide), and both generators end in the same state."""
     loop = dict(loop)
     set_kwargs = {k: loop.pop(k) for k in ("num_inference_steps", "timesteps") if k in loop}
     ours, theirs, stock = triple(kind, **config)
     for s in (ours, theirs, stock):
-        s.set_timesteps(**set_kwargs)
-    assert torch.equal(ours.timesteps, theirs.timesteps)
+        s.set_timesteps(**set_kwargs, device=device)  # on a GPU the loop steps with 0-d device tensors
+    assert torch.equal(ours.timesteps, theirs.timesteps) and ours.timesteps.device.type == torch.device(device).type
     g = gen(21)
     channels = 4 if config.get("variance_type", "").startswith("learned") else 2
-    weight = torch.randn(channels, 2, generator=g) * 0.5
+    weight = (torch.randn(channels, 2, generator=g) * 0.5).to(device)
     weight[2:] = weight[2:].clamp(-0.9, 0.9)
 
     def model(x, t):
         out = torch.einsum("oc,bc...->bo...", weight, x) + 1e-3 * t
         return torch.cat([out[:, :2], out[:, 2:].tanh()], 1) if channels == 4 else out
 
-    x = torch.randn(SHAPE, generator=g) * ours.init_noise_sigma
+    x = torch.randn(SHAPE, generator=g).to(device) * ours.init_noise_sigma
     x_ours, x_theirs, x_stock = x.clone(), x.clone(), x.clone()
     g_ours, g_theirs, g_stock = gen(99), gen(99), gen(99)
     for t in ours.timesteps:
@@ -357,8 +357,9 @@ def test_whole_loop_follows_diffusers_trajectory(kind, config, loop):
     assert torch.equal(after[0], after[1]) and torch.equal(after[1], after[2])
 
 
-def test_default_backend_on_cpu_is_the_reference_and_agrees():
-    """backend="auto" on CPU runs the float64 torch reference; the kernel agrees with it and diffusers."""
+def test_auto_backend_and_per_step_override(device):
+    """backend="auto" runs the float64 torch reference on CPU tensors; the kernel (on ``device``) agrees with
+    it and with diffusers; step(backend=) overrides the constructor's choice."""
     auto, theirs = pair("ddpm", backend="auto")
     float64_tables(theirs)
     fused = fs.DDPMScheduler(backend="triton")
@@ -366,22 +367,24 @@ def test_default_backend_on_cpu_is_the_reference_and_agrees():
     sample, out = rand_like_shape(SHAPE, generator=g), rand_like_shape(SHAPE, generator=g)
     a = auto.step(out, 321, sample, generator=gen(0))
     assert_outputs(a, theirs.step(out, 321, sample, generator=gen(0)))
-    b = fused.step(out, 321, sample, generator=gen(0))
+    b = fused.step(out.to(device), 321, sample.to(device), generator=gen(0))
     assert_close(b.prev_sample, a.prev_sample.double(), dtype=torch.float32, rtol=1e-5)
-    c = auto.step(out, 321, sample, generator=gen(0), backend="triton")   # per-step override
+    c = auto.step(out.to(device), 321, sample.to(device), generator=gen(0), backend="triton")
     assert torch.equal(c.prev_sample, b.prev_sample)
+    r = fused.step(out, 321, sample, generator=gen(0), backend="torch")
+    assert torch.equal(r.prev_sample, a.prev_sample)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES[1:])
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])
-def test_half_precision_kernel_matches_reference(kind, dtype):
+def test_half_precision_kernel_matches_reference(device, kind, dtype):
     ours = PAIRS[kind][0](backend="triton")
     ref = PAIRS[kind][0](backend="torch")
     for s in (ours, ref):
         s.set_timesteps(10)
     kwargs = dict(eta=1.0) if kind == "ddim" else {}
     g = gen(6)
-    sample, out = rand_like_shape(SHAPE, dtype, generator=g), rand_like_shape(SHAPE, dtype, generator=g)
+    sample, out = rand_like_shape(SHAPE, dtype, device, generator=g), rand_like_shape(SHAPE, dtype, device, generator=g)
     got = ours.step(out, 600, sample, generator=gen(2), **kwargs)
     assert got.prev_sample.dtype == dtype
     want = ref.step(out, 600, sample, generator=gen(2), **kwargs)  # same noise, rounded the same way
@@ -389,26 +392,51 @@ def test_half_precision_kernel_matches_reference(kind, dtype):
     assert_close(got.prev_sample, want.prev_sample.double(), dtype=dtype, rtol=2 * TOLERANCES[dtype][0])
 
 
+def test_ddim_linspace_quirk_is_matched_and_custom_timesteps_step_along_the_list(device):
+    """diffusers' DDIM steps t -> t - T // N whatever the spacing (999 -> 899 under linspace, N = 10,
+    though the next timestep is 888); fastgen matches it by default, and custom timesteps (a fastgen
+    extension) step to the next timestep in the list."""
+    ours, theirs = pair("ddim", timestep_spacing="linspace")
+    ours.set_timesteps(10)
+    theirs.set_timesteps(10)
+    assert ours.timesteps[:2].tolist() == [999, 888] and ours.previous_timestep(999) == 899
+    assert ours.previous_timestep(0) == -1
+    custom = fs.DDIMScheduler(timestep_spacing="linspace", backend="triton")
+    custom.set_timesteps(timesteps=ours.timesteps.tolist())
+    assert custom.previous_timestep(999) == 888 and custom.previous_timestep(0) == -1
+    g = gen(13)
+    sample, out = rand_like_shape(SHAPE, device=device, generator=g), rand_like_shape(SHAPE, device=device, generator=g)
+    got = custom.step(out, 999, sample, eta=0.0)
+    want, _ = fastgen.ddim_step(out, 999, 888, sample, custom.schedule, backend="torch")
+    assert_close(got.prev_sample, want.double(), dtype=torch.float32, rtol=1e-5)
+    quirk = ours.step(out, 999, sample)
+    assert_close(quirk.prev_sample, fastgen.ddim_step(out, 999, 899, sample, ours.schedule, backend="torch")[0].double(),
+                 dtype=torch.float32, rtol=1e-5)
+
+
 # --- per-sample timesteps, add_noise, get_velocity ----------------------------------------------------------
 
-def test_per_sample_timesteps_equal_separate_steps():
-    """A [B] timestep tensor (fastgen extension) steps each sample as its own scalar step would."""
-    ours = fs.DDPMScheduler(backend="triton")
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_per_sample_timesteps_equal_separate_steps(device, kind):
+    """A [B] timestep tensor (fastgen extension; prev timesteps gathered on the device) steps each sample
+    as its own scalar step would."""
+    ours = PAIRS[kind][0](backend="triton")
     ours.set_timesteps(50)
+    kwargs = dict(eta=0.7) if kind == "ddim" else {}
     g = gen(9)
-    sample, out = rand_like_shape(SHAPE, generator=g), rand_like_shape(SHAPE, generator=g)
+    sample, out = rand_like_shape(SHAPE, device=device, generator=g), rand_like_shape(SHAPE, device=device, generator=g)
     ts = ours.timesteps[[0, 17, -1]]
-    got = ours.step(out, ts, sample, generator=[gen(b) for b in range(3)])
+    got = ours.step(out, ts.to(device), sample, generator=[gen(b) for b in range(3)], **kwargs)
     for b in range(3):
-        alone = ours.step(out[b:b + 1], int(ts[b]), sample[b:b + 1], generator=gen(b))
+        alone = ours.step(out[b:b + 1], int(ts[b]), sample[b:b + 1], generator=gen(b), **kwargs)
         assert_close(got.prev_sample[b:b + 1], alone.prev_sample.double(), dtype=torch.float32)
 
 
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])
-def test_add_noise_and_get_velocity_match_diffusers(kind):
+def test_add_noise_and_get_velocity_match_diffusers(device, kind):
     ours, theirs = pair(kind, beta_schedule="squaredcos_cap_v2")
     g = gen(10)
-    x0, noise = rand_like_shape(SHAPE, generator=g), rand_like_shape(SHAPE, generator=g)
+    x0, noise = rand_like_shape(SHAPE, device=device, generator=g), rand_like_shape(SHAPE, device=device, generator=g)
     for timesteps in (torch.tensor([999, 3, 500]), torch.tensor([17], dtype=torch.int32), torch.tensor(0)):
         want = theirs.add_noise(x0, noise, timesteps)
         assert_parity(ours.add_noise(noncontiguous(x0), noise, timesteps), want, STOCK)
@@ -424,14 +452,14 @@ def test_add_noise_and_get_velocity_match_diffusers(kind):
 # --- fastgen's seed= noise -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])
-def test_seed_kernel_equals_reference_and_is_batch_invariant(kind):
+def test_seed_kernel_equals_reference_and_is_batch_invariant(device, kind):
     ours = PAIRS[kind][0](backend="triton")
     ref = PAIRS[kind][0](backend="torch")
     for s in (ours, ref):
         s.set_timesteps(10)
     kwargs = dict(eta=1.0) if kind == "ddim" else {}
     g = gen(12)
-    sample, out = rand_like_shape(SHAPE, generator=g), rand_like_shape(SHAPE, generator=g)
+    sample, out = rand_like_shape(SHAPE, device=device, generator=g), rand_like_shape(SHAPE, device=device, generator=g)
     state = torch.get_rng_state()
     got = ours.step(out, 800, sample, seed=77, **kwargs)
     assert torch.equal(state, torch.get_rng_state())  # seed= never draws from torch's generators
@@ -443,7 +471,7 @@ def test_seed_kernel_equals_reference_and_is_batch_invariant(kind):
     other = ours.step(out, 800, sample, seed=78, **kwargs)
     assert not torch.allclose(other.prev_sample, got.prev_sample)
     # the noise is the documented counter stream: stream t, element offset + flat index
-    z = fastgen.randn(SHAPE, seed=77, stream=800, backend="torch")
+    z = fastgen.randn(SHAPE, seed=77, stream=800, backend="torch").to(device)
     explicit = ours.step(out, 800, sample, variance_noise=z, **kwargs) if kind == "ddim" else None
     if explicit is not None:
         assert_close(explicit.prev_sample, got.prev_sample.double(), dtype=torch.float32, rtol=1e-5)
