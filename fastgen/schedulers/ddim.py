@@ -17,7 +17,8 @@ eta = 0 is the deterministic DDIM; eta = 1 the DDPM posterior variance.
 
 Noise (eta > 0): by default z is drawn exactly as diffusers draws it (``randn_tensor(model_output.shape,
 generator=...)`` at every step), or taken from ``variance_noise``; the same generator gives diffusers'
-result (to fp32 rounding: fastgen's tables are float64-derived, diffusers' float32). ``step(..., seed=)``
+result (to fp32 rounding against diffusers with a float64 schedule; stock diffusers' float32 schedule
+is up to ~1e-3 away near t = 1). ``step(..., seed=)``
 draws z in the kernel from fastgen's counter-based stream (stream t, element offset + b n + g):
 no noise tensor, and sample k is the same in any batch (``offset=k * n`` for a shard from sample k).
 

@@ -17,12 +17,14 @@ abar_{-1} = 1), with beta_{t|s} = 1 - abar_t / abar_s:
             = exp(f log beta_{t|s} + (1 - f) log beta~), f = (v + 1) / 2  learned_range (Nichol & Dhariwal eq. 15)
 
 Noise: by default z is drawn exactly as diffusers draws it (``randn_tensor(model_output.shape,
-generator=...)``, only when t > 0), so the same generator gives diffusers' result (to fp32 rounding:
-fastgen's tables are computed in float64, diffusers' in float32). ``step(..., seed=)`` instead draws
-z in the kernel from fastgen's counter-based stream (stream t, element offset + b n + g): no noise
-tensor, and sample k is the same in any batch (pass ``offset=k * n`` for a shard starting at sample k).
+generator=...)``, only when t > 0), so the same generator gives diffusers' result: to fp32 rounding
+when diffusers' schedule is computed in float64; stock diffusers computes it in float32 (a float32
+cumprod and 1 - abar_t / abar_s, which cancels near t = 1), which puts it up to ~1e-3 away there.
+``step(..., seed=)`` instead draws z in the kernel from fastgen's counter-based stream (stream t,
+element offset + b n + g): no noise tensor, and sample k is the same in any batch (pass
+``offset=k * n`` for a shard starting at sample k).
 
-Where this differs from diffusers 0.3x on purpose:
+Where this differs from diffusers (0.42) on purpose:
   * variance_type="fixed_large_log": diffusers takes the square root of log(beta) and returns NaN for
     every t > 0; here it is the same variance as "fixed_large" (what the name means).
   * beta_schedule / prediction_type / variance_type / timestep_spacing are checked at construction
@@ -109,7 +111,8 @@ class DDPMScheduler(SchedulerBase):
         expected = sample.shape
         if learned:
             if sample.dim() < 2:
-                raise ValueError(f"sample must have a channel dimension (dim 1) for variance_type={self.variance_type!r}")
+                raise ValueError("sample must have a channel dimension (dim 1) for variance_type="
+                                 f"{self.variance_type!r}")
             expected = torch.Size((sample.shape[0], 2 * sample.shape[1], *sample.shape[2:]))
         what = (f"prediction and variance channels for variance_type={self.variance_type!r}" if learned
                 else f"variance_type={self.variance_type!r}")
