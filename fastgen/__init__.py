@@ -5,6 +5,7 @@ from fastgen.ops import latents
 from fastgen.ops import gaussian_kl, reparameterize, reparameterize_with_kl
 from fastgen.ops import ddim_step, ddpm_step, q_sample
 from fastgen.schedules import NoiseSchedule
+from fastgen import schedulers
 
 __version__ = "0.1.0"
 
@@ -12,3 +13,4 @@ __all__ = ["randn", "resolve_backend", "__version__"]
 __all__ += ["latents"]
 __all__ += ["gaussian_kl", "reparameterize", "reparameterize_with_kl"]
 __all__ += ["NoiseSchedule", "q_sample", "ddpm_step", "ddim_step"]
+__all__ += ["schedulers"]
