@@ -23,7 +23,7 @@ then per element:
             = v                                                           learned (extra channels)
             = exp(f log beta_{t|s} + (1 - f) log beta~), f = (v + 1) / 2  learned_range (Nichol & Dhariwal eq. 15)
   DDIM (Song et al. eqs. 12, 16):
-    sigma = eta sqrt(beta~),  x_s = sqrt(abar_s) x0 + sqrt(max(1 - abar_s - sigma^2, 0)) eps + [t > 0] sigma z
+    sigma = eta sqrt(beta~),  x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + [t > 0] sigma z
 
 Grid: programs (b, j) flattened, j tiling the n elements of sample b, so t, s, the coefficients
 and s_b are scalars per program. The noise z of element g of sample b is the normal of counter
@@ -211,7 +211,9 @@ def _ddim_step_kernel(prev_ptr, x0_ptr, model_ptr, sample_ptr, noise_ptr, scale_
         else:
             eps = sqrt_abar_t * m + sqrt_bbar_t * x
         sigma = eta * tl.sqrt(bbar_s / bbar_t * beta_ts)      # Song et al. eq. (16)
-        direction = tl.sqrt(tl.maximum(bbar_s - sigma * sigma, 0.0))
+        # sqrt(1 - abar_s - sigma^2) without its cancellation where abar_t ~ 0: with
+        # bbar_t - beta_ts = abar_t bbar_s / abar_s it is a sum of non-negative terms
+        direction = tl.sqrt(bbar_s * ((1.0 - eta * eta) * bbar_t + eta * eta * abar_t * bbar_s / abar_s) / bbar_t)
         x_prev = tl.sqrt(abar_s) * x0 + direction * eps         # eq. (12)
         if NOISE != 0:
             if NOISE == 2:
