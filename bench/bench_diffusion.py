@@ -84,10 +84,11 @@ def step_inputs(size, dtype, device, generator):
 
 @functools.cache
 def _diffusers_scheduler(kind, device_type):
-    """A diffusers scheduler with diffusers' defaults (one per device type: add_noise moves its table)."""
+    """A diffusers scheduler with diffusers' defaults, one per use and device type: add_noise moves its
+    table to the device, while step reads it on the CPU as a pipeline's scheduler does."""
     import diffusers
 
-    if kind == "ddpm":
+    if kind in ("add_noise", "ddpm"):
         return diffusers.DDPMScheduler(num_train_timesteps=SCHEDULE.num_train_timesteps)
     scheduler = diffusers.DDIMScheduler(num_train_timesteps=SCHEDULE.num_train_timesteps)
     scheduler.set_timesteps(DDIM_STEPS)
@@ -101,7 +102,7 @@ def _generator(device):
 
 def diffusers_add_noise(x0, t):
     noise = torch.randn_like(x0)
-    return _diffusers_scheduler("ddpm", x0.device.type).add_noise(x0, noise, t)
+    return _diffusers_scheduler("add_noise", x0.device.type).add_noise(x0, noise, t)
 
 
 def diffusers_ddpm_step(model_output, sample):
