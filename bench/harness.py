@@ -95,18 +95,21 @@ class Timing:
 @dataclasses.dataclass
 class TimerConfig:
     """CUDA: do_bench's warm-up and repetition budgets (ms). CPU: warm-up seconds, minimum reps and
-    the minimum total measured time per case."""
+    the minimum total measured time per case. max_input_sets caps the rotation (``rotation_sets``):
+    the quick smoke run rotates over 2 sets, since every set is called once more before timing and
+    an interpreted kernel call costs tens of milliseconds."""
     cuda_warmup_ms: int = 25
     cuda_rep_ms: int = 100
     cpu_warmup_s: float = 0.05
     cpu_min_reps: int = 10
     cpu_min_time_s: float = 0.25
     cpu_max_reps: int = 10_000
+    max_input_sets: int = MAX_SETS
 
     @classmethod
     def quick(cls):
         return cls(cuda_warmup_ms=5, cuda_rep_ms=20, cpu_warmup_s=0.0, cpu_min_reps=3, cpu_min_time_s=0.02,
-                   cpu_max_reps=200)
+                   cpu_max_reps=200, max_input_sets=2)
 
 
 def time_call(call, device: torch.device, config: TimerConfig, *, input_sets: int = 1, grad_to_none=None) -> Timing:

@@ -132,7 +132,7 @@ def measure(cases, device, config, *, progress=True):
                     "dtype": dtype_name(dtype), "device": str(device)}
             try:
                 base["shape"] = list(case.shape)
-                n_sets = case.n_sets()
+                n_sets = min(case.n_sets(), config.max_input_sets)
             except Exception as e:  # the op's make_inputs failed: one error row for the case
                 rows.append({**base, "provider": "(inputs)", "role": "error", "error": f"{type(e).__name__}: {e}"})
                 bar.update(len(providers) + 1)

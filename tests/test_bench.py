@@ -3,6 +3,7 @@
 the registration API's checks and NVML telemetry (with a stand-in NVML module). No timed assertion:
 only the consistency of the figures is checked, never their size."""
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -24,9 +25,11 @@ ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """``python -m fastgen bench --quick`` in a subprocess: (completed process, output folder)."""
+    """``python -m fastgen bench --quick`` in a subprocess: (completed process, output folder). Without
+    plots (two PNGs per op and variant take longer than the interpreted runs); test_quick_run_plots
+    draws them for a few ops from this run's results."""
     out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run([sys.executable, "-m", "fastgen", "bench", "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "fastgen", "bench", "--quick", "--no-plots", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc, out
@@ -59,6 +62,10 @@ def test_quick_run_prints_a_row_per_provider_and_the_copy_limit(quick_run):
     assert "fastgen bench" in proc.stderr  # the progress bar
 
 
+def _same_case(a, b):
+    return all(a[k] == b[k] for k in ("op", "variant", "size", "dtype"))
+
+
 def test_quick_run_results_json_holds_consistent_figures(quick_run):
     _, out = quick_run
     result = json.loads((out / "results.json").read_text())
@@ -79,10 +86,11 @@ def test_quick_run_results_json_holds_consistent_figures(quick_run):
         if r["role"] == "copy":
             assert r["bytes"] in copies and r["fraction_of_copy"] == 1.0
             continue
-        assert r["bytes"] == r["size"] * ELEMENT_BYTES[r["dtype"]]  # randn writes n elements, reads nothing
-        assert r["shape"] == [r["size"]] and r["reps"] >= 3 and r["first_call_ms"] > 0
-        fastgen_row = next(f for f in rows if f["role"] == "fastgen" and f["size"] == r["size"]
-                           and f["dtype"] == r["dtype"])
+        if r["op"] == "randn":
+            assert r["bytes"] == r["size"] * ELEMENT_BYTES[r["dtype"]]  # randn writes n elements, reads nothing
+            assert r["shape"] == [r["size"]]
+        assert r["reps"] >= 3 and r["first_call_ms"] > 0
+        fastgen_row = next(f for f in rows if f["role"] == "fastgen" and _same_case(f, r))
         assert r["fastgen_speedup"] == pytest.approx(r["median_ms"] / fastgen_row["median_ms"])
         if r["role"] != "fastgen":
             assert fastgen_row["speedup_vs"][r["provider"]] == pytest.approx(r["fastgen_speedup"])
@@ -90,13 +98,16 @@ def test_quick_run_results_json_holds_consistent_figures(quick_run):
     assert {(s["dtype"], s["peer"]) for s in summary} == {(r["dtype"], r["provider"]) for r in rows
                                                         if r["role"] in ("reference", "peer")}
     for s in summary:
-        speedups = [r["fastgen_speedup"] for r in rows if r["provider"] == s["peer"] and r["dtype"] == s["dtype"]]
+        speedups = [r["fastgen_speedup"] for r in rows if r["provider"] == s["peer"] and r["dtype"] == s["dtype"]
+                    and r["op"] == s["op"] and r["variant"] == s["variant"]]
         assert s["sizes"] == len(speedups) and s["min_speedup"] == min(speedups) and s["max_speedup"] == max(speedups)
         assert s["geomean_speedup"] == pytest.approx(math.prod(speedups) ** (1 / len(speedups)))
 
 
-def test_quick_run_writes_csv_markdown_and_valid_pngs(quick_run):
+def test_quick_run_writes_csv_markdown_and_valid_pngs(quick_run, tmp_path):
     from PIL import Image
+
+    from fastgen.bench import plots
 
     _, out = quick_run
     result = json.loads((out / "results.json").read_text())
@@ -104,12 +115,87 @@ def test_quick_run_writes_csv_markdown_and_valid_pngs(quick_run):
         rows = list(csv.DictReader(f))
     assert len(rows) == len(result["results"]) and float(rows[0]["median_ms"]) > 0
     assert rows[0]["hardware"] and rows[0]["date_utc"] == result["machine"]["date_utc"]
-    assert "| randn" in (out / "results.md").read_text()
-    for name in ("randn_fwd_gbps.png", "randn_fwd_speedup.png"):
-        with Image.open(out / name) as image:
+    assert "| randn" in (out / "results.md").read_text() and not list(out.glob("*.png"))  # --no-plots
+    some = {**result, "results": [r for r in result["results"] if r["op"] in ("randn", "reparameterize")]}
+    files = plots.plot_all(some, str(tmp_path))
+    names = ["randn_fwd_gbps.png", "randn_fwd_speedup.png", "reparameterize_fwd_gbps.png",
+             "reparameterize_fwd_bwd_gbps.png", "reparameterize_fwd_bwd_speedup.png"]
+    assert set(names) <= {os.path.basename(f) for f in files}
+    for name in names:
+        with Image.open(tmp_path / name) as image:
             image.verify()
-        with Image.open(out / name) as image:
+        with Image.open(tmp_path / name) as image:
             assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 200
+
+
+# The op families of bench_gaussian.py, bench_diffusion.py and bench_latents.py: for each op, the
+# providers of a CPU quick run and the traffic of each variant as (E, R, T): multiples of one tensor
+# of the op's main shape (E), of one per-sample [B] result (R) and of the int64 timesteps [B] (T).
+_DIFFUSERS = {"diffusers"} if importlib.util.find_spec("diffusers") else set()
+NEW_FAMILIES = {
+    "gaussian": {
+        "reparameterize": ({"reference", "torch.randn_like"}, {"fwd": (3, 0, 0), "fwd+bwd": (6, 0, 0)}),
+        "reparameterize_noise": ({"reference"}, {"fwd": (4, 0, 0), "fwd+bwd": (8, 0, 0)}),
+        "gaussian_kl_none": ({"reference"}, {"fwd": (3, 0, 0), "fwd+bwd": (8, 0, 0)}),
+        "gaussian_kl_per_sample": ({"reference"}, {"fwd": (2, 1, 0), "fwd+bwd": (6, 2, 0)}),
+        "gaussian_kl_prior_none": ({"reference"}, {"fwd": (5, 0, 0), "fwd+bwd": (14, 0, 0)}),
+        "gaussian_kl_prior_per_sample": ({"reference"}, {"fwd": (4, 1, 0), "fwd+bwd": (12, 2, 0)}),
+        "reparameterize_with_kl": ({"reference", "torch.randn_like"}, {"fwd": (3, 1, 0), "fwd+bwd": (8, 2, 0)}),
+    },
+    "diffusion": {
+        "q_sample": ({"reference"} | _DIFFUSERS, {"fwd": (2, 0, 1)}),
+        "ddpm_step": ({"reference"} | _DIFFUSERS, {"fwd": (4, 0, 0)}),
+        "ddim_step_eta0": ({"reference"} | _DIFFUSERS, {"fwd": (4, 0, 0)}),
+        "ddim_step_eta1": ({"reference"} | _DIFFUSERS, {"fwd": (4, 0, 0)}),
+    },
+    "latents": {
+        "latents": ({"reference", "torch.randn"}, {"fwd": (1, 0, 0)}),
+        "latents_truncated": ({"reference", "torch.randn+clamp", "torch.randn resample"}, {"fwd": (1, 0, 0)}),
+    },
+}
+
+
+def _expected_shape(family, size):
+    if family == "gaussian":
+        return [size // 1024, 4, 16, 16]  # [B, 4, 16, 16] latents
+    if family == "latents":
+        return [size // 512, 512]
+    batch = min(16, size // 4096)  # [B, 4, h, w] images, 4096 elements per sample below 16 samples
+    return [batch, 4, 32, size // (batch * 4 * 32)] if batch < 16 else None
+
+
+@pytest.mark.parametrize("family", sorted(NEW_FAMILIES))
+def test_quick_run_covers_the_op_families(quick_run, family):
+    """Every op of the family: a row per variant x quick size x quick dtype x CPU provider, with the
+    documented traffic (the docstrings of bench/bench_<family>.py) and the documented shape."""
+    proc, out = quick_run
+    result = json.loads((out / "results.json").read_text())
+    ops = {name: op for name, op in registry.load_all().items() if op.family == family}
+    assert set(ops) == set(NEW_FAMILIES[family])
+    rows = [r for r in result["results"] if r["family"] == family]
+    assert rows and not any("error" in r for r in rows)
+    for name, (peers, traffic) in NEW_FAMILIES[family].items():
+        op = ops[name]
+        assert set(op.variants) == set(traffic)
+        cases = {(r["variant"], r["size"], r["dtype"]) for r in rows if r["op"] == name}
+        assert cases == {(v, s, report.dtype_name(d)) for v in op.variants for s in op.quick_sizes
+                         for d in op.quick_dtypes}
+        for variant, size, dtype in cases:
+            case_rows = [r for r in rows if (r["op"], r["variant"], r["size"], r["dtype"]) == (name, variant, size, dtype)]
+            assert {r["provider"] for r in case_rows} == {"fastgen", "copy_ (limit)"} | peers
+            shape = case_rows[0]["shape"]
+            assert math.prod(shape) == size and all(r["shape"] == shape for r in case_rows)
+            assert _expected_shape(family, size) in (None, shape)
+            e, n_rows = size * ELEMENT_BYTES[dtype], shape[0]
+            e_units, r_units, t_units = traffic[variant]
+            expected = e_units * e + r_units * n_rows * ELEMENT_BYTES[dtype] + t_units * n_rows * 8
+            for r in case_rows:
+                if r["role"] != "copy":
+                    assert r["bytes"] == expected, (r["op"], r["variant"], r["provider"])
+                    assert r["reps"] >= 3 and r["median_ms"] > 0 and r["fastgen_speedup"] > 0
+        assert f"{name}: torch.compile(reference) skipped in --quick" in proc.stdout
+    table_ops = {line.split("|")[1].strip() for line in proc.stdout.splitlines() if line.startswith("| ")}
+    assert set(NEW_FAMILIES[family]) <= table_ops
 
 
 def test_pytest_collects_the_bench_files():
@@ -118,8 +204,9 @@ def test_pytest_collects_the_bench_files():
                            "-p", "no:cacheprovider"], cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "FASTGEN_BENCH_QUICK": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    randn = registry.load_all()["randn"]
-    expected = len(randn.quick_sizes) * len(randn.quick_dtypes) * 3  # fastgen, reference, torch.randn
+    # every op: variants x quick sizes x quick dtypes x the providers of a CPU quick run (no torch.compile)
+    expected = sum(len(op.variants) * len(op.quick_sizes) * len(op.quick_dtypes)
+                   * sum(p.role != "compiled" for p in op.providers) for op in registry.load_all().values())
     assert f"{expected} passed" in proc.stdout, proc.stdout
 
 
