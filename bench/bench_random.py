@@ -13,10 +13,14 @@ from fastgen.bench.registry import Op
 from fastgen.reference import random as ref_random
 
 
+SEED = 0x9E3779B97F4A7C15  # above 2^63: the full 64-bit key
+
+
 def make_inputs(size, dtype, device, generator):
-    """A 1-d draw of ``size`` normals; the seed is drawn too (64-bit, above 2^63 half the time)."""
-    seed = int(torch.randint(0, 1 << 62, (1,), generator=generator, device=generator.device).item()) * 3 + 1
-    return {"shape": (size,), "seed": seed, "dtype": dtype, "device": device}
+    """A 1-d draw of ``size`` normals. The seed is fixed: a Python int is a constant to torch.compile,
+    so a new seed per input set would recompile the compiled provider until it falls back to eager;
+    the kernel's speed does not depend on the seed's value."""
+    return {"shape": (size,), "seed": SEED, "dtype": dtype, "device": device}
 
 
 RANDN = register(Op(
