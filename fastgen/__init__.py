@@ -12,3 +12,6 @@ __all__ = ["randn", "resolve_backend", "__version__"]
 __all__ += ["latents"]
 __all__ += ["gaussian_kl", "reparameterize", "reparameterize_with_kl"]
 __all__ += ["NoiseSchedule", "q_sample", "ddpm_step", "ddim_step"]
+from fastgen.sampling import sample
+
+__all__ += ["sample"]
