@@ -248,69 +248,97 @@ def sample(model, shape, scheduler, *, num_inference_steps=None, seed=0, offset=
             "torch" (the reference loop: fastgen.reference.diffusion's float64 steps).
     Returns x_0 in ``dtype`` (and the trajectory).
     """
-    if not callable(model):
-        raise TypeError(f"model must be callable as model(x_t, t), got {type(model).__name__}")
-    shape = _checks.shape(shape)
-    if len(shape) < 1 or shape.numel() == 0:
-        raise ValueError(f"shape must be [batch, ...] with no zero dims, got {tuple(shape)}")
-    dtype = _checks.float_dtype(dtype)
-    model_device = _model_device(model)
-    device = _checks.device(device if device is not None else (model_device or "cpu"))
-    if model_device is not None and model_device != device:
-        raise ValueError(f"device must be the model's device: the model's parameters are on {model_device}, "
-                         f"got device={device}")
-    offset = _checks.nonneg_int(offset, "offset", limit=_checks.INT64_MAX // shape.numel() - shape[0])
-    generator = _generator_arg(generator, shape[0])
-    if generator is not None and offset:
-        raise ValueError(f"offset selects counter-based noise; with generator= it must be 0, got {offset}")
-    if cuda_graph not in ("auto", True, False):
-        raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
-    backend = resolve_backend(backend, device)
-    if cuda_graph is True and device.type != "cuda":
-        raise ValueError(f"cuda_graph=True needs a CUDA device, got device {device}")
-    if cuda_graph is True and backend != "triton":
-        raise ValueError("cuda_graph=True needs backend 'triton' (the reference loop steps on the host), "
-                         f"got backend {backend!r}")
-    use_graph = cuda_graph is not False and device.type == "cuda" and backend == "triton"
-    seed = _checks.seed64(seed) if generator is None else None
-    plan = _Plan(scheduler, num_inference_steps, eta)
-    if plan.learned_variance and len(shape) < 2:
-        raise ValueError(f"shape needs a channel dimension (dim 1) for variance_type={plan.variance_type!r}, "
-                         f"got {tuple(shape)}")
+    sampler = Sampler(model, shape, scheduler, num_inference_steps=num_inference_steps, seed=seed, offset=offset,
+                      generator=generator, device=device, dtype=dtype, cuda_graph=cuda_graph, eta=eta,
+                      backend=backend)
+    return sampler(progress=progress, return_trajectory=return_trajectory)
 
-    loop = _Loop(model, shape, plan, seed=seed, offset=offset, generator=generator, device=device, dtype=dtype,
-                 backend=backend, trajectory=return_trajectory)
-    with torch.no_grad():
-        if use_graph:
-            try:
-                loop.capture()
-            except Exception as err:  # noqa: BLE001  (any capture failure: fall back or re-raise)
-                if cuda_graph is True:
-                    raise RuntimeError(f"cuda_graph=True: capturing the model and step failed ({err}); "
-                                       "pass cuda_graph=False for a model that cannot be captured") from err
-                warnings.warn(f"fastgen.sample: CUDA graph capture failed ({err}); running the eager loop",
-                              RuntimeWarning, stacklevel=2)
-                loop.graph = None
-        loop.run(progress)
-    return (loop.x, loop.trajectory) if return_trajectory else loop.x
+
+class Sampler:
+    """``fastgen.sample`` prepared once (arguments as there) and run by calling it: the checks, the
+    schedule, the device timesteps and, on CUDA, the captured graph are made on the first call and
+    reused by every later one, so repeated sampling pays the capture once. With ``seed`` every call
+    returns the same samples; with ``generator`` every call draws on from it, as diffusers does.
+
+        sampler = fastgen.sampling.Sampler(model, (64, 1, 8, 8), scheduler, num_inference_steps=50, seed=0)
+        x = sampler()                       # captures (CUDA), then replays 50 times
+        x = sampler(progress=True)          # replays only
+    """
+
+    def __init__(self, model, shape, scheduler, *, num_inference_steps=None, seed=0, offset=0, generator=None,
+                 device=None, dtype=torch.float32, cuda_graph="auto", eta=0.0, backend="auto"):
+        if not callable(model):
+            raise TypeError(f"model must be callable as model(x_t, t), got {type(model).__name__}")
+        shape = _checks.shape(shape)
+        if len(shape) < 1 or shape.numel() == 0:
+            raise ValueError(f"shape must be [batch, ...] with no zero dims, got {tuple(shape)}")
+        dtype = _checks.float_dtype(dtype)
+        model_device = _model_device(model)
+        device = _checks.device(device if device is not None else (model_device or "cpu"))
+        if model_device is not None and model_device != device:
+            raise ValueError(f"device must be the model's device: the model's parameters are on {model_device}, "
+                             f"got device={device}")
+        offset = _checks.nonneg_int(offset, "offset", limit=_checks.INT64_MAX // shape.numel() - shape[0])
+        generator = _generator_arg(generator, shape[0])
+        if generator is not None and offset:
+            raise ValueError(f"offset selects counter-based noise; with generator= it must be 0, got {offset}")
+        if cuda_graph not in ("auto", True, False):
+            raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
+        backend = resolve_backend(backend, device)
+        if cuda_graph is True and device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA device, got device {device}")
+        if cuda_graph is True and backend != "triton":
+            raise ValueError("cuda_graph=True needs backend 'triton' (the reference loop steps on the host), "
+                             f"got backend {backend!r}")
+        seed = _checks.seed64(seed) if generator is None else None
+        plan = _Plan(scheduler, num_inference_steps, eta)
+        if plan.learned_variance and len(shape) < 2:
+            raise ValueError(f"shape needs a channel dimension (dim 1) for variance_type={plan.variance_type!r}, "
+                             f"got {tuple(shape)}")
+        self.cuda_graph = cuda_graph
+        self.use_graph = cuda_graph is not False and device.type == "cuda" and backend == "triton"
+        self.loop = _Loop(model, shape, plan, seed=seed, offset=offset, generator=generator, device=device,
+                          dtype=dtype, backend=backend)
+        self.num_inference_steps = plan.num_inference_steps
+        self.timesteps = plan.timesteps
+
+    @property
+    def captured(self) -> bool:
+        """Whether the loop runs as a CUDA graph (after the first call)."""
+        return self.loop.graph is not None
+
+    def __call__(self, *, progress=False, return_trajectory=False):
+        loop = self.loop
+        with torch.no_grad():
+            if self.use_graph and loop.graph is None:
+                try:
+                    loop.capture()
+                except Exception as err:  # noqa: BLE001  (any capture failure: fall back or re-raise)
+                    if self.cuda_graph is True:
+                        raise RuntimeError(f"cuda_graph=True: capturing the model and step failed ({err}); "
+                                           "pass cuda_graph=False for a model that cannot be captured") from err
+                    warnings.warn(f"fastgen.sample: CUDA graph capture failed ({err}); running the eager loop",
+                                  RuntimeWarning, stacklevel=3)
+                    loop.graph, self.use_graph = None, False
+            return loop.run(progress, return_trajectory)
 
 
 class _Loop:
-    """One sampling run: x_T, the step, eagerly or as a captured CUDA graph. ``x`` is the state."""
+    """The sampling loop's state and step, run eagerly or as a captured CUDA graph."""
 
-    def __init__(self, model, shape, plan, *, seed, offset, generator, device, dtype, backend, trajectory):
+    def __init__(self, model, shape, plan, *, seed, offset, generator, device, dtype, backend):
         self.model, self.shape, self.plan = model, shape, plan
         self.seed, self.generator, self.device, self.dtype, self.backend = seed, generator, device, dtype, backend
         self.element_offset = offset * shape[1:].numel()
         self.expected = plan.output_shape(shape)
-        self.graph = None
+        # Every sample steps from the same t, so the step may read the batch as one [1, B * n] sample:
+        # element g of sample b is flat element b * n + g either way, with the same noise counter
+        # offset + b * n + g. Not with dynamic thresholding (a quantile per sample) or a learned
+        # variance (channels split per sample).
+        self.flat = not plan.step_kwargs["thresholding"] and not plan.learned_variance
         self.timesteps = plan.timesteps.to(device)
         self.prev_timesteps = plan.prev_timesteps.to(device)
-        self.x = self._initial_noise()
-        self.trajectory = None
-        if trajectory:
-            self.trajectory = torch.empty((plan.num_inference_steps + 1, *shape), dtype=dtype, device=device)
-            self.trajectory[0].copy_(self.x)
+        self.graph = self.counter = self.x = None
         self.noise = None
         if generator is not None and any(plan.draws_noise(i) for i in range(plan.num_inference_steps)):
             self.noise = torch.zeros(shape, dtype=dtype, device=device)
@@ -329,13 +357,15 @@ class _Loop:
         tensors of shape [] (or host ints on the torch backend); t_model: the model's [B] timesteps."""
         pred = _prediction(self.model(x, t_model))
         _check_prediction(pred, self.expected, self.dtype, self.device)
+        if self.flat:  # one timestep for the batch: the same counters as [B, n], in fewer, larger programs
+            pred, x, noise = (None if v is None else v.reshape(1, -1) for v in (pred, x, noise))
         common = dict(seed=self.seed if noise is None else None, noise=noise, offset=self.element_offset,
                       return_pred_original_sample=False, backend=self.backend, **self.plan.step_kwargs)
         if self.plan.kind == "ddpm":
             prev, _ = ops.ddpm_step(pred, t, x, self.plan.schedule, prev_t=prev_t, **common)
         else:
             prev, _ = ops.ddim_step(pred, t, prev_t, x, self.plan.schedule, **common)
-        return prev
+        return prev.reshape(self.shape)
 
     def _draw_step_noise(self, i):
         if self.noise is not None and self.plan.draws_noise(i):
@@ -343,34 +373,43 @@ class _Loop:
 
     def capture(self):
         """Warm up (compile, autotune, allocate) on a side stream, then capture one step into a CUDA
-        graph on static buffers: the step reads t_i, s_i at a device counter and advances it."""
+        graph on static buffers (x, the step counter, the noise): the step reads t_i, s_i from the
+        device tables at the counter, writes x_{s_i} into x and advances the counter."""
         batch = self.shape[0]
-        counter = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.x = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        self.counter = counter = torch.zeros(1, dtype=torch.int64, device=self.device)
 
         def body():
             t = self.timesteps.index_select(0, counter).reshape(())
             prev_t = self.prev_timesteps.index_select(0, counter).reshape(())
-            new = self.step(self.x, t, prev_t, t.expand(batch), self.noise)
-            self.x.copy_(new)
+            self.x.copy_(self.step(self.x, t, prev_t, t.expand(batch), self.noise))
             counter.add_(1)
 
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(2):  # results discarded: the state (x, counter) is not advanced
+            for _ in range(2):  # results discarded: x and the counter are not advanced
                 t, prev_t = self.timesteps[0], self.prev_timesteps[0]
                 self.step(self.x, t, prev_t, t.expand(batch), self.noise)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             body()
-        counter.zero_()  # capture records without running; reset anyway
         self.graph = graph
 
-    def run(self, progress: bool):
+    def run(self, progress: bool, return_trajectory: bool):
         from tqdm.auto import tqdm
 
         plan, batch = self.plan, self.shape[0]
+        x = self._initial_noise()
+        if self.graph is not None:
+            self.x.copy_(x)
+            self.counter.zero_()
+            x = self.x
+        trajectory = None
+        if return_trajectory:
+            trajectory = torch.empty((plan.num_inference_steps + 1, *self.shape), dtype=self.dtype, device=self.device)
+            trajectory[0].copy_(x)
         host = self.backend == "torch"  # the reference step takes host ints: no device sync on its way in
         for i in tqdm(range(plan.num_inference_steps), disable=not progress, desc=f"{plan.kind} sampling",
                       dynamic_ncols=True):
@@ -383,6 +422,9 @@ class _Loop:
                     t, prev_t = int(plan.timesteps[i]), int(plan.prev_timesteps[i])
                 else:
                     t, prev_t = t_dev, self.prev_timesteps[i]
-                self.x = self.step(self.x, t, prev_t, t_dev.expand(batch), self.noise)
-            if self.trajectory is not None:
-                self.trajectory[i + 1].copy_(self.x)
+                x = self.step(x, t, prev_t, t_dev.expand(batch), self.noise)
+            if trajectory is not None:
+                trajectory[i + 1].copy_(x)
+        if self.graph is not None:
+            x = x.clone()  # the static buffer is overwritten by the next call
+        return (x, trajectory) if return_trajectory else x

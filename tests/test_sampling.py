@@ -145,11 +145,11 @@ def test_loop_never_reads_a_value_back(monkeypatch):
 
     real_run = sampling._Loop.run
 
-    def guarded_run(self, progress):
+    def guarded_run(self, *args):
         with monkeypatch.context() as m:
             m.setattr(torch.Tensor, "item", refuse)
             m.setattr(torch.Tensor, "tolist", refuse)
-            real_run(self, progress)
+            return real_run(self, *args)
 
     monkeypatch.setattr(sampling._Loop, "run", guarded_run)
     got = fastgen.sample(model, (2, 3), scheduler, num_inference_steps=3, seed=1, backend="triton")
