@@ -80,13 +80,17 @@ def _train_ddpm(args) -> int:
     torch.manual_seed(args.seed)
     architecture = args.denoiser
     model = denoisers.ARCHITECTURES[architecture]().to(args.device)
-    scheduler_config = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
-                            prediction_type="epsilon", clip_sample=True)
-    schedule = NoiseSchedule(beta_schedule="linear", num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02)
+    scheduler_config = dict(denoisers.DIGITS_SCHEDULER_CONFIG)
+    schedule = NoiseSchedule(**{k: scheduler_config[k] for k in ("beta_schedule", "num_train_timesteps",
+                                                                   "beta_start", "beta_end")})
     data = denoisers.digits_for_training(architecture)
     history = denoisers.train(model, data, schedule, steps=steps, batch_size=args.batch_size, seed=args.seed,
                               progress=not args.no_progress)
-    score = _ddpm_quality(model.cpu(), scheduler_config, n=500, seed=args.seed + 1)
+    model = model.cpu()
+    with torch.no_grad():  # score the weights as they are saved: rounded to fp16
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    score = _ddpm_quality(model, scheduler_config, n=500, seed=args.seed + 1)
     out = args.out or "ddpm_digits.pt"
     denoisers.save_checkpoint(out, model, scheduler_config, steps=steps, batch_size=args.batch_size,
                               seed=args.seed, seconds=round(history["seconds"], 1), sampler="ddim-50",
@@ -114,18 +118,18 @@ def _train(args) -> int:
     return TRAIN_TARGETS[args.target](args)
 
 
-def _timed_sample(model, shape, scheduler, *, backend, device, **kwargs):
-    """(samples, seconds) of one fastgen.sample call, the device synchronised before and after."""
+def _timed_sample(sampler, device, progress):
+    """(samples, seconds) of one call of a prepared ``fastgen.sampling.Sampler``; on CUDA a first,
+    untimed call compiles the kernels and captures the graph, and the second call is timed."""
     import time
 
     import torch
 
-    import fastgen
-
     if device.type == "cuda":
+        sampler()
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    x = fastgen.sample(model, shape, scheduler, backend=backend, device=device, **kwargs)
+    x = sampler(progress=progress)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return x, time.perf_counter() - start
@@ -154,13 +158,14 @@ def _sample(args) -> int:
         paths = []
         fused_available = device.type == "cuda" or (triton_available() and triton_interpreting())
         if fused_available:
-            label = "fused (Triton" + (", CUDA graph)" if device.type == "cuda" else ", interpreter on CPU)")
-            x, seconds = _timed_sample(model, shape, scheduler, backend="triton", device=device,
-                                       progress=not args.no_progress, **common)
+            fused = sampling.Sampler(model, shape, scheduler, backend="triton", device=device, **common)
+            x, seconds = _timed_sample(fused, device, not args.no_progress)
+            label = "fused (Triton, " + ("CUDA graph)" if fused.captured else
+                                         "eager)" if device.type == "cuda" else "interpreter on CPU)")
             paths.append((label, seconds, x))
         if args.reference or not fused_available:
-            x_ref, seconds = _timed_sample(model, shape, scheduler, backend="torch", device=device,
-                                           progress=not args.no_progress, **common)
+            reference = sampling.Sampler(model, shape, scheduler, backend="torch", device=device, **common)
+            x_ref, seconds = _timed_sample(reference, device, not args.no_progress)
             paths.append(("reference (torch, float64 steps)", seconds, x_ref))
     except (ValueError, TypeError, ImportError, FileNotFoundError) as e:
         print(f"python -m fastgen sample: error: {e}", file=sys.stderr)

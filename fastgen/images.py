@@ -14,7 +14,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def grid(images: torch.Tensor, *, nrow: int = None, padding: int = 1, value_range=(0.0, 1.0), scale: int = 1):
     """[N, C, H, W] floats in ``value_range`` -> a uint8 [rows * (H + p) + p, cols * (W + p) + p, C] grid,
-    images row-major, ``nrow`` per row (default: a square), each pixel repeated ``scale`` times."""
+    images row-major, ``nrow`` per row (default: a square), on a mid-grey background (the padding), each
+    pixel repeated ``scale`` times."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images must be a [N, C, H, W] tensor with C = 1 or 3, got "
                          f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
@@ -28,7 +29,7 @@ def grid(images: torch.Tensor, *, nrow: int = None, padding: int = 1, value_rang
     if scale > 1:
         pixels = pixels.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
         h, w = h * scale, w * scale
-    out = torch.zeros((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), dtype=torch.uint8)
+    out = torch.full((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), 128, dtype=torch.uint8)
     for k in range(n):
         r, col = divmod(k, nrow)
         top, left = padding + r * (h + padding), padding + col * (w + padding)
