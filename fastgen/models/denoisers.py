@@ -360,8 +360,12 @@ def pretrained_path(name: str = "digits"):
 
 
 def pretrained_denoiser(name: str = "digits", *, device=None) -> Denoiser:
-    """The denoiser shipped with the package (eval mode, no gradients), images [B, 1, 8, 8] in [-1, 1].
-    ``model.scheduler_config`` holds the DDPMScheduler/DDIMScheduler arguments it was trained with;
-    ``model.metadata`` how it was made (``python -m fastgen train ddpm``, see the README) and its scores."""
+    """The denoiser shipped with the package (eval mode, no gradients): digits [B, 1, 8, 8] in [-1, 1].
+    ``model.scheduler_config`` holds the DDPMScheduler/DDIMScheduler arguments it was trained with,
+    ``model.metadata`` how it was made and its scores. "digits" was made by
+    ``python -m fastgen train ddpm --threads 2 --out fastgen/checkpoints/ddpm_digits.pt`` (MLPDenoiser,
+    eps-prediction, 10000 steps of batch 64, seed 0, EMA weights stored as fp16; 1323 s on two CPU cores
+    shared with other jobs): 500 samples of 50 DDIM steps get a digit-classifier confidence of 0.88 and
+    an MMD^2 to held-out digits of 0.009 (uniform noise: 0.36; real digits: 0.0003)."""
     with importlib.resources.as_file(pretrained_path(name)) as path:
         return load_checkpoint(path, device=device)
