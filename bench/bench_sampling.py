@@ -185,6 +185,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="the quick sizes (3 steps): a smoke run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--ops", nargs="+", default=None, help="only these ops (e.g. sample_ddim50_mlp)")
+    parser.add_argument("--sizes", nargs="+", type=int, default=None, help="only these sizes (elements per batch)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     from fastgen.bench.registry import _interpreting
@@ -192,7 +194,11 @@ def main(argv=None):
     print(f"| op | batch shape | steps | provider | total ms | per step us | diffusers / this | this / model only |")
     print("|---|---|---|---|---|---|---|---|")
     for op in (SAMPLE_DDPM1000_MLP, SAMPLE_DDIM50_MLP, SAMPLE_DDPM1000_UNET, SAMPLE_DDIM50_UNET):
+        if args.ops and op.name not in args.ops:
+            continue
         for size in op.quick_sizes if args.quick else op.sizes:
+            if args.sizes and size not in args.sizes:
+                continue
             inputs = op.make_inputs(size, torch.float32, device, torch.Generator(device).manual_seed(size))
             results = {}
             for provider in op.providers:
