@@ -1,16 +1,17 @@
 """fastgen: fused Triton kernels for sampling from generative models, each checked against a torch reference."""
-from fastgen.backend import resolve_backend
-from fastgen.ops import randn
-from fastgen.ops import latents
-from fastgen.ops import gaussian_kl, reparameterize, reparameterize_with_kl
-from fastgen.ops import ddim_step, ddpm_step, q_sample
-from fastgen.schedules import NoiseSchedule
 from fastgen import schedulers
+from fastgen.backend import resolve_backend
+from fastgen.ops import (ddim_step, ddpm_step, gaussian_kl, latents, q_sample, randn, reparameterize,
+                         reparameterize_with_kl)
+from fastgen.sampling import sample
+from fastgen.schedules import NoiseSchedule
 
 __version__ = "0.1.0"
 
-__all__ = ["randn", "resolve_backend", "__version__"]
-__all__ += ["latents"]
-__all__ += ["gaussian_kl", "reparameterize", "reparameterize_with_kl"]
-__all__ += ["NoiseSchedule", "q_sample", "ddpm_step", "ddim_step"]
-__all__ += ["schedulers"]
+__all__ = [
+    "randn", "latents",                                             # counter-based noise
+    "reparameterize", "gaussian_kl", "reparameterize_with_kl",      # Gaussian ops (VAE)
+    "NoiseSchedule", "q_sample", "ddpm_step", "ddim_step",          # diffusion steps
+    "sample", "schedulers",                                         # sampling loop, drop-in schedulers
+    "resolve_backend", "__version__",
+]

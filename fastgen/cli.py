@@ -2,9 +2,11 @@
 
     validate   check every Triton kernel against its torch reference on this device, print a table
     bench      time every op against its peers and the copy bandwidth: table, results.json, plots
-    train      train a reference model on the built-in data and save a checkpoint (train gan)
+    train      train a reference model on the built-in data and save a checkpoint (train gan, train ddpm)
+    sample     sample digits with the shipped DDPM: a PNG grid, time per step of the fused and reference loops
 """
 import argparse
+import math
 import os
 import sys
 
@@ -66,11 +68,119 @@ def _train_gan(args) -> int:
     return 0
 
 
+def _train_ddpm(args) -> int:
+    import torch
+
+    from fastgen.models import denoisers
+    from fastgen.schedules import NoiseSchedule
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = 10000 if args.steps is None else args.steps  # ~2 min on two CPU threads for the MLP
+    torch.manual_seed(args.seed)
+    architecture = args.denoiser
+    model = denoisers.ARCHITECTURES[architecture]().to(args.device)
+    scheduler_config = dict(denoisers.DIGITS_SCHEDULER_CONFIG)
+    schedule = NoiseSchedule(**{k: scheduler_config[k] for k in ("beta_schedule", "num_train_timesteps",
+                                                                   "beta_start", "beta_end")})
+    data = denoisers.digits_for_training(architecture)
+    history = denoisers.train(model, data, schedule, steps=steps, batch_size=args.batch_size, seed=args.seed,
+                              progress=not args.no_progress)
+    model = model.cpu()
+    with torch.no_grad():  # score the weights as they are saved: rounded to fp16
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    score = _ddpm_quality(model, scheduler_config, n=500, seed=args.seed + 1)
+    out = args.out or "ddpm_digits.pt"
+    denoisers.save_checkpoint(out, model, scheduler_config, steps=steps, batch_size=args.batch_size,
+                              seed=args.seed, seconds=round(history["seconds"], 1), sampler="ddim-50",
+                              confidence=score.confidence, mmd=score.mmd)
+    print(f"trained {architecture} DDPM for {steps} steps in {history['seconds']:.0f}s; "
+          f"500 samples (50 DDIM steps): {score}; saved {out}")
+    return 0
+
+
+def _ddpm_quality(model, scheduler_config, *, n, seed, steps=50):
+    """fastgen.quality of n samples of the digits denoiser, 50 DDIM steps on the torch backend."""
+    import fastgen
+    from fastgen import quality, sampling
+
+    scheduler = sampling.make_scheduler("ddim", **scheduler_config)
+    x = fastgen.sample(model, (n, 1, 8, 8), scheduler, num_inference_steps=steps, seed=seed, backend="torch")
+    return quality.digits_quality(x, value_range=(-1, 1))
+
+
 TRAIN_TARGETS = {"gan": _train_gan}
+TRAIN_TARGETS["ddpm"] = _train_ddpm
 
 
 def _train(args) -> int:
     return TRAIN_TARGETS[args.target](args)
+
+
+def _timed_sample(sampler, device, progress):
+    """(samples, seconds) of one call of a prepared ``fastgen.sampling.Sampler``; on CUDA a first,
+    untimed call compiles the kernels and captures the graph, and the second call is timed."""
+    import time
+
+    import torch
+
+    if device.type == "cuda":
+        sampler()
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    x = sampler(progress=progress)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return x, time.perf_counter() - start
+
+
+def _sample(args) -> int:
+    _use_interpreter_without_gpu()
+    import torch
+
+    from fastgen import images, sampling
+    from fastgen.backend import triton_available, triton_interpreting
+    from fastgen.models import denoisers
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        model = (denoisers.load_checkpoint(args.checkpoint, device=device) if args.checkpoint
+                 else denoisers.pretrained_denoiser(device=device))
+        scheduler = sampling.make_scheduler(args.sampler, **model.scheduler_config)
+        steps = args.steps if args.steps is not None else (1000 if args.sampler == "ddpm" else 50)
+        if isinstance(model, denoisers.UNetDenoiser):
+            shape = (args.n, model.in_channels, model.image_size, model.image_size)
+        else:  # the MLP sees square grey images flattened
+            side = math.isqrt(model.dim)
+            shape = (args.n, 1, side, side)
+        common = dict(num_inference_steps=steps, seed=args.seed, eta=args.eta)
+        paths = []
+        fused_available = device.type == "cuda" or (triton_available() and triton_interpreting())
+        if fused_available:
+            fused = sampling.Sampler(model, shape, scheduler, backend="triton", device=device, **common)
+            x, seconds = _timed_sample(fused, device, not args.no_progress)
+            label = "fused (Triton, " + ("CUDA graph)" if fused.captured else
+                                         "eager)" if device.type == "cuda" else "interpreter on CPU)")
+            paths.append((label, seconds, x))
+        if args.reference or not fused_available:
+            reference = sampling.Sampler(model, shape, scheduler, backend="torch", device=device, **common)
+            x_ref, seconds = _timed_sample(reference, device, not args.no_progress)
+            paths.append(("reference (torch, float64 steps)", seconds, x_ref))
+    except (ValueError, TypeError, ImportError, FileNotFoundError) as e:
+        print(f"python -m fastgen sample: error: {e}", file=sys.stderr)
+        return 2
+    images.save_grid(paths[0][2].reshape(shape), args.out, value_range=(-1, 1), scale=args.scale)
+    print(f"{args.n} samples, {steps} {args.sampler.upper()} steps, seed {args.seed}, on {device}: wrote {args.out}")
+    print(f"{'path':<40} {'per step':>12} {'total':>10}")
+    for label, seconds, _ in paths:
+        print(f"{label:<40} {1e3 * seconds / steps:>9.2f} ms {seconds:>9.2f} s")
+    if len(paths) == 2:
+        diff = (paths[0][2].double() - paths[1][2].double()).abs().max().item()
+        print(f"fused vs reference: max |difference| {diff:.2e} (same seed, same noise)")
+        if device.type == "cpu":
+            print("(on a CPU the fused kernels run in the Triton interpreter: a correctness run, not a timing)")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -109,6 +219,21 @@ def main(argv=None) -> int:
     p.add_argument("--architecture", default="dcgan", choices=["dcgan", "mlp"], help="gan: the networks")
     p.add_argument("--latent-dim", type=int, default=32, help="gan: size of z")
     p.add_argument("--d-steps", type=int, default=1, help="gan: discriminator updates per generator update")
+    p.add_argument("--denoiser", default="mlp", choices=["mlp", "unet"], help="ddpm: the denoiser (fastgen.models)")
     p.set_defaults(run=_train)
+    p = commands.add_parser("sample", help="sample digits with the shipped DDPM: PNG grid, fused vs reference time")
+    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"], help="the scheduler (default: ddim)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: ddim 50, ddpm 1000)")
+    p.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the counter-based noise (default: 0)")
+    p.add_argument("--eta", type=float, default=0.0, help="ddim: eta in [0, 1] (default: 0)")
+    p.add_argument("--out", default="grid.png", help="the PNG grid (default: ./grid.png)")
+    p.add_argument("--scale", type=int, default=4, help="pixels per sample pixel in the PNG (default: 4)")
+    p.add_argument("--checkpoint", default=None, help="a denoiser checkpoint (default: the shipped digits one)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    p.add_argument("--no-reference", dest="reference", action="store_false",
+                   help="skip the reference loop (its time and the comparison)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_sample)
     args = parser.parse_args(argv)
     return args.run(args)

@@ -203,3 +203,47 @@ def _check_diffusion(device, quick):
             prev_ref, _ = ref.ddim_step(eps.cpu(), t.cpu(), (t.cpu() - 20).clamp_min(-1), x.cpu(), schedule, eta=1.0, seed=seed)
             cases.append(Case("ddim_step", f"{shape} eta=1", name, testing.compare(prev, prev_ref, dtype=dtype)))
     return cases
+
+
+
+class _Timesteps:
+    """A scheduler as fastgen.sample reads one: a config naming its class, and set_timesteps
+    (diffusers' "leading" spacing), so the check needs neither diffusers nor fastgen.schedulers."""
+
+    def __init__(self, class_name, num_train_timesteps, **config):
+        self.config = dict(_class_name=class_name, num_train_timesteps=num_train_timesteps, **config)
+
+    def set_timesteps(self, n):
+        self.timesteps = torch.arange(n).flip(0) * (self.config["num_train_timesteps"] // n)
+
+
+@check("sampling")
+def _check_sampling(device, quick):
+    """Whole loops: fastgen.sample (fused steps; on CUDA a captured graph) vs the float64 reference
+    sample_loop, with an elementwise model. Per-step fp32 rounding feeds back through the model and
+    accumulates over the steps, so the tolerance is the loop's (1e-5), not one step's."""
+    from fastgen.reference import diffusion as ref
+    from fastgen.sampling import sample
+    from fastgen.schedules import NoiseSchedule
+
+    def model(x, t):
+        return 0.4 * x + 0.3 * torch.sin(x) + 0.002 * t.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+    T, seed = 16, 0x9E3779B97F4A7C15
+    schedule = NoiseSchedule(num_train_timesteps=T)
+    shapes = [(3, 2, 5)] if quick else [(3, 2, 5), (8, 3, 16, 16)]
+    cases = []
+    for shape in shapes:
+        with poisoned_outputs():
+            x = sample(model, shape, _Timesteps("DDPMScheduler", T), seed=seed, device=device, backend="triton")
+        expected = ref.sample_loop(lambda x, t: model(x, torch.tensor(t)), shape, schedule, seed=seed)
+        cases.append(Case("sample", f"{shape} DDPM {T} steps", "float32",
+                          testing.compare(x, expected, rtol=1e-5, atol=1e-5)))
+        with poisoned_outputs():
+            x = sample(model, shape, _Timesteps("DDIMScheduler", T), num_inference_steps=4, eta=0.5, seed=seed,
+                       device=device, backend="triton")
+        expected = ref.sample_loop(lambda x, t: model(x, torch.tensor(t)), shape, schedule, seed=seed,
+                                   timesteps=[12, 8, 4, 0], step=ref.ddim_step, eta=0.5)
+        cases.append(Case("sample", f"{shape} DDIM 4 steps eta=0.5", "float32",
+                          testing.compare(x, expected, rtol=1e-5, atol=1e-5)))
+    return cases

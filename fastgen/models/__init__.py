@@ -3,3 +3,7 @@ from fastgen.models import gan  # noqa: F401
 from fastgen.models.vae import VAE
 
 __all__ = ["VAE", "gan"]
+from fastgen.models import denoisers  # noqa: F401
+from fastgen.models.denoisers import MLPDenoiser, UNetDenoiser, pretrained_denoiser
+
+__all__ += ["denoisers", "MLPDenoiser", "UNetDenoiser", "pretrained_denoiser"]

@@ -1,0 +1,219 @@
+"""Benchmark of whole sampling loops: 1000 DDPM steps and 50 DDIM steps with a small MLP denoiser
+(flat [B, 64] data) and a UNet ([B, 3, 32, 32] images), per loop and per step.
+
+Providers (each one call = one full sampling run from x_T to x_0):
+    fastgen                 ``fastgen.sampling.Sampler`` with the fused Triton step; on CUDA the model
+                            call + step captured once as a CUDA graph and replayed per step
+    fastgen eager           the same loop without the graph (one launch of the fused step per step)
+    reference               the same loop with ``backend="torch"`` (float64 reference steps)
+    diffusers               the loop diffusers' pipelines run: ``scheduler.step(model(x, t), t, x).prev_sample``
+    model only              the model called once per timestep and nothing else: the floor for a
+                            loop whose model dominates (the UNet)
+Per-step time = a call's time / the steps. Traffic (bytes): per step, x and the model output read
+and x written once (the model's own traffic excluded), times the steps.
+
+Targets (issue 6): on a GPU the graph-captured loop >= 5x the diffusers loop for the MLP and within 3%
+of "model only" for the UNet; on a CPU the fastgen loop faster than the diffusers loop.
+
+    python -m fastgen bench --ops sample_ddim50_mlp           # through the report (bench/README.md)
+    python bench/bench_sampling.py [--quick]                  # this family alone: per-step table
+    pytest bench/bench_sampling.py                            # pytest-benchmark
+
+The quick sizes (CPU smoke runs) are tiny models sampling 2 steps, not the full 1000 / 50: on a CPU the fused step runs
+in the Triton interpreter, and the table is a smoke test there, not a timing.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+if __name__ == "__main__" and not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # as the CLI does: the interpreter runs CPU tensors
+
+import fastgen
+from fastgen.bench import fastgen as fastgen_provider, peer, pytest_benchmarks, reference, register
+from fastgen.bench.registry import Op
+from fastgen.models import MLPDenoiser, UNetDenoiser
+from fastgen.sampling import Sampler, make_scheduler
+
+QUICK_STEPS = 2
+MODELS = {
+    # name: {"full" | "quick": (per-sample shape, constructor, batch sizes)}; the quick sizes (tiny
+    # models, QUICK_STEPS steps) never coincide with the full ones, so the size says which it is
+    "mlp": {"full": ((64,), lambda: MLPDenoiser(dim=64, hidden=256, depth=3), [64, 1024]),
+            "quick": ((16,), lambda: MLPDenoiser(dim=16, hidden=32, depth=1, time_dim=16), [4])},
+    "unet": {"full": ((3, 32, 32), lambda: UNetDenoiser(in_channels=3, channels=64, channel_mults=(1, 2, 2),
+                                                        attention_resolutions=(8,), image_size=32), [16, 64]),
+             "quick": ((1, 8, 8), lambda: UNetDenoiser(in_channels=1, channels=8, channel_mults=(1, 2),
+                                                       attention_resolutions=(4,), image_size=8), [2])},
+}
+SAMPLERS = {"ddpm1000": ("ddpm", 1000), "ddim50": ("ddim", 50)}
+
+
+def _diffusers_scheduler(kind):
+    try:
+        import diffusers
+    except ImportError:
+        return None
+    return getattr(diffusers, {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler"}[kind])()
+
+
+def _sizes(model_name, which):
+    sample_shape, _, batches = MODELS[model_name][which]
+    return [b * torch.Size(sample_shape).numel() for b in batches]
+
+
+def make_inputs_for(model_name, sampler_name):
+    kind, full_steps = SAMPLERS[sampler_name]
+
+    def make_inputs(size, dtype, device, generator):
+        """A random-weight model (weights seeded from ``generator``) and the prepared loops."""
+        which = "quick" if size in _sizes(model_name, "quick") else "full"
+        sample_shape, build, _ = MODELS[model_name][which]
+        steps = QUICK_STEPS if which == "quick" else full_steps
+        shape = (size // torch.Size(sample_shape).numel(), *sample_shape)
+        seed = int(torch.randint(0, 1 << 62, (1,), generator=generator, device=generator.device).item())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build().to(device=device, dtype=dtype).eval().requires_grad_(False)
+        loops = _Loops(model, shape, kind, steps, seed, dtype)
+        return {"shape": shape, "steps": steps, "dtype": dtype, "device": torch.device(device), "seed": seed,
+                "model": model, "loops": loops, "diffusers_scheduler": _diffusers_scheduler(kind)}
+
+    return make_inputs
+
+
+class _Loops(dict):
+    """The prepared fastgen loops ("graph", "eager", "reference"), each built on first use (a
+    Triton loop cannot be built on a CPU without the interpreter, where its provider never runs)."""
+    SETTINGS = {"graph": dict(cuda_graph="auto", backend="triton"), "eager": dict(cuda_graph=False, backend="triton"),
+                "reference": dict(cuda_graph=False, backend="torch")}
+
+    def __init__(self, model, shape, kind, steps, seed, dtype):
+        super().__init__()
+        self.args = dict(model=model, shape=shape, kind=kind, steps=steps, seed=seed, dtype=dtype)
+
+    def __missing__(self, name):
+        a = self.args
+        self[name] = Sampler(a["model"], a["shape"], make_scheduler(a["kind"]), num_inference_steps=a["steps"],
+                             seed=a["seed"], dtype=a["dtype"], **self.SETTINGS[name])
+        return self[name]
+
+
+def diffusers_loop(*, shape, steps, dtype, device, seed, model, diffusers_scheduler, **_):
+    """The loop of diffusers' DDPMPipeline / DDIMPipeline (x_T from a seeded generator)."""
+    generator = torch.Generator(device).manual_seed(seed)
+    x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    diffusers_scheduler.set_timesteps(steps, device=device)
+    with torch.no_grad():
+        for t in diffusers_scheduler.timesteps:
+            x = diffusers_scheduler.step(model(x, t), t, x, generator=generator).prev_sample
+    return x
+
+
+def model_only(*, shape, dtype, device, model, loops, **_):
+    """The model once per timestep on a fixed x: what a loop costs without its steps."""
+    x = torch.ones(shape, dtype=dtype, device=device)
+    with torch.no_grad():
+        for t in loops["reference"].loop.timesteps:
+            out = model(x, t)
+    return out
+
+
+def bytes_moved(inputs, outputs):
+    """Per step: x and the model output read, x written; times the steps (the model's traffic excluded)."""
+    return 3 * torch.Size(inputs["shape"]).numel() * inputs["dtype"].itemsize * inputs["steps"]
+
+
+def _register(model_name, sampler_name):
+    providers = [
+        fastgen_provider(lambda loops, **_: loops["graph"](), name="fastgen",
+                         note="CUDA graph on a GPU; on CPU: Triton interpreter, a smoke test, not a timing"),
+        peer("fastgen eager", lambda loops, **_: loops["eager"](), cpu="quick",
+             note="on CPU: Triton interpreter, a smoke test, not a timing"),
+        reference(lambda loops, **_: loops["reference"]()),
+        peer("model only", model_only),
+    ]
+    if _diffusers_scheduler("ddpm") is not None:
+        providers.append(peer("diffusers", diffusers_loop))
+    return register(Op(
+        name=f"sample_{sampler_name}_{model_name}",
+        description=f"full sampling, {SAMPLERS[sampler_name][1]} {SAMPLERS[sampler_name][0].upper()} steps, "
+                    f"{model_name} denoiser",
+        providers=providers,
+        make_inputs=make_inputs_for(model_name, sampler_name),
+        sizes=_sizes(model_name, "full"),
+        quick_sizes=_sizes(model_name, "quick"),
+        dtypes=[torch.float32],
+        quick_dtypes=[torch.float32],
+        bytes_moved=bytes_moved,
+    ))
+
+
+SAMPLE_DDPM1000_MLP = _register("mlp", "ddpm1000")
+SAMPLE_DDIM50_MLP = _register("mlp", "ddim50")
+SAMPLE_DDPM1000_UNET = _register("unet", "ddpm1000")
+SAMPLE_DDIM50_UNET = _register("unet", "ddim50")
+
+test_sample_ddpm1000_mlp = pytest_benchmarks(SAMPLE_DDPM1000_MLP)
+test_sample_ddim50_mlp = pytest_benchmarks(SAMPLE_DDIM50_MLP)
+test_sample_ddpm1000_unet = pytest_benchmarks(SAMPLE_DDPM1000_UNET)
+test_sample_ddim50_unet = pytest_benchmarks(SAMPLE_DDIM50_UNET)
+
+
+# --- this family alone: per-step table -------------------------------------------------------------
+
+def _time(call, device, reps):
+    """Median seconds of ``reps`` calls after one warm-up call (compiles, captures)."""
+    call()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="sampling loops: total and per-step time per provider")
+    parser.add_argument("--quick", action="store_true", help="the quick sizes (3 steps): a smoke run")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--ops", nargs="+", default=None, help="only these ops (e.g. sample_ddim50_mlp)")
+    parser.add_argument("--sizes", nargs="+", type=int, default=None, help="only these sizes (elements per batch)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    from fastgen.bench.registry import _interpreting
+
+    print(f"| op | batch shape | steps | provider | total ms | per step us | diffusers / this | this / model only |")
+    print("|---|---|---|---|---|---|---|---|")
+    for op in (SAMPLE_DDPM1000_MLP, SAMPLE_DDIM50_MLP, SAMPLE_DDPM1000_UNET, SAMPLE_DDIM50_UNET):
+        if args.ops and op.name not in args.ops:
+            continue
+        for size in op.quick_sizes if args.quick else op.sizes:
+            if args.sizes and size not in args.sizes:
+                continue
+            inputs = op.make_inputs(size, torch.float32, device, torch.Generator(device).manual_seed(size))
+            results = {}
+            for provider in op.providers:
+                if not provider.runs_on(device, args.quick):
+                    continue
+                results[provider.name] = _time(lambda: provider.fn(**inputs), device, args.reps)
+            for name, seconds in results.items():
+                vs_diffusers = results.get("diffusers", float("nan")) / seconds
+                vs_model = seconds / results.get("model only", float("nan"))
+                interpreted = " (interpreter)" if device.type == "cpu" and name.startswith("fastgen") and \
+                    _interpreting() else ""
+                print(f"| {op.name} | {tuple(inputs['shape'])} | {inputs['steps']} | {name}{interpreted} | "
+                      f"{1e3 * seconds:.1f} | {1e6 * seconds / inputs['steps']:.1f} | {vs_diffusers:.2f}x | "
+                      f"{vs_model:.3f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

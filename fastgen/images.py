@@ -1,0 +1,66 @@
+"""Image grids and PNG files without an imaging library (zlib + struct: the PNG spec, RFC 2083).
+
+    from fastgen import images
+    images.save_grid(x, "grid.png", value_range=(-1, 1))   # x: [N, C, H, W] with C = 1 or 3
+"""
+import math
+import struct
+import zlib
+
+import torch
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def grid(images: torch.Tensor, *, nrow: int = None, padding: int = 1, value_range=(0.0, 1.0), scale: int = 1):
+    """[N, C, H, W] floats in ``value_range`` -> a uint8 [rows * (H + p) + p, cols * (W + p) + p, C] grid,
+    images row-major, ``nrow`` per row (default: a square), on a mid-grey background (the padding), each
+    pixel repeated ``scale`` times."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be a [N, C, H, W] tensor with C = 1 or 3, got "
+                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    n, c, h, w = images.shape
+    if n == 0:
+        raise ValueError("images must hold at least one image, got 0")
+    low, high = (float(v) for v in value_range)
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    pixels = ((images.detach().float().cpu() - low) / (high - low)).clamp(0, 1).mul(255).round().to(torch.uint8)
+    if scale > 1:
+        pixels = pixels.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+        h, w = h * scale, w * scale
+    out = torch.full((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), 128, dtype=torch.uint8)
+    for k in range(n):
+        r, col = divmod(k, nrow)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        out[top:top + h, left:left + w] = pixels[k].permute(1, 2, 0)
+    return out
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def write_png(path, pixels: torch.Tensor) -> None:
+    """Write a uint8 [H, W] or [H, W, C] (C = 1 grey, 3 RGB) tensor as an 8-bit PNG."""
+    if pixels.dtype != torch.uint8 or pixels.dim() not in (2, 3):
+        raise ValueError(f"pixels must be a uint8 [H, W] or [H, W, C] tensor, got {pixels.dtype} {tuple(pixels.shape)}")
+    if pixels.dim() == 2:
+        pixels = pixels[:, :, None]
+    height, width, channels = pixels.shape
+    if channels not in (1, 3):
+        raise ValueError(f"pixels must have 1 or 3 channels, got {channels}")
+    color_type = 0 if channels == 1 else 2
+    rows = pixels.contiguous().numpy().reshape(height, width * channels)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)  # filter type 0 (None) on every scanline
+    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 9))
+                + _chunk(b"IEND", b""))
+
+
+def save_grid(images: torch.Tensor, path, **grid_kwargs) -> torch.Tensor:
+    """``write_png(path, grid(images, **grid_kwargs))``; returns the grid."""
+    pixels = grid(images, **grid_kwargs)
+    write_png(path, pixels)
+    return pixels

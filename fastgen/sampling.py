@@ -1,0 +1,430 @@
+"""The sampling loop: x_T ~ N(0, I), then one fused reverse step per timestep, device-resident and
+(on CUDA) captured once as a CUDA graph and replayed.
+
+    import fastgen
+    from fastgen.models import pretrained_denoiser
+    from fastgen.schedulers import DDIMScheduler        # or diffusers' DDPMScheduler / DDIMScheduler
+
+    model = pretrained_denoiser()
+    x = fastgen.sample(model, (64, 1, 8, 8), DDIMScheduler(**model.scheduler_config), num_inference_steps=50, seed=0)
+
+The loop (Ho et al. 2020, Algorithm 2; Song et al. 2021, eq. 12 for DDIM), for the scheduler's
+timesteps t_0 > t_1 > ... > t_{N-1} with s_i = the timestep after t_i as the scheduler defines it
+(DDPM: the next one in the list, -1 after the last; DDIM: t_i - T // N, diffusers' rule), -1 meaning
+"the end of the chain" (abar = 1, or abar_0 for DDIM with set_alpha_to_one=False):
+
+    x <- z_T                                         z_T from stream T
+    for i in 0 .. N-1:   x <- step(model(x, t_i), t_i, s_i, x, noise z from stream t_i)
+
+where ``step`` is ``fastgen.ddpm_step`` / ``fastgen.ddim_step`` with the scheduler's config
+(prediction_type, variance_type, clip_sample(_range), thresholding, set_alpha_to_one).
+
+Noise. Counter-based (``fastgen.randn``): element g of sample b in a step at timestep t is the normal
+of counter element (offset + b) * n + g in stream t (n = elements per sample, ``offset`` counted in
+samples), and x_T is stream T = num_train_timesteps. So sample k is the same whether drawn alone
+(offset=k), in a batch of 64, or in shards. With ``generator=`` (a torch.Generator, or a list with one
+per sample) the noise is instead drawn exactly as diffusers' pipelines draw it (x_T first, then one
+draw per step where diffusers draws: DDPM where t > 0, DDIM where eta > 0), so the result matches
+a diffusers loop with the same generator; the fused kernel reads that noise.
+
+Device residency. The timesteps and the previous timesteps are int64 tensors on the device, read
+by the kernels in place; the schedule tables live there too. Nothing in the loop calls ``.item()``
+or synchronises (on the torch backend the reference step takes host ints, also without a sync).
+With ``cuda_graph`` (default "auto": on for a CUDA device with the Triton backend) the model call and
+the fused step are warmed up on a side stream, captured once into a CUDA graph on static buffers
+(the sample, a step counter, the noise buffer for ``generator``), and replayed N times; inside the
+graph the step reads t_i and s_i from the device tables at the counter and advances it. A model
+that cannot be captured (data-dependent shapes, host syncs) falls back to the eager loop under
+"auto" with a warning, and raises under ``cuda_graph=True``.
+"""
+import warnings
+
+import torch
+
+from fastgen import _checks
+from fastgen import ops
+from fastgen.backend import resolve_backend
+
+SCHEDULER_KINDS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim"}
+DEFAULT_STEPS = {"ddim": 50}  # DDPM: every training timestep (diffusers' pipelines use 1000 and 50)
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+
+
+def make_scheduler(kind: str, **config):
+    """A DDPMScheduler ("ddpm") or DDIMScheduler ("ddim"): fastgen's drop-in classes
+    (``fastgen.schedulers``) when present, else diffusers' own."""
+    names = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler"}
+    if kind not in names:
+        raise ValueError(f"kind must be one of {sorted(names)}, got {kind!r}")
+    try:
+        from fastgen import schedulers
+    except ImportError:
+        try:
+            import diffusers as schedulers
+        except ImportError as err:
+            raise ImportError("make_scheduler needs fastgen.schedulers or diffusers (pip install diffusers)") from err
+    return getattr(schedulers, names[kind])(**config)
+
+
+# --- the plan: what the scheduler says, checked once, on the host ----------------------------------
+
+class _Plan:
+    """Kind, noise schedule, step arguments and the host timesteps / previous timesteps of a run."""
+
+    def __init__(self, scheduler, num_inference_steps, eta):
+        from fastgen.schedules import NoiseSchedule
+
+        config = getattr(scheduler, "config", None)
+        if config is None or not hasattr(scheduler, "set_timesteps"):
+            raise TypeError(f"scheduler must be a DDPMScheduler or DDIMScheduler (diffusers' or fastgen.schedulers'"
+                            f"), with config and set_timesteps, got {type(scheduler).__name__}")
+        config = dict(config)
+        name = type(scheduler).__name__
+        if name not in SCHEDULER_KINDS:
+            name = config.get("_class_name", name)
+        if name not in SCHEDULER_KINDS:
+            raise ValueError(f"scheduler must be one of {sorted(SCHEDULER_KINDS)}, got {name}")
+        self.kind = kind = SCHEDULER_KINDS[name]
+        prediction_type = config.get("prediction_type", "epsilon")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"scheduler.config.prediction_type must be one of {PREDICTION_TYPES}, "
+                             f"got {prediction_type!r}")
+        self.schedule = NoiseSchedule(
+            beta_schedule=config.get("beta_schedule", "linear"),
+            num_train_timesteps=config.get("num_train_timesteps", 1000), beta_start=config.get("beta_start", 0.0001),
+            beta_end=config.get("beta_end", 0.02), trained_betas=config.get("trained_betas"),
+            rescale_betas_zero_snr=bool(config.get("rescale_betas_zero_snr", False)))
+        T = self.num_train_timesteps = self.schedule.num_train_timesteps
+        self.step_kwargs = dict(prediction_type=prediction_type, clip_sample=bool(config.get("clip_sample", True)),
+                                clip_sample_range=config.get("clip_sample_range", 1.0),
+                                thresholding=bool(config.get("thresholding", False)),
+                                dynamic_thresholding_ratio=config.get("dynamic_thresholding_ratio", 0.995),
+                                sample_max_value=config.get("sample_max_value", 1.0))
+        eta = float(eta)
+        self.variance_type = None
+        if kind == "ddpm":
+            if eta != 0.0:
+                raise ValueError(f"eta is a DDIM parameter; with a DDPMScheduler it must be 0, got {eta}")
+            variance_type = config.get("variance_type") or "fixed_small"
+            if variance_type not in VARIANCE_TYPES:
+                raise ValueError(f"scheduler.config.variance_type must be one of {VARIANCE_TYPES}, "
+                                 f"got {variance_type!r}")
+            self.variance_type = self.step_kwargs["variance_type"] = variance_type
+        else:
+            if not 0.0 <= eta <= 1.0:
+                raise ValueError(f"eta must be in [0, 1], got {eta}")
+            self.step_kwargs.update(eta=eta, set_alpha_to_one=bool(config.get("set_alpha_to_one", True)))
+        self.eta = eta
+
+        if num_inference_steps is None:
+            num_inference_steps = DEFAULT_STEPS.get(kind, T)
+        num_inference_steps = _checks.as_int(num_inference_steps, "num_inference_steps")
+        if not 1 <= num_inference_steps <= T:
+            raise ValueError(f"num_inference_steps must be in [1, num_train_timesteps={T}], got {num_inference_steps}")
+        scheduler.set_timesteps(num_inference_steps)
+        timesteps = torch.as_tensor(scheduler.timesteps).to("cpu", torch.int64)
+        if timesteps.dim() != 1 or not len(timesteps) or (timesteps < 0).any() or (timesteps >= T).any():
+            raise ValueError(f"scheduler.timesteps must be a non-empty list of timesteps in [0, {T}), "
+                             f"got {timesteps.tolist()}")
+        self.num_inference_steps = len(timesteps)
+        if kind == "ddpm":
+            prev = torch.cat([timesteps[1:], timesteps.new_full((1,), -1)])  # diffusers' previous_timestep
+        else:
+            prev = (timesteps - T // self.num_inference_steps).clamp_min(-1)  # diffusers' DDIM rule
+        if (prev >= timesteps).any():
+            raise ValueError(f"scheduler.timesteps must decrease, got {timesteps.tolist()}")
+        self.timesteps, self.prev_timesteps = timesteps, prev
+        self.init_noise_sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))
+        self.learned_variance = self.variance_type in ("learned", "learned_range")
+
+    def draws_noise(self, i: int) -> bool:
+        """Whether diffusers draws step noise at step i (its generator advances)."""
+        return self.eta > 0 if self.kind == "ddim" else int(self.timesteps[i]) > 0
+
+    def output_shape(self, shape):
+        if self.learned_variance:
+            return torch.Size((shape[0], 2 * shape[1], *shape[2:]))
+        return torch.Size(shape)
+
+
+# --- noise -----------------------------------------------------------------------------------------
+
+def randn_like_diffusers(shape, generator, *, device, dtype) -> torch.Tensor:
+    """Normals drawn exactly as diffusers' ``randn_tensor``: on the generator's device (a CPU
+    generator draws on the CPU and the result moves to ``device``); a list of generators draws
+    sample after sample, one [1, ...] draw from each."""
+    device = torch.device(device)
+    generators = generator if isinstance(generator, (list, tuple)) else [generator]
+    if len(generators) == 1:
+        generators = generators[0]
+    first = generators[0] if isinstance(generators, list) else generators
+    rand_device = first.device if first.device.type != device.type else device
+    if first.device.type == "cuda" and device.type != "cuda":
+        raise ValueError(f"generator is on {first.device} but device is {device}: a CUDA generator cannot draw "
+                         "CPU noise")
+    if isinstance(generators, list):
+        draws = [torch.randn((1, *shape[1:]), generator=g, device=rand_device, dtype=dtype) for g in generators]
+        return torch.cat(draws).to(device)
+    return torch.randn(shape, generator=generators, device=rand_device, dtype=dtype).to(device)
+
+
+def _generator_arg(generator, batch: int):
+    if generator is None:
+        return None
+    if isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, (list, tuple)) and all(isinstance(g, torch.Generator) for g in generator):
+        if len(generator) != batch:
+            raise ValueError(f"generator must be one torch.Generator or a list of one per sample "
+                             f"(batch={batch}), got a list of {len(generator)}")
+        return list(generator)
+    raise TypeError(f"generator must be None, a torch.Generator or a list of them, got {type(generator).__name__}")
+
+
+# --- the model -------------------------------------------------------------------------------------
+
+def _model_device(model):
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device
+        for b in model.buffers():
+            return b.device
+    return None
+
+
+def _prediction(out):
+    """The model's prediction: a tensor, the ``.sample`` of a diffusers output, or the first of a tuple."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "sample") and isinstance(out.sample, torch.Tensor):
+        return out.sample
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"model must return a tensor (or a diffusers output with .sample), got {type(out).__name__}")
+
+
+def _check_prediction(pred, expected: torch.Size, dtype, device):
+    if pred.shape != expected:
+        raise ValueError(f"model output must have shape {tuple(expected)} (the sample's"
+                         f"{', with 2x channels for a learned variance' if expected[1:] else ''}), "
+                         f"got {tuple(pred.shape)}")
+    if pred.dtype != dtype:
+        raise ValueError(f"model output must have the sampling dtype {dtype} (pass dtype= to match the model), "
+                         f"got {pred.dtype}")
+    if pred.device != device:
+        raise ValueError(f"model output must be on the sampling device {device}, got {pred.device}")
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+def sample(model, shape, scheduler, *, num_inference_steps=None, seed=0, offset=0, generator=None, device=None,
+           dtype=torch.float32, cuda_graph="auto", progress=False, return_trajectory=False, eta=0.0,
+           backend="auto"):
+    """Draw samples with ``model`` and a DDPM/DDIM scheduler (see the module docstring for the loop).
+
+    Args:
+        model: callable ``model(x_t, t) -> prediction`` (a tensor, or a diffusers output with ``.sample``),
+            x_t [B, ...] in ``dtype``, t an int64 tensor [B] on the device; the prediction is what
+            ``scheduler.config.prediction_type`` says, shaped like x_t (2x channels on dim 1 for a
+            learned variance).
+        shape: the batch shape [B, ...].
+        scheduler: diffusers' or fastgen.schedulers' DDPMScheduler / DDIMScheduler; its config gives
+            the schedule and the step, its ``set_timesteps(num_inference_steps)`` the timesteps
+            (called here, as diffusers' pipelines do).
+        num_inference_steps: default: every training timestep for DDPM, 50 for DDIM.
+        seed: 64-bit int of the counter-based noise (None: drawn from torch's default generator).
+        offset: non-negative int, counted in samples: sample b of this call is sample offset + b of
+            the stream, so shards with offsets reproduce one large batch.
+        generator: diffusers parity noise instead of the counter-based stream (see the module
+            docstring); offset must then be 0.
+        device: default: the model's parameters' device, else the CPU.
+        dtype: of x_t, the model input and the result.
+        cuda_graph: "auto" (CUDA device and Triton backend), True (error without CUDA) or False.
+        progress: show a tqdm bar.
+        return_trajectory: also return every x, a [N + 1, *shape] tensor (x_T first).
+        eta: DDIM's eta in [0, 1] (0: deterministic after x_T); must be 0 for DDPM.
+        backend: "auto" (Triton on CUDA, the torch reference elsewhere), "triton" (the fused kernels) or
+            "torch" (the reference loop: fastgen.reference.diffusion's float64 steps).
+    Returns x_0 in ``dtype`` (and the trajectory).
+    """
+    sampler = Sampler(model, shape, scheduler, num_inference_steps=num_inference_steps, seed=seed, offset=offset,
+                      generator=generator, device=device, dtype=dtype, cuda_graph=cuda_graph, eta=eta,
+                      backend=backend)
+    return sampler(progress=progress, return_trajectory=return_trajectory)
+
+
+class Sampler:
+    """``fastgen.sample`` prepared once (arguments as there) and run by calling it: the checks, the
+    schedule, the device timesteps and, on CUDA, the captured graph are made on the first call and
+    reused by every later one, so repeated sampling pays the capture once. With ``seed`` every call
+    returns the same samples; with ``generator`` every call draws on from it, as diffusers does.
+
+        sampler = fastgen.sampling.Sampler(model, (64, 1, 8, 8), scheduler, num_inference_steps=50, seed=0)
+        x = sampler()                       # captures (CUDA), then replays 50 times
+        x = sampler(progress=True)          # replays only
+    """
+
+    def __init__(self, model, shape, scheduler, *, num_inference_steps=None, seed=0, offset=0, generator=None,
+                 device=None, dtype=torch.float32, cuda_graph="auto", eta=0.0, backend="auto"):
+        if not callable(model):
+            raise TypeError(f"model must be callable as model(x_t, t), got {type(model).__name__}")
+        shape = _checks.shape(shape)
+        if len(shape) < 1 or shape.numel() == 0:
+            raise ValueError(f"shape must be [batch, ...] with no zero dims, got {tuple(shape)}")
+        dtype = _checks.float_dtype(dtype)
+        model_device = _model_device(model)
+        device = _checks.device(device if device is not None else (model_device or "cpu"))
+        if model_device is not None and model_device != device:
+            raise ValueError(f"device must be the model's device: the model's parameters are on {model_device}, "
+                             f"got device={device}")
+        offset = _checks.nonneg_int(offset, "offset", limit=_checks.INT64_MAX // shape.numel() - shape[0])
+        generator = _generator_arg(generator, shape[0])
+        if generator is not None and offset:
+            raise ValueError(f"offset selects counter-based noise; with generator= it must be 0, got {offset}")
+        if cuda_graph not in ("auto", True, False):
+            raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
+        backend = resolve_backend(backend, device)
+        if cuda_graph is True and device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA device, got device {device}")
+        if cuda_graph is True and backend != "triton":
+            raise ValueError("cuda_graph=True needs backend 'triton' (the reference loop steps on the host), "
+                             f"got backend {backend!r}")
+        seed = _checks.seed64(seed) if generator is None else None
+        plan = _Plan(scheduler, num_inference_steps, eta)
+        if plan.learned_variance and len(shape) < 2:
+            raise ValueError(f"shape needs a channel dimension (dim 1) for variance_type={plan.variance_type!r}, "
+                             f"got {tuple(shape)}")
+        self.cuda_graph = cuda_graph
+        self.use_graph = cuda_graph is not False and device.type == "cuda" and backend == "triton"
+        self.loop = _Loop(model, shape, plan, seed=seed, offset=offset, generator=generator, device=device,
+                          dtype=dtype, backend=backend)
+        self.num_inference_steps = plan.num_inference_steps
+        self.timesteps = plan.timesteps
+
+    @property
+    def captured(self) -> bool:
+        """Whether the loop runs as a CUDA graph (after the first call)."""
+        return self.loop.graph is not None
+
+    def __call__(self, *, progress=False, return_trajectory=False):
+        loop = self.loop
+        with torch.no_grad():
+            if self.use_graph and loop.graph is None:
+                try:
+                    loop.capture()
+                except Exception as err:  # noqa: BLE001  (any capture failure: fall back or re-raise)
+                    if self.cuda_graph is True:
+                        raise RuntimeError(f"cuda_graph=True: capturing the model and step failed ({err}); "
+                                           "pass cuda_graph=False for a model that cannot be captured") from err
+                    warnings.warn(f"fastgen.sample: CUDA graph capture failed ({err}); running the eager loop",
+                                  RuntimeWarning, stacklevel=3)
+                    loop.graph, self.use_graph = None, False
+            return loop.run(progress, return_trajectory)
+
+
+class _Loop:
+    """The sampling loop's state and step, run eagerly or as a captured CUDA graph."""
+
+    def __init__(self, model, shape, plan, *, seed, offset, generator, device, dtype, backend):
+        self.model, self.shape, self.plan = model, shape, plan
+        self.seed, self.generator, self.device, self.dtype, self.backend = seed, generator, device, dtype, backend
+        self.element_offset = offset * shape[1:].numel()
+        self.expected = plan.output_shape(shape)
+        # Every sample steps from the same t, so the step may read the batch as one [1, B * n] sample:
+        # element g of sample b is flat element b * n + g either way, with the same noise counter
+        # offset + b * n + g. Not with dynamic thresholding (a quantile per sample) or a learned
+        # variance (channels split per sample).
+        self.flat = not plan.step_kwargs["thresholding"] and not plan.learned_variance
+        self.timesteps = plan.timesteps.to(device)
+        self.prev_timesteps = plan.prev_timesteps.to(device)
+        self.graph = self.counter = self.x = None
+        self.noise = None
+        if generator is not None and any(plan.draws_noise(i) for i in range(plan.num_inference_steps)):
+            self.noise = torch.zeros(shape, dtype=dtype, device=device)
+
+    def _initial_noise(self):
+        """x_T = init_noise_sigma z_T: stream T (counter-based) or the generator (diffusers' order)."""
+        if self.generator is not None:
+            x = randn_like_diffusers(self.shape, self.generator, device=self.device, dtype=self.dtype)
+        else:
+            x = ops.randn(self.shape, seed=self.seed, stream=self.plan.num_train_timesteps,
+                          offset=self.element_offset, device=self.device, dtype=self.dtype, backend=self.backend)
+        return x * self.plan.init_noise_sigma if self.plan.init_noise_sigma != 1.0 else x.contiguous()
+
+    def step(self, x, t, prev_t, t_model, noise):
+        """x_{prev_t} from x_t: the model call, then the fused (or reference) step. t, prev_t: device
+        tensors of shape [] (or host ints on the torch backend); t_model: the model's [B] timesteps."""
+        pred = _prediction(self.model(x, t_model))
+        _check_prediction(pred, self.expected, self.dtype, self.device)
+        if self.flat:  # one timestep for the batch: the same counters as [B, n], in fewer, larger programs
+            pred, x, noise = (None if v is None else v.reshape(1, -1) for v in (pred, x, noise))
+        common = dict(seed=self.seed if noise is None else None, noise=noise, offset=self.element_offset,
+                      return_pred_original_sample=False, backend=self.backend, **self.plan.step_kwargs)
+        if self.plan.kind == "ddpm":
+            prev, _ = ops.ddpm_step(pred, t, x, self.plan.schedule, prev_t=prev_t, **common)
+        else:
+            prev, _ = ops.ddim_step(pred, t, prev_t, x, self.plan.schedule, **common)
+        return prev.reshape(self.shape)
+
+    def _draw_step_noise(self, i):
+        if self.noise is not None and self.plan.draws_noise(i):
+            self.noise.copy_(randn_like_diffusers(self.shape, self.generator, device=self.device, dtype=self.dtype))
+
+    def capture(self):
+        """Warm up (compile, autotune, allocate) on a side stream, then capture one step into a CUDA
+        graph on static buffers (x, the step counter, the noise): the step reads t_i, s_i from the
+        device tables at the counter, writes x_{s_i} into x and advances the counter."""
+        batch = self.shape[0]
+        self.x = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        self.counter = counter = torch.zeros(1, dtype=torch.int64, device=self.device)
+
+        def body():
+            t = self.timesteps.index_select(0, counter).reshape(())
+            prev_t = self.prev_timesteps.index_select(0, counter).reshape(())
+            self.x.copy_(self.step(self.x, t, prev_t, t.expand(batch), self.noise))
+            counter.add_(1)
+
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # results discarded: x and the counter are not advanced
+                t, prev_t = self.timesteps[0], self.prev_timesteps[0]
+                self.step(self.x, t, prev_t, t.expand(batch), self.noise)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body()
+        self.graph = graph
+
+    def run(self, progress: bool, return_trajectory: bool):
+        from tqdm.auto import tqdm
+
+        plan, batch = self.plan, self.shape[0]
+        x = self._initial_noise()
+        if self.graph is not None:
+            self.x.copy_(x)
+            self.counter.zero_()
+            x = self.x
+        trajectory = None
+        if return_trajectory:
+            trajectory = torch.empty((plan.num_inference_steps + 1, *self.shape), dtype=self.dtype, device=self.device)
+            trajectory[0].copy_(x)
+        host = self.backend == "torch"  # the reference step takes host ints: no device sync on its way in
+        for i in tqdm(range(plan.num_inference_steps), disable=not progress, desc=f"{plan.kind} sampling",
+                      dynamic_ncols=True):
+            self._draw_step_noise(i)
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                t_dev = self.timesteps[i]
+                if host:
+                    t, prev_t = int(plan.timesteps[i]), int(plan.prev_timesteps[i])
+                else:
+                    t, prev_t = t_dev, self.prev_timesteps[i]
+                x = self.step(x, t, prev_t, t_dev.expand(batch), self.noise)
+            if trajectory is not None:
+                trajectory[i + 1].copy_(x)
+        if self.graph is not None:
+            x = x.clone()  # the static buffer is overwritten by the next call
+        return (x, trajectory) if return_trajectory else x
