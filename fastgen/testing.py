@@ -3,9 +3,11 @@
 Used by ``python -m fastgen validate`` and by the test suite (tests/utils.py).
 An element passes when both values are finite and |actual - expected| <= atol + rtol * |expected|,
 or when both are the same infinity. NaN never passes unless ``equal_nan`` says the reference is
-NaN there too.
+NaN there too. A reference value too large for the compared dtype counts as the infinity it
+rounds to (an fp16 sum of 2e5 is inf in fp16).
 """
 import dataclasses
+import math
 
 import torch
 
@@ -50,6 +52,16 @@ class Comparison:
         return "\n".join(lines)
 
 
+def _overflow_to_inf(expected: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The reference as ``dtype`` represents its magnitude: values at or past the rounding boundary
+    above dtype's largest finite number (max + half an ulp, e.g. 65520 for fp16) round to +-inf."""
+    if not dtype.is_floating_point or dtype == torch.float64:
+        return expected
+    info = torch.finfo(dtype)
+    boundary = info.max + info.eps * 2.0 ** math.floor(math.log2(info.max)) / 2
+    return torch.where(expected.abs() >= boundary, expected.sign() * math.inf, expected)
+
+
 def compare(actual: torch.Tensor, expected: torch.Tensor, *, dtype=None, rtol=None, atol=None,
             equal_nan: bool = False, n_worst: int = 8) -> Comparison:
     """Compare ``actual`` to the (float64) reference ``expected`` at the tolerance of ``dtype``
@@ -58,7 +70,7 @@ def compare(actual: torch.Tensor, expected: torch.Tensor, *, dtype=None, rtol=No
         raise ValueError(f"shape mismatch: actual {tuple(actual.shape)} vs expected {tuple(expected.shape)}")
     rtol, atol = tolerance(dtype or actual.dtype, rtol, atol)
     a = actual.detach().to("cpu", torch.float64)
-    e = expected.detach().to("cpu", torch.float64)
+    e = _overflow_to_inf(expected.detach().to("cpu", torch.float64), dtype or actual.dtype)
     finite = torch.isfinite(a) & torch.isfinite(e)
     same_nonfinite = (a == e) & ~finite  # the same infinity
     if equal_nan:
