@@ -451,12 +451,11 @@ def _noise_arg(noise, sample):
     return None
 
 
-def _threshold_scales(k_diffusion, step, model_output, sample, t, prev_t, table, prediction_type, ratio, max_value,
-                      **extra):
+def _threshold_scales(k_diffusion, step, model_output, sample, t, prev_t, table, ratio, max_value, **extra):
     """Dynamic thresholding's s per sample: unclipped x0 (fp32) from the step kernel, then its quantile."""
     x0 = empty(sample.shape, dtype=torch.float32, device=sample.device)
-    step(None, x0, model_output, sample, t, prev_t, table, prediction_type=prediction_type,
-         clip=k_diffusion.CLIP_NONE, noise_mode=k_diffusion.NOISE_NONE, **extra)
+    step(None, x0, model_output, sample, t, prev_t, table, clip=k_diffusion.CLIP_NONE,
+         noise_mode=k_diffusion.NOISE_NONE, **extra)
     ordered = x0.reshape(sample.shape[0], -1).abs().sort(dim=1).values
     # torch.quantile's linear interpolation, without its 2^24-element limit
     position = ratio * (ordered.shape[1] - 1)
@@ -464,6 +463,37 @@ def _threshold_scales(k_diffusion, step, model_output, sample, t, prev_t, table,
     above = min(below + 1, ordered.shape[1] - 1)
     scale = torch.lerp(ordered[:, below], ordered[:, above], position - below)
     return scale.clamp(min=1.0, max=max_value).contiguous()
+
+
+def _fused_step(kernel_name, model_output, t, prev_t, sample, schedule, *, noise, draws, seed, offset, return_x0,
+                clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
+                step_only=None, **kernel_kwargs):
+    """The Triton path shared by ddpm_step and ddim_step: allocate, pick noise and clip modes, run the
+    thresholding pre-pass if asked, then the one fused step kernel. ``noise``: a tensor to read, or
+    None; ``draws``: whether the kernel draws counter-based noise; ``kernel_kwargs`` reach both the
+    step and the thresholding pass, ``step_only`` the step alone."""
+    from fastgen.kernels import diffusion as k_diffusion
+
+    step = getattr(k_diffusion, kernel_name)
+    prev = empty(sample.shape, dtype=sample.dtype, device=sample.device)
+    x0 = empty(sample.shape, dtype=sample.dtype, device=sample.device) if return_x0 else None
+    if sample.numel() == 0:
+        return prev, x0
+    model_output, sample = model_output.contiguous(), sample.contiguous()
+    table = schedule.kernel_table(sample.device)
+    if noise is not None:
+        noise_mode = k_diffusion.NOISE_TENSOR
+    else:
+        noise_mode = k_diffusion.NOISE_PHILOX if draws else k_diffusion.NOISE_NONE
+    scale = None
+    clip = k_diffusion.CLIP_RANGE if clip_sample else k_diffusion.CLIP_NONE
+    if thresholding:
+        clip = k_diffusion.CLIP_THRESHOLD
+        scale = _threshold_scales(k_diffusion, step, model_output, sample, t, prev_t, table,
+                                  dynamic_thresholding_ratio, sample_max_value, **kernel_kwargs)
+    step(prev, x0, model_output, sample, t, prev_t, table, clip=clip, clip_range=clip_sample_range, scale=scale,
+         noise_mode=noise_mode, noise=noise, seed=seed, offset=offset, **kernel_kwargs, **(step_only or {}))
+    return prev, x0
 
 
 def q_sample(x0, t, schedule, *, seed=None, noise=None, offset=0, return_noise=False, backend="auto"):
@@ -568,29 +598,12 @@ def ddpm_step(model_output, t, sample, schedule, *, prev_t=None, prediction_type
                                  dynamic_thresholding_ratio=dynamic_thresholding_ratio,
                                  sample_max_value=sample_max_value, seed=seed, noise=noise, offset=offset)
         return prev.to(sample.dtype), (x0.to(sample.dtype) if return_pred_original_sample else None)
-    from fastgen.kernels import diffusion as k_diffusion
-
-    prev = empty(sample.shape, dtype=sample.dtype, device=sample.device)
-    x0 = empty(sample.shape, dtype=sample.dtype, device=sample.device) if return_pred_original_sample else None
-    if sample.numel() == 0:
-        return prev, x0
-    model_output, sample = model_output.contiguous(), sample.contiguous()
-    table = schedule.kernel_table(sample.device)
-    if noise is not None:
-        noise_mode = k_diffusion.NOISE_TENSOR
-    else:
-        noise_mode = k_diffusion.NOISE_NONE if _t_is_zero_everywhere(t) else k_diffusion.NOISE_PHILOX
-    common = dict(prediction_type=prediction_type, variance_type=variance_type)
-    scale = None
-    clip = k_diffusion.CLIP_RANGE if clip_sample else k_diffusion.CLIP_NONE
-    if thresholding:
-        clip = k_diffusion.CLIP_THRESHOLD
-        scale = _threshold_scales(k_diffusion, k_diffusion.ddpm_step, model_output, sample, t, prev_t, table,
-                                  prediction_type, dynamic_thresholding_ratio, sample_max_value,
-                                  variance_type=variance_type)
-    k_diffusion.ddpm_step(prev, x0, model_output, sample, t, prev_t, table, clip=clip, clip_range=clip_sample_range,
-                          scale=scale, noise_mode=noise_mode, noise=noise, seed=seed, offset=offset, **common)
-    return prev, x0
+    draws = noise is None and not _t_is_zero_everywhere(t)
+    return _fused_step("ddpm_step", model_output, t, prev_t, sample, schedule, noise=noise, draws=draws, seed=seed,
+                       offset=offset, return_x0=return_pred_original_sample, clip_sample=clip_sample,
+                       clip_sample_range=clip_sample_range, thresholding=thresholding,
+                       dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
+                       prediction_type=prediction_type, variance_type=variance_type)
 
 
 def ddim_step(model_output, t, prev_t, sample, schedule, *, eta=0.0, prediction_type="epsilon", clip_sample=True,
@@ -634,27 +647,11 @@ def ddim_step(model_output, t, prev_t, sample, schedule, *, eta=0.0, prediction_
                                  sample_max_value=sample_max_value, use_clipped_model_output=use_clipped_model_output,
                                  final_alpha_cumprod=final_abar, seed=seed, noise=noise, offset=offset)
         return prev.to(sample.dtype), (x0.to(sample.dtype) if return_pred_original_sample else None)
-    from fastgen.kernels import diffusion as k_diffusion
-
-    prev = empty(sample.shape, dtype=sample.dtype, device=sample.device)
-    x0 = empty(sample.shape, dtype=sample.dtype, device=sample.device) if return_pred_original_sample else None
-    if sample.numel() == 0:
-        return prev, x0
-    model_output, sample = model_output.contiguous(), sample.contiguous()
-    table = schedule.kernel_table(sample.device)
-    if noise is not None:
-        noise_mode = k_diffusion.NOISE_TENSOR if eta > 0 else k_diffusion.NOISE_NONE
-    else:
-        noise_mode = k_diffusion.NOISE_PHILOX if eta > 0 and not _t_is_zero_everywhere(t) else k_diffusion.NOISE_NONE
-    common = dict(prediction_type=prediction_type, final_abar=final_abar, final_bbar=final_bbar)
-    scale = None
-    clip = k_diffusion.CLIP_RANGE if clip_sample else k_diffusion.CLIP_NONE
-    if thresholding:
-        clip = k_diffusion.CLIP_THRESHOLD
-        scale = _threshold_scales(k_diffusion, k_diffusion.ddim_step, model_output, sample, t, prev_t, table,
-                                  prediction_type, dynamic_thresholding_ratio, sample_max_value,
-                                  final_abar=final_abar, final_bbar=final_bbar)
-    k_diffusion.ddim_step(prev, x0, model_output, sample, t, prev_t, table, clip=clip, clip_range=clip_sample_range,
-                          scale=scale, eta=eta, use_clipped_model_output=use_clipped_model_output,
-                          noise_mode=noise_mode, noise=noise, seed=seed, offset=offset, **common)
-    return prev, x0
+    noisy = eta > 0  # eta = 0: deterministic, any noise is ignored
+    draws = noisy and noise is None and not _t_is_zero_everywhere(t)
+    return _fused_step("ddim_step", model_output, t, prev_t, sample, schedule, noise=noise if noisy else None,
+                       draws=draws, seed=seed, offset=offset, return_x0=return_pred_original_sample,
+                       clip_sample=clip_sample, clip_sample_range=clip_sample_range, thresholding=thresholding,
+                       dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
+                       prediction_type=prediction_type, final_abar=final_abar, final_bbar=final_bbar,
+                       step_only=dict(eta=eta, use_clipped_model_output=use_clipped_model_output))
