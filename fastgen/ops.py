@@ -104,12 +104,15 @@ def _gaussian_inputs(mu, logvar):
     _checks.like(logvar, "logvar", mu, "mu")
 
 
-def _noise_source(mu, seed, noise, stream, offset):
-    """(seed, stream, offset) for counter-based eps, or (None, 0, 0) when ``noise`` is given."""
+def _noise_source(mu, seed, noise, stream, offset, backend):
+    """(seed, stream, offset, backend): the counter-based eps's coordinates, or (None, 0, 0) when
+    ``noise`` is given, and the resolved backend. Everything is validated before a missing seed is
+    drawn from torch's generator, so a rejected call leaves its state alone."""
     stream = _checks.nonneg_int(stream, "stream")
     offset = _checks.nonneg_int(offset, "offset", limit=_checks.INT64_MAX - mu.numel())
     if noise is None:
-        return seed, stream, offset
+        backend = resolve_backend(backend, mu.device)
+        return _checks.seed64(seed), stream, offset, backend
     if seed is not None:
         raise ValueError("seed and noise are exclusive: pass seed= to draw eps from the counter-based stream, "
                          "or noise= to read it from a tensor")
@@ -117,7 +120,7 @@ def _noise_source(mu, seed, noise, stream, offset):
         raise ValueError(f"stream and offset select counter-based noise; with noise= they must be 0, "
                          f"got stream={stream}, offset={offset}")
     _checks.like(noise, "noise", mu, "mu")
-    return None, 0, 0
+    return None, 0, 0, resolve_backend(backend, mu.device)
 
 
 def _reference_noise(mu, seed, stream, offset):
@@ -208,10 +211,7 @@ def reparameterize(mu, logvar, *, seed=None, noise=None, stream=0, offset=0, bac
         backend: "auto", "triton" or "torch" (see fastgen.backend).
     """
     _gaussian_inputs(mu, logvar)
-    seed, stream, offset = _noise_source(mu, seed, noise, stream, offset)
-    backend = resolve_backend(backend, mu.device)
-    if noise is None:
-        seed = _checks.seed64(seed)
+    seed, stream, offset, backend = _noise_source(mu, seed, noise, stream, offset, backend)
     if backend == "torch":
         eps = _reference_noise(mu, seed, stream, offset) if noise is None else noise
         return ref_gaussian.reparameterize(mu, logvar, eps)
@@ -362,10 +362,7 @@ def reparameterize_with_kl(mu, logvar, *, seed=None, noise=None, stream=0, offse
     _gaussian_inputs(mu, logvar)
     if mu.dim() == 0:
         raise ValueError("mu must have a batch dimension (the KL is summed per sample), got a 0-d tensor")
-    seed, stream, offset = _noise_source(mu, seed, noise, stream, offset)
-    backend = resolve_backend(backend, mu.device)
-    if noise is None:
-        seed = _checks.seed64(seed)
+    seed, stream, offset, backend = _noise_source(mu, seed, noise, stream, offset, backend)
     if backend == "torch":
         eps = _reference_noise(mu, seed, stream, offset) if noise is None else noise
         return ref_gaussian.reparameterize_with_kl(mu, logvar, eps)
