@@ -462,6 +462,21 @@ def _threshold_scales(k_diffusion, step, model_output, sample, t, prev_t, table,
     return scale.clamp(min=1.0, max=max_value).contiguous()
 
 
+def _step_args(t, prev_t, sample, schedule, noise, seed, offset, backend):
+    """The validated (t, prev_t, noise, seed, offset, backend) of a reverse step; prev_t may be None
+    (ddpm_step's t - 1); the seed is drawn last, and only when the noise is counter-based."""
+    num_steps = schedule.num_train_timesteps
+    t = _timestep_arg(t, "t", sample, num_steps)
+    if prev_t is not None:
+        prev_t = _timestep_arg(prev_t, "prev_t", sample, num_steps, low=-1)
+        _check_prev_below(prev_t, t)
+    noise = _noise_arg(noise, sample)
+    offset = _checks.nonneg_int(offset, "offset", limit=_checks.INT64_MAX - sample.numel())
+    backend = resolve_backend(backend, sample.device)
+    seed = _checks.seed64(seed) if noise is None else 0
+    return t, prev_t, noise, seed, offset, backend
+
+
 def _fused_step(kernel_name, model_output, t, prev_t, sample, schedule, *, noise, draws, seed, offset, return_x0,
                 clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
                 step_only=None, **kernel_kwargs):
@@ -577,15 +592,7 @@ def ddpm_step(model_output, t, sample, schedule, *, prev_t=None, prediction_type
         raise ValueError(f"model_output must have shape {tuple(expected)} for sample of shape {tuple(sample.shape)}"
                          f" and variance_type={variance_type!r}, got {tuple(model_output.shape)}")
     _clip_args(clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value)
-    num_steps = schedule.num_train_timesteps
-    t = _timestep_arg(t, "t", sample, num_steps)
-    if prev_t is not None:
-        prev_t = _timestep_arg(prev_t, "prev_t", sample, num_steps, low=-1)
-        _check_prev_below(prev_t, t)
-    noise = _noise_arg(noise, sample)
-    offset = _checks.nonneg_int(offset, "offset", limit=_checks.INT64_MAX - sample.numel())
-    backend = resolve_backend(backend, sample.device)
-    seed = _checks.seed64(seed) if noise is None else 0
+    t, prev_t, noise, seed, offset, backend = _step_args(t, prev_t, sample, schedule, noise, seed, offset, backend)
     if backend == "torch":
         from fastgen.reference import diffusion as ref
 
@@ -625,14 +632,9 @@ def ddim_step(model_output, t, prev_t, sample, schedule, *, eta=0.0, prediction_
     for name, flag in (("use_clipped_model_output", use_clipped_model_output), ("set_alpha_to_one", set_alpha_to_one)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
-    num_steps = schedule.num_train_timesteps
-    t = _timestep_arg(t, "t", sample, num_steps)
-    prev_t = _timestep_arg(prev_t, "prev_t", sample, num_steps, low=-1)
-    _check_prev_below(prev_t, t)
-    noise = _noise_arg(noise, sample)
-    offset = _checks.nonneg_int(offset, "offset", limit=_checks.INT64_MAX - sample.numel())
-    backend = resolve_backend(backend, sample.device)
-    seed = _checks.seed64(seed) if noise is None else 0
+    if prev_t is None:
+        raise TypeError("prev_t must be an int or an integer tensor (the timestep DDIM steps to), got None")
+    t, prev_t, noise, seed, offset, backend = _step_args(t, prev_t, sample, schedule, noise, seed, offset, backend)
     final_abar = 1.0 if set_alpha_to_one else float(schedule.alphas_cumprod[0])
     final_bbar = 0.0 if set_alpha_to_one else float(schedule.one_minus_alphas_cumprod[0])
     if backend == "torch":

@@ -284,6 +284,16 @@ class SchedulerBase:
             raise ValueError(f"timesteps must be >= 0, got {values[-1]}")
         return np.array(values, dtype=np.int64)
 
+    def set_timesteps(self, num_inference_steps: int = None, device=None, timesteps=None):
+        """The inference timesteps (descending, in ``self.timesteps`` on ``device``): ``num_inference_steps``
+        spaced by ``config.timestep_spacing``, or custom ``timesteps`` (descending, in [0, T))."""
+        if num_inference_steps is not None and timesteps is not None:
+            raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
+        if timesteps is not None:
+            self._set(self._custom_timesteps(timesteps), device, custom=True)
+        else:
+            self._set(self._spaced_timesteps(num_inference_steps), device, custom=False)
+
     def _set(self, timesteps: np.ndarray, device, custom: bool):
         self.custom_timesteps = custom
         self.num_inference_steps = len(timesteps)

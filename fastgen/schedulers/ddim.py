@@ -73,12 +73,7 @@ class DDIMScheduler(SchedulerBase):
         """The inference timesteps (descending, in ``self.timesteps`` on ``device``): ``num_inference_steps``
         spaced by ``config.timestep_spacing`` (steps go t -> t - T // N, as in diffusers), or custom
         ``timesteps`` (a fastgen extension: descending, in [0, T); steps go to the next one in the list)."""
-        if num_inference_steps is not None and timesteps is not None:
-            raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
-        if timesteps is not None:
-            self._set(self._custom_timesteps(timesteps), device, custom=True)
-        else:
-            self._set(self._spaced_timesteps(num_inference_steps), device, custom=False)
+        super().set_timesteps(num_inference_steps, device, timesteps)
 
     def previous_timestep(self, timestep):
         """The timestep a step from ``timestep`` lands on: t - T // N (below 0: -1, the end), or the next

@@ -72,16 +72,6 @@ class DDPMScheduler(SchedulerBase):
         self._setup(config, backend)
         self.variance_type = variance_type
 
-    def set_timesteps(self, num_inference_steps: int = None, device=None, timesteps=None):
-        """The inference timesteps (descending, in ``self.timesteps`` on ``device``): ``num_inference_steps``
-        spaced by ``config.timestep_spacing``, or custom ``timesteps`` (descending, in [0, T))."""
-        if num_inference_steps is not None and timesteps is not None:
-            raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
-        if timesteps is not None:
-            self._set(self._custom_timesteps(timesteps), device, custom=True)
-        else:
-            self._set(self._spaced_timesteps(num_inference_steps), device, custom=False)
-
     def previous_timestep(self, timestep):
         """The timestep a step from ``timestep`` lands on: the next inference timestep (-1 after the
         last one), or timestep - 1 before set_timesteps."""
