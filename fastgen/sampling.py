@@ -27,9 +27,17 @@ per sample) the noise is instead drawn exactly as diffusers' pipelines draw it (
 draw per step where diffusers draws: DDPM where t > 0, DDIM where eta > 0), so the result matches
 a diffusers loop with the same generator; the fused kernel reads that noise.
 
+Backends. "triton" runs ``step`` as one fused kernel per step. "torch" (what "auto" picks off CUDA)
+runs the same update as a few whole-tensor torch ops per step, in fp32, with every per-step
+coefficient computed once per run in float64 and the counter-based noise of many steps drawn in
+one call: the loop for a CPU, where a kernel runs only in the slow Triton interpreter and where
+stepping through the float64 reference costs ~100 small ops per step. "reference" steps through
+``fastgen.reference.diffusion`` in float64: the loop the other two are checked against.
+
 Device residency. The timesteps and the previous timesteps are int64 tensors on the device, read
 by the kernels in place; the schedule tables live there too. Nothing in the loop calls ``.item()``
-or synchronises (on the torch backend the reference step takes host ints, also without a sync).
+or synchronises (the torch and reference loops read their timesteps and coefficients from host
+copies, also without a sync).
 With ``cuda_graph`` (default "auto": on for a CUDA device with the Triton backend) the model call and
 the fused step are warmed up on a side stream, captured once into a CUDA graph on static buffers
 (the sample, a step counter, the noise buffer for ``generator``), and replayed N times; inside the
@@ -43,7 +51,8 @@ import torch
 
 from fastgen import _checks
 from fastgen import ops
-from fastgen.backend import resolve_backend
+from fastgen.reference import random as ref_random
+from fastgen.backend import BACKENDS, resolve_backend
 
 SCHEDULER_KINDS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim"}
 DEFAULT_STEPS = {"ddim": 50}  # DDPM: every training timestep (diffusers' pipelines use 1000 and 50)
@@ -148,6 +157,114 @@ class _Plan:
         return torch.Size(shape)
 
 
+# --- the torch backend's step: the fused update in whole-tensor ops ---------------------------------
+
+class _TorchSteps:
+    """The loop body of the torch backend: the fused kernels' update (``kernels/diffusion.py``'s
+    equations) as a few whole-tensor torch ops per step in fp32, with every per-step coefficient
+    computed once for the run in float64 by the reference (``step_coefficients``, ``model_variance``
+    over all timesteps at once) and read as Python floats, and the counter-based noise drawn for
+    several steps per call (``fastgen.reference.random.normals`` with one stream per step). What it
+    saves against stepping through the float64 reference is per-step work on the host: a handful
+    of ops per step instead of ~100 small ones, and one Philox pass per chunk of steps.
+    """
+
+    NOISE_CHUNK = 1 << 18  # normals per noise call: big enough to amortise the per-op cost, cache-sized
+
+    def __init__(self, plan, shape, *, seed, element_offset, device):
+        from fastgen.reference import diffusion as ref
+
+        self.plan, self.shape, self.seed, self.element_offset, self.device = plan, shape, seed, element_offset, device
+        t, s = plan.timesteps, plan.prev_timesteps
+        n = len(t)
+        schedule, kw = plan.schedule, plan.step_kwargs
+        final = 1.0 if plan.kind == "ddpm" or kw["set_alpha_to_one"] else float(schedule.alphas_cumprod[0])
+        abar_t, bbar_t, abar_s, bbar_s, beta_ts = ref.step_coefficients(schedule, t, s, n, final)
+        columns = dict(sqrt_abar_t=abar_t.sqrt(), sqrt_bbar_t=bbar_t.sqrt())
+        noisy = t > 0  # no step adds noise at t = 0
+        if plan.kind == "ddpm":  # Ho et al. eqs. 6-7
+            columns.update(coef_x0=abar_s.sqrt() * beta_ts / bbar_t, coef_xt=(abar_t / abar_s).sqrt() * bbar_s / bbar_t)
+            if plan.learned_variance:
+                small, _ = ref.model_variance(t, s, schedule, "fixed_small", batch=n)
+                large, _ = ref.model_variance(t, s, schedule, "fixed_large", batch=n)
+                columns.update(log_small=small.log(), log_large=large.log(), noisy=noisy.double())
+            else:
+                variance, _ = ref.model_variance(t, s, schedule, plan.variance_type, batch=n)
+                columns.update(sigma=variance.sqrt() * noisy)
+        else:  # Song et al. eqs. 12, 16
+            sigma = plan.eta * (bbar_s / bbar_t * beta_ts).sqrt()
+            columns.update(sqrt_abar_s=abar_s.sqrt(), direction=(bbar_s - sigma ** 2).clamp_min(0).sqrt(),
+                           sigma=sigma * noisy)
+        self.coefficients = [dict(zip(columns, row)) for row in zip(*(c.tolist() for c in columns.values()))]
+        self.draws = [bool(noisy[i]) and (plan.kind == "ddpm" or plan.eta > 0) for i in range(n)]
+        self._noise_rows = {}
+
+    def noise(self, i: int) -> torch.Tensor:
+        """Step i's counter-based noise (flat, fp32): stream t_i at the run's element offset, drawn
+        with the next steps' in one call."""
+        if i not in self._noise_rows:
+            numel = self.shape.numel()
+            upcoming = [j for j in range(i, len(self.draws)) if self.draws[j]]
+            upcoming = upcoming[:max(1, self.NOISE_CHUNK // numel)]
+            streams = self.plan.timesteps[upcoming].to(self.device)
+            rows = ref_random.normals(numel, seed=self.seed, stream=streams, offset=self.element_offset,
+                                      device=self.device, dtype=torch.float32)
+            self._noise_rows = dict(zip(upcoming, rows))
+        return self._noise_rows.pop(i)
+
+    def __call__(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, noise) -> torch.Tensor:
+        """x_{s_i} from x_{t_i} = ``sample`` and the model output (noise: a tensor like the sample, or
+        None for the counter-based stream)."""
+        from fastgen.reference import diffusion as ref
+
+        plan, kw, c = self.plan, self.plan.step_kwargs, self.coefficients[i]
+        x = sample.float()
+        out = model_output.float()
+        if plan.learned_variance:
+            out, predicted_variance = out.chunk(2, dim=1)
+        # x0 from the prediction (Ho et al. eq. 15; Salimans & Ho sec. 4 for v)
+        prediction_type = kw["prediction_type"]
+        if prediction_type == "epsilon":
+            x0 = torch.add(x, out, alpha=-c["sqrt_bbar_t"]).div_(c["sqrt_abar_t"])
+        elif prediction_type == "sample":
+            x0 = out.clone()
+        else:
+            x0 = torch.mul(x, c["sqrt_abar_t"]).add_(out, alpha=-c["sqrt_bbar_t"])
+        if plan.kind == "ddim":  # eps from the unclipped x0
+            if prediction_type == "epsilon":
+                eps = out
+            elif prediction_type == "sample":
+                eps = torch.add(x, x0, alpha=-c["sqrt_abar_t"]).div_(c["sqrt_bbar_t"])
+            else:
+                eps = torch.mul(out, c["sqrt_abar_t"]).add_(x, alpha=c["sqrt_bbar_t"])
+        if kw["thresholding"]:  # Imagen's dynamic thresholding, per sample
+            scale = ref.dynamic_threshold_scale(x0, kw["dynamic_thresholding_ratio"], kw["sample_max_value"])
+            scale = scale.float().reshape(-1, *([1] * (x0.dim() - 1)))
+            x0 = torch.minimum(torch.maximum(x0, -scale), scale).div_(scale)
+        elif kw["clip_sample"]:
+            x0.clamp_(-kw["clip_sample_range"], kw["clip_sample_range"])
+        if plan.kind == "ddpm":
+            prev = torch.mul(x0, c["coef_x0"]).add_(x, alpha=c["coef_xt"])
+            if plan.learned_variance:  # per element; Nichol & Dhariwal eq. 15 for learned_range
+                if plan.variance_type == "learned":
+                    sigma = predicted_variance.sqrt()
+                else:
+                    frac = (predicted_variance + 1) / 2
+                    sigma = (frac * c["log_large"] + (1 - frac) * c["log_small"]).mul_(0.5).exp_()
+                if c["noisy"]:
+                    prev.addcmul_(sigma, self._noise(i, noise))
+            elif c["sigma"]:
+                prev.add_(self._noise(i, noise), alpha=c["sigma"])
+        else:
+            prev = torch.mul(x0, c["sqrt_abar_s"]).add_(eps, alpha=c["direction"])
+            if c["sigma"]:
+                prev.add_(self._noise(i, noise), alpha=c["sigma"])
+        return prev.to(sample.dtype)
+
+    def _noise(self, i, noise):
+        return (noise.float() if noise is not None else self.noise(i)).reshape(self.shape)
+
+
 # --- noise -----------------------------------------------------------------------------------------
 
 def randn_like_diffusers(shape, generator, *, device, dtype) -> torch.Tensor:
@@ -180,6 +297,13 @@ def _generator_arg(generator, batch: int):
                              f"(batch={batch}), got a list of {len(generator)}")
         return list(generator)
     raise TypeError(f"generator must be None, a torch.Generator or a list of them, got {type(generator).__name__}")
+
+
+def _backend_arg(backend):
+    """sample's backend: an op backend (fastgen.backend.BACKENDS) or "reference"."""
+    if not isinstance(backend, str) or backend not in BACKENDS + ("reference",):
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS + ('reference',)))}, got {backend!r}")
+    return backend
 
 
 # --- the model -------------------------------------------------------------------------------------
@@ -244,8 +368,10 @@ def sample(model, shape, scheduler, *, num_inference_steps=None, seed=0, offset=
         progress: show a tqdm bar.
         return_trajectory: also return every x, a [N + 1, *shape] tensor (x_T first).
         eta: DDIM's eta in [0, 1] (0: deterministic after x_T); must be 0 for DDPM.
-        backend: "auto" (Triton on CUDA, the torch reference elsewhere), "triton" (the fused kernels) or
-            "torch" (the reference loop: fastgen.reference.diffusion's float64 steps).
+        backend: "auto" (Triton on CUDA, "torch" elsewhere), "triton" (the fused kernels), "torch" (the
+            same update in whole-tensor torch ops, coefficients precomputed: the fast loop on a CPU) or
+            "reference" (every step through fastgen.reference.diffusion in float64: the slow loop
+            the others are checked against).
     Returns x_0 in ``dtype`` (and the trajectory).
     """
     sampler = Sampler(model, shape, scheduler, num_inference_steps=num_inference_steps, seed=seed, offset=offset,
@@ -284,11 +410,11 @@ class Sampler:
             raise ValueError(f"offset selects counter-based noise; with generator= it must be 0, got {offset}")
         if cuda_graph not in ("auto", True, False):
             raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
-        backend = resolve_backend(backend, device)
+        backend = "reference" if backend == "reference" else resolve_backend(_backend_arg(backend), device)
         if cuda_graph is True and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device, got device {device}")
         if cuda_graph is True and backend != "triton":
-            raise ValueError("cuda_graph=True needs backend 'triton' (the reference loop steps on the host), "
+            raise ValueError("cuda_graph=True needs backend 'triton' (the torch and reference loops step on the host), "
                              f"got backend {backend!r}")
         seed = _checks.seed64(seed) if generator is None else None
         plan = _Plan(scheduler, num_inference_steps, eta)
@@ -328,8 +454,13 @@ class _Loop:
 
     def __init__(self, model, shape, plan, *, seed, offset, generator, device, dtype, backend):
         self.model, self.shape, self.plan = model, shape, plan
-        self.seed, self.generator, self.device, self.dtype, self.backend = seed, generator, device, dtype, backend
+        self.seed, self.generator, self.device, self.dtype = seed, generator, device, dtype
+        self.backend = "torch" if backend == "reference" else backend  # the ops' backend
+        self.host_timesteps = backend == "reference"  # the reference step takes host ints
         self.element_offset = offset * shape[1:].numel()
+        self.torch_steps = None
+        if backend == "torch":
+            self.torch_steps = _TorchSteps(plan, shape, seed=seed, element_offset=self.element_offset, device=device)
         self.expected = plan.output_shape(shape)
         # Every sample steps from the same t, so the step may read the batch as one [1, B * n] sample:
         # element g of sample b is flat element b * n + g either way, with the same noise counter
@@ -352,11 +483,16 @@ class _Loop:
                           offset=self.element_offset, device=self.device, dtype=self.dtype, backend=self.backend)
         return x * self.plan.init_noise_sigma if self.plan.init_noise_sigma != 1.0 else x.contiguous()
 
-    def step(self, x, t, prev_t, t_model, noise):
-        """x_{prev_t} from x_t: the model call, then the fused (or reference) step. t, prev_t: device
-        tensors of shape [] (or host ints on the torch backend); t_model: the model's [B] timesteps."""
+    def predict(self, x, t_model):
+        """The model's checked prediction at x_t; t_model: the model's [B] timesteps."""
         pred = _prediction(self.model(x, t_model))
         _check_prediction(pred, self.expected, self.dtype, self.device)
+        return pred
+
+    def step(self, x, t, prev_t, t_model, noise):
+        """x_{prev_t} from x_t: the model call, then the fused (or reference) step. t, prev_t: device
+        tensors of shape [] (or host ints for the reference); t_model: the model's [B] timesteps."""
+        pred = self.predict(x, t_model)
         if self.flat:  # one timestep for the batch: the same counters as [B, n], in fewer, larger programs
             pred, x, noise = (None if v is None else v.reshape(1, -1) for v in (pred, x, noise))
         common = dict(seed=self.seed if noise is None else None, noise=noise, offset=self.element_offset,
@@ -410,15 +546,16 @@ class _Loop:
         if return_trajectory:
             trajectory = torch.empty((plan.num_inference_steps + 1, *self.shape), dtype=self.dtype, device=self.device)
             trajectory[0].copy_(x)
-        host = self.backend == "torch"  # the reference step takes host ints: no device sync on its way in
         for i in tqdm(range(plan.num_inference_steps), disable=not progress, desc=f"{plan.kind} sampling",
                       dynamic_ncols=True):
             self._draw_step_noise(i)
             if self.graph is not None:
                 self.graph.replay()
+            elif self.torch_steps is not None:
+                x = self.torch_steps(i, self.predict(x, self.timesteps[i].expand(batch)), x, self.noise)
             else:
                 t_dev = self.timesteps[i]
-                if host:
+                if self.host_timesteps:  # host ints: no device sync on their way in
                     t, prev_t = int(plan.timesteps[i]), int(plan.prev_timesteps[i])
                 else:
                     t, prev_t = t_dev, self.prev_timesteps[i]

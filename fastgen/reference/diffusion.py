@@ -65,10 +65,10 @@ def noise_like(shape, t, *, seed: int, offset: int = 0) -> torch.Tensor:
     shape = torch.Size(shape)
     batch = shape[0]
     per_sample = shape[1:].numel()
-    t = _timesteps(t, batch)
-    rows = [ref_random.normals(per_sample, seed=seed, stream=int(t[b]), offset=offset + b * per_sample)
-            for b in range(batch)]
-    return (torch.stack(rows) if rows else torch.zeros(0, per_sample, dtype=torch.float64)).reshape(shape)
+    if batch == 0:
+        return torch.zeros(shape, dtype=torch.float64)
+    offsets = offset + per_sample * torch.arange(batch, dtype=torch.int64)
+    return ref_random.normals(per_sample, seed=seed, stream=_timesteps(t, batch), offset=offsets).reshape(shape)
 
 
 # --- the forward process ---------------------------------------------------------------------------

@@ -12,8 +12,11 @@ on uint32 words held in int64 tensors, then Box-Muller. Element g = offset + i o
     z[4q+0], z[4q+1] = sqrt(-2 ln u(x0)) (cos, sin)(2 pi v(x1))
     z[4q+2], z[4q+3] = sqrt(-2 ln u(x2)) (cos, sin)(2 pi v(x3))
 
-The integers match the kernel bit for bit; the normals are computed in float64 here, so the
-kernel's fp32 values agree to float rounding.
+The integers match the kernel bit for bit; the normals are computed in float64 here by default
+(or in fp32, the kernel's precision, where a caller asks), so the kernel's fp32 values agree to
+float rounding. Many draws at once (rows with their own stream and offset, e.g. the noise of
+several sampling steps) go through one call: the cost of these whole-tensor integer ops is per
+op, so one call over R rows costs about what one row costs while rows are small.
 """
 import math
 
@@ -25,54 +28,62 @@ PHILOX_KEY_A, PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85  # Weyl key increments
 PHILOX_ROUNDS = 10
 
 
-def _mulhilo32(a: int, x: torch.Tensor):
-    """(hi32, lo32) of the 64-bit product a * x for a < 2^32 and x holding uint32 in int64.
-
-    a * x can reach 2^64, past int64, so multiply by a's 16-bit halves: both partial products
-    stay below 2^48 and a * x = mid * 2^16 + (p_lo mod 2^16) with mid = p_hi + p_lo // 2^16.
-    """
-    p_lo = x * (a & 0xFFFF)
-    p_hi = x * (a >> 16)
-    mid = p_hi + (p_lo >> 16)
-    return mid >> 16, ((mid & 0xFFFF) << 16) | (p_lo & 0xFFFF)
-
-
 def philox4x32(c0, c1, c2, c3, seed: int, rounds: int = PHILOX_ROUNDS):
-    """Philox-4x32-``rounds`` of counter words c0..c3 (int64 tensors holding uint32) under a 64-bit seed."""
+    """Philox-4x32-``rounds`` of counter words c0..c3 (int64 tensors holding uint32, or ints; they
+    broadcast against each other) under a 64-bit seed.
+
+    hi(a x) and lo(a x) come from one int64 product: a x < 2^64 can pass 2^63, and torch's int64
+    multiply wraps modulo 2^64 (two's complement), so the product's low 64 bits are exact. lo is
+    the product itself until it is read: its high bits vanish under the mask of the xor that
+    consumes it next round (and at the end), which saves two ops per round.
+    """
     k0, k1 = seed & MASK32, (seed >> 32) & MASK32
     for _ in range(rounds):
-        hi_b, lo_b = _mulhilo32(PHILOX_B, c2)
-        hi_a, lo_a = _mulhilo32(PHILOX_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        product_b, product_a = c2 * PHILOX_B, c0 * PHILOX_A  # (hi, lo) = (product >> 32, product mod 2^32)
+        c0, c1 = ((product_b >> 32) ^ c1 ^ k0) & MASK32, product_b
+        c2, c3 = ((product_a >> 32) ^ c3 ^ k1) & MASK32, product_a
         k0, k1 = (k0 + PHILOX_KEY_A) & MASK32, (k1 + PHILOX_KEY_B) & MASK32
-    return c0, c1, c2, c3
+    return c0, c1 & MASK32, c2, c3 & MASK32
 
 
-def philox_blocks(seed: int, stream: int, q: torch.Tensor):
-    """The four Philox words of counter blocks ``q`` (int64 tensor) in stream ``stream``."""
-    zero = torch.zeros_like(q)
-    return philox4x32(q & MASK32, (q >> 32) & MASK32, zero + (stream & MASK32), zero + (stream >> 32), seed)
+def philox_blocks(seed: int, stream, q: torch.Tensor):
+    """The four Philox words of counter blocks ``q`` (non-negative int64 tensor) in ``stream`` (an int,
+    or an int64 tensor broadcasting against q: one stream per row)."""
+    words = philox4x32(q & MASK32, q >> 32, stream & MASK32, stream >> 32, seed)
+    return tuple(w.expand(torch.broadcast_shapes(q.shape, torch.as_tensor(stream).shape)) for w in words)
 
 
-def box_muller(x_radius: torch.Tensor, x_angle: torch.Tensor):
-    """Two float64 standard normals from two uint32 words (held in int64)."""
-    u = 1.0 - (x_radius >> 8).double() * 2.0**-24
-    v = (x_angle >> 8).double() * 2.0**-24
+def box_muller(x_radius: torch.Tensor, x_angle: torch.Tensor, dtype=torch.float64):
+    """Two standard normals (in ``dtype``, float64 or the kernel's fp32) from two uint32 words (held in int64)."""
+    u = 1.0 - (x_radius >> 8).to(dtype) * 2.0**-24
+    v = (x_angle >> 8).to(dtype) * 2.0**-24
     r = torch.sqrt(-2.0 * torch.log(u))
     theta = 2.0 * math.pi * v
     return r * torch.cos(theta), r * torch.sin(theta)
 
 
-def normals(n: int, *, seed: int, stream: int = 0, offset: int = 0, device=None) -> torch.Tensor:
-    """Float64 normals of elements offset .. offset + n - 1 (a flat tensor of n values)."""
-    first, last = offset // 4, (offset + n + 3) // 4
-    q = torch.arange(first, last, dtype=torch.int64, device=device)
+def normals(n: int, *, seed: int, stream=0, offset=0, device=None, dtype=torch.float64) -> torch.Tensor:
+    """Normals of counter elements offset .. offset + n - 1 in ``stream``: a flat tensor of n values.
+
+    ``stream`` and ``offset`` may also be int64 tensors of R values (or one of them an int): then
+    the result is [R, n], row r drawn from stream[r] at offset[r], in one pass over all rows.
+    """
+    rows = isinstance(stream, torch.Tensor) or isinstance(offset, torch.Tensor)
+    stream = torch.as_tensor(stream, dtype=torch.int64, device=device).reshape(-1, 1)
+    offset = torch.as_tensor(offset, dtype=torch.int64, device=device).reshape(-1, 1)
+    first = offset // 4
+    blocks = (n + 3) // 4 + 1  # covers elements start .. start + n - 1 for any start = offset - 4 first in 0..3
+    q = first + torch.arange(blocks, dtype=torch.int64, device=device)
     x0, x1, x2, x3 = philox_blocks(seed, stream, q)
-    z0, z1 = box_muller(x0, x1)
-    z2, z3 = box_muller(x2, x3)
-    z = torch.stack((z0, z1, z2, z3), dim=1).reshape(-1)  # element 4q + j at row q, column j
+    z0, z1 = box_muller(x0, x1, dtype)
+    z2, z3 = box_muller(x2, x3, dtype)
+    z = torch.stack((z0, z1, z2, z3), dim=-1).reshape(x0.shape[0], -1)  # element 4q + j at [row, 4 (q - first) + j]
     start = offset - 4 * first
-    return z[start:start + n]
+    if start.numel() == 1:
+        z = z[:, int(start):int(start) + n]
+    else:
+        z = z.gather(1, (start + torch.arange(n, device=z.device)).expand(z.shape[0], n))
+    return z if rows else z.reshape(n)
 
 
 def randn(shape, *, seed: int, stream: int = 0, offset: int = 0, device=None, dtype=torch.float32):
