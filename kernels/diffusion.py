@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from . import launch_block
-from .random import as_int64, normal_tile
+from .random import as_int64, int64_arg, normal_tile
 
 PREDICTION = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 VARIANCE = {"fixed_small": 0, "fixed_small_log": 1, "fixed_large": 2, "fixed_large_log": 3, "learned": 4,
@@ -126,7 +126,7 @@ def _q_sample_kernel(out_ptr, noise_out_ptr, x0_ptr, noise_ptr, table, T, t_arg,
     b = (pid // tiles).to(tl.int64)
     t = _timestep(t_arg, t_stride, b, T_TENSOR)
     abar_t, bbar_t, sqrt_abar_t, sqrt_bbar_t = _schedule_at(table, T, t)
-    idx, mask, z = _tile(seed, t, offset + b * n, pid % tiles, n, NOISE, BLOCK)
+    idx, mask, z = _tile(seed, t, int64_arg(offset) + b * n, pid % tiles, n, NOISE, BLOCK)
     base = b * n + idx
     if NOISE == 2:
         z = tl.load(noise_ptr + base, mask=mask).to(tl.float32)
@@ -151,7 +151,7 @@ def _ddpm_step_kernel(prev_ptr, x0_ptr, model_ptr, sample_ptr, noise_ptr, scale_
     s = _prev_timestep(s_arg, s_stride, b, t, S_MODE)
     valid, abar_t, bbar_t, sqrt_abar_t, sqrt_bbar_t, abar_s, bbar_s, beta_ts = _step_coefficients(
         table, T, t, s, 1.0, 0.0)
-    idx, mask, z = _tile(seed, t, offset + b * n, pid % tiles, n, NOISE, BLOCK)
+    idx, mask, z = _tile(seed, t, int64_arg(offset) + b * n, pid % tiles, n, NOISE, BLOCK)
     x = tl.load(sample_ptr + b * n + idx, mask=mask).to(tl.float32)
     m = tl.load(model_ptr + b * model_stride + idx, mask=mask).to(tl.float32)
     x0 = _clip_x0(_predict_x0(m, x, sqrt_abar_t, sqrt_bbar_t, PRED), scale_ptr, b, clip_range, CLIP)
@@ -194,7 +194,7 @@ def _ddim_step_kernel(prev_ptr, x0_ptr, model_ptr, sample_ptr, noise_ptr, scale_
     s = _prev_timestep(s_arg, s_stride, b, t, S_MODE)
     valid, abar_t, bbar_t, sqrt_abar_t, sqrt_bbar_t, abar_s, bbar_s, beta_ts = _step_coefficients(
         table, T, t, s, final_abar, final_bbar)
-    idx, mask, z = _tile(seed, t, offset + b * n, pid % tiles, n, NOISE, BLOCK)
+    idx, mask, z = _tile(seed, t, int64_arg(offset) + b * n, pid % tiles, n, NOISE, BLOCK)
     x = tl.load(sample_ptr + b * n + idx, mask=mask).to(tl.float32)
     m = tl.load(model_ptr + b * n + idx, mask=mask).to(tl.float32)
     x0 = _clip_x0(_predict_x0(m, x, sqrt_abar_t, sqrt_bbar_t, PRED), scale_ptr, b, clip_range, CLIP)

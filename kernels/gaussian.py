@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from . import launch_block
-from .random import as_int64, box_muller, philox
+from .random import as_int64, box_muller, int64_arg, philox
 
 # What the kernels get eps from (forward), or whether a z gradient exists (backward).
 NOISE_NONE = tl.constexpr(0)    # no z: KL only / no gradient of z
@@ -86,6 +86,7 @@ def _tile(n_rows, row_len, n_chunks, shift, ROWS: tl.constexpr, CHUNK: tl.conste
 def _eps(noise_ptr, idx, mask, rows, chunk, row_len, seed, stream, offset,
          NOISE: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):
     """eps of the tile's elements (fp32), from the tensor or the counter-based stream."""
+    offset = int64_arg(offset)
     if NOISE == NOISE_TENSOR:
         eps = tl.load(noise_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     elif NOISE == NOISE_TILES:

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from . import launch_block
-from .random import TWO_POW_M24, as_int64, num_tiles, philox
+from .random import TWO_POW_M24, as_int64, int64_arg, num_tiles, philox
 
 # Globals a kernel reads must be tl.constexpr (compiled Triton rejects plain Python floats).
 SQRT2 = tl.constexpr(1.4142135623730951)
@@ -82,7 +82,7 @@ def truncated_normal(x, erf_psi, erfc_psi, bound):
 def truncated_normal_tile(seed, stream, offset, erf_psi, erfc_psi, bound, pid, BLOCK: tl.constexpr):
     """(idx, z) like ``random.normal_tile``, with truncated normals: the same Philox-aligned tiling
     (the first tile starts at -(offset % 4)); the caller masks 0 <= idx < n."""
-    offset = offset.to(tl.int64)
+    offset = int64_arg(offset)
     QB: tl.constexpr = BLOCK // 4
     tile = pid.to(tl.int64)
     q = (offset >> 2) + tile * QB + tl.arange(0, QB)

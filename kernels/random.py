@@ -34,10 +34,19 @@ def as_int64(value: int) -> int:
 
 
 @triton.jit
+def int64_arg(x):
+    """A scalar integer kernel argument as int64. Compiled, both casts are free. The Triton
+    interpreter carries a Python int in [2^31, 2^32) as uint32 data under an int64 type, so
+    ``x.to(tl.int64)`` is a no-op there and later ops read the data as int32 (offset 2^31 became
+    -2^31); the round trip through uint64 converts the data itself."""
+    return x.to(tl.uint64).to(tl.int64)
+
+
+@triton.jit
 def philox(seed, stream, q):
     """Four uint32 blocks of Philox4x32-10 for int64 counter blocks ``q`` (seed, stream: int64 scalars)."""
-    seed = seed.to(tl.int64)
-    stream = stream.to(tl.int64)
+    seed = int64_arg(seed)
+    stream = int64_arg(stream)
     zero = tl.zeros(q.shape, tl.uint32)
     c0 = q.to(tl.uint32)  # int64 -> uint32 truncates: lo32(q)
     c1 = (q >> 32).to(tl.uint32)
@@ -63,7 +72,7 @@ def normal_tile(seed, stream, offset, pid, BLOCK: tl.constexpr):
     """(idx, z): positions ``idx`` (int64, relative to the draw's first element) of tile ``pid``
     and their normals ``z`` (fp32). Tiles are aligned to Philox blocks, so the first starts at
     -(offset % 4); the caller masks 0 <= idx < n."""
-    offset = offset.to(tl.int64)
+    offset = int64_arg(offset)
     QB: tl.constexpr = BLOCK // 4
     tile = pid.to(tl.int64)
     q = (offset >> 2) + tile * QB + tl.arange(0, QB)
@@ -91,7 +100,7 @@ def _randn_kernel(out_ptr, n, seed: tl.int64, stream: tl.int64, offset: tl.int64
 def _philox_kernel(out_ptr, n_blocks, seed: tl.int64, stream: tl.int64, counter: tl.int64,
                    BLOCK: tl.constexpr):
     j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    x0, x1, x2, x3 = philox(seed, stream, counter.to(tl.int64) + j)
+    x0, x1, x2, x3 = philox(seed, stream, int64_arg(counter) + j)
     mask = j < n_blocks
     row = out_ptr + 4 * j
     tl.store(row + 0, x0.to(tl.int32, bitcast=True), mask=mask)

@@ -63,6 +63,29 @@ def test_randn_kernel_matches_reference_at_offsets(device, offset):
     assert_close(z, ref.randn((3, 67), seed=99, offset=offset, dtype=torch.float64))
 
 
+# Seeds, streams and offsets in [2^31, 2^32): the Triton interpreter carries such Python ints as uint32
+# data under an int64 type, and a kernel that only casts them with .to(tl.int64) reads -2^31 for 2^31.
+PAST_INT32 = [(2**31 + 5, 2**31 + 1, 2**31), (2**32 - 1, 2**32 - 1, 2**32 - 3), (BIG_SEED, 7, 2**31 - 1)]
+
+
+@pytest.mark.parametrize("seed, stream, offset", PAST_INT32)
+def test_every_kernel_reads_64_bit_arguments(device, seed, stream, offset):
+    """randn, the Gaussian ops, q_sample and latents agree with the torch backend for arguments past 2^31."""
+    expected = ref.randn((3, 5), seed=seed, stream=stream, offset=offset, dtype=torch.float64)
+    assert_close(kernel_randn((3, 5), device, seed=seed, stream=stream, offset=offset), expected)
+    zeros = torch.zeros(3, 5, device=device)  # z = eps with mu = 0, logvar = 0
+    z = fastgen.reparameterize(zeros, zeros, seed=seed, stream=stream, offset=offset, backend="triton")
+    assert_close(z, expected)
+    z, _ = fastgen.reparameterize_with_kl(zeros, zeros, seed=seed, stream=stream, offset=offset, backend="triton")
+    assert_close(z, expected)
+    schedule = fastgen.NoiseSchedule(num_train_timesteps=10)
+    x0 = torch.randn(3, 5, device=device)
+    for call in (lambda backend: fastgen.q_sample(x0, 4, schedule, seed=seed, offset=offset, backend=backend),
+                 lambda backend: fastgen.latents(3, 5, seed=seed, offset=offset // 5, truncation=0.8, device=device,
+                                                 backend=backend)):
+        assert_close(call("triton"), call("torch").double())
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_torch_backend_is_the_reference(dtype):
     z = fastgen.randn((7, 129), seed=5, stream=1, offset=2, dtype=dtype, backend="torch")
