@@ -42,11 +42,38 @@ SCHEDULERS = [
                                        timestep_spacing="trailing", clip_sample=False), {"eta": 1.0},
                  id="ddim-eta1-sample-trailing"),
 ]
+MORE_SCHEDULERS = [  # the rest of the configurations the torch loop has its own code for
+    pytest.param(lambda: DDPMScheduler(num_train_timesteps=T, variance_type="fixed_large", prediction_type="sample",
+                                       thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.5),
+                 {}, id="ddpm-large-sample-thresholding"),
+    pytest.param(lambda: DDPMScheduler(num_train_timesteps=T, variance_type="learned", clip_sample_range=0.5),
+                 {}, id="ddpm-learned"),
+    pytest.param(lambda: DDIMScheduler(num_train_timesteps=T, prediction_type="v_prediction", thresholding=True,
+                                       sample_max_value=3.0),
+                 {"eta": 0.4}, id="ddim-eta0.4-v-thresholding"),
+    pytest.param(lambda: DDIMScheduler(num_train_timesteps=T, clip_sample_range=0.3), {"eta": 0.7},
+                 id="ddim-eta0.7-epsilon-clip"),
+]
+
+
+class Learned(torch.nn.Module):
+    """Toy with a positive variance in its extra channels (variance_type="learned" reads a variance)."""
+
+    def __init__(self):
+        super().__init__()
+        self.toy = Toy()
+
+    def forward(self, x, t):
+        return torch.cat([self.toy(x, t), 0.05 + torch.sigmoid(x)], dim=1)
 
 
 def _model_for(scheduler):
-    learned = scheduler.config.get("variance_type") in ("learned", "learned_range")
-    return Toy(channels_out=True if learned else None)
+    if scheduler.config.get("variance_type") == "learned":
+        return Learned()
+    if scheduler.config.get("thresholding"):  # predictions loud enough that the thresholds bite (s > 1)
+        toy = Toy()
+        return lambda x, t: 4 * toy(x, t)
+    return Toy(channels_out=True if scheduler.config.get("variance_type") == "learned_range" else None)
 
 
 @pytest.mark.parametrize("make_scheduler,kwargs", SCHEDULERS)
@@ -63,6 +90,34 @@ def test_fused_loop_matches_reference_loop(make_scheduler, kwargs):
     # a different seed gives different samples (the noise is really used)
     other = fastgen.sample(model, shape, scheduler, num_inference_steps=5, seed=12, offset=3, backend="torch", **kwargs)
     assert (other - reference).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("make_scheduler,kwargs", SCHEDULERS + MORE_SCHEDULERS)
+@pytest.mark.parametrize("noise", ["seed", "generator"])
+def test_torch_loop_matches_float64_reference_loop(make_scheduler, kwargs, noise):
+    """The torch loop (fp32 ops, precomputed coefficients, chunked noise) against every step through
+    the float64 reference, 12 steps of a batch whose noise spans several chunks."""
+    from fastgen.sampling import _TorchSteps
+
+    scheduler = make_scheduler()
+    model = _model_for(scheduler)
+    shape = (5, 2, 3)
+    noise_args = dict(seed=21, offset=4) if noise == "seed" else {}
+
+    def run(backend):
+        if noise == "generator":
+            noise_args["generator"] = torch.Generator().manual_seed(3)
+        return fastgen.sample(model, shape, scheduler, num_inference_steps=12, backend=backend, **noise_args, **kwargs)
+
+    reference = run("reference")
+    chunk = _TorchSteps.NOISE_CHUNK
+    try:
+        _TorchSteps.NOISE_CHUNK = 2 * torch.Size(shape).numel() + 1  # two steps per noise call
+        got = run("torch")
+    finally:
+        _TorchSteps.NOISE_CHUNK = chunk
+    assert torch.isfinite(reference).all()
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_reference_loop_is_the_float64_sample_loop():

@@ -29,37 +29,45 @@ PHILOX_ROUNDS = 10
 
 
 def philox4x32(c0, c1, c2, c3, seed: int, rounds: int = PHILOX_ROUNDS):
-    """Philox-4x32-``rounds`` of counter words c0..c3 (int64 tensors holding uint32, or ints; they
-    broadcast against each other) under a 64-bit seed.
+    """Philox-4x32-``rounds`` of counter words c0..c3 (int64 tensors holding uint32, broadcasting
+    against each other) under a 64-bit seed.
 
-    hi(a x) and lo(a x) come from one int64 product: a x < 2^64 can pass 2^63, and torch's int64
-    multiply wraps modulo 2^64 (two's complement), so the product's low 64 bits are exact. lo is
-    the product itself until it is read: its high bits vanish under the mask of the xor that
-    consumes it next round (and at the end), which saves two ops per round.
+    Each round takes hi(a x) and lo(a x) from one int64 product: a x < 2^64 can pass 2^63, and
+    torch's int64 multiply wraps modulo 2^64 (two's complement), so the product's low 64 bits are
+    exact. A product stands for its lo word until read: its high bits vanish under the mask of the
+    xor that consumes it next round (or the final mask). The rounds work in place on copies of the
+    words, so a round is ten whole-tensor ops and allocates nothing.
     """
+    shape = torch.broadcast_shapes(c0.shape, c1.shape, c2.shape, c3.shape)
+    c0, c1, c2, c3 = (c.expand(shape).clone() for c in (c0, c1, c2, c3))
+    shifted = torch.empty_like(c0)
     k0, k1 = seed & MASK32, (seed >> 32) & MASK32
     for _ in range(rounds):
-        product_b, product_a = c2 * PHILOX_B, c0 * PHILOX_A  # (hi, lo) = (product >> 32, product mod 2^32)
-        c0, c1 = ((product_b >> 32) ^ c1 ^ k0) & MASK32, product_b
-        c2, c3 = ((product_a >> 32) ^ c3 ^ k1) & MASK32, product_a
+        c0.mul_(PHILOX_A)  # product_a = A c0
+        c2.mul_(PHILOX_B)  # product_b = B c2
+        # c0' = hi(product_b) ^ c1 ^ k0, over c1;   c1' = lo(product_b), in c2's buffer
+        c1.bitwise_xor_(torch.bitwise_right_shift(c2, 32, out=shifted)).bitwise_xor_(k0).bitwise_and_(MASK32)
+        # c2' = hi(product_a) ^ c3 ^ k1, over c3;   c3' = lo(product_a), in c0's buffer
+        c3.bitwise_xor_(torch.bitwise_right_shift(c0, 32, out=shifted)).bitwise_xor_(k1).bitwise_and_(MASK32)
+        c0, c1, c2, c3 = c1, c2, c3, c0
         k0, k1 = (k0 + PHILOX_KEY_A) & MASK32, (k1 + PHILOX_KEY_B) & MASK32
-    return c0, c1 & MASK32, c2, c3 & MASK32
+    return c0, c1.bitwise_and_(MASK32), c2, c3.bitwise_and_(MASK32)
 
 
 def philox_blocks(seed: int, stream, q: torch.Tensor):
     """The four Philox words of counter blocks ``q`` (non-negative int64 tensor) in ``stream`` (an int,
     or an int64 tensor broadcasting against q: one stream per row)."""
-    words = philox4x32(q & MASK32, q >> 32, stream & MASK32, stream >> 32, seed)
-    return tuple(w.expand(torch.broadcast_shapes(q.shape, torch.as_tensor(stream).shape)) for w in words)
+    stream = torch.as_tensor(stream, dtype=torch.int64, device=q.device)
+    return philox4x32(q & MASK32, q >> 32, stream & MASK32, stream >> 32, seed)
 
 
 def box_muller(x_radius: torch.Tensor, x_angle: torch.Tensor, dtype=torch.float64):
-    """Two standard normals (in ``dtype``, float64 or the kernel's fp32) from two uint32 words (held in int64)."""
-    u = 1.0 - (x_radius >> 8).to(dtype) * 2.0**-24
-    v = (x_angle >> 8).to(dtype) * 2.0**-24
-    r = torch.sqrt(-2.0 * torch.log(u))
-    theta = 2.0 * math.pi * v
-    return r * torch.cos(theta), r * torch.sin(theta)
+    """Two standard normals (in ``dtype``, float64 or the kernel's fp32) from two uint32 words (held in int64):
+    r = sqrt(-2 ln u), theta = 2 pi v, (r cos theta, r sin theta). In place after the first op of each
+    line; theta = (x >> 8) (2 pi 2^-24) rounds exactly as 2 pi ((x >> 8) 2^-24), as scaling by 2^-24 is exact."""
+    r = (x_radius >> 8).to(dtype).mul_(-2.0**-24).add_(1.0).log_().mul_(-2.0).sqrt_()
+    theta = (x_angle >> 8).to(dtype).mul_(2.0 * math.pi * 2.0**-24)
+    return torch.cos(theta).mul_(r), theta.sin_().mul_(r)
 
 
 def normals(n: int, *, seed: int, stream=0, offset=0, device=None, dtype=torch.float64) -> torch.Tensor:
