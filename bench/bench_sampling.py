@@ -2,10 +2,14 @@
 (flat [B, 64] data) and a UNet ([B, 3, 32, 32] images), per loop and per step.
 
 Providers (each one call = one full sampling run from x_T to x_0):
-    fastgen                 ``fastgen.sampling.Sampler`` with the fused Triton step; on CUDA the model
-                            call + step captured once as a CUDA graph and replayed per step
-    fastgen eager           the same loop without the graph (one launch of the fused step per step)
-    reference               the same loop with ``backend="torch"`` (float64 reference steps)
+    fastgen                 ``fastgen.sampling.Sampler`` as it runs by default: on CUDA the fused Triton
+                            step, model call + step captured once as a CUDA graph and replayed per
+                            step; on a CPU the torch loop (backend "torch": fp32 whole-tensor ops,
+                            coefficients precomputed, counter-based noise drawn for many steps per call)
+    fastgen eager           the Triton loop without the graph (one launch of the fused step per step)
+    fastgen, diffusers noise  the default loop with ``generator=``: the noise drawn by torch.randn as
+                            diffusers draws it, so it differs from "diffusers" only in the step
+    reference               the loop with ``backend="reference"`` (every step through the float64 reference)
     diffusers               the loop diffusers' pipelines run: ``scheduler.step(model(x, t), t, x).prev_sample``
     model only              the model called once per timestep and nothing else: the floor for a
                             loop whose model dominates (the UNet)
@@ -19,8 +23,8 @@ of "model only" for the UNet; on a CPU the fastgen loop faster than the diffuser
     python bench/bench_sampling.py [--quick]                  # this family alone: per-step table
     pytest bench/bench_sampling.py                            # pytest-benchmark
 
-The quick sizes (CPU smoke runs) are tiny models sampling 2 steps, not the full 1000 / 50: on a CPU the fused step runs
-in the Triton interpreter, and the table is a smoke test there, not a timing.
+The quick sizes (CPU smoke runs) are tiny models sampling 2 steps, not the full 1000 / 50. On a CPU "fastgen
+eager" runs the fused step in the Triton interpreter (a smoke test, not a timing); every other row is a timing.
 """
 import argparse
 import os
@@ -88,17 +92,22 @@ def make_inputs_for(model_name, sampler_name):
 class _Loops(dict):
     """The prepared fastgen loops ("graph", "eager", "reference"), each built on first use (a
     Triton loop cannot be built on a CPU without the interpreter, where its provider never runs)."""
-    SETTINGS = {"graph": dict(cuda_graph="auto", backend="triton"), "eager": dict(cuda_graph=False, backend="triton"),
-                "reference": dict(cuda_graph=False, backend="torch")}
+    SETTINGS = {"default": dict(), "eager": dict(cuda_graph=False, backend="triton"),
+                "reference": dict(cuda_graph=False, backend="reference")}
 
     def __init__(self, model, shape, kind, steps, seed, dtype):
         super().__init__()
-        self.args = dict(model=model, shape=shape, kind=kind, steps=steps, seed=seed, dtype=dtype)
+        self.args = dict(model=model, shape=shape, kind=kind, steps=steps, seed=seed, dtype=dtype,
+                         model_device=next(model.parameters()).device)
 
     def __missing__(self, name):
         a = self.args
+        if name == "diffusers noise":  # every call draws on from its generator, as diffusers' loop does
+            noise = dict(generator=torch.Generator(a["model_device"]).manual_seed(a["seed"]), **self.SETTINGS["default"])
+        else:
+            noise = dict(seed=a["seed"], **self.SETTINGS[name])
         self[name] = Sampler(a["model"], a["shape"], make_scheduler(a["kind"]), num_inference_steps=a["steps"],
-                             seed=a["seed"], dtype=a["dtype"], **self.SETTINGS[name])
+                             dtype=a["dtype"], **noise)
         return self[name]
 
 
@@ -117,7 +126,7 @@ def model_only(*, shape, dtype, device, model, loops, **_):
     """The model once per timestep on a fixed x: what a loop costs without its steps."""
     x = torch.ones(shape, dtype=dtype, device=device)
     with torch.no_grad():
-        for t in loops["reference"].loop.timesteps:
+        for t in loops["default"].loop.timesteps:
             out = model(x, t)
     return out
 
@@ -129,10 +138,12 @@ def bytes_moved(inputs, outputs):
 
 def _register(model_name, sampler_name):
     providers = [
-        fastgen_provider(lambda loops, **_: loops["graph"](), name="fastgen",
-                         note="CUDA graph on a GPU; on CPU: Triton interpreter, a smoke test, not a timing"),
+        fastgen_provider(lambda loops, **_: loops["default"](), name="fastgen", cpu="always",
+                         note="CUDA graph of the fused step on a GPU; the torch loop on a CPU"),
         peer("fastgen eager", lambda loops, **_: loops["eager"](), cpu="quick",
              note="on CPU: Triton interpreter, a smoke test, not a timing"),
+        peer("fastgen, diffusers noise", lambda loops, **_: loops["diffusers noise"](),
+             note="generator= noise (torch.randn, as diffusers draws it)"),
         reference(lambda loops, **_: loops["reference"]()),
         peer("model only", model_only),
     ]
@@ -165,19 +176,23 @@ test_sample_ddim50_unet = pytest_benchmarks(SAMPLE_DDIM50_UNET)
 
 # --- this family alone: per-step table -------------------------------------------------------------
 
-def _time(call, device, reps):
-    """Median seconds of ``reps`` calls after one warm-up call (compiles, captures)."""
-    call()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+def _time(calls, device, reps):
+    """Median seconds of each of ``calls`` (name -> callable) over ``reps`` rounds, after one warm-up
+    call each (compiles, captures). A round calls each once, so a machine whose speed drifts
+    (a shared CPU) slows every provider alike instead of whichever ran during the slow spell."""
+    times = {name: [] for name in calls}
+    for call in calls.values():
         call()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    for _ in range(reps):
+        for name, call in calls.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            call()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def main(argv=None):
@@ -200,15 +215,12 @@ def main(argv=None):
             if args.sizes and size not in args.sizes:
                 continue
             inputs = op.make_inputs(size, torch.float32, device, torch.Generator(device).manual_seed(size))
-            results = {}
-            for provider in op.providers:
-                if not provider.runs_on(device, args.quick):
-                    continue
-                results[provider.name] = _time(lambda: provider.fn(**inputs), device, args.reps)
+            calls = {p.name: (lambda p=p: p.fn(**inputs)) for p in op.providers if p.runs_on(device, args.quick)}
+            results = _time(calls, device, args.reps)
             for name, seconds in results.items():
                 vs_diffusers = results.get("diffusers", float("nan")) / seconds
                 vs_model = seconds / results.get("model only", float("nan"))
-                interpreted = " (interpreter)" if device.type == "cpu" and name.startswith("fastgen") and \
+                interpreted = " (interpreter)" if device.type == "cpu" and name == "fastgen eager" and \
                     _interpreting() else ""
                 print(f"| {op.name} | {tuple(inputs['shape'])} | {inputs['steps']} | {name}{interpreted} | "
                       f"{1e3 * seconds:.1f} | {1e6 * seconds / inputs['steps']:.1f} | {vs_diffusers:.2f}x | "

@@ -58,9 +58,11 @@ def _interpreting() -> bool:
 
 
 def fastgen(fn, name="fastgen", **kw) -> Provider:
-    """fastgen's Triton kernel (call the op with backend="triton"); on CPU only in --quick (interpreter)."""
-    return Provider(name, fn, role="fastgen", cpu="quick",
-                    note=kw.pop("note", "on CPU: Triton interpreter, a smoke test, not a timing"), **kw)
+    """fastgen's Triton kernel (call the op with backend="triton"); on CPU only in --quick (interpreter),
+    unless ``cpu="always"`` says the provider has a CPU path of its own worth timing."""
+    kw.setdefault("cpu", "quick")
+    return Provider(name, fn, role="fastgen", note=kw.pop("note", "on CPU: Triton interpreter, a smoke test, not a timing"),
+                    **kw)
 
 
 def reference(fn, name="reference", **kw) -> Provider:

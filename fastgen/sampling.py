@@ -45,6 +45,7 @@ graph the step reads t_i and s_i from the device tables at the counter and advan
 that cannot be captured (data-dependent shapes, host syncs) falls back to the eager loop under
 "auto" with a warning, and raises under ``cuda_graph=True``.
 """
+import itertools
 import warnings
 
 import torch
@@ -204,8 +205,8 @@ class _TorchSteps:
         with the next steps' in one call."""
         if i not in self._noise_rows:
             numel = self.shape.numel()
-            upcoming = [j for j in range(i, len(self.draws)) if self.draws[j]]
-            upcoming = upcoming[:max(1, self.NOISE_CHUNK // numel)]
+            drawing = (j for j in range(i, len(self.draws)) if self.draws[j])
+            upcoming = list(itertools.islice(drawing, max(1, self.NOISE_CHUNK // numel)))
             streams = self.plan.timesteps[upcoming].to(self.device)
             rows = ref_random.normals(numel, seed=self.seed, stream=streams, offset=self.element_offset,
                                       device=self.device, dtype=torch.float32)
@@ -421,7 +422,7 @@ class Sampler:
         if plan.learned_variance and len(shape) < 2:
             raise ValueError(f"shape needs a channel dimension (dim 1) for variance_type={plan.variance_type!r}, "
                              f"got {tuple(shape)}")
-        self.cuda_graph = cuda_graph
+        self.cuda_graph, self.backend = cuda_graph, backend
         self.use_graph = cuda_graph is not False and device.type == "cuda" and backend == "triton"
         self.loop = _Loop(model, shape, plan, seed=seed, offset=offset, generator=generator, device=device,
                           dtype=dtype, backend=backend)

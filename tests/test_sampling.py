@@ -385,7 +385,7 @@ def test_sample_command_writes_a_png_grid_and_times_both_paths(tmp_path):
     width, height, channels, raw = _read_png(out)
     assert (width, height, channels) == (2 * (2 * 8 + 1) + 1, 2 * (2 * 8 + 1) + 1, 1)  # 2x2 grid of 16x16
     assert len(set(raw)) > 10  # an image, not a flat colour
-    assert "fused (Triton" in proc.stdout and "reference (torch" in proc.stdout and "ms" in proc.stdout
+    assert "fastgen (torch loop" in proc.stdout and "reference (float64" in proc.stdout and "ms" in proc.stdout
     assert "max |difference|" in proc.stdout
     assert "ddim sampling" in proc.stderr  # the progress bar
     try:
