@@ -52,8 +52,8 @@ import torch
 
 from fastgen import _checks
 from fastgen import ops
-from fastgen.reference import random as ref_random
 from fastgen.backend import BACKENDS, resolve_backend
+from fastgen.reference import random as ref_random
 
 SCHEDULER_KINDS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim"}
 DEFAULT_STEPS = {"ddim": 50}  # DDPM: every training timestep (diffusers' pipelines use 1000 and 50)
