@@ -1,5 +1,6 @@
 """Benchmark of whole sampling loops: 1000 DDPM steps and 50 DDIM steps with a small MLP denoiser
-(flat [B, 64] data) and a UNet ([B, 3, 32, 32] images), per loop and per step.
+(flat [B, 64] data), a UNet ([B, 3, 32, 32] images) and no denoiser at all (a fixed output: what
+each loop costs on its own, the part of a step a sampler controls), per loop and per step.
 
 Providers (each one call = one full sampling run from x_T to x_0):
     fastgen                 ``fastgen.sampling.Sampler`` as it runs by default: on CUDA the fused Triton
@@ -12,7 +13,7 @@ Providers (each one call = one full sampling run from x_T to x_0):
     reference               the loop with ``backend="reference"`` (every step through the float64 reference)
     diffusers               the loop diffusers' pipelines run: ``scheduler.step(model(x, t), t, x).prev_sample``
     model only              the model called once per timestep and nothing else: the floor for a
-                            loop whose model dominates (the UNet)
+                            loop whose model dominates (the UNet); not run for the fixed output
 Per-step time = a call's time / the steps. Traffic (bytes): per step, x and the model output read
 and x written once (the model's own traffic excluded), times the steps.
 
@@ -29,7 +30,6 @@ eager" runs the fused step in the Triton interpreter (a smoke test, not a timing
 import argparse
 import os
 import sys
-import time
 
 import torch
 
@@ -37,21 +37,35 @@ if __name__ == "__main__" and not torch.cuda.is_available() and "triton" not in 
     os.environ.setdefault("TRITON_INTERPRET", "1")  # as the CLI does: the interpreter runs CPU tensors
 
 import fastgen
-from fastgen.bench import fastgen as fastgen_provider, peer, pytest_benchmarks, reference, register
+from fastgen.bench import fastgen as fastgen_provider, harness, peer, pytest_benchmarks, reference, register
 from fastgen.bench.registry import Op
 from fastgen.models import MLPDenoiser, UNetDenoiser
 from fastgen.sampling import Sampler, make_scheduler
 
+class FixedOutput(torch.nn.Module):
+    """A stand-in denoiser that returns one fixed epsilon prediction (standard normal, drawn at
+    construction) whatever x_t and t are: a loop around it costs what the loop itself costs."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.output = torch.nn.Parameter(torch.randn(shape), requires_grad=False)
+
+    def forward(self, x, t):
+        return self.output
+
+
 QUICK_STEPS = 2
 MODELS = {
-    # name: {"full" | "quick": (per-sample shape, constructor, batch sizes)}; the quick sizes (tiny
-    # models, QUICK_STEPS steps) never coincide with the full ones, so the size says which it is
-    "mlp": {"full": ((64,), lambda: MLPDenoiser(dim=64, hidden=256, depth=3), [64, 1024]),
-            "quick": ((16,), lambda: MLPDenoiser(dim=16, hidden=32, depth=1, time_dim=16), [4])},
-    "unet": {"full": ((3, 32, 32), lambda: UNetDenoiser(in_channels=3, channels=64, channel_mults=(1, 2, 2),
-                                                        attention_resolutions=(8,), image_size=32), [16, 64]),
-             "quick": ((1, 8, 8), lambda: UNetDenoiser(in_channels=1, channels=8, channel_mults=(1, 2),
-                                                       attention_resolutions=(4,), image_size=8), [2])},
+    # name: {"full" | "quick": (per-sample shape, constructor of the batch shape, batch sizes)}; the
+    # quick sizes (tiny models, QUICK_STEPS steps) never coincide with the full ones, so the size
+    # says which it is
+    "mlp": {"full": ((64,), lambda shape: MLPDenoiser(dim=64, hidden=256, depth=3), [64, 1024]),
+            "quick": ((16,), lambda shape: MLPDenoiser(dim=16, hidden=32, depth=1, time_dim=16), [4])},
+    "unet": {"full": ((3, 32, 32), lambda shape: UNetDenoiser(in_channels=3, channels=64, channel_mults=(1, 2, 2),
+                                                              attention_resolutions=(8,), image_size=32), [16, 64]),
+             "quick": ((1, 8, 8), lambda shape: UNetDenoiser(in_channels=1, channels=8, channel_mults=(1, 2),
+                                                             attention_resolutions=(4,), image_size=8), [2])},
+    "fixed": {"full": ((64,), FixedOutput, [64, 1024]), "quick": ((16,), FixedOutput, [4])},
 }
 SAMPLERS = {"ddpm1000": ("ddpm", 1000), "ddim50": ("ddim", 50)}
 
@@ -81,7 +95,7 @@ def make_inputs_for(model_name, sampler_name):
         seed = int(torch.randint(0, 1 << 62, (1,), generator=generator, device=generator.device).item())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = build().to(device=device, dtype=dtype).eval().requires_grad_(False)
+            model = build(shape).to(device=device, dtype=dtype).eval().requires_grad_(False)
         loops = _Loops(model, shape, kind, steps, seed, dtype)
         return {"shape": shape, "steps": steps, "dtype": dtype, "device": torch.device(device), "seed": seed,
                 "model": model, "loops": loops, "diffusers_scheduler": _diffusers_scheduler(kind)}
@@ -145,14 +159,16 @@ def _register(model_name, sampler_name):
         peer("fastgen, diffusers noise", lambda loops, **_: loops["diffusers noise"](),
              note="generator= noise (torch.randn, as diffusers draws it)"),
         reference(lambda loops, **_: loops["reference"]()),
-        peer("model only", model_only),
     ]
+    if model_name != "fixed":
+        providers.append(peer("model only", model_only))
     if _diffusers_scheduler("ddpm") is not None:
         providers.append(peer("diffusers", diffusers_loop))
     return register(Op(
         name=f"sample_{sampler_name}_{model_name}",
         description=f"full sampling, {SAMPLERS[sampler_name][1]} {SAMPLERS[sampler_name][0].upper()} steps, "
-                    f"{model_name} denoiser",
+                    + ("a fixed output for a denoiser (the loop's own cost)" if model_name == "fixed"
+                       else f"{model_name} denoiser"),
         providers=providers,
         make_inputs=make_inputs_for(model_name, sampler_name),
         sizes=_sizes(model_name, "full"),
@@ -167,32 +183,25 @@ SAMPLE_DDPM1000_MLP = _register("mlp", "ddpm1000")
 SAMPLE_DDIM50_MLP = _register("mlp", "ddim50")
 SAMPLE_DDPM1000_UNET = _register("unet", "ddpm1000")
 SAMPLE_DDIM50_UNET = _register("unet", "ddim50")
+SAMPLE_DDPM1000_FIXED = _register("fixed", "ddpm1000")
+SAMPLE_DDIM50_FIXED = _register("fixed", "ddim50")
 
 test_sample_ddpm1000_mlp = pytest_benchmarks(SAMPLE_DDPM1000_MLP)
 test_sample_ddim50_mlp = pytest_benchmarks(SAMPLE_DDIM50_MLP)
 test_sample_ddpm1000_unet = pytest_benchmarks(SAMPLE_DDPM1000_UNET)
 test_sample_ddim50_unet = pytest_benchmarks(SAMPLE_DDIM50_UNET)
+test_sample_ddpm1000_fixed = pytest_benchmarks(SAMPLE_DDPM1000_FIXED)
+test_sample_ddim50_fixed = pytest_benchmarks(SAMPLE_DDIM50_FIXED)
 
 
 # --- this family alone: per-step table -------------------------------------------------------------
 
 def _time(calls, device, reps):
-    """Median seconds of each of ``calls`` (name -> callable) over ``reps`` rounds, after one warm-up
-    call each (compiles, captures). A round calls each once, so a machine whose speed drifts
-    (a shared CPU) slows every provider alike instead of whichever ran during the slow spell."""
-    times = {name: [] for name in calls}
-    for call in calls.values():
-        call()
-    for _ in range(reps):
-        for name, call in calls.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            call()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    """Median seconds of each of ``calls`` (name -> callable): one warm-up call each (compiles,
+    captures), then on a CPU ``reps`` rounds calling each once (``harness.time_calls``)."""
+    config = harness.TimerConfig(cpu_warmup_s=0.0, cpu_min_reps=reps, cpu_min_time_s=0.0, cpu_max_reps=reps)
+    timings = harness.time_calls(calls, device, config, warmup_calls=0)
+    return {name: timing.summary()["median_ms"] / 1e3 for name, timing in timings.items()}
 
 
 def main(argv=None):
@@ -208,7 +217,8 @@ def main(argv=None):
 
     print(f"| op | batch shape | steps | provider | total ms | per step us | diffusers / this | this / model only |")
     print("|---|---|---|---|---|---|---|---|")
-    for op in (SAMPLE_DDPM1000_MLP, SAMPLE_DDIM50_MLP, SAMPLE_DDPM1000_UNET, SAMPLE_DDIM50_UNET):
+    for op in (SAMPLE_DDPM1000_FIXED, SAMPLE_DDIM50_FIXED, SAMPLE_DDPM1000_MLP, SAMPLE_DDIM50_MLP,
+               SAMPLE_DDPM1000_UNET, SAMPLE_DDIM50_UNET):
         if args.ops and op.name not in args.ops:
             continue
         for size in op.quick_sizes if args.quick else op.sizes:

@@ -4,7 +4,8 @@ CUDA: ``triton.testing.do_bench`` (CUDA events around each call, L2 flushed befo
 warm-up excluded), every per-call time kept; on top of the flush, inputs rotate over several buffer
 sets (enough to exceed twice the L2 cache, at most 32), so consecutive calls never reuse the same
 addresses. CPU: ``time.perf_counter`` around each
-call after a warm-up, inputs rotated the same way. Either way the statistics are the median and the
+call after a warm-up, inputs rotated the same way, the providers of a case called in turn (a round
+calls each once), so a CPU whose speed drifts slows them alike. Either way the statistics are the median and the
 20th/80th percentiles (Triton's perf_report and Liger-Kernel report the same three).
 
 Bytes moved: the op's minimal traffic (inputs read once + outputs written once unless the op says
@@ -114,30 +115,56 @@ class TimerConfig:
 
 def time_call(call, device: torch.device, config: TimerConfig, *, input_sets: int = 1, grad_to_none=None) -> Timing:
     """Time a zero-argument ``call`` (which rotates its own inputs) on ``device``."""
-    start = time.perf_counter()
-    call()
-    synchronize(device)
-    first_ms = (time.perf_counter() - start) * 1e3
-    for _ in range(input_sets + 1):  # every input set once more: recompiles on a new value happen here
-        call()
-    synchronize(device)
+    return time_calls({None: call}, device, config, input_sets=input_sets, grad_to_none=grad_to_none)[None]
+
+
+def time_calls(calls: dict, device: torch.device, config: TimerConfig, *, input_sets: int = 1, grad_to_none=None,
+               warmup_calls=None) -> dict:
+    """Time the zero-argument calls of one case ({name: call}, each rotating its own inputs):
+    {name: Timing}. Each is called once (timed as its first call), then ``warmup_calls`` more times
+    (default: every input set once more, so recompiles on a new value happen here).
+
+    CUDA: then ``do_bench``, one call after another. CPU: then the warm-up seconds and the timed
+    calls in rounds, a round running each call back to back for about cpu_min_time_s / cpu_min_reps
+    (at least once, at most cpu_max_reps / cpu_min_reps times), until every call has cpu_min_reps
+    rounds behind it and cpu_min_time_s or cpu_max_reps in all. A machine whose speed drifts (a
+    shared CPU) then slows every call alike instead of whichever ran during the slow spell."""
+    warmup_calls = input_sets + 1 if warmup_calls is None else warmup_calls
+    first_ms, estimate_ms = {}, {}
+    for name, call in calls.items():
+        timed = []
+        for _ in range(1 + warmup_calls):
+            start = time.perf_counter()
+            call()
+            synchronize(device)
+            timed.append((time.perf_counter() - start) * 1e3)
+        first_ms[name], estimate_ms[name] = timed[0], min(timed[1:] or timed)
     if device.type == "cuda":
         import triton.testing
 
-        times = triton.testing.do_bench(call, warmup=config.cuda_warmup_ms, rep=config.cuda_rep_ms,
-                                        grad_to_none=grad_to_none, return_mode="all")
-        return Timing([float(t) for t in times], first_ms, "triton.testing.do_bench (CUDA events, L2 flushed)",
-                      input_sets)
+        return {name: Timing([float(t) for t in triton.testing.do_bench(
+                    call, warmup=config.cuda_warmup_ms, rep=config.cuda_rep_ms, grad_to_none=grad_to_none,
+                    return_mode="all")], first_ms[name], "triton.testing.do_bench (CUDA events, L2 flushed)",
+                    input_sets) for name, call in calls.items()}
     deadline = time.perf_counter() + config.cpu_warmup_s
     while time.perf_counter() < deadline:
-        call()
-    times = []
-    while len(times) < config.cpu_min_reps or (sum(times) < config.cpu_min_time_s * 1e3
-                                               and len(times) < config.cpu_max_reps):
-        t0 = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return Timing(times, first_ms, "time.perf_counter (wall clock)", input_sets)
+        for call in calls.values():
+            call()
+    round_ms = 1e3 * config.cpu_min_time_s / config.cpu_min_reps
+    per_round = {name: min(max(1, math.ceil(round_ms / max(estimate_ms[name], 1e-6))),
+                           max(1, config.cpu_max_reps // config.cpu_min_reps)) for name in calls}
+    times = {name: [] for name in calls}
+    rounds = 0
+    while rounds < config.cpu_min_reps or not all(sum(t) >= config.cpu_min_time_s * 1e3 or len(t) >= config.cpu_max_reps
+                                                  for t in times.values()):
+        for name, call in calls.items():
+            for _ in range(per_round[name]):
+                t0 = time.perf_counter()
+                call()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    method = "time.perf_counter (wall clock)" + (", calls interleaved in rounds" if len(calls) > 1 else "")
+    return {name: Timing(times[name], first_ms[name], method, input_sets) for name in calls}
 
 
 def _check_not_zero(op_name: str, inputs: dict):

@@ -137,8 +137,8 @@ def measure(cases, device, config, *, progress=True):
                 rows.append({**base, "provider": "(inputs)", "role": "error", "error": f"{type(e).__name__}: {e}"})
                 bar.update(len(providers) + 1)
                 continue
-            case_rows, nbytes = [], None
-            for p in providers:
+            case_rows, nbytes, calls = [], None, {}
+            for p in providers:  # each called once: bytes, finiteness, errors
                 bar.set_postfix_str(f"{op.name} {variant} {base['dtype']} {size} {p.name}", refresh=False)
                 row = {**base, "provider": p.name, "role": p.role}
                 if p.cpu == "quick" and device.type == "cpu":
@@ -150,13 +150,19 @@ def measure(cases, device, config, *, progress=True):
                         nbytes = case.bytes_moved(outputs)
                     if not harness.all_finite(outputs):
                         raise RuntimeError("non-finite outputs")
-                    grads = case.grad_tensors() if variant == "fwd+bwd" else None
-                    timing = harness.time_call(call, device, config, input_sets=n_sets, grad_to_none=grads)
-                    row.update(timing.summary(), bytes=nbytes)
+                    calls[len(case_rows)] = call
                 except Exception as e:
                     row["error"] = f"{type(e).__name__}: {e}"
                 case_rows.append(row)
-                bar.update(1)
+            try:  # together: on a CPU in rounds, so the providers of a case see the same machine
+                grads = case.grad_tensors() if variant == "fwd+bwd" else None
+                timings = harness.time_calls(calls, device, config, input_sets=n_sets, grad_to_none=grads)
+                for i, timing in timings.items():
+                    case_rows[i].update(timing.summary(), bytes=nbytes)
+            except Exception as e:
+                for i in calls:
+                    case_rows[i]["error"] = f"{type(e).__name__}: {e}"
+            bar.update(len(providers))
             if nbytes is not None:
                 if nbytes not in copies:
                     bar.set_postfix_str(f"copy_ {nbytes} B", refresh=False)

@@ -38,8 +38,7 @@ def philox4x32(c0, c1, c2, c3, seed: int, rounds: int = PHILOX_ROUNDS):
     xor that consumes it next round (or the final mask). The rounds work in place on copies of the
     words, so a round is ten whole-tensor ops and allocates nothing.
     """
-    shape = torch.broadcast_shapes(c0.shape, c1.shape, c2.shape, c3.shape)
-    c0, c1, c2, c3 = (c.expand(shape).clone() for c in (c0, c1, c2, c3))
+    c0, c1, c2, c3 = (c.clone() for c in torch.broadcast_tensors(c0, c1, c2, c3))
     shifted = torch.empty_like(c0)
     k0, k1 = seed & MASK32, (seed >> 32) & MASK32
     for _ in range(rounds):
