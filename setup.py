@@ -28,7 +28,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "scipy", "hypothesis", "diffusers", "scikit-learn", "matplotlib"],
         "train": ["scikit-learn", "matplotlib"],
-        "bench": ["pytest-benchmark", "nvidia-ml-py", "matplotlib"],
+        "bench": ["pytest-benchmark", "nvidia-ml-py", "matplotlib", "diffusers"],  # diffusers: the peer rows
     },
     entry_points={"console_scripts": ["fastgen=fastgen.cli:main"]},
 )

@@ -23,6 +23,22 @@ def _series(rows, key):
     return series
 
 
+def _panels(plt, path, dtypes, title, draw):
+    """A figure with one panel per dtype, ``draw(ax, dtype)`` filling each (log2 size axis, grid and
+    legend added here), saved to ``path``; returns the path."""
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(5.5 * len(dtypes), 4.2), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes):
+        draw(ax, dtype)
+        ax.set_xscale("log", base=2)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_all(result, out_dir) -> list:
     import matplotlib
 
@@ -38,42 +54,30 @@ def plot_all(result, out_dir) -> list:
     for op, variant in sorted({(r["op"], r["variant"]) for r in rows}):
         mine = [r for r in rows if r["op"] == op and r["variant"] == variant]
         dtypes = sorted({r["dtype"] for r in mine}, key=lambda d: (DTYPE_ORDER.index(d) if d in DTYPE_ORDER else 9, d))
-        fig, axes = plt.subplots(1, len(dtypes), figsize=(5.5 * len(dtypes), 4.2), squeeze=False)
-        for ax, dtype in zip(axes[0], dtypes):
+
+        def bandwidth(ax, dtype):
             for provider, (xs, ys) in _series([r for r in mine if r["dtype"] == dtype], "gbps").items():
                 is_copy = provider.startswith("copy_")
                 style = dict(color="black", linestyle="--", marker="") if is_copy else dict(marker="o")
                 ax.plot(xs, ys, label=provider, **style)
             if peak:
                 ax.axhline(peak, color="red", linestyle=":", label=f"theoretical {peak:.0f} GB/s")
-            ax.set_xscale("log", base=2)
             ax.set(xlabel="elements", ylabel="GB/s", title=f"{op} {variant} {dtype}")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.suptitle(f"fastgen {op} ({variant}) on {device}", fontsize=10)
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"{_slug(op)}_{_slug(variant)}_gbps.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(path)
+
+        files.append(_panels(plt, os.path.join(out_dir, f"{_slug(op)}_{_slug(variant)}_gbps.png"), dtypes,
+                             f"fastgen {op} ({variant}) on {device}", bandwidth))
 
         peers = [r for r in mine if r["role"] not in ("fastgen", "copy") and r.get("fastgen_speedup") is not None]
         if not peers:
             continue  # no fastgen row ran (CPU without --quick): nothing to compare
-        fig, axes = plt.subplots(1, len(dtypes), figsize=(5.5 * len(dtypes), 4.2), squeeze=False)
-        for ax, dtype in zip(axes[0], dtypes):
+
+        def speedup(ax, dtype):
             for provider, (xs, ys) in _series([r for r in peers if r["dtype"] == dtype], "fastgen_speedup").items():
                 ax.plot(xs, ys, marker="o", label=f"vs {provider}")
             ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
-            ax.set_xscale("log", base=2)
             ax.set(yscale="log", xlabel="elements", ylabel="speedup (peer time / fastgen time)",
                    title=f"{op} {variant} {dtype}")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.suptitle(f"fastgen {op} ({variant}) speedup on {device}", fontsize=10)
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"{_slug(op)}_{_slug(variant)}_speedup.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(path)
+
+        files.append(_panels(plt, os.path.join(out_dir, f"{_slug(op)}_{_slug(variant)}_speedup.png"), dtypes,
+                             f"fastgen {op} ({variant}) speedup on {device}", speedup))
     return files

@@ -217,8 +217,10 @@ class _TorchSteps:
     def _draw(self, i: int):
         """The noise of step i (-1: z_T) and of the next drawing steps, NOISE_CHUNK normals in all."""
         numel = self.shape.numel()
+        rows_per_call = max(1, self.NOISE_CHUNK // numel)
         drawing = (j for j in range(max(i, 0), len(self.draws)) if self.draws[j])
-        upcoming = [i] * (i < 0) + list(itertools.islice(drawing, max(1, self.NOISE_CHUNK // numel) - (i < 0)))
+        first = [-1] if i < 0 else []
+        upcoming = first + list(itertools.islice(drawing, rows_per_call - len(first)))
         streams = [self.plan.num_train_timesteps if j < 0 else int(self.plan.timesteps[j]) for j in upcoming]
         rows = ref_random.normals(numel, seed=self.seed, stream=torch.tensor(streams, device=self.device),
                                   offset=self.element_offset, device=self.device, dtype=torch.float32)

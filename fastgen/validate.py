@@ -32,6 +32,13 @@ def check(name):
     return register
 
 
+def _kernel_case(op, case, dtype, run, expected) -> Case:
+    """A kernel's output (``run()``, outputs poisoned) compared with its float64 reference ``expected``."""
+    with poisoned_outputs():
+        actual = run()
+    return Case(op, case, str(dtype).removeprefix("torch."), testing.compare(actual, expected, dtype=dtype))
+
+
 @check("randn")
 def _check_randn(device, quick):
     from fastgen.kernels import random as k_random
@@ -49,14 +56,12 @@ def _check_randn(device, quick):
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for shape in shapes:
             offset, stream = 4 * len(shape) + 1, len(shape)
-            with poisoned_outputs():
-                z = randn(shape, seed=seed, stream=stream, offset=offset, device=device, dtype=dtype, backend="triton")
-            expected = ref.randn(shape, seed=seed, stream=stream, offset=offset, dtype=torch.float64)
-            result = testing.compare(z, expected, dtype=dtype)
-            cases.append(Case("randn", f"{tuple(shape)} offset={offset} stream={stream}",
-                              str(dtype).removeprefix("torch."), result))
+            cases.append(_kernel_case(
+                "randn", f"{tuple(shape)} offset={offset} stream={stream}", dtype,
+                lambda: randn(shape, seed=seed, stream=stream, offset=offset, device=device, dtype=dtype,
+                              backend="triton"),
+                ref.randn(shape, seed=seed, stream=stream, offset=offset, dtype=torch.float64)))
     return cases
-
 
 
 @check("latents")
@@ -71,14 +76,13 @@ def _check_latents(device, quick):
         for truncation in (None, 0.5, 2.0):
             for n, dim in sizes:
                 offset = n + 1
-                with poisoned_outputs():
-                    z = latents(n, dim, seed=seed, offset=offset, truncation=truncation, device=device, dtype=dtype,
-                                backend="triton")
-                expected = ref.latents(n, dim, seed=seed, offset=offset, truncation=truncation, dtype=torch.float64)
-                result = testing.compare(z, expected, dtype=dtype)
-                cases.append(Case("latents", f"({n}, {dim}) offset={offset} truncation={truncation}",
-                                  str(dtype).removeprefix("torch."), result))
+                cases.append(_kernel_case(
+                    "latents", f"({n}, {dim}) offset={offset} truncation={truncation}", dtype,
+                    lambda: latents(n, dim, seed=seed, offset=offset, truncation=truncation, device=device,
+                                    dtype=dtype, backend="triton"),
+                    ref.latents(n, dim, seed=seed, offset=offset, truncation=truncation, dtype=torch.float64)))
     return cases
+
 
 @check("gaussian")
 def _check_gaussian(device, quick):

@@ -261,42 +261,40 @@ def _prev_args(prev_t):
     return arg, stride, PREV_TENSOR if is_tensor else PREV_SCALAR
 
 
-def ddpm_step(prev, x0, model_output, sample, t, prev_t, table, *, prediction_type, variance_type, clip,
-              clip_range=1.0, scale=None, noise_mode, noise=None, seed=0, offset=0, block=None):
-    """x_s into ``prev`` (if not None) and x0 into ``x0`` (if not None). clip: CLIP_* (scale: fp32 [B]
-    thresholds for CLIP_THRESHOLD); noise_mode: NOISE_* (noise: the tensor for NOISE_TENSOR)."""
+def _step_launch(kernel, prev, x0, model_output, sample, t, prev_t, table, scale, noise_mode, noise, block):
+    """What the two step kernels share: (grid, leading arguments up to n, tiles, meta-parameters)."""
     batch = sample.shape[0]
     n = sample.numel() // batch
-    block = _block(_ddpm_step_kernel, n, block)
+    block = _block(kernel, n, block)
     tiles = _tiles(n, block, noise_mode)
     t_arg, t_stride, t_tensor = _timestep_args(t)
     s_arg, s_stride, s_mode = _prev_args(prev_t)
     any_out = prev if prev is not None else x0
-    _ddpm_step_kernel[(batch * tiles,)](
-        any_out, x0 if x0 is not None else any_out, model_output, sample,
-        noise if noise is not None else sample, scale if scale is not None else table, table, table.shape[1],
-        t_arg, t_stride, s_arg, s_stride, n, model_output.numel() // batch, tiles, as_int64(seed), offset,
-        float(clip_range),
-        T_TENSOR=t_tensor, S_MODE=s_mode, PRED=PREDICTION[prediction_type], VAR=VARIANCE[variance_type],
-        CLIP=clip, NOISE=noise_mode, STORE_PREV=prev is not None, STORE_X0=x0 is not None, BLOCK=block)
+    leading = (any_out, x0 if x0 is not None else any_out, model_output, sample,
+               noise if noise is not None else sample, scale if scale is not None else table, table, table.shape[1],
+               t_arg, t_stride, s_arg, s_stride, n)
+    meta = dict(T_TENSOR=t_tensor, S_MODE=s_mode, NOISE=noise_mode, STORE_PREV=prev is not None,
+                STORE_X0=x0 is not None, BLOCK=block)
+    return (batch * tiles,), leading, tiles, meta
+
+
+def ddpm_step(prev, x0, model_output, sample, t, prev_t, table, *, prediction_type, variance_type, clip,
+              clip_range=1.0, scale=None, noise_mode, noise=None, seed=0, offset=0, block=None):
+    """x_s into ``prev`` (if not None) and x0 into ``x0`` (if not None). clip: CLIP_* (scale: fp32 [B]
+    thresholds for CLIP_THRESHOLD); noise_mode: NOISE_* (noise: the tensor for NOISE_TENSOR)."""
+    grid, leading, tiles, meta = _step_launch(_ddpm_step_kernel, prev, x0, model_output, sample, t, prev_t, table,
+                                              scale, noise_mode, noise, block)
+    _ddpm_step_kernel[grid](*leading, model_output.numel() // sample.shape[0], tiles, as_int64(seed), offset,
+                            float(clip_range), PRED=PREDICTION[prediction_type], VAR=VARIANCE[variance_type],
+                            CLIP=clip, **meta)
 
 
 def ddim_step(prev, x0, model_output, sample, t, prev_t, table, *, prediction_type, clip, clip_range=1.0,
               scale=None, eta=0.0, use_clipped_model_output=False, final_abar=1.0, final_bbar=0.0,
               noise_mode, noise=None, seed=0, offset=0, block=None):
     """The DDIM update of ``sample`` into ``prev`` / ``x0`` (either may be None), arguments as ddpm_step."""
-    batch = sample.shape[0]
-    n = sample.numel() // batch
-    block = _block(_ddim_step_kernel, n, block)
-    tiles = _tiles(n, block, noise_mode)
-    t_arg, t_stride, t_tensor = _timestep_args(t)
-    s_arg, s_stride, s_mode = _prev_args(prev_t)
-    any_out = prev if prev is not None else x0
-    _ddim_step_kernel[(batch * tiles,)](
-        any_out, x0 if x0 is not None else any_out, model_output, sample,
-        noise if noise is not None else sample, scale if scale is not None else table, table, table.shape[1],
-        t_arg, t_stride, s_arg, s_stride, n, tiles, as_int64(seed), offset,
-        float(clip_range), float(eta), float(final_abar), float(final_bbar),
-        T_TENSOR=t_tensor, S_MODE=s_mode, PRED=PREDICTION[prediction_type], CLIP=clip,
-        USE_CLIPPED=bool(use_clipped_model_output), NOISE=noise_mode, STORE_PREV=prev is not None,
-        STORE_X0=x0 is not None, BLOCK=block)
+    grid, leading, tiles, meta = _step_launch(_ddim_step_kernel, prev, x0, model_output, sample, t, prev_t, table,
+                                              scale, noise_mode, noise, block)
+    _ddim_step_kernel[grid](*leading, tiles, as_int64(seed), offset, float(clip_range), float(eta), float(final_abar),
+                            float(final_bbar), PRED=PREDICTION[prediction_type], CLIP=clip,
+                            USE_CLIPPED=bool(use_clipped_model_output), **meta)
