@@ -211,6 +211,7 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--ops", nargs="+", default=None, help="only these ops (e.g. sample_ddim50_mlp)")
     parser.add_argument("--sizes", nargs="+", type=int, default=None, help="only these sizes (elements per batch)")
+    parser.add_argument("--providers", nargs="+", default=None, help="only these providers (e.g. fastgen diffusers)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     from fastgen.bench.registry import _interpreting
@@ -225,7 +226,8 @@ def main(argv=None):
             if args.sizes and size not in args.sizes:
                 continue
             inputs = op.make_inputs(size, torch.float32, device, torch.Generator(device).manual_seed(size))
-            calls = {p.name: (lambda p=p: p.fn(**inputs)) for p in op.providers if p.runs_on(device, args.quick)}
+            calls = {p.name: (lambda p=p: p.fn(**inputs)) for p in op.providers
+                     if p.runs_on(device, args.quick) and (not args.providers or p.name in args.providers)}
             results = _time(calls, device, args.reps)
             for name, seconds in results.items():
                 vs_diffusers = results.get("diffusers", float("nan")) / seconds

@@ -4,12 +4,14 @@ the registration API's checks and NVML telemetry (with a stand-in NVML module). 
 only the consistency of the figures is checked, never their size."""
 import csv
 import importlib.util
+import itertools
 import json
 import math
 import os
 import re
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -288,6 +290,32 @@ def test_cpu_timer_reports_ordered_quantiles():
     assert s["reps"] >= 3 and 0 < s["min_ms"] <= s["p20_ms"] <= s["median_ms"] <= s["p80_ms"]
     assert s["first_call_ms"] > 0 and s["method"].startswith("time.perf_counter")
 
+
+
+def test_cpu_timer_interleaves_the_calls_of_a_case_in_rounds():
+    """A slow and a fast call timed together: every round runs both (the fast one back to back for about
+    the slow one's time), so a drift in the machine's speed reaches both alike; the warm-up calls
+    come first and are not counted."""
+    log = []
+
+    def slow():
+        log.append("slow")
+        time.sleep(0.004)
+
+    def fast():
+        log.append("fast")
+
+    config = harness.TimerConfig(cpu_warmup_s=0.0, cpu_min_reps=4, cpu_min_time_s=0.016, cpu_max_reps=400)
+    timings = harness.time_calls({"slow": slow, "fast": fast}, torch.device("cpu"), config, warmup_calls=1)
+    assert log[:4] == ["slow", "slow", "fast", "fast"]  # first call + one warm-up each
+    timed = log[4:]
+    runs = [(name, len(list(group))) for name, group in itertools.groupby(timed)]
+    assert [name for name, _ in runs[:8]] == ["slow", "fast"] * 4  # alternating rounds
+    assert all(n == 1 for name, n in runs if name == "slow") and all(n > 1 for name, n in runs if name == "fast")
+    assert timings["slow"].summary()["reps"] == timed.count("slow") >= 4
+    assert timings["fast"].summary()["reps"] == timed.count("fast") <= 400
+    assert timings["slow"].summary()["median_ms"] >= 4.0 > timings["fast"].summary()["median_ms"]
+    assert "interleaved" in timings["fast"].method
 
 def test_all_zero_inputs_are_refused():
     op = _toy_op(make_inputs=lambda size, dtype, device, generator: {"x": torch.zeros(size, dtype=dtype)})
