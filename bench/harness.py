@@ -3,10 +3,10 @@
 CUDA: ``triton.testing.do_bench`` (CUDA events around each call, L2 flushed before each call,
 warm-up excluded), every per-call time kept; on top of the flush, inputs rotate over several buffer
 sets (enough to exceed twice the L2 cache, at most 32), so consecutive calls never reuse the same
-addresses. CPU: ``time.perf_counter`` around each
-call after a warm-up, inputs rotated the same way, the providers of a case called in turn (a round
-calls each once), so a CPU whose speed drifts slows them alike. Either way the statistics are the median and the
-20th/80th percentiles (Triton's perf_report and Liger-Kernel report the same three).
+addresses. CPU: ``time.perf_counter`` around each call after a warm-up, inputs rotated the same
+way, the providers of a case timed in rounds (``time_calls``), so a CPU whose speed drifts slows
+them alike. Either way the statistics are the median and the 20th/80th percentiles (Triton's
+perf_report and Liger-Kernel report the same three).
 
 Bytes moved: the op's minimal traffic (inputs read once + outputs written once unless the op says
 otherwise). GB/s = bytes / median time. The achievable limit is a device-to-device ``copy_`` moving
