@@ -35,6 +35,18 @@ def pair(kind, backend="triton", **config):
     return ours(**config, backend=backend), theirs(**config)
 
 
+def noisy_step_setup(kind, steps, device, *, seed):
+    """(ours, theirs, step kwargs that make the step draw noise, sample, model output): a pair with
+    float64 tables for diffusers and ``steps`` timesteps set on both, random inputs from ``seed``."""
+    ours, theirs = pair(kind)
+    float64_tables(theirs)
+    ours.set_timesteps(steps)
+    theirs.set_timesteps(steps)
+    g = gen(seed)
+    sample, out = (rand_like_shape(SHAPE, device=device, generator=g) for _ in range(2))
+    return ours, theirs, (dict(eta=1.0) if kind == "ddim" else {}), sample, out
+
+
 def float64_tables(theirs):
     """diffusers' scheduler with its schedule recomputed in float64 from its own betas (the only change;
     zero terminal SNR rescaled again in float64 by diffusers' own function)."""
@@ -270,13 +282,7 @@ def test_ddim_variance_noise_matches_diffusers(device):
 def test_generator_list_and_return_dict(device, kind):
     """One generator per sample draws as diffusers does, so sample b is the step of sample b alone with
     generator b; return_dict=False gives the same pair as a tuple."""
-    ours, theirs = pair(kind)
-    float64_tables(theirs)
-    ours.set_timesteps(25)
-    theirs.set_timesteps(25)
-    kwargs = dict(eta=1.0) if kind == "ddim" else {}
-    g = gen(5)
-    sample, out = (rand_like_shape(SHAPE, device=device, generator=g) for _ in range(2))
+    ours, theirs, kwargs, sample, out = noisy_step_setup(kind, 25, device, seed=5)
     t = ours.timesteps[3]
     got = ours.step(out, t, sample, generator=[gen(b) for b in range(3)], **kwargs)
     assert_outputs(got, theirs.step(out, t, sample, generator=[gen(b) for b in range(3)], **kwargs))
@@ -288,13 +294,7 @@ def test_generator_list_and_return_dict(device, kind):
 
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])
 def test_no_generator_follows_torch_manual_seed_like_diffusers(device, kind):
-    ours, theirs = pair(kind)
-    float64_tables(theirs)
-    ours.set_timesteps(10)
-    theirs.set_timesteps(10)
-    kwargs = dict(eta=1.0) if kind == "ddim" else {}
-    g = gen(8)
-    sample, out = (rand_like_shape(SHAPE, device=device, generator=g) for _ in range(2))
+    ours, theirs, kwargs, sample, out = noisy_step_setup(kind, 10, device, seed=8)
     torch.manual_seed(1234)
     got = ours.step(out, 700, sample, **kwargs)
     after_ours = torch.rand(3)
