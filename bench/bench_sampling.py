@@ -230,13 +230,13 @@ def main(argv=None):
                      if p.runs_on(device, args.quick) and (not args.providers or p.name in args.providers)}
             results = _time(calls, device, args.reps)
             for name, seconds in results.items():
-                vs_diffusers = results.get("diffusers", float("nan")) / seconds
-                vs_model = seconds / results.get("model only", float("nan"))
+                vs_diffusers = f"{results['diffusers'] / seconds:.2f}x" if "diffusers" in results else "-"
+                vs_model = f"{seconds / results['model only']:.3f}" if "model only" in results else "-"
                 interpreted = " (interpreter)" if device.type == "cpu" and name == "fastgen eager" and \
                     _interpreting() else ""
                 print(f"| {op.name} | {tuple(inputs['shape'])} | {inputs['steps']} | {name}{interpreted} | "
-                      f"{1e3 * seconds:.1f} | {1e6 * seconds / inputs['steps']:.1f} | {vs_diffusers:.2f}x | "
-                      f"{vs_model:.3f} |")
+                      f"{1e3 * seconds:.1f} | {1e6 * seconds / inputs['steps']:.1f} | {vs_diffusers} | "
+                      f"{vs_model} |")
 
 
 if __name__ == "__main__":

@@ -154,14 +154,18 @@ def measure(cases, device, config, *, progress=True):
                 except Exception as e:
                     row["error"] = f"{type(e).__name__}: {e}"
                 case_rows.append(row)
+            grads = case.grad_tensors() if variant == "fwd+bwd" else None
             try:  # together: on a CPU in rounds, so the providers of a case see the same machine
-                grads = case.grad_tensors() if variant == "fwd+bwd" else None
                 timings = harness.time_calls(calls, device, config, input_sets=n_sets, grad_to_none=grads)
-                for i, timing in timings.items():
-                    case_rows[i].update(timing.summary(), bytes=nbytes)
-            except Exception as e:
-                for i in calls:
-                    case_rows[i]["error"] = f"{type(e).__name__}: {e}"
+            except Exception:  # one failed while timed: each alone, so the error lands on its own row
+                timings = {}
+                for i, call in calls.items():
+                    try:
+                        timings[i] = harness.time_call(call, device, config, input_sets=n_sets, grad_to_none=grads)
+                    except Exception as e:
+                        case_rows[i]["error"] = f"{type(e).__name__}: {e}"
+            for i, timing in timings.items():
+                case_rows[i].update(timing.summary(), bytes=nbytes)
             bar.update(len(providers))
             if nbytes is not None:
                 if nbytes not in copies:

@@ -249,6 +249,26 @@ def test_measure_times_forward_and_backward_variants():
     assert any("fastgen skipped on CPU" in n for n in notes)
 
 
+def test_a_provider_failing_while_timed_errs_on_its_own_row():
+    """A provider that raises only after its first calls (inside the interleaved timing) gets an error
+    row; the providers timed beside it still get their timings."""
+    calls = []
+
+    def flaky(x):
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("flaky provider broke")
+        return x * 2
+
+    op = _toy_op(providers=[Provider("fastgen", lambda x: x * 2, role="fastgen"), peer("flaky", flaky)],
+                 quick_sizes=[64], grad_inputs=())
+    cases, _ = report.plan([op], torch.device("cpu"), quick=True)
+    rows, _ = report.measure(cases, torch.device("cpu"), harness.TimerConfig.quick(), progress=False)
+    by_provider = {r["provider"]: r for r in rows if r["variant"] == "fwd"}
+    assert "flaky provider broke" in by_provider["flaky"]["error"] and "median_ms" not in by_provider["flaky"]
+    assert "error" not in by_provider["fastgen"] and by_provider["fastgen"]["median_ms"] > 0
+
+
 def test_compiled_provider_runs_through_torch_compile():
     """The compiled role goes through torch.compile (here its cheap "eager" backend) in both variants."""
     op = _toy_op(providers=[fastgen(lambda x: x * 2),
