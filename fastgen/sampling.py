@@ -29,8 +29,8 @@ a diffusers loop with the same generator; the fused kernel reads that noise.
 
 Backends. "triton" runs ``step`` as one fused kernel per step. "torch" (what "auto" picks off CUDA)
 runs the same update as a few whole-tensor torch ops per step, in fp32, with every per-step
-coefficient computed once per run in float64 and the counter-based noise of many steps drawn in
-one call: the loop for a CPU, where a kernel runs only in the slow Triton interpreter and where
+coefficient computed once per run in float64 and the counter-based noise of many steps (z_T with
+the first) drawn in one call: the loop for a CPU, where a kernel runs only in the slow Triton interpreter and where
 stepping through the float64 reference costs ~100 small ops per step. "reference" steps through
 ``fastgen.reference.diffusion`` in float64: the loop the other two are checked against.
 
