@@ -42,6 +42,7 @@ from fastgen.bench.registry import Op
 from fastgen.models import MLPDenoiser, UNetDenoiser
 from fastgen.sampling import Sampler, make_scheduler
 
+
 class FixedOutput(torch.nn.Module):
     """A stand-in denoiser that returns one fixed epsilon prediction (standard normal, drawn at
     construction) whatever x_t and t are: a loop around it costs what the loop itself costs."""
@@ -198,9 +199,10 @@ test_sample_ddim50_fixed = pytest_benchmarks(SAMPLE_DDIM50_FIXED)
 
 def _time(calls, device, reps):
     """Median seconds of each of ``calls`` (name -> callable): one warm-up call each (compiles,
-    captures), then on a CPU ``reps`` rounds calling each once (``harness.time_calls``)."""
+    captures), then ``reps`` rounds calling each once, the device synchronised after each call
+    (``harness.time_calls`` with wall_clock: a loop of 1000 steps needs no do_bench)."""
     config = harness.TimerConfig(cpu_warmup_s=0.0, cpu_min_reps=reps, cpu_min_time_s=0.0, cpu_max_reps=reps)
-    timings = harness.time_calls(calls, device, config, warmup_calls=0)
+    timings = harness.time_calls(calls, device, config, warmup_calls=0, wall_clock=True)
     return {name: timing.summary()["median_ms"] / 1e3 for name, timing in timings.items()}
 
 

@@ -119,16 +119,18 @@ def time_call(call, device: torch.device, config: TimerConfig, *, input_sets: in
 
 
 def time_calls(calls: dict, device: torch.device, config: TimerConfig, *, input_sets: int = 1, grad_to_none=None,
-               warmup_calls=None) -> dict:
+               warmup_calls=None, wall_clock=False) -> dict:
     """Time the zero-argument calls of one case ({name: call}, each rotating its own inputs):
     {name: Timing}. Each is called once (timed as its first call), then ``warmup_calls`` more times
     (default: every input set once more, so recompiles on a new value happen here).
 
-    CUDA: then ``do_bench``, one call after another. CPU: then the warm-up seconds and the timed
-    calls in rounds, a round running each call back to back for about cpu_min_time_s / cpu_min_reps
-    (at least once, at most cpu_max_reps / cpu_min_reps times), until every call has cpu_min_reps
-    rounds behind it and cpu_min_time_s or cpu_max_reps in all. A machine whose speed drifts (a
-    shared CPU) then slows every call alike instead of whichever ran during the slow spell."""
+    CUDA: then ``do_bench``, one call after another. CPU (or ``wall_clock``: calls long enough that
+    do_bench's own estimate and warm-up calls would cost more than the timing; the device is then
+    synchronised after each call): then the warm-up seconds and the timed calls in rounds, a round
+    running each call back to back for about cpu_min_time_s / cpu_min_reps (at least once, at most
+    cpu_max_reps / cpu_min_reps times), until every call has cpu_min_reps rounds behind it and
+    cpu_min_time_s or cpu_max_reps in all. A machine whose speed drifts (a shared CPU) then slows
+    every call alike instead of whichever ran during the slow spell."""
     warmup_calls = input_sets + 1 if warmup_calls is None else warmup_calls
     first_ms, estimate_ms = {}, {}
     for name, call in calls.items():
@@ -139,7 +141,7 @@ def time_calls(calls: dict, device: torch.device, config: TimerConfig, *, input_
             synchronize(device)
             timed.append((time.perf_counter() - start) * 1e3)
         first_ms[name], estimate_ms[name] = timed[0], min(timed[1:] or timed)
-    if device.type == "cuda":
+    if device.type == "cuda" and not wall_clock:
         import triton.testing
 
         return {name: Timing([float(t) for t in triton.testing.do_bench(
@@ -150,6 +152,7 @@ def time_calls(calls: dict, device: torch.device, config: TimerConfig, *, input_
     while time.perf_counter() < deadline:
         for call in calls.values():
             call()
+        synchronize(device)
     round_ms = 1e3 * config.cpu_min_time_s / config.cpu_min_reps
     per_round = {name: min(max(1, math.ceil(round_ms / max(estimate_ms[name], 1e-6))),
                            max(1, config.cpu_max_reps // config.cpu_min_reps)) for name in calls}
@@ -161,6 +164,7 @@ def time_calls(calls: dict, device: torch.device, config: TimerConfig, *, input_
             for _ in range(per_round[name]):
                 t0 = time.perf_counter()
                 call()
+                synchronize(device)
                 times[name].append((time.perf_counter() - t0) * 1e3)
         rounds += 1
     method = "time.perf_counter (wall clock)" + (", calls interleaved in rounds" if len(calls) > 1 else "")
