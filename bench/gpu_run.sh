@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU checks in one command for a lent GPU machine (the device tool's `run`; see
+# /work/.library/device/README.md): the machine starts bare, has torch + Triton + pytest but no
+# package registry, and keeps only what lands in $OUT. Stages, in the order given (default: all):
+#
+#   tests      pytest with the kernels compiled (the CUDA-graph and compile-cache tests run there)
+#   sampling   python bench/bench_sampling.py: the issue-6 table (graph loop vs eager vs diffusers vs
+#              model only, MLP and UNet, DDPM-1000 and DDIM-50)
+#   report     python -m fastgen bench over every op family but sampling: results.json/.md/.csv
+#
+# Each stage has its own time limit (seconds, env TESTS_S / SAMPLING_S / REPORT_S) so one slow stage
+# cannot eat the call; logs and results are written under $OUT as they are produced.
+#
+# diffusers (the peer rows and the scheduler tests) is not on that machine: fetch its wheels here
+# first, where pip reaches the registry, and carry them (the device README's wheel recipe):
+#
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
+#   run(command="bash bench/gpu_run.sh tests sampling", carry=[".whl"], timeout_s=600)
+#
+# Then commit $OUT's results under bench/results/ (bench/results/README.md).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# fastgen itself, offline (its dependencies are on the machine already)
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -3
+python3 - <<'EOF' 2>&1 | tee "$OUT/env.txt"
+import importlib.util, torch, triton
+print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA")
+print("diffusers", "present" if importlib.util.find_spec("diffusers") else "missing (no peer rows, scheduler tests fail)")
+EOF
+
+status=0
+for stage in "${@:-tests sampling report}"; do
+  for s in $stage; do
+    case "$s" in
+      tests)
+        timeout "${TESTS_S:-420}" python3 -m pytest -q -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" || status=1 ;;
+      sampling)
+        timeout "${SAMPLING_S:-420}" python3 bench/bench_sampling.py --reps 3 2>&1 | tee "$OUT/sampling.md" || status=1 ;;
+      report)
+        ops=$(python3 -c "from fastgen.bench import registry; print(' '.join(n for n, o in registry.load_all().items() if o.family != 'sampling'))")
+        timeout "${REPORT_S:-540}" python3 -m fastgen bench --ops $ops --out "$OUT/report" --no-plots 2>&1 \
+          | tee "$OUT/report.log" || status=1 ;;
+      *) echo "unknown stage $s (tests, sampling, report)"; status=2 ;;
+    esac
+  done
+done
+exit $status
