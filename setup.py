@@ -24,9 +24,11 @@ setup(
         "triton>=3.2; platform_system == 'Linux'",
         "numpy",
         "tqdm",
+        "diffusers>=0.30",  # fastgen.schedulers subclass diffusers' scheduler classes
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scipy", "hypothesis", "diffusers", "scikit-learn", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "scipy", "hypothesis", "diffusers", "scikit-learn", "matplotlib",
+                 "torchsde"],  # torchsde: diffusers' DPMSolverSDEScheduler, one of the compatibles
         "train": ["scikit-learn", "matplotlib"],
         "bench": ["pytest-benchmark", "nvidia-ml-py", "matplotlib", "diffusers"],  # diffusers: the peer rows
     },

@@ -90,3 +90,10 @@ def like(t, name: str, ref: torch.Tensor, ref_name: str, *, shape: bool = True) 
     if shape and t.shape != ref.shape:
         raise ValueError(f"{name} must have {ref_name}'s shape {tuple(ref.shape)}, got {tuple(t.shape)}")
     return t
+
+
+def choice(value, name: str, allowed):
+    """``value`` if it is one of the strings ``allowed``; ValueError naming them otherwise."""
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    return value

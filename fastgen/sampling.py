@@ -45,6 +45,7 @@ graph the step reads t_i and s_i from the device tables at the counter and advan
 that cannot be captured (data-dependent shapes, host syncs) falls back to the eager loop under
 "auto" with a warning, and raises under ``cuda_graph=True``.
 """
+import copy
 import itertools
 import warnings
 
@@ -83,12 +84,14 @@ class _Plan:
     """Kind, noise schedule, step arguments and the host timesteps / previous timesteps of a run."""
 
     def __init__(self, scheduler, num_inference_steps, eta):
-        from fastgen.schedules import NoiseSchedule
+        from fastgen.schedulers._common import schedule_of
 
         config = getattr(scheduler, "config", None)
-        if config is None or not hasattr(scheduler, "set_timesteps"):
+        if config is None or not hasattr(scheduler, "set_timesteps") or not hasattr(scheduler, "alphas_cumprod"):
             raise TypeError(f"scheduler must be a DDPMScheduler or DDIMScheduler (diffusers' or fastgen.schedulers'"
-                            f"), with config and set_timesteps, got {type(scheduler).__name__}")
+                            f"), with config, alphas_cumprod and set_timesteps, got {type(scheduler).__name__}")
+        # a private copy: set_timesteps below must not change (or race with) the caller's scheduler
+        scheduler = copy.deepcopy(scheduler)
         config = dict(config)
         name = type(scheduler).__name__
         if name not in SCHEDULER_KINDS:
@@ -100,11 +103,7 @@ class _Plan:
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"scheduler.config.prediction_type must be one of {PREDICTION_TYPES}, "
                              f"got {prediction_type!r}")
-        self.schedule = NoiseSchedule(
-            beta_schedule=config.get("beta_schedule", "linear"),
-            num_train_timesteps=config.get("num_train_timesteps", 1000), beta_start=config.get("beta_start", 0.0001),
-            beta_end=config.get("beta_end", 0.02), trained_betas=config.get("trained_betas"),
-            rescale_betas_zero_snr=bool(config.get("rescale_betas_zero_snr", False)))
+        self.schedule = schedule_of(scheduler)  # the scheduler's own tables, as its step reads them
         T = self.num_train_timesteps = self.schedule.num_train_timesteps
         self.step_kwargs = dict(prediction_type=prediction_type, clip_sample=bool(config.get("clip_sample", True)),
                                 clip_sample_range=config.get("clip_sample_range", 1.0),
@@ -141,7 +140,8 @@ class _Plan:
         if kind == "ddpm":
             prev = torch.cat([timesteps[1:], timesteps.new_full((1,), -1)])  # diffusers' previous_timestep
         else:
-            prev = (timesteps - T // self.num_inference_steps).clamp_min(-1)  # diffusers' DDIM rule
+            stride = config.get("num_train_timesteps", T) // self.num_inference_steps
+            prev = (timesteps - stride).clamp_min(-1)  # diffusers' DDIM rule
         if (prev >= timesteps).any():
             raise ValueError(f"scheduler.timesteps must decrease, got {timesteps.tolist()}")
         self.timesteps, self.prev_timesteps = timesteps, prev

@@ -109,14 +109,14 @@ class NoiseSchedule:
                 raise ValueError(f"beta_schedule must be one of {', '.join(map(repr, BETA_SCHEDULES))}, "
                                  f"got {beta_schedule!r}")
             num_train_timesteps = _checks.as_int(num_train_timesteps, "num_train_timesteps")
-            if num_train_timesteps < 2:
-                raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
+            if num_train_timesteps < 1:
+                raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
             for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
                     raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
         betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas)
-        if trained_betas is not None and (betas.dim() != 1 or betas.numel() < 2):
-            raise ValueError(f"trained_betas must be a 1-d sequence of at least 2 betas, got shape {tuple(betas.shape)}")
+        if trained_betas is not None and (betas.dim() != 1 or betas.numel() < 1):
+            raise ValueError(f"trained_betas must be a 1-d sequence of at least 1 beta, got shape {tuple(betas.shape)}")
         if rescale_betas_zero_snr:
             betas = rescale_zero_terminal_snr(betas)
         if not torch.isfinite(betas).all() or (betas < 0).any() or (betas > 1).any():
@@ -126,14 +126,32 @@ class NoiseSchedule:
         self.config = dict(beta_schedule=beta_schedule, num_train_timesteps=betas.numel(), beta_start=beta_start,
                            beta_end=beta_end, trained_betas=None if trained_betas is None else betas.tolist(),
                            rescale_betas_zero_snr=bool(rescale_betas_zero_snr))
+        log_alphas_cumprod = torch.cumsum(torch.log1p(-betas), 0)               # log alphabar_t, exact to f64
+        one_minus_alphas_cumprod = -torch.expm1(log_alphas_cumprod)              # 1 - alphabar_t without cancellation
+        if rescale_betas_zero_snr:  # beta_{T-1} = 1: log1p(-1) = -inf, exp gives the exact 0
+            one_minus_alphas_cumprod[-1] = 1.0
+        self._derive(betas, torch.exp(log_alphas_cumprod), one_minus_alphas_cumprod)
+
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod, betas=None) -> "NoiseSchedule":
+        """The schedule whose alphabar_t are exactly ``alphas_cumprod`` (e.g. a diffusers scheduler's
+        float32 table, taken to float64 as it is) and whose one-step betas are ``betas`` (default
+        1 - alphabar_t / alphabar_{t-1}); 1 - alphabar_t is formed from the same values, so the two agree
+        to the last bit. What a scheduler's own tables give the fused ops."""
+        abar = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64).clone()
+        if betas is None:
+            betas = 1.0 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
+        schedule = cls(trained_betas=torch.as_tensor(betas).detach().to("cpu", torch.float64))
+        schedule._derive(schedule.betas, abar, 1.0 - abar)
+        return schedule
+
+    def _derive(self, betas, alphas_cumprod, one_minus_alphas_cumprod):
+        """Every table from the betas, alphabar_t and 1 - alphabar_t (float64)."""
         self.num_train_timesteps = betas.numel()
         self.betas = betas
         self.alphas = 1.0 - betas
-        log_alphas_cumprod = torch.cumsum(torch.log1p(-betas), 0)               # log alphabar_t, exact to f64
-        self.alphas_cumprod = torch.exp(log_alphas_cumprod)
-        self.one_minus_alphas_cumprod = -torch.expm1(log_alphas_cumprod)         # 1 - alphabar_t without cancellation
-        if rescale_betas_zero_snr:  # beta_{T-1} = 1: log1p(-1) = -inf, exp gives the exact 0
-            self.one_minus_alphas_cumprod[-1] = 1.0
+        self.alphas_cumprod = alphas_cumprod
+        self.one_minus_alphas_cumprod = one_minus_alphas_cumprod
         self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
         one_minus_prev = torch.cat([torch.zeros(1, dtype=torch.float64), self.one_minus_alphas_cumprod[:-1]])
         self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
@@ -142,8 +160,9 @@ class NoiseSchedule:
         self.sqrt_recip_alphas_cumprod = 1.0 / self.sqrt_alphas_cumprod
         self.sqrt_recipm1_alphas_cumprod = (self.one_minus_alphas_cumprod / self.alphas_cumprod).sqrt()
         self.posterior_variance = betas * one_minus_prev / self.one_minus_alphas_cumprod               # eq. (7)
-        self.posterior_log_variance_clipped = torch.log(
-            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
+        # Improved DDPM's clipped log: beta~_0 (= 0) replaced by beta~_1
+        first = self.posterior_variance[1:2] if len(betas) > 1 else self.posterior_variance[:1]
+        self.posterior_log_variance_clipped = torch.log(torch.cat([first, self.posterior_variance[1:]]))
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / self.one_minus_alphas_cumprod
         self.posterior_mean_coef2 = one_minus_prev * self.alphas.sqrt() / self.one_minus_alphas_cumprod
         self._cache = {}

@@ -51,10 +51,18 @@ def _alphas_cumprod(schedule, t, batch: int, final=1.0):
 
 
 def step_coefficients(schedule, t, prev_t, batch: int, final_alpha_cumprod=1.0):
-    """The float64 [B] quantities of a step t -> s: abar_t, 1 - abar_t, abar_s, 1 - abar_s, beta_{t|s}."""
+    """The float64 [B] quantities of a step t -> s: abar_t, 1 - abar_t, abar_s, 1 - abar_s, beta_{t|s}.
+
+    beta_{t|s} = 1 - abar_t / abar_s, written without cancellation as ((1 - abar_t) - (1 - abar_s)) / abar_s,
+    except for one step from t to t - 1 (abar_{-1} = 1), where it is the schedule's beta_t: the value
+    the kernels read from the same row (a scheduler's schedule holds diffusers' own beta_t there).
+    """
     abar_t, bbar_t = _alphas_cumprod(schedule, t, batch)
     abar_s, bbar_s = _alphas_cumprod(schedule, prev_t, batch, final_alpha_cumprod)
-    beta_ts = (bbar_t - bbar_s) / abar_s  # 1 - abar_t / abar_s, written without cancellation
+    beta_ts = (bbar_t - bbar_s) / abar_s
+    t, s = _timesteps(t, batch), _timesteps(prev_t, batch)
+    one_step = (s == t - 1) & ((s >= 0) | (float(final_alpha_cumprod) == 1.0))
+    beta_ts = torch.where(one_step, schedule.betas[t.clamp(0, len(schedule.betas) - 1)], beta_ts)
     return abar_t, bbar_t, abar_s, bbar_s, beta_ts
 
 
@@ -162,9 +170,10 @@ def model_variance(t, prev_t, schedule, variance_type="fixed_small", predicted_v
     _, bbar_t, _, bbar_s, beta_ts = step_coefficients(schedule, t, prev_t, batch)
     posterior = (bbar_s / bbar_t * beta_ts).clamp_min(MIN_VARIANCE)
     at_zero = _timesteps(t, batch) == 0
-    posterior = torch.where(at_zero, schedule.posterior_variance[1], posterior)
+    first_step_variance = schedule.posterior_variance[min(1, len(schedule) - 1)].clamp_min(MIN_VARIANCE)
+    posterior = torch.where(at_zero, first_step_variance, posterior)
     if variance_type in ("fixed_large", "fixed_large_log"):
-        beta_ts = torch.where(at_zero, schedule.posterior_variance[1], beta_ts)
+        beta_ts = torch.where(at_zero, first_step_variance, beta_ts)
     shape = (-1,) + (1,) * (predicted_variance.dim() - 1 if predicted_variance is not None else 0)
     posterior, beta_ts = posterior.reshape(shape), beta_ts.reshape(shape)
     if predicted_variance is not None:

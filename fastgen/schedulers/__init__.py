@@ -1,17 +1,19 @@
 """Drop-in replacements for diffusers' DDPMScheduler and DDIMScheduler whose step is one fused kernel.
 
-Change one import::
+They are subclasses of diffusers' own classes: change one import::
 
     from fastgen.schedulers import DDPMScheduler   # was: from diffusers import DDPMScheduler
 
-Same constructor arguments and defaults, ``config``, ``from_config``, ``set_timesteps``, ``timesteps``,
-``step(...)`` and outputs; given the same generator the same trajectory as diffusers (to fp32 rounding of the float64
-schedule; stock diffusers' float32 schedule is up to ~1e-3 away near t = 1).
+Config, ``from_config``, ``save_pretrained`` / ``from_pretrained``, ``set_timesteps``, ``timesteps``,
+``compatibles`` and the outputs are diffusers'; ``step`` and ``add_noise`` run fused ops on the
+scheduler's own tables, so the same generator gives diffusers' trajectory to fp32 rounding.
 ``step(..., seed=)`` draws the noise in the kernel instead (batch-invariant, no noise tensor).
 """
-from fastgen.schedulers._common import FrozenDict, SchedulerOutput, randn_tensor
-from fastgen.schedulers.ddim import DDIMScheduler, DDIMSchedulerOutput
-from fastgen.schedulers.ddpm import DDPMScheduler, DDPMSchedulerOutput
+from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-__all__ = ["DDPMScheduler", "DDPMSchedulerOutput", "DDIMScheduler", "DDIMSchedulerOutput", "FrozenDict",
-           "SchedulerOutput", "randn_tensor"]
+from fastgen.schedulers.ddim import DDIMScheduler
+from fastgen.schedulers.ddpm import DDPMScheduler
+
+__all__ = ["DDPMScheduler", "DDPMSchedulerOutput", "DDIMScheduler", "DDIMSchedulerOutput", "SchedulerMixin"]

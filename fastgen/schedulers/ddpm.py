@@ -1,4 +1,4 @@
-"""DDPMScheduler: a drop-in for diffusers' DDPMScheduler whose step is one fused pass (``fastgen.ddpm_step``).
+"""DDPMScheduler: diffusers' DDPMScheduler whose step is one fused pass (``fastgen.ddpm_step``).
 
 Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models", arXiv 2006.11239. A step from
 timestep t to s (the next inference timestep; t - 1 before ``set_timesteps``; s = -1 at the end,
@@ -16,68 +16,60 @@ abar_{-1} = 1), with beta_{t|s} = 1 - abar_t / abar_s:
             = v (the model's second C channels)                         learned
             = exp(f log beta_{t|s} + (1 - f) log beta~), f = (v + 1) / 2  learned_range (Nichol & Dhariwal eq. 15)
 
-Noise: by default z is drawn exactly as diffusers draws it (``randn_tensor(model_output.shape,
-generator=...)``, only when t > 0), so the same generator gives diffusers' result: to fp32 rounding
-when diffusers' schedule is computed in float64; stock diffusers computes it in float32 (a float32
-cumprod and 1 - abar_t / abar_s, which cancels near t = 1), which puts it up to ~1e-3 away there.
-``step(..., seed=)`` instead draws z in the kernel from fastgen's counter-based stream (stream t,
-element offset + b n + g): no noise tensor, and sample k is the same in any batch (pass
-``offset=k * n`` for a shard starting at sample k).
+abar is the scheduler's own ``alphas_cumprod`` (diffusers' float32 values), so a step equals
+diffusers' to fp32 rounding. Noise: by default z is drawn exactly as diffusers draws it
+(``randn_tensor(model_output.shape, generator=...)``, only when t > 0). ``step(..., seed=)``
+instead draws z in the kernel from fastgen's counter-based stream (stream t, element offset + b n + g):
+no noise tensor, and sample k is the same in any batch (``offset=k * n`` for a shard from sample k).
 
-Where this differs from diffusers (0.42) on purpose:
+Where this differs from diffusers on purpose:
   * variance_type="fixed_large_log": diffusers takes the square root of log(beta) and returns NaN for
     every t > 0; here it is the same variance as "fixed_large" (what the name means).
-  * beta_schedule / prediction_type / variance_type / timestep_spacing are checked at construction
-    (ValueError naming the allowed values); a timestep that is no inference timestep, custom
-    timesteps below 0, and a model output of the wrong shape raise ValueError instead of an
-    IndexError or a broadcast deep inside the step.
-  * custom timesteps set ``num_inference_steps = len(timesteps)`` (diffusers leaves the old value).
+  * an unknown variance_type raises ValueError when a step needs the variance (diffusers silently
+    uses "fixed_small"); an unknown prediction_type raises ValueError at every step (as in diffusers).
+  * a timestep that is no inference timestep and a model output of the wrong shape raise ValueError
+    instead of an IndexError or a broadcast deep inside the step.
 """
+import diffusers
 import torch
 
 import fastgen
-from fastgen.schedulers._common import SchedulerBase, SchedulerOutput, _choice, randn_tensor
+from fastgen._checks import choice
+from fastgen.schedulers._common import FusedStepMixin, with_backend
 
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+NOT_SCHEDULED = -2  # in the device table of next timesteps: no inference timestep (the kernels give NaN)
 
 
-class DDPMSchedulerOutput(SchedulerOutput):
-    """``prev_sample`` (x_{t-1}) and ``pred_original_sample`` (x_0) of a DDPMScheduler step."""
+class DDPMScheduler(FusedStepMixin, diffusers.DDPMScheduler):
+    """diffusers' DDPMScheduler (same arguments, defaults, config, save/load and timesteps) with a fused
+    ``step`` and ``add_noise``; ``backend`` (keyword-only, not part of the config): "auto" (Triton on
+    CUDA, the float64 torch reference elsewhere), "triton" or "torch"."""
 
+    __init__ = with_backend(diffusers.DDPMScheduler)
 
-class DDPMScheduler(SchedulerBase):
-    """diffusers' DDPMScheduler, same arguments and defaults (see diffusers' documentation), with a fused step.
-
-    Args:
-        num_train_timesteps: T. beta_start, beta_end, beta_schedule ("linear", "scaled_linear",
-            "squaredcos_cap_v2", "laplace", "sigmoid"), trained_betas (T betas), rescale_betas_zero_snr:
-            the noise schedule (``fastgen.NoiseSchedule``).
-        variance_type: "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned",
-            "learned_range" (learned: the model output has 2C channels, the second half the variance).
-        clip_sample, clip_sample_range: clamp x0 to +-range. thresholding, dynamic_thresholding_ratio,
-            sample_max_value: Imagen's dynamic thresholding (takes precedence over clip_sample).
-        prediction_type: "epsilon", "sample" or "v_prediction".
-        timestep_spacing ("leading", "linspace", "trailing"), steps_offset: how set_timesteps spaces steps.
-        backend (keyword-only, not part of the config): "auto", "triton" or "torch" for the fused ops.
-    """
-
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
-                 beta_schedule: str = "linear", trained_betas=None, variance_type: str = "fixed_small",
-                 clip_sample: bool = True, prediction_type: str = "epsilon", thresholding: bool = False,
-                 dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
-                 sample_max_value: float = 1.0, timestep_spacing: str = "leading", steps_offset: int = 0,
-                 rescale_betas_zero_snr: bool = False, *, backend: str = "auto"):
-        config = {k: v for k, v in locals().items() if k in self._config_keys()}
-        _choice(variance_type, "variance_type", VARIANCE_TYPES)
-        self._setup(config, backend)
-        self.variance_type = variance_type
-
-    def previous_timestep(self, timestep):
-        """The timestep a step from ``timestep`` lands on: the next inference timestep (-1 after the
-        last one), or timestep - 1 before set_timesteps."""
-        if self.custom_timesteps or self.num_inference_steps:
-            return self._scheduled_prev(timestep)
-        return timestep - 1
+    def _next_timestep(self, t, t_host):
+        """The timestep a step from t lands on, without a host synchronisation: None for t - 1 (no
+        set_timesteps), a host int, or a device lookup of the next inference timestep."""
+        if not (self.custom_timesteps or self.num_inference_steps):
+            return None
+        if t_host is not None:
+            where = (self._host_timesteps == t_host).nonzero()[0]
+            if not len(where):
+                raise ValueError(f"timestep must be one of the scheduler's timesteps "
+                                 f"{self._host_timesteps.tolist()}, got {t_host}")
+            i = int(where[0])
+            return int(self._host_timesteps[i + 1]) if i + 1 < len(self._host_timesteps) else -1
+        device = t.device
+        if device not in self._prev_tables:
+            table = torch.full((self.num_schedule_timesteps,), NOT_SCHEDULED, dtype=torch.int64)
+            order = self._host_timesteps.tolist()
+            for i, step_t in reversed(list(enumerate(order))):  # the first occurrence wins, as in diffusers
+                if 0 <= step_t < len(table):
+                    table[step_t] = order[i + 1] if i + 1 < len(order) else -1
+            self._prev_tables[device] = table.to(device)
+        return self._prev_tables[device][t]
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True, *, seed=None, offset: int = 0, backend=None):
@@ -91,36 +83,41 @@ class DDPMScheduler(SchedulerBase):
             generator: a torch.Generator or a list of B of them: the noise diffusers would draw.
             return_dict: False returns the tuple (prev_sample, pred_original_sample).
             seed, offset: fastgen's in-kernel counter-based noise instead (not with ``generator``).
-            backend: overrides the constructor's backend for this step.
+            backend: overrides the scheduler's backend for this step.
         Returns DDPMSchedulerOutput(prev_sample, pred_original_sample).
         """
-        backend = self.backend if backend is None else backend
+        backend = self._backend_arg(backend)
         offset = self._noise_source(generator, seed, offset)
-        t = self._timestep(timestep, sample)
-        learned = self.variance_type in ("learned", "learned_range")
+        cfg = self.config
+        choice(cfg.prediction_type, "prediction_type", PREDICTION_TYPES)
+        t, t_host = self._timestep(timestep, sample)
+        variance_type = self.variance_type
+        if t_host != 0:  # the step adds noise: the variance is needed
+            choice(variance_type, "variance_type", VARIANCE_TYPES)
+        learned = variance_type in ("learned", "learned_range")
         expected = sample.shape
         if learned:
             if sample.dim() < 2:
-                raise ValueError("sample must have a channel dimension (dim 1) for variance_type="
-                                 f"{self.variance_type!r}")
+                raise ValueError(f"sample must have a channel dimension (dim 1) for variance_type={variance_type!r}")
             expected = torch.Size((sample.shape[0], 2 * sample.shape[1], *sample.shape[2:]))
-        what = (f"prediction and variance channels for variance_type={self.variance_type!r}" if learned
-                else f"variance_type={self.variance_type!r}")
+        what = (f"prediction and variance channels for variance_type={variance_type!r}" if learned
+                else f"variance_type={variance_type!r}")
         noise_dtype = getattr(model_output, "dtype", None)  # diffusers draws in the model output's dtype
         model_output = self._tensors(model_output, sample, expected, what)
-        prev_t = self.previous_timestep(t) if (self.custom_timesteps or self.num_inference_steps) else None
+        prev_t = self._next_timestep(t, t_host)
         noise = None
         if seed is None:
             seed = 0  # no in-kernel noise; never touches torch's global generator
-            if self._any_positive(t):
-                noise = randn_tensor(sample.shape, generator=generator, device=model_output.device,
-                                     dtype=noise_dtype).to(sample.dtype)
-        cfg = self.config
+            draws = t_host > 0 if t_host is not None else bool((t > 0).any())  # diffusers' `if t > 0`
+            if draws:
+                noise = self._draw(sample.shape, generator, sample, noise_dtype)
         prev_sample, pred_original_sample = fastgen.ddpm_step(
             model_output, t, sample, self.schedule, prev_t=prev_t, prediction_type=cfg.prediction_type,
-            variance_type=self.variance_type, clip_sample=cfg.clip_sample, clip_sample_range=cfg.clip_sample_range,
-            thresholding=cfg.thresholding, dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio,
+            variance_type=variance_type if variance_type in VARIANCE_TYPES else "fixed_small",
+            clip_sample=bool(cfg.clip_sample), clip_sample_range=cfg.clip_sample_range,
+            thresholding=bool(cfg.thresholding), dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio,
             sample_max_value=cfg.sample_max_value, seed=seed, noise=noise, offset=offset, backend=backend)
         if not return_dict:
             return prev_sample, pred_original_sample
-        return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+        return diffusers.schedulers.scheduling_ddpm.DDPMSchedulerOutput(
+            prev_sample=prev_sample, pred_original_sample=pred_original_sample)
