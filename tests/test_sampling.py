@@ -403,3 +403,36 @@ def test_sample_command_reports_bad_arguments(tmp_path):
 
     assert cli.main(["sample", "--n", "0", "--out", str(tmp_path / "x.png"), "--no-progress"]) == 2
     assert not (tmp_path / "x.png").exists()
+
+
+def test_concurrent_samples_sharing_one_scheduler_do_not_mix_their_timesteps():
+    """sample steps a private copy of the scheduler: threads sharing one (each with its own number of
+    steps) get exactly what they get alone, and the caller's scheduler keeps its own timesteps."""
+    import threading
+
+    scheduler = fastgen.schedulers.DDIMScheduler(num_train_timesteps=T)
+    scheduler.set_timesteps(7)
+    before = scheduler.timesteps.clone()
+    steps = [2, 3, 5, 9]
+    alone = {n: fastgen.sample(Toy(), (2, 3), scheduler, num_inference_steps=n, seed=n, backend="torch")
+             for n in steps}
+    got, errors = {}, []
+
+    def run(n):
+        try:
+            for _ in range(3):
+                got.setdefault(n, []).append(
+                    fastgen.sample(Toy(), (2, 3), scheduler, num_inference_steps=n, seed=n, backend="torch"))
+        except Exception as err:  # noqa: BLE001  (reported below)
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in steps]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for n in steps:
+        for x in got[n]:
+            assert torch.equal(x, alone[n])
+    assert torch.equal(scheduler.timesteps, before) and scheduler.num_inference_steps == 7
