@@ -17,7 +17,7 @@ Providers (each one call = one full sampling run from x_T to x_0):
 Per-step time = a call's time / the steps. Traffic (bytes): per step, x and the model output read
 and x written once (the model's own traffic excluded), times the steps.
 
-Targets (issue 6): on a GPU the graph-captured loop >= 5x the diffusers loop for the MLP and within 3%
+Targets: on a GPU the graph-captured loop >= 5x the diffusers loop for the MLP and within 3%
 of "model only" for the UNet; on a CPU the fastgen loop faster than the diffusers loop.
 
     python -m fastgen bench --ops sample_ddim50_mlp           # through the report (bench/README.md)

@@ -1,23 +1,23 @@
 #!/usr/bin/env bash
-# The GPU checks in one command for a lent GPU machine (the device tool's `run`; see
-# /work/.library/device/README.md): the machine starts bare, has torch + Triton + pytest but no
-# package registry, and keeps only what lands in $OUT. Stages, in the order given (default: all):
+# The GPU checks in one command for an offline GPU machine: one that has torch + Triton + pytest
+# but no package registry, and from which only what lands in $OUT comes back. Stages, in the order
+# given (default: all):
 #
 #   tests      pytest with the kernels compiled (the CUDA-graph and compile-cache tests run there)
-#   sampling   python bench/bench_sampling.py: the issue-6 table (graph loop vs eager vs diffusers vs
-#              model only, MLP and UNet, DDPM-1000 and DDIM-50)
+#   sampling   python bench/bench_sampling.py: the sampling-loop table (graph loop vs eager vs
+#              diffusers vs model only, MLP and UNet, DDPM-1000 and DDIM-50)
 #   report     python -m fastgen bench over every op family but sampling: results.json/.md/.csv
 #
 # Each stage has its own time limit (seconds, env TESTS_S / SAMPLING_S / REPORT_S) so one slow stage
 # cannot eat the call; logs and results are written under $OUT as they are produced.
 #
-# diffusers (the peer rows and the scheduler tests) is not on that machine: fetch its wheels here
-# first, where pip reaches the registry, and carry them (the device README's wheel recipe):
+# diffusers (the schedulers' base class and the peer rows) may be missing there: download its wheels
+# on a machine that reaches the registry and copy the folder .whl/ along with the checkout:
 #
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
-#   run(command="bash bench/gpu_run.sh tests sampling", carry=[".whl"], timeout_s=600)
+#   bash bench/gpu_run.sh tests sampling        # on the GPU machine
 #
 # Then commit $OUT's results under bench/results/ (bench/results/README.md).
 set -uo pipefail
