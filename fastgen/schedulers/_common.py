@@ -79,20 +79,24 @@ class FusedStepMixin:
 
     def _setup_fused(self):
         self.schedule = schedule_of(self)
-        self._host_timesteps = np.asarray(self.timesteps.tolist(), dtype=np.int64)
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self._timesteps
+
+    @timesteps.setter
+    def timesteps(self, value):
+        """Assigned by diffusers' ``__init__`` / ``set_timesteps`` (or by a caller): a host copy is taken
+        here, once (what ``step`` reads instead of synchronising), and the device lookup tables of the
+        next timesteps are dropped."""
+        self._timesteps = value
+        self._host_timesteps = np.asarray(torch.as_tensor(value).cpu().tolist(), dtype=np.int64).reshape(-1)
         self._prev_tables = {}
 
     @property
     def num_schedule_timesteps(self) -> int:
         """T of the tables (``len(alphas_cumprod)``; diffusers' ``len(scheduler)`` is the config's value)."""
         return self.schedule.num_train_timesteps
-
-    def set_timesteps(self, *args, **kwargs):
-        """diffusers' set_timesteps; also keeps a host copy of the timesteps (what the step reads instead
-        of synchronising) and drops the device lookup tables of the previous timesteps."""
-        super().set_timesteps(*args, **kwargs)
-        self._host_timesteps = np.asarray(torch.as_tensor(self.timesteps).cpu().tolist(), dtype=np.int64)
-        self._prev_tables = {}
 
     # --- timesteps -----------------------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ class DDIMScheduler(FusedStepMixin, diffusers.DDIMScheduler):
     or "torch"."""
 
     __init__ = with_backend(diffusers.DDIMScheduler)
+    __module__ = "fastgen"  # what a saved pipeline's model_index.json records: ["fastgen", "DDIMScheduler"]
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator=None, variance_noise=None, return_dict: bool = True,

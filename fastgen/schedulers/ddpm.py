@@ -48,6 +48,7 @@ class DDPMScheduler(FusedStepMixin, diffusers.DDPMScheduler):
     CUDA, the float64 torch reference elsewhere), "triton" or "torch"."""
 
     __init__ = with_backend(diffusers.DDPMScheduler)
+    __module__ = "fastgen"  # what a saved pipeline's model_index.json records: ["fastgen", "DDPMScheduler"]
 
     def _next_timestep(self, t, t_host):
         """The timestep a step from t lands on, without a host synchronisation: None for t - 1 (no
