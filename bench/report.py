@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from fastgen._files import atomic_write
 from fastgen._table import markdown_table
 from fastgen.bench import harness, registry, telemetry
 
@@ -290,14 +291,16 @@ def header(result) -> list:
 
 
 def write_outputs(result, out_dir, *, plots=True) -> list:
+    """results.json, results.csv, results.md (and the PNG plots) in ``out_dir``, each written atomically;
+    returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     files = []
     path = os.path.join(out_dir, "results.json")
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(_finite_or_none(result), f, indent=1)
     files.append(path)
     path = os.path.join(out_dir, "results.csv")
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         m = result["machine"]
@@ -307,7 +310,7 @@ def write_outputs(result, out_dir, *, plots=True) -> list:
             writer.writerow({**r, **run, "shape": "x".join(map(str, r.get("shape", [])))})
     files.append(path)
     path = os.path.join(out_dir, "results.md")
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         f.write("# " + "\n\n".join(header(result)) + "\n\n")
         f.write(table(result["results"]) + "\n\n")
         if result["summary"]:

@@ -9,6 +9,8 @@ import zlib
 
 import torch
 
+from fastgen._files import atomic_write
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -42,7 +44,8 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def write_png(path, pixels: torch.Tensor) -> None:
-    """Write a uint8 [H, W] or [H, W, C] (C = 1 grey, 3 RGB) tensor as an 8-bit PNG."""
+    """Write a uint8 [H, W] or [H, W, C] (C = 1 grey, 3 RGB) tensor as an 8-bit PNG, atomically: a write
+    that fails midway leaves the file that was at ``path`` as it was."""
     if pixels.dtype != torch.uint8 or pixels.dim() not in (2, 3):
         raise ValueError(f"pixels must be a uint8 [H, W] or [H, W, C] tensor, got {pixels.dtype} {tuple(pixels.shape)}")
     if pixels.dim() == 2:
@@ -54,7 +57,7 @@ def write_png(path, pixels: torch.Tensor) -> None:
     rows = pixels.contiguous().numpy().reshape(height, width * channels)
     raw = b"".join(b"\x00" + row.tobytes() for row in rows)  # filter type 0 (None) on every scanline
     header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
-    with open(path, "wb") as f:
+    with atomic_write(path, "wb") as f:
         f.write(PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 9))
                 + _chunk(b"IEND", b""))
 

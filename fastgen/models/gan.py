@@ -22,6 +22,7 @@ from torch import nn
 import fastgen
 from fastgen import data as datasets
 from fastgen import _checks
+from fastgen.models import _checkpoint
 from fastgen.reference import gan as losses
 
 CHECKPOINT_FORMAT = "fastgen-gan/1"
@@ -235,14 +236,15 @@ def _progress(total, enabled, description):
 # --- checkpoints ---------------------------------------------------------------------------------
 
 def save_checkpoint(path, generator: Generator, discriminator: nn.Module = None, **metadata):
-    """Write architecture, config and weights (generator; discriminator if given) and ``metadata``."""
+    """Write architecture, config and weights (generator; discriminator if given) and ``metadata``, atomically:
+    a write that fails midway leaves the file that was at ``path`` as it was."""
     arch = next(name for name, (g, _) in ARCHITECTURES.items() if isinstance(generator, g))
     state = {"format": CHECKPOINT_FORMAT, "architecture": arch,
              "generator": {"config": generator.config(), "state_dict": generator.state_dict()},
              "metadata": metadata}
     if discriminator is not None:
         state["discriminator"] = {"config": discriminator.config(), "state_dict": discriminator.state_dict()}
-    torch.save(state, path)
+    _checkpoint.save(state, path)
 
 
 def load_checkpoint(path, *, device=None, discriminator: bool = False):
