@@ -24,6 +24,7 @@ setup(
         "triton>=3.2; platform_system == 'Linux'",
         "numpy",
         "tqdm",
+        "Pillow",  # PNG files (fastgen.images)
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "scipy", "hypothesis", "diffusers", "scikit-learn", "matplotlib"],

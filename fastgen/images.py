@@ -1,17 +1,14 @@
-"""Image grids and PNG files without an imaging library (zlib + struct: the PNG spec, RFC 2083).
+"""Image grids and PNG files (Pillow), written atomically.
 
     from fastgen import images
     images.save_grid(x, "grid.png", value_range=(-1, 1))   # x: [N, C, H, W] with C = 1 or 3
 """
 import math
-import struct
-import zlib
 
 import torch
+from PIL import Image
 
 from fastgen._files import atomic_write
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def grid(images: torch.Tensor, *, nrow: int = None, padding: int = 1, value_range=(0.0, 1.0), scale: int = 1):
@@ -39,27 +36,19 @@ def grid(images: torch.Tensor, *, nrow: int = None, padding: int = 1, value_rang
     return out
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
 def write_png(path, pixels: torch.Tensor) -> None:
     """Write a uint8 [H, W] or [H, W, C] (C = 1 grey, 3 RGB) tensor as an 8-bit PNG, atomically: a write
     that fails midway leaves the file that was at ``path`` as it was."""
-    if pixels.dtype != torch.uint8 or pixels.dim() not in (2, 3):
-        raise ValueError(f"pixels must be a uint8 [H, W] or [H, W, C] tensor, got {pixels.dtype} {tuple(pixels.shape)}")
-    if pixels.dim() == 2:
-        pixels = pixels[:, :, None]
-    height, width, channels = pixels.shape
-    if channels not in (1, 3):
-        raise ValueError(f"pixels must have 1 or 3 channels, got {channels}")
-    color_type = 0 if channels == 1 else 2
-    rows = pixels.contiguous().numpy().reshape(height, width * channels)
-    raw = b"".join(b"\x00" + row.tobytes() for row in rows)  # filter type 0 (None) on every scanline
-    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    is_tensor = isinstance(pixels, torch.Tensor)
+    if (not is_tensor or pixels.dtype != torch.uint8 or pixels.dim() not in (2, 3)
+            or (pixels.dim() == 3 and pixels.shape[2] not in (1, 3))):
+        got = f"{pixels.dtype} {tuple(pixels.shape)}" if is_tensor else type(pixels).__name__
+        raise ValueError(f"pixels must be a uint8 [H, W] or [H, W, C] tensor with C = 1 or 3, got {got}")
+    if pixels.dim() == 3 and pixels.shape[2] == 1:
+        pixels = pixels[:, :, 0]
+    image = Image.fromarray(pixels.detach().cpu().contiguous().numpy())  # mode "L" (grey) or "RGB"
     with atomic_write(path, "wb") as f:
-        f.write(PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 9))
-                + _chunk(b"IEND", b""))
+        image.save(f, format="PNG")
 
 
 def save_grid(images: torch.Tensor, path, **grid_kwargs) -> torch.Tensor:
