@@ -23,6 +23,30 @@ def test_grid_maps_the_value_range_and_clips():
     assert images.grid(x, value_range=(-1, 1), padding=0)[0, :, 0].tolist() == [0, 128, 255, 255]
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_save_grid_refuses_non_finite_pixels_and_writes_nothing(tmp_path, bad):
+    x = torch.zeros(4, 1, 8, 8)
+    x[1, 0, 2, 3] = bad
+    x[3, 0, 0, 0] = bad
+    with pytest.raises(ValueError, match="images contains 2 non-finite values"):
+        images.save_grid(x, tmp_path / "g.png")
+    assert not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(scale=0), ValueError, "scale must be an integer >= 1"),
+    (dict(scale=1.5), TypeError, "scale must be an integer"),
+    (dict(padding=-1), ValueError, "padding must be an integer >= 0"),
+    (dict(nrow=0), ValueError, "nrow must be an integer >= 1"),
+    (dict(value_range=(1, 1)), ValueError, "value_range must be"),
+    (dict(value_range=(0, float("nan"))), ValueError, "value_range must be"),
+    (dict(value_range="ab"), TypeError, "value_range must be a pair of numbers"),
+])
+def test_grid_names_a_bad_layout_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        images.grid(torch.zeros(2, 1, 4, 4), **kwargs)
+
+
 @pytest.mark.parametrize("x", [torch.zeros(2, 2, 4, 4), torch.zeros(4, 4), torch.zeros(0, 1, 4, 4), "grid"])
 def test_grid_names_bad_images(x):
     with pytest.raises(ValueError, match="images must"):
