@@ -343,10 +343,10 @@ def save_checkpoint(path, model: Denoiser, scheduler_config: dict, *, half: bool
 
 
 def load_checkpoint(path, *, device=None) -> Denoiser:
-    """The denoiser of a checkpoint in eval mode, fp32, with ``scheduler_config`` and ``metadata`` attributes."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"path must be a {CHECKPOINT_FORMAT} checkpoint, got {path!r}")
+    """The denoiser of a checkpoint in eval mode, fp32, with ``scheduler_config`` and ``metadata`` attributes.
+    The file is read as plain tensors (``torch.load(weights_only=True)``); one that is not a
+    fastgen-denoiser checkpoint or would run pickled code is refused with a ValueError saying why."""
+    state = _checkpoint.load(path, CHECKPOINT_FORMAT)
     model = ARCHITECTURES[state["architecture"]](**state["config"])
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["state_dict"].items()})
     model.scheduler_config = dict(state["scheduler_config"])

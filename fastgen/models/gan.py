@@ -248,10 +248,10 @@ def save_checkpoint(path, generator: Generator, discriminator: nn.Module = None,
 
 
 def load_checkpoint(path, *, device=None, discriminator: bool = False):
-    """The generator of a checkpoint (eval mode), or (generator, discriminator) with ``discriminator=True``."""
-    state = torch.load(path, map_location=device or "cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"path must be a {CHECKPOINT_FORMAT} checkpoint, got {path!r}")
+    """The generator of a checkpoint (eval mode), or (generator, discriminator) with ``discriminator=True``.
+    The file is read as plain tensors (``torch.load(weights_only=True)``); one that is not a fastgen-gan
+    checkpoint or would run pickled code is refused with a ValueError saying why."""
+    state = _checkpoint.load(path, CHECKPOINT_FORMAT, map_location=device or "cpu")
     gen_cls, disc_cls = ARCHITECTURES[state["architecture"]]
     generator = gen_cls(**state["generator"]["config"])
     generator.load_state_dict(state["generator"]["state_dict"])
