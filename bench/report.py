@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from fastgen._files import atomic_write
+from fastgen._files import atomic_write, prepare_output
 from fastgen._table import markdown_table
 from fastgen.bench import harness, registry, telemetry
 
@@ -293,7 +293,7 @@ def header(result) -> list:
 def write_outputs(result, out_dir, *, plots=True) -> list:
     """results.json, results.csv, results.md (and the PNG plots) in ``out_dir``, each written atomically;
     returns their paths."""
-    os.makedirs(out_dir, exist_ok=True)
+    prepare_output(out_dir, folder=True, name="out")
     files = []
     path = os.path.join(out_dir, "results.json")
     with atomic_write(path, "w", encoding="utf-8") as f:
@@ -327,7 +327,8 @@ def write_outputs(result, out_dir, *, plots=True) -> list:
 
 def run(ops=None, sizes=None, dtypes=None, providers=None, device=None, out="bench-results", quick=False,
         progress=True, plots=True, echo=print) -> dict:
-    """Benchmark, print the table, write the files; returns the results dict (``result["ok"]``: no errors)."""
+    """Benchmark, print the table, write the files; returns the results dict (``result["ok"]``: no errors).
+    The output folder ``out`` is checked (created if missing, writable, not a file) before anything is timed."""
     device = torch.device(device) if device is not None else harness.default_device()
     if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
         raise ValueError(f"device must be cpu or an available cuda device, got {device}")
@@ -337,6 +338,7 @@ def run(ops=None, sizes=None, dtypes=None, providers=None, device=None, out="ben
     cases, notes = plan(selected, device, quick=quick, sizes=sizes, dtypes=dtypes, providers=providers)
     if not cases:
         raise ValueError("nothing to run: no op has a provider that runs here with these options")
+    prepare_output(out, folder=True, name="out")
     gpu = telemetry.GPU(device)
     result = {"schema": SCHEMA, "quick": quick, "device": str(device), "argv": sys.argv,
               "machine": telemetry.machine(), "gpu": gpu.static(), "gpu_before": gpu.sample()}

@@ -1,6 +1,8 @@
-"""Files fastgen writes: whole or not at all.
+"""Files fastgen writes: whole or not at all, and output paths checked before the work starts.
 
-    from fastgen._files import atomic_write
+    from fastgen._files import atomic_write, prepare_output
+    out = prepare_output(args.out, name="--out")      # first thing: fails now, not after an hour of work
+    ...
     with atomic_write(out, "wb") as f:                  # a temporary file beside ``out``, renamed onto it
         torch.save(state, f)
 
@@ -60,3 +62,51 @@ def atomic_write(path, mode: str = "wb", **open_kwargs):
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _make_folder(folder: str, path: str, name: str) -> None:
+    """Create ``folder`` (and its parents) if missing; an error naming ``name`` if that is impossible."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise NotADirectoryError(f"{name} must be in a folder that exists or can be created, got {path!r}: "
+                                 f"a file is in the way of {folder!r}") from None
+    except OSError as err:
+        raise PermissionError(f"{name} must be in a folder that exists or can be created, got {path!r}: "
+                              f"cannot create {folder!r} ({err.strerror})") from None
+
+
+def _check_writable(folder: str, path: str, name: str) -> None:
+    """Create and remove a file in ``folder``, what the atomic writer will do; PermissionError if it cannot."""
+    try:
+        _remove(_temporary_path(os.path.join(folder, "write-check")))
+    except OSError as err:
+        raise PermissionError(f"{name} must be in a writable folder, got {path!r}: cannot create a file in "
+                              f"{folder!r} ({err.strerror})") from None
+
+
+def _as_str_path(path, name: str) -> str:
+    """``path`` (str or os.PathLike) as a non-empty str; TypeError/ValueError naming ``name`` otherwise."""
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(path).__name__} {path!r}")
+    if not os.fspath(path):
+        raise ValueError(f"{name} must be a non-empty path, got ''")
+    return os.fspath(path)
+
+
+def prepare_output(path, *, folder: bool = False, name: str = "out") -> str:
+    """Check, before any work, that the output ``path`` can be written; returns it as a str.
+
+    A file output (``folder=False``) must not be an existing directory (IsADirectoryError); a folder
+    output (``folder=True``) must not be an existing file (NotADirectoryError). The folder that will
+    hold the output is created if missing, and a file is created and removed in it to prove it is
+    writable (PermissionError, or NotADirectoryError when a file blocks the way). Errors name ``name``."""
+    path = _as_str_path(path, name)
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{name} must be a folder, got the existing file {path!r}")
+    if not folder and os.path.isdir(path):
+        raise IsADirectoryError(f"{name} must be a file path, got the directory {path!r}")
+    parent = os.path.realpath(path if folder else os.path.dirname(os.path.abspath(path)))
+    _make_folder(parent, path, name)
+    _check_writable(parent, path, name)
+    return path

@@ -10,6 +10,8 @@ import math
 import os
 import sys
 
+from fastgen._files import prepare_output
+
 # What a user gets wrong (a bad argument, a path that cannot be read or written): one line, exit 2.
 USER_ERRORS = (ValueError, TypeError, ImportError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
                PermissionError)
@@ -36,6 +38,7 @@ def _bench(args) -> int:
     _use_interpreter_without_gpu()
     from fastgen.bench import report
 
+    prepare_output(args.out, folder=True, name="--out")
     result = report.run(ops=args.ops, sizes=args.sizes, dtypes=args.dtypes, providers=args.providers,
                         device=args.device, out=args.out, quick=args.quick, progress=not args.no_progress,
                         plots=not args.no_plots)
@@ -48,6 +51,7 @@ def _train_gan(args) -> int:
     from fastgen import quality
     from fastgen.models import gan
 
+    out = prepare_output(args.out or "gan_digits.pt", name="--out")
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = 8000 if args.steps is None else args.steps  # generator updates; ~3 min on one CPU core
@@ -60,7 +64,6 @@ def _train_gan(args) -> int:
                         batch_size=args.batch_size, d_steps=args.d_steps, seed=args.seed,
                         progress=not args.no_progress)
     score = quality.digits_quality(generator.sample(1000, seed=args.seed + 1), value_range=(-1, 1))
-    out = args.out or "gan_digits.pt"
     gan.save_checkpoint(out, generator.cpu(), discriminator.cpu(), loss=args.loss, steps=steps,
                         batch_size=args.batch_size, d_steps=args.d_steps, seed=args.seed,
                         seconds=round(history["seconds"], 1), confidence=score.confidence, mmd=score.mmd)
@@ -75,6 +78,7 @@ def _train_ddpm(args) -> int:
     from fastgen.models import denoisers
     from fastgen.schedules import NoiseSchedule
 
+    out = prepare_output(args.out or "ddpm_digits.pt", name="--out")
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = 10000 if args.steps is None else args.steps  # ~2 min on two CPU threads for the MLP
@@ -92,7 +96,6 @@ def _train_ddpm(args) -> int:
         for p in model.parameters():
             p.copy_(p.half().float())
     score = _ddpm_quality(model, scheduler_config, n=500, seed=args.seed + 1)
-    out = args.out or "ddpm_digits.pt"
     denoisers.save_checkpoint(out, model, scheduler_config, steps=steps, batch_size=args.batch_size,
                               seed=args.seed, seconds=round(history["seconds"], 1), sampler="ddim-50",
                               confidence=score.confidence, mmd=score.mmd)
@@ -142,7 +145,7 @@ def _sample(args) -> int:
     from fastgen import images, sampling
     from fastgen.models import denoisers
 
-    out = args.out
+    out = prepare_output(args.out, name="--out")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = (denoisers.load_checkpoint(args.checkpoint, device=device) if args.checkpoint
              else denoisers.pretrained_denoiser(device=device))

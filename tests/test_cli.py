@@ -101,6 +101,37 @@ def test_cuda_without_cuda_is_a_user_error(command, capsys):
     assert "needs CUDA, which this machine lacks" in _user_error(capsys, command + ["--device", "cuda"])
 
 
+def test_output_paths_are_checked_before_the_work(tmp_path, capsys, monkeypatch):
+    """A training or sampling run never starts when its output cannot be written."""
+    from fastgen.models import denoisers, gan
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the work started before the output path was checked")
+
+    monkeypatch.setattr(denoisers, "train", no_work)
+    monkeypatch.setattr(gan, "train", no_work)
+    monkeypatch.setattr(denoisers, "pretrained_denoiser", no_work)
+    (tmp_path / "file").write_text("x")
+    cases = [
+        (["train", "ddpm", "--out", str(tmp_path)], "--out must be a file path, got the directory"),
+        (["train", "gan", "--out", str(tmp_path / "file" / "sub" / "g.pt")], "a file is in the way"),
+        (["sample", "--out", str(tmp_path)], "--out must be a file path, got the directory"),
+        (["bench", "--quick", "--out", str(tmp_path / "file")], "--out must be a folder, got the existing file"),
+    ]
+    for argv, message in cases:
+        assert message in _user_error(capsys, argv)
+
+
+def test_train_creates_a_missing_output_folder(tmp_path, capsys):
+    from fastgen import cli
+    from fastgen.models import gan
+
+    out = tmp_path / "new" / "folder" / "g.pt"
+    assert cli.main(["train", "gan", "--architecture", "mlp", "--steps", "1", "--batch-size", "8",
+                     "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    assert gan.load_checkpoint(out).latent_dim == 32
+
+
 def test_ctrl_c_during_training_keeps_the_old_checkpoint(tmp_path, capsys, monkeypatch):
     from fastgen import cli
     from fastgen.models import denoisers
@@ -115,3 +146,11 @@ def test_ctrl_c_during_training_keeps_the_old_checkpoint(tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert err.splitlines() == ["python -m fastgen train: interrupted; no output was left half written"]
     assert out.read_bytes() == b"the checkpoint of yesterday's run" and os.listdir(tmp_path) == ["ddpm.pt"]
+
+
+def test_the_command_line_prints_one_line_without_a_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fastgen", "train", "ddpm", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == [f"python -m fastgen train: error: --out must be a file path, "
+                                        f"got the directory {str(tmp_path)!r}"]

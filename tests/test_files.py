@@ -1,5 +1,6 @@
 """Nothing lost: every file fastgen writes goes through one atomic writer (a temporary file beside the
-destination, renamed onto it), so a write that fails midway leaves the old file byte for byte."""
+destination, renamed onto it), so a write that fails midway leaves the old file byte for byte; output
+paths are checked before the work starts."""
 import os
 import stat
 import subprocess
@@ -8,7 +9,7 @@ import textwrap
 
 import pytest
 
-from fastgen._files import atomic_write
+from fastgen._files import atomic_write, prepare_output
 
 OLD = b"the good file that was here before\n" * 40
 
@@ -124,3 +125,53 @@ def test_atomic_write_names_a_bad_mode(tmp_path):
     with pytest.raises(ValueError, match="mode must be one of"):
         with atomic_write(tmp_path / "a", "a"):
             pass
+
+
+# --- output paths, checked before the work --------------------------------------------------------
+
+def test_prepare_output_creates_missing_folders_and_leaves_nothing(tmp_path):
+    path = tmp_path / "a" / "b" / "model.pt"
+    assert prepare_output(path) == str(path)
+    assert os.listdir(tmp_path / "a" / "b") == []
+    assert prepare_output(tmp_path / "runs" / "r1", folder=True) == str(tmp_path / "runs" / "r1")
+    assert os.listdir(tmp_path / "runs" / "r1") == []
+
+
+def test_prepare_output_refuses_a_directory_for_a_file(tmp_path):
+    with pytest.raises(IsADirectoryError, match="--out must be a file path, got the directory"):
+        prepare_output(tmp_path, name="--out")
+
+
+def test_prepare_output_refuses_a_file_for_a_folder(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match="out must be a folder, got the existing file"):
+        prepare_output(tmp_path / "f", folder=True)
+
+
+def test_prepare_output_refuses_a_folder_it_cannot_create(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match="a file is in the way"):
+        prepare_output(tmp_path / "f" / "sub" / "model.pt")
+
+
+def test_prepare_output_refuses_an_unwritable_folder(tmp_path):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    os.chmod(folder, 0o555)
+    try:
+        try:  # root writes into read-only folders: then there is nothing to refuse
+            (folder / "probe").write_text("x")
+            (folder / "probe").unlink()
+            pytest.skip("this user can write into a read-only folder (root)")
+        except PermissionError:
+            pass
+        with pytest.raises(PermissionError, match="out must be in a writable folder"):
+            prepare_output(folder / "model.pt")
+    finally:
+        os.chmod(folder, 0o755)
+
+
+@pytest.mark.parametrize("path, error", [(3, TypeError), (b"x.pt", TypeError), ("", ValueError)])
+def test_prepare_output_names_a_bad_path(path, error):
+    with pytest.raises(error, match="out must be"):
+        prepare_output(path)
