@@ -21,8 +21,8 @@ def _temporary_path(path: str) -> str:
     """A new hidden file beside ``path`` (same folder, so the rename cannot cross filesystems), created
     with the permissions a plain ``open(path, "w")`` would give it; returns its path."""
     folder, name = os.path.split(path)
-    while True:
-        candidate = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+    while True:  # the name is cut so that a 255-character file name still has a temporary beside it
+        candidate = os.path.join(folder, f".{name[:200]}.{secrets.token_hex(4)}.tmp")
         try:
             os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return candidate

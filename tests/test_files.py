@@ -121,6 +121,13 @@ def test_atomic_write_gives_a_new_file_the_usual_permissions(tmp_path):
     assert stat.S_IMODE(os.stat(tmp_path / "new.bin").st_mode) == 0o644
 
 
+def test_atomic_write_takes_the_longest_file_name(tmp_path):
+    path = tmp_path / ("x" * 251 + ".png")
+    with atomic_write(path) as f:
+        f.write(b"x")
+    assert path.read_bytes() == b"x" and os.listdir(tmp_path) == [path.name]
+
+
 def test_atomic_write_names_a_bad_mode(tmp_path):
     with pytest.raises(ValueError, match="mode must be one of"):
         with atomic_write(tmp_path / "a", "a"):
