@@ -25,6 +25,7 @@ setup(
         "numpy",
         "tqdm",
         "diffusers>=0.30",  # fastgen.schedulers subclass diffusers' scheduler classes
+        "Pillow",  # PNG files (fastgen.images)
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "scipy", "hypothesis", "diffusers", "scikit-learn", "matplotlib",

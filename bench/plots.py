@@ -4,6 +4,8 @@ theoretical bandwidth dotted) and ``<op>_<variant>_speedup.png`` (fastgen's spee
 import os
 import re
 
+from fastgen._files import atomic_write
+
 
 DTYPE_ORDER = ["float32", "float16", "bfloat16"]
 
@@ -25,7 +27,7 @@ def _series(rows, key):
 
 def _panels(plt, path, dtypes, title, draw):
     """A figure with one panel per dtype, ``draw(ax, dtype)`` filling each (log2 size axis, grid and
-    legend added here), saved to ``path``; returns the path."""
+    legend added here), saved to ``path`` as a PNG, atomically; returns the path."""
     fig, axes = plt.subplots(1, len(dtypes), figsize=(5.5 * len(dtypes), 4.2), squeeze=False)
     for ax, dtype in zip(axes[0], dtypes):
         draw(ax, dtype)
@@ -34,8 +36,11 @@ def _panels(plt, path, dtypes, title, draw):
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 

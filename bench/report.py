@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from fastgen._files import atomic_write, prepare_output
 from fastgen._table import markdown_table
 from fastgen.bench import harness, registry, telemetry
 
@@ -290,14 +291,16 @@ def header(result) -> list:
 
 
 def write_outputs(result, out_dir, *, plots=True) -> list:
-    os.makedirs(out_dir, exist_ok=True)
+    """results.json, results.csv, results.md (and the PNG plots) in ``out_dir``, each written atomically;
+    returns their paths."""
+    prepare_output(out_dir, folder=True, name="out")
     files = []
     path = os.path.join(out_dir, "results.json")
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(_finite_or_none(result), f, indent=1)
     files.append(path)
     path = os.path.join(out_dir, "results.csv")
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         m = result["machine"]
@@ -307,7 +310,7 @@ def write_outputs(result, out_dir, *, plots=True) -> list:
             writer.writerow({**r, **run, "shape": "x".join(map(str, r.get("shape", [])))})
     files.append(path)
     path = os.path.join(out_dir, "results.md")
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         f.write("# " + "\n\n".join(header(result)) + "\n\n")
         f.write(table(result["results"]) + "\n\n")
         if result["summary"]:
@@ -324,7 +327,8 @@ def write_outputs(result, out_dir, *, plots=True) -> list:
 
 def run(ops=None, sizes=None, dtypes=None, providers=None, device=None, out="bench-results", quick=False,
         progress=True, plots=True, echo=print) -> dict:
-    """Benchmark, print the table, write the files; returns the results dict (``result["ok"]``: no errors)."""
+    """Benchmark, print the table, write the files; returns the results dict (``result["ok"]``: no errors).
+    The output folder ``out`` is checked (created if missing, writable, not a file) before anything is timed."""
     device = torch.device(device) if device is not None else harness.default_device()
     if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
         raise ValueError(f"device must be cpu or an available cuda device, got {device}")
@@ -334,6 +338,7 @@ def run(ops=None, sizes=None, dtypes=None, providers=None, device=None, out="ben
     cases, notes = plan(selected, device, quick=quick, sizes=sizes, dtypes=dtypes, providers=providers)
     if not cases:
         raise ValueError("nothing to run: no op has a provider that runs here with these options")
+    prepare_output(out, folder=True, name="out")
     gpu = telemetry.GPU(device)
     result = {"schema": SCHEMA, "quick": quick, "device": str(device), "argv": sys.argv,
               "machine": telemetry.machine(), "gpu": gpu.static(), "gpu_before": gpu.sample()}

@@ -10,6 +10,13 @@ import math
 import os
 import sys
 
+from fastgen._files import prepare_output
+
+# What a user gets wrong (a bad argument, a path that cannot be read or written): one line, exit 2.
+USER_ERRORS = (ValueError, TypeError, ImportError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+               PermissionError)
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+
 
 def _use_interpreter_without_gpu():
     """Kernels run on CPU tensors only under the Triton interpreter, which must be chosen before
@@ -31,13 +38,10 @@ def _bench(args) -> int:
     _use_interpreter_without_gpu()
     from fastgen.bench import report
 
-    try:
-        result = report.run(ops=args.ops, sizes=args.sizes, dtypes=args.dtypes, providers=args.providers,
-                            device=args.device, out=args.out, quick=args.quick, progress=not args.no_progress,
-                            plots=not args.no_plots)
-    except ValueError as e:
-        print(f"python -m fastgen bench: error: {e}", file=sys.stderr)
-        return 2
+    prepare_output(args.out, folder=True, name="--out")
+    result = report.run(ops=args.ops, sizes=args.sizes, dtypes=args.dtypes, providers=args.providers,
+                        device=args.device, out=args.out, quick=args.quick, progress=not args.no_progress,
+                        plots=not args.no_plots)
     return 0 if result["ok"] else 1
 
 
@@ -47,6 +51,7 @@ def _train_gan(args) -> int:
     from fastgen import quality
     from fastgen.models import gan
 
+    out = prepare_output(args.out or "gan_digits.pt", name="--out")
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = 8000 if args.steps is None else args.steps  # generator updates; ~3 min on one CPU core
@@ -59,7 +64,6 @@ def _train_gan(args) -> int:
                         batch_size=args.batch_size, d_steps=args.d_steps, seed=args.seed,
                         progress=not args.no_progress)
     score = quality.digits_quality(generator.sample(1000, seed=args.seed + 1), value_range=(-1, 1))
-    out = args.out or "gan_digits.pt"
     gan.save_checkpoint(out, generator.cpu(), discriminator.cpu(), loss=args.loss, steps=steps,
                         batch_size=args.batch_size, d_steps=args.d_steps, seed=args.seed,
                         seconds=round(history["seconds"], 1), confidence=score.confidence, mmd=score.mmd)
@@ -74,6 +78,7 @@ def _train_ddpm(args) -> int:
     from fastgen.models import denoisers
     from fastgen.schedules import NoiseSchedule
 
+    out = prepare_output(args.out or "ddpm_digits.pt", name="--out")
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = 10000 if args.steps is None else args.steps  # ~2 min on two CPU threads for the MLP
@@ -91,7 +96,6 @@ def _train_ddpm(args) -> int:
         for p in model.parameters():
             p.copy_(p.half().float())
     score = _ddpm_quality(model, scheduler_config, n=500, seed=args.seed + 1)
-    out = args.out or "ddpm_digits.pt"
     denoisers.save_checkpoint(out, model, scheduler_config, steps=steps, batch_size=args.batch_size,
                               seed=args.seed, seconds=round(history["seconds"], 1), sampler="ddim-50",
                               confidence=score.confidence, mmd=score.mmd)
@@ -141,32 +145,29 @@ def _sample(args) -> int:
     from fastgen import images, sampling
     from fastgen.models import denoisers
 
+    out = prepare_output(args.out, name="--out")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        model = (denoisers.load_checkpoint(args.checkpoint, device=device) if args.checkpoint
-                 else denoisers.pretrained_denoiser(device=device))
-        scheduler = sampling.make_scheduler(args.sampler, **model.scheduler_config)
-        steps = args.steps if args.steps is not None else (1000 if args.sampler == "ddpm" else 50)
-        if isinstance(model, denoisers.UNetDenoiser):
-            shape = (args.n, model.in_channels, model.image_size, model.image_size)
-        else:  # the MLP sees square grey images flattened
-            side = math.isqrt(model.dim)
-            shape = (args.n, 1, side, side)
-        common = dict(num_inference_steps=steps, seed=args.seed, eta=args.eta, device=device)
-        fast = sampling.Sampler(model, shape, scheduler, **common)  # what fastgen.sample runs on this device
-        x, seconds = _timed_sample(fast, device, not args.no_progress)
-        label = ("fastgen (fused Triton, " + ("CUDA graph)" if fast.captured else "eager)")
-                 if fast.backend == "triton" else "fastgen (torch loop, fp32)")
-        paths = [(label, seconds, x)]
-        if args.reference:
-            reference = sampling.Sampler(model, shape, scheduler, backend="reference", **common)
-            x_ref, seconds = _timed_sample(reference, device, not args.no_progress)
-            paths.append(("reference (float64 steps)", seconds, x_ref))
-    except (ValueError, TypeError, ImportError, FileNotFoundError) as e:
-        print(f"python -m fastgen sample: error: {e}", file=sys.stderr)
-        return 2
-    images.save_grid(paths[0][2].reshape(shape), args.out, value_range=(-1, 1), scale=args.scale)
-    print(f"{args.n} samples, {steps} {args.sampler.upper()} steps, seed {args.seed}, on {device}: wrote {args.out}")
+    model = (denoisers.load_checkpoint(args.checkpoint, device=device) if args.checkpoint
+             else denoisers.pretrained_denoiser(device=device))
+    scheduler = sampling.make_scheduler(args.sampler, **model.scheduler_config)
+    steps = args.steps if args.steps is not None else (1000 if args.sampler == "ddpm" else 50)
+    if isinstance(model, denoisers.UNetDenoiser):
+        shape = (args.n, model.in_channels, model.image_size, model.image_size)
+    else:  # the MLP sees square grey images flattened
+        side = math.isqrt(model.dim)
+        shape = (args.n, 1, side, side)
+    common = dict(num_inference_steps=steps, seed=args.seed, eta=args.eta, device=device)
+    fast = sampling.Sampler(model, shape, scheduler, **common)  # what fastgen.sample runs on this device
+    x, seconds = _timed_sample(fast, device, not args.no_progress)
+    label = ("fastgen (fused Triton, " + ("CUDA graph)" if fast.captured else "eager)")
+             if fast.backend == "triton" else "fastgen (torch loop, fp32)")
+    paths = [(label, seconds, x)]
+    if args.reference:
+        reference = sampling.Sampler(model, shape, scheduler, backend="reference", **common)
+        x_ref, seconds = _timed_sample(reference, device, not args.no_progress)
+        paths.append(("reference (float64 steps)", seconds, x_ref))
+    images.save_grid(paths[0][2].reshape(shape), out, value_range=(-1, 1), scale=args.scale)
+    print(f"{args.n} samples, {steps} {args.sampler.upper()} steps, seed {args.seed}, on {device}: wrote {out}")
     print(f"{'path':<40} {'per step':>12} {'total':>10}")
     for label, seconds, _ in paths:
         print(f"{label:<40} {1e3 * seconds / steps:>9.2f} ms {seconds:>9.2f} s")
@@ -176,57 +177,160 @@ def _sample(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastgen", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
+# --- argument types: argparse reports their errors as "prog: error: argument --x: <message>" ---------
+
+def _int_at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _unit_interval(text):
+    """An argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
+    return value
+
+
+def _device(text):
+    """An argparse type: "cpu", or "cuda" / "cuda:N" naming a GPU this machine has. Returns the text."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} needs CUDA, which this machine lacks (torch {torch.__version__}); "
+                                         f"use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r} names a GPU this machine lacks: it has "
+                                         f"{torch.cuda.device_count()} (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return text
+
+
+class _UsageError(Exception):
+    """An argument argparse refused: ``prog`` is the command's name, the message says why."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with an error reported as one line (``prog: error: message``) by ``main``, not as the usage
+    block and a SystemExit. Subcommand parsers are of this class too."""
+
+    def error(self, message):
+        raise _UsageError(self.prog, message)
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def _add_validate(commands):
     p = commands.add_parser("validate", help="check every kernel against its reference, print a table")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    p.add_argument("--device", type=_device, default=None, help="torch device (default: cuda if present, else cpu)")
     p.add_argument("--quick", action="store_true", help="small shapes only")
     p.add_argument("--ops", nargs="+", default=None, help="only these op families")
     p.set_defaults(run=_validate)
+
+
+def _add_bench(commands):
     p = commands.add_parser("bench", help="benchmark ops against peers and the copy bandwidth; table, JSON, plots")
     p.add_argument("--ops", nargs="+", default=None, help="only these ops or op families")
     p.add_argument("--sizes", nargs="+", default=None, help="element counts (4096 2**20 16M); default: each op's sweep")
     p.add_argument("--dtypes", nargs="+", default=None, help="float32 float16 bfloat16 (or fp32 fp16 bf16)")
     p.add_argument("--providers", nargs="+", default=None,
                    help="only these providers, by name or role (fastgen reference compiled peer)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    p.add_argument("--device", type=_device, default=None, help="torch device (default: cuda if present, else cpu)")
     p.add_argument("--out", default="bench-results", help="output folder (default: ./bench-results)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: tiny sizes, no torch.compile; on CPU the Triton kernels are interpreted")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_bench)
+
+
+def _add_train(commands):
     p = commands.add_parser("train", help="train a reference model on the built-in digits, save a checkpoint")
     p.add_argument("target", choices=sorted(TRAIN_TARGETS), help="the model to train")
     p.add_argument("--out", default=None, help="checkpoint path (default: <target>_digits.pt here)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the target's; gan: 8000)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=_int_at_least(0), default=None,
+                   help="training steps (default: the target's; gan: 8000)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", type=_device, default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--threads", type=_int_at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--loss", default="nonsaturating", choices=["hinge", "minimax", "nonsaturating", "wgan-gp"],
                    help="gan: the game (fastgen.reference.gan.LOSSES)")
     p.add_argument("--architecture", default="dcgan", choices=["dcgan", "mlp"], help="gan: the networks")
-    p.add_argument("--latent-dim", type=int, default=32, help="gan: size of z")
-    p.add_argument("--d-steps", type=int, default=1, help="gan: discriminator updates per generator update")
+    p.add_argument("--latent-dim", type=_int_at_least(1), default=32, help="gan: size of z")
+    p.add_argument("--d-steps", type=_int_at_least(1), default=1,
+                   help="gan: discriminator updates per generator update")
     p.add_argument("--denoiser", default="mlp", choices=["mlp", "unet"], help="ddpm: the denoiser (fastgen.models)")
     p.set_defaults(run=_train)
+
+
+def _add_sample(commands):
     p = commands.add_parser("sample", help="sample digits with the shipped DDPM: PNG grid, fastgen vs reference time")
     p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"], help="the scheduler (default: ddim)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: ddim 50, ddpm 1000)")
-    p.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
+    p.add_argument("--steps", type=_int_at_least(1), default=None,
+                   help="sampling steps (default: ddim 50, ddpm 1000)")
+    p.add_argument("--n", type=_int_at_least(1), default=64, help="number of samples (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the counter-based noise (default: 0)")
-    p.add_argument("--eta", type=float, default=0.0, help="ddim: eta in [0, 1] (default: 0)")
+    p.add_argument("--eta", type=_unit_interval, default=0.0, help="ddim: eta in [0, 1] (default: 0)")
     p.add_argument("--out", default="grid.png", help="the PNG grid (default: ./grid.png)")
-    p.add_argument("--scale", type=int, default=4, help="pixels per sample pixel in the PNG (default: 4)")
+    p.add_argument("--scale", type=_int_at_least(1), default=4,
+                   help="pixels per sample pixel in the PNG (default: 4)")
     p.add_argument("--checkpoint", default=None, help="a denoiser checkpoint (default: the shipped digits one)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    p.add_argument("--device", type=_device, default=None, help="torch device (default: cuda if present, else cpu)")
     p.add_argument("--no-reference", dest="reference", action="store_false",
                    help="skip the reference loop (its time and the comparison)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_sample)
-    args = parser.parse_args(argv)
-    return args.run(args)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    """The ``python -m fastgen`` parser: one subcommand per command, each with its argument types."""
+    parser = _Parser(prog="python -m fastgen", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_validate, _add_bench, _add_train, _add_sample):
+        add(commands)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run one command. A user error (a bad argument, a path that cannot be read or written, a file that is
+    not a checkpoint) prints one line ``python -m fastgen <command>: error: ...`` on stderr and returns 2;
+    Ctrl-C prints one line and returns 130 (outputs are replaced only whole, so none is left half written)."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as err:
+        print(f"{err.prog}: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    prog = f"{parser.prog} {args.command}"
+    try:
+        return args.run(args)
+    except USER_ERRORS as err:
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; no output was left half written", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -384,8 +384,8 @@ def test_bad_report_arguments_are_named(kwargs, match, tmp_path):
         report.run(out=str(tmp_path), quick=True, progress=False, plots=False, echo=lambda line: None, **kwargs)
 
 
-def test_cli_reports_bad_arguments_with_status_2(capsys):
-    assert cli.main(["bench", "--quick", "--ops", "no_such_op"]) == 2
+def test_cli_reports_bad_arguments_with_status_2(capsys, tmp_path):
+    assert cli.main(["bench", "--quick", "--ops", "no_such_op", "--out", str(tmp_path / "results")]) == 2
     assert "ops must name registered ops" in capsys.readouterr().err
 
 

@@ -1,6 +1,9 @@
 """The README's main job: ``python -m fastgen validate`` prints a table and fails on a failure."""
+import os
 import subprocess
 import sys
+
+import pytest
 
 from fastgen import validate
 
@@ -22,3 +25,132 @@ def test_validate_reports_a_failing_kernel(monkeypatch, device):
     lines = []
     assert validate.run(device=device, quick=True, ops=["randn"], out=lines.append) is False
     assert "FAIL" in "\n".join(lines)
+
+
+# --- user errors: one line on stderr, exit status 2, before any work --------------------------------
+
+def _user_error(capsys, argv):
+    """Run ``python -m fastgen <argv>`` in this process; the stderr lines of a user error (exit 2)."""
+    from fastgen import cli
+
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert lines[0].startswith(f"python -m fastgen {argv[0]}: error: "), lines[0]
+    return lines[0]
+
+
+class _RunsCode:
+    """Pickles as a call of print: a file holding it would run code when loaded without weights_only."""
+
+    def __reduce__(self):
+        return print, ("this checkpoint ran code",)
+
+
+def _bad_checkpoints(folder):
+    """{kind: path} of files ``--checkpoint`` must refuse, and the message fragment each gets."""
+    import torch
+
+    from fastgen.models import gan
+
+    (folder / "text.pt").write_text("not a checkpoint at all\n" * 10)
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, folder / "no_format.pt")
+    torch.save({"format": "fastgen-denoiser/1", "code": _RunsCode()}, folder / "code.pt")
+    gan.save_checkpoint(folder / "gan.pt", *gan.build("mlp", hidden=8))
+    (folder / "a_folder.pt").mkdir()
+    return {"text.pt": "not a fastgen checkpoint", "no_format.pt": "not a fastgen checkpoint",
+            "code.pt": "refused: contains pickled code, loading only plain tensors (weights_only=True)",
+            "gan.pt": "its format is 'fastgen-gan/1'", "a_folder.pt": "got the directory",
+            "missing.pt": "does not exist"}
+
+
+def test_sample_refuses_a_checkpoint_and_says_why(tmp_path, capsys):
+    for name, reason in _bad_checkpoints(tmp_path).items():
+        line = _user_error(capsys, ["sample", "--checkpoint", str(tmp_path / name), "--n", "1", "--steps", "1",
+                                    "--out", str(tmp_path / "grid.png"), "--no-progress"])
+        assert reason in line and name in line, line
+    assert not (tmp_path / "grid.png").exists()
+    assert "ran code" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "ddpm", "--steps", "-1"], "argument --steps: must be an integer >= 0, got -1"),
+    (["train", "gan", "--threads", "-2"], "argument --threads: must be an integer >= 1, got -2"),
+    (["train", "gan", "--threads", "two"], "argument --threads: must be an integer >= 1, got 'two'"),
+    (["train", "gan", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1"),
+    (["sample", "--n", "-3"], "argument --n: must be an integer >= 1, got -3"),
+    (["sample", "--steps", "-1"], "argument --steps: must be an integer >= 1"),
+    (["sample", "--scale", "0"], "argument --scale: must be an integer >= 1, got 0"),
+    (["sample", "--eta", "1.5"], "argument --eta: must be a number in [0, 1], got 1.5"),
+    (["sample", "--eta", "-0.1"], "argument --eta: must be a number in [0, 1]"),
+    (["sample", "--eta", "nan"], "argument --eta: must be a number in [0, 1]"),
+    (["sample", "--device", "tpu"], "argument --device: must be cpu, cuda or cuda:N, got 'tpu'"),
+    (["validate", "--device", "cuda:x"], "argument --device: must be cpu, cuda or cuda:N"),
+    (["bench", "--device", "meta"], "argument --device: must be cpu, cuda or cuda:N"),
+    (["train", "ddpm", "--denoiser", "vit"], "argument --denoiser: invalid choice: 'vit'"),
+    (["validate", "--ops", "no_such_op"], "ops must name registered checks"),
+])
+def test_bad_arguments_get_one_line_and_status_2(argv, message, capsys):
+    assert message in _user_error(capsys, argv)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("command", [["train", "ddpm"], ["sample"], ["validate"], ["bench"]])
+def test_cuda_without_cuda_is_a_user_error(command, capsys):
+    assert "needs CUDA, which this machine lacks" in _user_error(capsys, command + ["--device", "cuda"])
+
+
+def test_output_paths_are_checked_before_the_work(tmp_path, capsys, monkeypatch):
+    """A training or sampling run never starts when its output cannot be written."""
+    from fastgen.models import denoisers, gan
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the work started before the output path was checked")
+
+    monkeypatch.setattr(denoisers, "train", no_work)
+    monkeypatch.setattr(gan, "train", no_work)
+    monkeypatch.setattr(denoisers, "pretrained_denoiser", no_work)
+    (tmp_path / "file").write_text("x")
+    cases = [
+        (["train", "ddpm", "--out", str(tmp_path)], "--out must be a file path, got the directory"),
+        (["train", "gan", "--out", str(tmp_path / "file" / "sub" / "g.pt")], "a file is in the way"),
+        (["sample", "--out", str(tmp_path)], "--out must be a file path, got the directory"),
+        (["bench", "--quick", "--out", str(tmp_path / "file")], "--out must be a folder, got the existing file"),
+    ]
+    for argv, message in cases:
+        assert message in _user_error(capsys, argv)
+
+
+def test_train_creates_a_missing_output_folder(tmp_path, capsys):
+    from fastgen import cli
+    from fastgen.models import gan
+
+    out = tmp_path / "new" / "folder" / "g.pt"
+    assert cli.main(["train", "gan", "--architecture", "mlp", "--steps", "1", "--batch-size", "8",
+                     "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    assert gan.load_checkpoint(out).latent_dim == 32
+
+
+def test_ctrl_c_during_training_keeps_the_old_checkpoint(tmp_path, capsys, monkeypatch):
+    from fastgen import cli
+    from fastgen.models import denoisers
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "ddpm.pt"
+    out.write_bytes(b"the checkpoint of yesterday's run")
+    monkeypatch.setattr(denoisers, "train", interrupted)
+    assert cli.main(["train", "ddpm", "--steps", "5", "--out", str(out), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["python -m fastgen train: interrupted; no output was left half written"]
+    assert out.read_bytes() == b"the checkpoint of yesterday's run" and os.listdir(tmp_path) == ["ddpm.pt"]
+
+
+def test_the_command_line_prints_one_line_without_a_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fastgen", "train", "ddpm", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == [f"python -m fastgen train: error: --out must be a file path, "
+                                        f"got the directory {str(tmp_path)!r}"]

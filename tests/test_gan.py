@@ -213,6 +213,26 @@ def test_checkpoint_round_trip(tmp_path):
         gan.load_checkpoint(tmp_path / "other.pt")
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return print, ("this checkpoint ran code",)
+
+
+def test_load_checkpoint_refuses_pickled_code_and_other_formats(tmp_path, capsys):
+    from fastgen.models import denoisers
+
+    torch.save({"format": gan.CHECKPOINT_FORMAT, "generator": _RunsCode()}, tmp_path / "code.pt")
+    with pytest.raises(ValueError, match=r"refused: contains pickled code, loading only plain tensors "
+                                         r"\(weights_only=True\); it names .*print"):
+        gan.load_checkpoint(tmp_path / "code.pt")
+    assert "ran code" not in capsys.readouterr().out
+    denoisers.save_checkpoint(tmp_path / "ddpm.pt", denoisers.MLPDenoiser(hidden=8, depth=1), {})
+    with pytest.raises(ValueError, match="must be a fastgen-gan/1 checkpoint.*its format is 'fastgen-denoiser/1'"):
+        gan.load_checkpoint(tmp_path / "ddpm.pt")
+    with pytest.raises(IsADirectoryError, match="got the directory"):
+        gan.load_checkpoint(tmp_path)
+
+
 def test_train_command_writes_a_loadable_checkpoint(tmp_path, capsys):
     out = tmp_path / "gan.pt"
     assert cli.main(["train", "gan", "--steps", "3", "--batch-size", "16", "--out", str(out), "--no-progress",

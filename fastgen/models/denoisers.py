@@ -34,6 +34,7 @@ from torch.nn import functional as F
 import fastgen
 from fastgen import _checks
 from fastgen import data as datasets
+from fastgen.models import _checkpoint
 
 CHECKPOINT_FORMAT = "fastgen-denoiser/1"
 PRETRAINED = {"digits": "ddpm_digits.pt"}
@@ -333,18 +334,19 @@ def _progress(total, enabled, description):
 
 def save_checkpoint(path, model: Denoiser, scheduler_config: dict, *, half: bool = True, **metadata):
     """Write architecture, config, weights (fp16 when ``half``: half the file) and the noise
-    schedule's config (diffusers' DDPMScheduler arguments) plus ``metadata``."""
+    schedule's config (diffusers' DDPMScheduler arguments) plus ``metadata``, atomically: a write that
+    fails midway leaves the file that was at ``path`` as it was."""
     arch = next(name for name, cls in ARCHITECTURES.items() if isinstance(model, cls))
     weights = {k: (v.half() if half and v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    torch.save({"format": CHECKPOINT_FORMAT, "architecture": arch, "config": model.config(), "state_dict": weights,
-                "scheduler_config": dict(scheduler_config), "metadata": metadata}, path)
+    _checkpoint.save({"format": CHECKPOINT_FORMAT, "architecture": arch, "config": model.config(),
+                      "state_dict": weights, "scheduler_config": dict(scheduler_config), "metadata": metadata}, path)
 
 
 def load_checkpoint(path, *, device=None) -> Denoiser:
-    """The denoiser of a checkpoint in eval mode, fp32, with ``scheduler_config`` and ``metadata`` attributes."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"path must be a {CHECKPOINT_FORMAT} checkpoint, got {path!r}")
+    """The denoiser of a checkpoint in eval mode, fp32, with ``scheduler_config`` and ``metadata`` attributes.
+    The file is read as plain tensors (``torch.load(weights_only=True)``); one that is not a
+    fastgen-denoiser checkpoint or would run pickled code is refused with a ValueError saying why."""
+    state = _checkpoint.load(path, CHECKPOINT_FORMAT)
     model = ARCHITECTURES[state["architecture"]](**state["config"])
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["state_dict"].items()})
     model.scheduler_config = dict(state["scheduler_config"])

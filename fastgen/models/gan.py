@@ -22,6 +22,7 @@ from torch import nn
 import fastgen
 from fastgen import data as datasets
 from fastgen import _checks
+from fastgen.models import _checkpoint
 from fastgen.reference import gan as losses
 
 CHECKPOINT_FORMAT = "fastgen-gan/1"
@@ -235,21 +236,22 @@ def _progress(total, enabled, description):
 # --- checkpoints ---------------------------------------------------------------------------------
 
 def save_checkpoint(path, generator: Generator, discriminator: nn.Module = None, **metadata):
-    """Write architecture, config and weights (generator; discriminator if given) and ``metadata``."""
+    """Write architecture, config and weights (generator; discriminator if given) and ``metadata``, atomically:
+    a write that fails midway leaves the file that was at ``path`` as it was."""
     arch = next(name for name, (g, _) in ARCHITECTURES.items() if isinstance(generator, g))
     state = {"format": CHECKPOINT_FORMAT, "architecture": arch,
              "generator": {"config": generator.config(), "state_dict": generator.state_dict()},
              "metadata": metadata}
     if discriminator is not None:
         state["discriminator"] = {"config": discriminator.config(), "state_dict": discriminator.state_dict()}
-    torch.save(state, path)
+    _checkpoint.save(state, path)
 
 
 def load_checkpoint(path, *, device=None, discriminator: bool = False):
-    """The generator of a checkpoint (eval mode), or (generator, discriminator) with ``discriminator=True``."""
-    state = torch.load(path, map_location=device or "cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"path must be a {CHECKPOINT_FORMAT} checkpoint, got {path!r}")
+    """The generator of a checkpoint (eval mode), or (generator, discriminator) with ``discriminator=True``.
+    The file is read as plain tensors (``torch.load(weights_only=True)``); one that is not a fastgen-gan
+    checkpoint or would run pickled code is refused with a ValueError saying why."""
+    state = _checkpoint.load(path, CHECKPOINT_FORMAT, map_location=device or "cpu")
     gen_cls, disc_cls = ARCHITECTURES[state["architecture"]]
     generator = gen_cls(**state["generator"]["config"])
     generator.load_state_dict(state["generator"]["state_dict"])
