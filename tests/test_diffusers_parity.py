@@ -416,3 +416,22 @@ def test_cuda_step_does_not_synchronize(kind, noise):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(sample).all()
+
+
+def test_save_pretrained_is_atomic(tmp_path, monkeypatch):
+    """A scheduler's config file is written whole or not at all: a save that fails while writing
+    leaves the saved file byte for byte and no temporary beside it."""
+    import os
+
+    scheduler = fastgen.schedulers.DDIMScheduler()
+    scheduler.save_pretrained(tmp_path)
+    path = tmp_path / scheduler.config_name
+    before = path.read_bytes()
+
+    def broken(self):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(type(scheduler), "to_json_string", broken)
+    with pytest.raises(OSError, match="no space left"):
+        fastgen.schedulers.DDIMScheduler(beta_schedule="scaled_linear").save_pretrained(tmp_path)
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == [scheduler.config_name]

@@ -80,6 +80,14 @@ class FusedStepMixin:
     def _setup_fused(self):
         self.schedule = schedule_of(self)
 
+    def to_json_file(self, json_file_path):
+        """diffusers' config file (what ``save_config`` / ``save_pretrained`` write), written whole or
+        not at all: a failing write leaves the file that was there."""
+        from fastgen._files import atomic_write
+
+        with atomic_write(json_file_path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+
     @property
     def timesteps(self) -> torch.Tensor:
         return self._timesteps
