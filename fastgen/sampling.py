@@ -281,23 +281,11 @@ class _TorchSteps:
 
 # --- noise -----------------------------------------------------------------------------------------
 
-def randn_like_diffusers(shape, generator, *, device, dtype) -> torch.Tensor:
-    """Normals drawn exactly as diffusers' ``randn_tensor``: on the generator's device (a CPU
-    generator draws on the CPU and the result moves to ``device``); a list of generators draws
-    sample after sample, one [1, ...] draw from each."""
-    device = torch.device(device)
-    generators = generator if isinstance(generator, (list, tuple)) else [generator]
-    if len(generators) == 1:
-        generators = generators[0]
-    first = generators[0] if isinstance(generators, list) else generators
-    rand_device = first.device if first.device.type != device.type else device
-    if first.device.type == "cuda" and device.type != "cuda":
-        raise ValueError(f"generator is on {first.device} but device is {device}: a CUDA generator cannot draw "
-                         "CPU noise")
-    if isinstance(generators, list):
-        draws = [torch.randn((1, *shape[1:]), generator=g, device=rand_device, dtype=dtype) for g in generators]
-        return torch.cat(draws).to(device)
-    return torch.randn(shape, generator=generators, device=rand_device, dtype=dtype).to(device)
+def _diffusers_noise(shape, generator, device, dtype) -> torch.Tensor:
+    """Normals drawn exactly as diffusers' pipelines draw them (its ``randn_tensor``)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
 
 def _generator_arg(generator, batch: int):
@@ -491,7 +479,7 @@ class _Loop:
     def _initial_noise(self):
         """x_T = init_noise_sigma z_T: stream T (counter-based) or the generator (diffusers' order)."""
         if self.generator is not None:
-            x = randn_like_diffusers(self.shape, self.generator, device=self.device, dtype=self.dtype)
+            x = _diffusers_noise(self.shape, self.generator, self.device, self.dtype)
         elif self.torch_steps is not None:
             x = self.torch_steps.initial_noise().reshape(self.shape).to(self.dtype)
         else:
@@ -521,7 +509,7 @@ class _Loop:
 
     def _draw_step_noise(self, i):
         if self.noise is not None and self.plan.draws_noise(i):
-            self.noise.copy_(randn_like_diffusers(self.shape, self.generator, device=self.device, dtype=self.dtype))
+            self.noise.copy_(_diffusers_noise(self.shape, self.generator, self.device, self.dtype))
 
     def capture(self):
         """Warm up (compile, autotune, allocate) on a side stream, then capture one step into a CUDA
