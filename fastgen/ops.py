@@ -449,17 +449,14 @@ def _noise_arg(noise, sample):
 
 
 def _threshold_scales(k_diffusion, step, model_output, sample, t, prev_t, table, ratio, max_value, **extra):
-    """Dynamic thresholding's s per sample: unclipped x0 (fp32) from the step kernel, then its quantile."""
+    """Dynamic thresholding's s per sample: unclipped x0 (fp32) from the step kernel, then the
+    reference's quantile rule on it (in fp32)."""
+    from fastgen.reference import diffusion as ref
+
     x0 = empty(sample.shape, dtype=torch.float32, device=sample.device)
     step(None, x0, model_output, sample, t, prev_t, table, clip=k_diffusion.CLIP_NONE,
          noise_mode=k_diffusion.NOISE_NONE, **extra)
-    ordered = x0.reshape(sample.shape[0], -1).abs().sort(dim=1).values
-    # torch.quantile's linear interpolation, without its 2^24-element limit
-    position = ratio * (ordered.shape[1] - 1)
-    below = int(position)
-    above = min(below + 1, ordered.shape[1] - 1)
-    scale = torch.lerp(ordered[:, below], ordered[:, above], position - below)
-    return scale.clamp(min=1.0, max=max_value).contiguous()
+    return ref.dynamic_threshold_scale(x0, ratio, max_value).contiguous()
 
 
 def _step_args(t, prev_t, sample, schedule, noise, seed, offset, backend):

@@ -201,6 +201,37 @@ def test_reference_thresholding_matches_diffusers():
         assert_close(a, e, dtype=torch.float64, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("n", [1, 2, 70, 1001])
+@pytest.mark.parametrize("q", [1e-4, 0.5, 0.9, 0.995, 1.0])
+def test_row_quantile_is_torch_quantile(n, q):
+    values = torch.randn(3, n, generator=gen(n), dtype=torch.float64)
+    assert_close(ref.row_quantile(values, q), torch.quantile(values, q, dim=1), dtype=torch.float64)
+    assert_close(ref.row_quantile(values.float(), q), torch.quantile(values, q, dim=1), dtype=torch.float32)
+
+
+def test_row_quantile_nonfinite_rows():
+    inf, nan = math.inf, math.nan
+    values = torch.tensor([[1.0, 2.0, nan], [1.0, inf, inf], [1.0, 2.0, inf], [1.0, 2.0, 3.0]], dtype=torch.float64)
+    got = ref.row_quantile(values, 0.75)  # position 1.5: between the 2nd and 3rd order statistics
+    assert torch.isnan(got[0]) and got[1] == inf and got[2] == inf and got[3] == 2.5
+    assert torch.isnan(ref.row_quantile(values[:, :0], 0.5)).all()  # an empty row has no quantile
+    # a NaN anywhere in a sample poisons its threshold, as torch.quantile does; the other samples keep theirs
+    scale = ref.dynamic_threshold_scale(values * 2, 0.75, 10.0)
+    assert torch.isnan(scale[0]) and torch.equal(scale[1:], torch.tensor([10.0, 10.0, 5.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_dynamic_thresholding_above_2_24_elements_per_sample(backend):
+    """torch.quantile refuses rows of more than 2^24 elements; the threshold of one such sample."""
+    n = (1 << 24) + 1
+    out = torch.linspace(-4, 4, n, dtype=torch.float64)[torch.randperm(n, generator=gen(12))].float()[None]
+    _, x0 = fastgen.ddim_step(out, 10, 5, torch.zeros_like(out), SCHEDULE, prediction_type="sample",
+                              thresholding=True, dynamic_thresholding_ratio=0.5, sample_max_value=3.0, backend=backend)
+    scale = out.double().abs().kthvalue(n // 2 + 1).values  # the median of |x0|: position (n - 1) / 2 exactly
+    assert 1.9 < scale < 2.1
+    assert_close(x0, out.double().clamp(-scale, scale) / scale)
+
+
 # --- kernels against the reference -----------------------------------------------------------------
 
 def _variant_cases():

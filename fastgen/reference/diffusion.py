@@ -131,10 +131,32 @@ def predict_eps(model_output, t, sample, schedule, prediction_type="epsilon"):
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
+def row_quantile(values, q):
+    """The ``q`` quantile of each row of a [B, n] tensor, in its dtype, by torch.quantile's linear
+    interpolation between order statistics (sorted values v_0 <= ... <= v_{n-1}):
+
+        p = q (n - 1),   quantile = v_floor(p) + (p - floor(p)) (v_ceil(p) - v_floor(p))
+
+    NaN for a row holding a NaN (as torch.quantile) or for an empty row. Where v_floor(p) or v_ceil(p)
+    is infinite the quantile is that infinity (torch.quantile's lerp makes inf - inf = NaN of it).
+    A sort, so without torch.quantile's limit of 2^24 elements per row."""
+    rows, n = values.shape
+    if n == 0:
+        return values.new_full((rows,), math.nan)
+    ordered = values.sort(dim=1).values  # NaN sorts last; the rows holding one are masked below
+    position = q * (n - 1)
+    below, above = ordered[:, math.floor(position)], ordered[:, math.ceil(position)]
+    quantile = torch.lerp(below, above, position - math.floor(position))
+    infinite_below, infinite_above = torch.isinf(below), torch.isinf(above)
+    infinity = below.where(infinite_below, 0.0) + above.where(infinite_above, 0.0)  # -inf + inf: NaN
+    quantile = torch.where(infinite_below | infinite_above, infinity, quantile)
+    return quantile.masked_fill(values.isnan().any(dim=1), math.nan)
+
+
 def dynamic_threshold_scale(x0, ratio=0.995, max_value=1.0):
-    """s per sample: the ``ratio`` quantile of |x_0| over the sample, clamped to [1, max_value]   [Imagen] 2.3"""
-    flat = x0.double().reshape(x0.shape[0], -1).abs()
-    return torch.quantile(flat, ratio, dim=1).clamp(min=1.0, max=max_value)
+    """s per sample: the ``ratio`` quantile of |x_0| over the sample, clamped to [1, max_value]   [Imagen] 2.3
+    (computed in x0's dtype; NaN for a sample holding a NaN)."""
+    return row_quantile(x0.reshape(x0.shape[0], -1).abs(), ratio).clamp(min=1.0, max=max_value)
 
 
 def clip_x0(x0, *, clip_sample=True, clip_sample_range=1.0, thresholding=False, dynamic_thresholding_ratio=0.995,
