@@ -7,8 +7,8 @@ sqrt(abar), sqrt(1 - abar), beta, each computed in float64):
     beta_{t|s} = beta_t                                            if s = t - 1 (and abar_{-1} = 1)
                = 1 - abar_t / abar_s = ((1 - abar_t) - (1 - abar_s)) / abar_s  while 1 - abar_t < 1/2
                                      = (abar_s - abar_t) / abar_s               otherwise
-(the difference of the two smaller numbers, so fp32 loses at most eps / beta_{t|s} to cancellation),
-then per element:
+(the difference of the two smaller numbers, so fp32 loses at most eps / beta_{t|s} to cancellation;
+clamped at 0, so a cancellation never makes a variance negative), then per element:
 
     x0   = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)   epsilon        (Ho et al. eq. 15)
          = model output                                  sample
@@ -80,6 +80,8 @@ def _step_coefficients(table, T, t, s, final_abar, final_bbar):
     abar_s = tl.where(s >= 0, abar_s, final_abar)
     bbar_s = tl.where(s >= 0, bbar_s, final_bbar)
     beta_ts = tl.where(bbar_t < 0.5, bbar_t - bbar_s, abar_s - abar_t) / abar_s
+    # two roundings of one value (s = -1 with final_abar = abar_0) may differ below 0: clamped, NaN kept
+    beta_ts = tl.maximum(beta_ts, 0.0, propagate_nan=tl.PropagateNan.ALL)
     one_step = (s == t - 1) & ((s >= 0) | (final_bbar == 0.0))  # beta_{t|t-1} = beta_t (abar_{-1} = 1)
     beta_ts = tl.where(one_step, tl.load(table + 4 * T + tl.minimum(tl.maximum(t, 0), T - 1)), beta_ts)
     valid = (t >= 0) & (t < T) & (s >= -1) & (s < t)

@@ -292,6 +292,38 @@ def test_ddim_step_kernel_matches_reference(device, dtype, eta, use_clipped, pre
         assert_close(prev, prev_ref)
 
 
+# Stable Diffusion's schedule: 1 - abar_0 from the table and 1 - final_abar differ by ~1e-17 in float64
+LATENT_SCHEDULE = fastgen.NoiseSchedule("scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+def test_step_coefficients_never_give_a_negative_beta():
+    t = torch.tensor([0, 0, 1, 999])
+    s = torch.tensor([-1, -1, 0, 998])
+    for final in [LATENT_SCHEDULE.alphas_cumprod[0].item(), 1.0]:
+        *_, beta_ts = ref.step_coefficients(LATENT_SCHEDULE, t, s, 4, final)
+        assert (beta_ts >= 0).all()
+    nan_schedule_value = ref.step_coefficients(LATENT_SCHEDULE, 0, -1, 1, math.nan)[-1]
+    assert torch.isnan(nan_schedule_value).all()  # the clamp keeps NaN
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_last_step_to_final_abar_0_is_finite(device, backend, eta):
+    """t = 0 -> s = -1 with set_alpha_to_one=False (abar_s = abar_0): beta_{t|s} = 0, not a NaN from a
+    rounding difference below 0."""
+    g = gen(13)
+    sample, out = (rand_like_shape((3, 2, 5), torch.float32, device, generator=g) for _ in range(2))
+    kwargs = dict(eta=eta, clip_sample=False)
+    prev, x0 = fastgen.ddim_step(out, 0, -1, sample, LATENT_SCHEDULE, set_alpha_to_one=False, seed=1, backend=backend,
+                                 **kwargs)
+    assert torch.isfinite(prev).all() and torch.isfinite(x0).all()
+    prev_ref, x0_ref = ref.ddim_step(out.cpu(), 0, -1, sample.cpu(), LATENT_SCHEDULE, seed=1,
+                                     final_alpha_cumprod=LATENT_SCHEDULE.alphas_cumprod[0].item(), **kwargs)
+    assert_close(prev, prev_ref)
+    assert_close(x0, x0_ref)
+    assert_close(prev, sample.cpu().double())  # abar_s = abar_t and no noise: x_s = x_t
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_q_sample_kernel_matches_reference(device, dtype):
     g = gen(10)

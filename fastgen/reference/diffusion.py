@@ -51,10 +51,13 @@ def _alphas_cumprod(schedule, t, batch: int, final=1.0):
 
 
 def step_coefficients(schedule, t, prev_t, batch: int, final_alpha_cumprod=1.0):
-    """The float64 [B] quantities of a step t -> s: abar_t, 1 - abar_t, abar_s, 1 - abar_s, beta_{t|s}."""
+    """The float64 [B] quantities of a step t -> s: abar_t, 1 - abar_t, abar_s, 1 - abar_s, beta_{t|s} >= 0."""
     abar_t, bbar_t = _alphas_cumprod(schedule, t, batch)
     abar_s, bbar_s = _alphas_cumprod(schedule, prev_t, batch, final_alpha_cumprod)
-    beta_ts = (bbar_t - bbar_s) / abar_s  # 1 - abar_t / abar_s, written without cancellation
+    # 1 - abar_t / abar_s, written without cancellation; where two roundings of one value meet (the
+    # last DDIM step with abar_s = abar_0: bbar_s = 1 - abar_0 against the table's 1 - abar_0) their
+    # difference can come out below 0, so it is clamped: never a negative variance, NaN still NaN
+    beta_ts = ((bbar_t - bbar_s) / abar_s).clamp_min(0.0)
     return abar_t, bbar_t, abar_s, bbar_s, beta_ts
 
 
