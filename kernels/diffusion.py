@@ -26,7 +26,9 @@ clamped at 0, so a cancellation never makes a variance negative), then per eleme
     sigma = eta sqrt(beta~),  x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + [t > 0] sigma z
 
 Grid: programs (b, j) flattened, j tiling the n elements of sample b, so t, s, the coefficients
-and s_b are scalars per program. The noise z of element g of sample b is the normal of counter
+and s_b are scalars per program. Every clamp propagates NaN (``_clamp``): a NaN or inf in the model
+output, the sample or the noise reaches the outputs exactly where it does in the float64 reference,
+so a broken model never yields plausible samples. The noise z of element g of sample b is the normal of counter
 element offset + b n + g in stream t_b (``normal_tile``), or read from a tensor. A timestep outside
 [0, T) or s outside [-1, t) turns the sample's outputs into NaN (checked on the host where that
 costs no synchronisation).
@@ -111,12 +113,20 @@ def _predict_x0(m, x, sqrt_abar_t, sqrt_bbar_t, PRED: tl.constexpr):
 
 
 @triton.jit
+def _clamp(x, low, high):
+    """min(max(x, low), high), NaN where x is NaN (as torch.clamp): tl.minimum / tl.maximum drop a
+    NaN operand unless told to propagate it."""
+    x = tl.maximum(x, low, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(x, high, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _clip_x0(x0, scale_ptr, b, clip_range, CLIP: tl.constexpr):
     if CLIP == 1:
-        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+        x0 = _clamp(x0, -clip_range, clip_range)
     elif CLIP == 2:
         s = tl.load(scale_ptr + b)
-        x0 = tl.minimum(tl.maximum(x0, -s), s) / s
+        x0 = _clamp(x0, -s, s) / s
     return x0
 
 
@@ -165,7 +175,7 @@ def _ddpm_step_kernel(prev_ptr, x0_ptr, model_ptr, sample_ptr, noise_ptr, scale_
         coef_xt = tl.sqrt(abar_t / abar_s) * bbar_s / bbar_t
         x_prev = coef_x0 * x0 + coef_xt * x
         if NOISE != 0:
-            posterior = tl.maximum(bbar_s / bbar_t * beta_ts, MIN_VARIANCE)
+            posterior = tl.maximum(bbar_s / bbar_t * beta_ts, MIN_VARIANCE, propagate_nan=tl.PropagateNan.ALL)
             if VAR <= 1:
                 sigma = tl.sqrt(posterior)
             elif VAR <= 3:

@@ -74,7 +74,7 @@ def truncated_normal(x, erf_psi, erfc_psi, bound):
     w = (x >> 8).to(tl.float32) * UNIFORM_SCALE
     y = w * erf_psi
     one_minus_y = (1.0 - w) + w * erfc_psi
-    magnitude = tl.minimum(SQRT2 * erfinv_giles(y, one_minus_y), bound)
+    magnitude = tl.minimum(SQRT2 * erfinv_giles(y, one_minus_y), bound, propagate_nan=tl.PropagateNan.ALL)
     return tl.where((x & 1) != 0, -magnitude, magnitude)
 
 

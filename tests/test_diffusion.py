@@ -12,7 +12,7 @@ import torch
 import fastgen
 from fastgen.kernels import diffusion as k_diffusion
 from fastgen.reference import diffusion as ref
-from tests.utils import FLOAT_DTYPES, assert_close, noncontiguous, rand_like_shape
+from tests.utils import FLOAT_DTYPES, assert_close, noncontiguous, rand_like_shape, with_nonfinite
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -356,6 +356,74 @@ def test_noncontiguous_inputs_and_given_noise(device):
                                      noise=noncontiguous(noise), backend="triton")
     assert_close(prev_ddim, ref.ddim_step(out[:, :4].cpu(), 300, 250, sample.cpu(), SCHEDULE, eta=1.0,
                                           noise=noise.cpu())[0])
+
+
+# --- NaN and inf go where the reference puts them ---------------------------------------------------
+
+def nonfinite_step_inputs(shape, channels_out, device, seed):
+    """(model_output, sample, noise) with NaN/+-inf at random positions of every sample but the first."""
+    g = gen(seed)
+    out_shape = (shape[0], channels_out, *shape[2:])
+    tensors = [rand_like_shape(s, torch.float32, "cpu", generator=g) for s in (out_shape, shape, shape)]
+    for i, t in enumerate(tensors):
+        t[1:] = with_nonfinite(t[1:], g)
+    if channels_out != shape[1]:  # learned variances: keep the finite ones positive / in [-1, 1]
+        variance = tensors[0][:, shape[1]:]
+        variance.copy_(torch.where(torch.isfinite(variance), variance.abs().tanh(), variance))
+    return [t.to(device) for t in tensors]
+
+
+T_NONFINITE = torch.tensor([300, 100, 1, 0])
+
+
+@pytest.mark.parametrize("clip", list(CLIPS))
+@pytest.mark.parametrize("prediction_type, variance_type", [("epsilon", "fixed_small"), ("sample", "fixed_large_log"),
+                                                            ("v_prediction", "learned_range"), ("epsilon", "learned")])
+def test_ddpm_step_kernel_propagates_nan_and_inf_as_the_reference(device, prediction_type, variance_type, clip):
+    shape = (4, 2, 3, 5)
+    learned = variance_type.startswith("learned")
+    out, sample, noise = nonfinite_step_inputs(shape, 4 if learned else 2, device, seed=20)
+    kwargs = dict(prediction_type=prediction_type, variance_type=variance_type, **CLIPS[clip])
+    got = fastgen.ddpm_step(out, T_NONFINITE.to(device), sample, SCHEDULE, noise=noise, backend="triton", **kwargs)
+    expected = ref.ddpm_step(out.cpu(), T_NONFINITE, sample.cpu(), SCHEDULE, noise=noise.cpu(), **kwargs)
+    for a, e in zip(got, expected):
+        assert not torch.isfinite(e[1:]).all() and torch.isfinite(e[0]).all()
+        assert_close(a, e, equal_nan=True)
+
+
+@pytest.mark.parametrize("clip", list(CLIPS))
+@pytest.mark.parametrize("eta, use_clipped, prediction_type, set_alpha_to_one", [
+    (0.0, False, "epsilon", True), (1.0, True, "sample", False), (0.5, False, "v_prediction", False)])
+def test_ddim_step_kernel_propagates_nan_and_inf_as_the_reference(device, eta, use_clipped, prediction_type,
+                                                                   set_alpha_to_one, clip):
+    out, sample, noise = nonfinite_step_inputs((4, 2, 3, 5), 2, device, seed=21)
+    prev_t = torch.tensor([200, -1, 0, -1])
+    kwargs = dict(eta=eta, prediction_type=prediction_type, use_clipped_model_output=use_clipped, **CLIPS[clip])
+    got = fastgen.ddim_step(out, T_NONFINITE.to(device), prev_t.to(device), sample, SCHEDULE, noise=noise,
+                            set_alpha_to_one=set_alpha_to_one, backend="triton", **kwargs)
+    final = 1.0 if set_alpha_to_one else SCHEDULE.alphas_cumprod[0].item()
+    expected = ref.ddim_step(out.cpu(), T_NONFINITE, prev_t, sample.cpu(), SCHEDULE, noise=noise.cpu(),
+                             final_alpha_cumprod=final, **kwargs)
+    for a, e in zip(got, expected):
+        assert not torch.isfinite(e[1:]).all() and torch.isfinite(e[0]).all()
+        assert_close(a, e, equal_nan=True)
+
+
+def test_q_sample_kernel_propagates_nan_and_inf_as_the_reference(device):
+    _, x0, noise = nonfinite_step_inputs((4, 2, 3, 5), 2, device, seed=22)
+    got = fastgen.q_sample(x0, T_NONFINITE.to(device), SCHEDULE, noise=noise, backend="triton")
+    assert_close(got, ref.q_sample(x0.cpu(), T_NONFINITE, SCHEDULE, noise.cpu()), equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_nan_model_never_yields_finite_samples(device, backend):
+    """The symptom: a model returning NaN used to give all -1.0 with clip_sample on the Triton path."""
+    sample = torch.zeros(2, 3, 4, device=device)
+    nan = torch.full_like(sample, float("nan"))
+    for kwargs in [dict(), dict(prediction_type="sample"), dict(thresholding=True)]:
+        for prev, x0 in [fastgen.ddpm_step(nan, 500, sample, SCHEDULE, seed=0, backend=backend, **kwargs),
+                         fastgen.ddim_step(nan, 500, 400, sample, SCHEDULE, backend=backend, **kwargs)]:
+            assert torch.isnan(prev).all() and torch.isnan(x0).all()
 
 
 # --- the noise rule, timesteps, invariances ---------------------------------------------------------

@@ -280,8 +280,8 @@ def ddim_step(model_output, t, prev_t, sample, schedule, *, eta=0.0, prediction_
     prev_sample = _per_sample(abar_s.sqrt(), sample) * x0 + _per_sample(direction, sample) * eps
     if eta > 0:
         z = noise.double() if noise is not None else noise_like(sample.shape, t, seed=seed, offset=offset).to(sample.device)
-        nonzero = (_timesteps(t, batch) > 0).double()
-        prev_sample = prev_sample + _per_sample(nonzero * sigma, sample) * z
+        nonzero = _per_sample(_timesteps(t, batch) > 0, sample)  # where, not a product: z is unused at t = 0
+        prev_sample = prev_sample + torch.where(nonzero, _per_sample(sigma, sample) * z, 0.0)
     return prev_sample, x0
 
 
