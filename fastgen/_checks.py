@@ -90,3 +90,29 @@ def like(t, name: str, ref: torch.Tensor, ref_name: str, *, shape: bool = True) 
     if shape and t.shape != ref.shape:
         raise ValueError(f"{name} must have {ref_name}'s shape {tuple(ref.shape)}, got {tuple(t.shape)}")
     return t
+
+
+def timesteps(value, name: str, *, num_steps: int, batch: int, device: torch.device, low: int = 0):
+    """Timesteps in [low, num_steps): an int, or a tensor of any integer dtype and shape [] or [batch]
+    on ``device``, returned as int64 (so a bound is never squeezed into a narrow dtype). Tensor values
+    are checked where that needs no device synchronisation: on the CPU."""
+    if not isinstance(value, torch.Tensor):
+        value = as_int(value, name)
+        if not low <= value < num_steps:
+            raise ValueError(f"{name} must be a timestep in [{low}, {num_steps}), got {value}")
+        return value
+    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be an int or an integer tensor, got a tensor of dtype {value.dtype}")
+    if value.device != device:
+        raise ValueError(f"{name} must be on sample's device {device}, got {value.device}")
+    if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
+        raise ValueError(f"{name} must be an int or a tensor of shape [] or [batch={batch}], got shape "
+                         f"{tuple(value.shape)}")
+    on_host = value.device.type == "cpu" and value.numel() > 0
+    if value.dtype == torch.uint64 and on_host and (value.view(torch.int64) < 0).any():
+        raise ValueError(f"{name} must hold timesteps in [{low}, {num_steps}), got a uint64 value >= 2**63")
+    value = value.to(torch.int64)
+    if on_host and not ((value >= low) & (value < num_steps)).all():
+        bad = value[(value < low) | (value >= num_steps)][0].item()
+        raise ValueError(f"{name} must hold timesteps in [{low}, {num_steps}), got {bad}")
+    return value

@@ -384,27 +384,6 @@ def _batched(t, name: str) -> torch.Tensor:
     return t
 
 
-def _timestep_arg(t, name: str, sample: torch.Tensor, num_steps: int, low: int = 0):
-    """An int in [low, T) or an integer tensor of shape [] or [B] on the sample's device (values
-    checked where that needs no device synchronisation: on the CPU)."""
-    if isinstance(t, torch.Tensor):
-        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-            raise TypeError(f"{name} must be an int or an integer tensor, got a tensor of dtype {t.dtype}")
-        if t.device != sample.device:
-            raise ValueError(f"{name} must be on sample's device {sample.device}, got {t.device}")
-        if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != sample.shape[0]):
-            raise ValueError(f"{name} must be an int or a tensor of shape [] or [batch={sample.shape[0]}], "
-                             f"got shape {tuple(t.shape)}")
-        if t.device.type == "cpu" and t.numel() and not ((t >= low) & (t < num_steps)).all():
-            bad = t[(t < low) | (t >= num_steps)][0].item()
-            raise ValueError(f"{name} must hold timesteps in [{low}, {num_steps}), got {bad}")
-        return t
-    t = _checks.as_int(t, name)
-    if not low <= t < num_steps:
-        raise ValueError(f"{name} must be a timestep in [{low}, {num_steps}), got {t}")
-    return t
-
-
 def _check_prev_below(prev_t, t):
     """prev_t < t wherever both are known on the host (ints or CPU tensors)."""
     known = [not isinstance(v, torch.Tensor) or v.device.type == "cpu" for v in (prev_t, t)]
@@ -462,10 +441,10 @@ def _threshold_scales(k_diffusion, step, model_output, sample, t, prev_t, table,
 def _step_args(t, prev_t, sample, schedule, noise, seed, offset, backend):
     """The validated (t, prev_t, noise, seed, offset, backend) of a reverse step; prev_t may be None
     (ddpm_step's t - 1); the seed is drawn last, and only when the noise is counter-based."""
-    num_steps = schedule.num_train_timesteps
-    t = _timestep_arg(t, "t", sample, num_steps)
+    steps = dict(num_steps=schedule.num_train_timesteps, batch=sample.shape[0], device=sample.device)
+    t = _checks.timesteps(t, "t", **steps)
     if prev_t is not None:
-        prev_t = _timestep_arg(prev_t, "prev_t", sample, num_steps, low=-1)
+        prev_t = _checks.timesteps(prev_t, "prev_t", low=-1, **steps)
         _check_prev_below(prev_t, t)
     noise = _noise_arg(noise, sample)
     offset = _checks.nonneg_int(offset, "offset", limit=_checks.INT64_MAX - sample.numel())
@@ -521,7 +500,7 @@ def q_sample(x0, t, schedule, *, seed=None, noise=None, offset=0, return_noise=F
     """
     _batched(x0, "x0")
     schedule = _schedule_arg(schedule)
-    t = _timestep_arg(t, "t", x0, schedule.num_train_timesteps)
+    t = _checks.timesteps(t, "t", num_steps=schedule.num_train_timesteps, batch=x0.shape[0], device=x0.device)
     noise = _noise_arg(noise, x0)
     offset = _checks.nonneg_int(offset, "offset", limit=_checks.INT64_MAX - x0.numel())
     backend = resolve_backend(backend, x0.device)

@@ -454,6 +454,49 @@ def test_int_and_tensor_timesteps_agree_exactly(device):
     assert torch.equal(q1, fastgen.q_sample(sample, t_all, SCHEDULE, seed=SEED, backend="triton"))
 
 
+INTEGER_DTYPES = [torch.int8, torch.uint8, torch.int16, torch.uint16, torch.int32, torch.uint32, torch.int64,
+                  torch.uint64]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", INTEGER_DTYPES, ids=str)
+def test_every_integer_dtype_holds_timesteps(device, dtype, backend):
+    """Bounds are compared in int64: 1000 is never squeezed into int8, nor 250 misread in uint8."""
+    g = gen(14)
+    sample, out = (rand_like_shape((4, 3, 5), torch.float32, device, generator=g) for _ in range(2))
+    t_value = 5 if dtype == torch.int8 else 250
+    t = torch.full((4,), t_value, dtype=dtype, device=device)
+    prev_t = torch.full((4,), 3, dtype=dtype, device=device)
+    pairs = [(fastgen.q_sample(sample, t, SCHEDULE, seed=SEED, backend=backend),
+              fastgen.q_sample(sample, t_value, SCHEDULE, seed=SEED, backend=backend)),
+             (fastgen.ddpm_step(out, t, sample, SCHEDULE, prev_t=prev_t, seed=SEED, backend=backend),
+              fastgen.ddpm_step(out, t_value, sample, SCHEDULE, prev_t=3, seed=SEED, backend=backend)),
+             (fastgen.ddim_step(out, t[0], prev_t, sample, SCHEDULE, eta=0.5, seed=SEED, backend=backend),
+              fastgen.ddim_step(out, t_value, 3, sample, SCHEDULE, eta=0.5, seed=SEED, backend=backend))]
+    for got, expected in pairs:
+        for a, e in zip(got if isinstance(got, tuple) else [got], expected if isinstance(expected, tuple) else [expected]):
+            assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("dtype, values, match", [
+    (torch.int8, [5, -3], "got -3"),
+    (torch.uint8, [5, 250], "got 250"),            # T = 100 here: 250 is out of range
+    (torch.int16, [5, 100], "got 100"),
+    (torch.uint64, [5, 1 << 63], "uint64 value >= 2\\*\\*63"),
+    (torch.uint64, [5, (1 << 64) - 1], "uint64 value >= 2\\*\\*63"),
+], ids=str)
+def test_narrow_and_unsigned_timesteps_out_of_range_name_the_value(dtype, values, match):
+    schedule = fastgen.NoiseSchedule(num_train_timesteps=100)
+    x = torch.randn(2, 3)
+    t = torch.tensor(values, dtype=dtype) if dtype != torch.uint64 else torch.tensor(
+        [v - (1 << 64) if v >= 1 << 63 else v for v in values], dtype=torch.int64).view(torch.uint64)
+    for call in [lambda: fastgen.q_sample(x, t, schedule, seed=0),
+                 lambda: fastgen.ddpm_step(x, t, x, schedule, seed=0),
+                 lambda: fastgen.ddim_step(x, 99, t, x, schedule)]:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
 def test_batch_shards_reproduce_the_full_batch(device):
     g = gen(13)
     sample, out = (rand_like_shape((6, 2, 9), torch.float32, device, generator=g) for _ in range(2))
