@@ -61,6 +61,9 @@ def float_dtype(dtype, name: str = "dtype") -> torch.dtype:
     return dtype
 
 
+META_UNSUPPORTED = "meta tensors are not supported: they hold no values to compute with"
+
+
 def device(value, name: str = "device") -> torch.device:
     """A torch.device; None means torch's default device."""
     if value is None:
@@ -69,6 +72,14 @@ def device(value, name: str = "device") -> torch.device:
         return torch.device(value)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"{name} must name a torch device, got {value!r}") from err
+
+
+def compute_device(value, name: str = "device") -> torch.device:
+    """``device``, where an op will compute: not the meta device."""
+    value = device(value, name)
+    if value.type == "meta":
+        raise ValueError(f"{name} must not be 'meta': {META_UNSUPPORTED}")
+    return value
 
 
 def float_tensor(t, name: str) -> torch.Tensor:
@@ -80,11 +91,20 @@ def float_tensor(t, name: str) -> torch.Tensor:
     return t
 
 
+def compute_tensor(t, name: str) -> torch.Tensor:
+    """``float_tensor``, holding values an op can compute with: not on the meta device."""
+    float_tensor(t, name)
+    if t.is_meta:
+        raise ValueError(f"{name} is on the meta device: {META_UNSUPPORTED}")
+    return t
+
+
 def like(t, name: str, ref: torch.Tensor, ref_name: str, *, shape: bool = True) -> torch.Tensor:
     """``t`` is a float tensor on ``ref``'s device with its dtype (and shape, unless shape=False)."""
-    float_tensor(t, name)
-    if t.device != ref.device:
-        raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+    if isinstance(t, torch.Tensor) and t.device != ref.device:
+        meta = f" ({META_UNSUPPORTED})" if t.is_meta else ""
+        raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}{meta}")
+    compute_tensor(t, name)
     if t.dtype != ref.dtype:
         raise TypeError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
     if shape and t.shape != ref.shape:

@@ -32,7 +32,7 @@ def randn(shape, *, seed=None, stream=0, offset=0, device=None, dtype=torch.floa
     stream = _checks.nonneg_int(stream, "stream")
     offset = _checks.nonneg_int(offset, "offset", limit=_checks.INT64_MAX - shape.numel())
     dtype = _checks.float_dtype(dtype)
-    device = _checks.device(device)
+    device = _checks.compute_device(device)
     backend = resolve_backend(backend, device)
     seed = _checks.seed64(seed)
     if backend == "torch":
@@ -80,7 +80,7 @@ def latents(n, dim, *, seed=None, offset=0, truncation=None, dtype=torch.float32
     offset = _checks.nonneg_int(offset, "offset", limit=_checks.INT64_MAX // max(dim, 1) - n)
     psi = _truncation(truncation)
     dtype = _checks.float_dtype(dtype)
-    device = _checks.device(device)
+    device = _checks.compute_device(device)
     backend = resolve_backend(backend, device)
     seed = _checks.seed64(seed)
     if backend == "torch":
@@ -100,7 +100,7 @@ def latents(n, dim, *, seed=None, offset=0, truncation=None, dtype=torch.float32
 # one backward); torch path: fastgen/reference/gaussian.py, differentiated by autograd.
 
 def _gaussian_inputs(mu, logvar):
-    _checks.float_tensor(mu, "mu")
+    _checks.compute_tensor(mu, "mu")
     _checks.like(logvar, "logvar", mu, "mu")
 
 
@@ -378,7 +378,7 @@ def _schedule_arg(schedule):
 
 
 def _batched(t, name: str) -> torch.Tensor:
-    _checks.float_tensor(t, name)
+    _checks.compute_tensor(t, name)
     if t.dim() == 0:
         raise ValueError(f"{name} must have a batch dimension first, got a 0-d tensor")
     return t
