@@ -36,7 +36,7 @@ costs no synchronisation).
 import triton
 import triton.language as tl
 
-from . import launch_block
+from . import launch, launch_block
 from .random import as_int64, int64_arg, normal_tile
 
 PREDICTION = {"epsilon": 0, "sample": 1, "v_prediction": 2}
@@ -259,7 +259,8 @@ def q_sample(out, x0, t, table, *, seed=0, offset=0, noise=None, noise_out=None,
     block = _block(_q_sample_kernel, n, block)
     tiles = _tiles(n, block, mode)
     t_arg, t_stride, t_tensor = _timestep_args(t)
-    _q_sample_kernel[(batch * tiles,)](
+    launch(
+        _q_sample_kernel, (batch * tiles,),
         out, noise_out if noise_out is not None else out, x0, noise if noise is not None else x0, table,
         table.shape[1], t_arg, t_stride, n, tiles, as_int64(seed), offset,
         T_TENSOR=t_tensor, NOISE=mode, STORE_NOISE=noise_out is not None, BLOCK=block)
@@ -296,9 +297,8 @@ def ddpm_step(prev, x0, model_output, sample, t, prev_t, table, *, prediction_ty
     thresholds for CLIP_THRESHOLD); noise_mode: NOISE_* (noise: the tensor for NOISE_TENSOR)."""
     grid, leading, tiles, meta = _step_launch(_ddpm_step_kernel, prev, x0, model_output, sample, t, prev_t, table,
                                               scale, noise_mode, noise, block)
-    _ddpm_step_kernel[grid](*leading, model_output.numel() // sample.shape[0], tiles, as_int64(seed), offset,
-                            float(clip_range), PRED=PREDICTION[prediction_type], VAR=VARIANCE[variance_type],
-                            CLIP=clip, **meta)
+    launch(_ddpm_step_kernel, grid, *leading, model_output.numel() // sample.shape[0], tiles, as_int64(seed), offset,
+           float(clip_range), PRED=PREDICTION[prediction_type], VAR=VARIANCE[variance_type], CLIP=clip, **meta)
 
 
 def ddim_step(prev, x0, model_output, sample, t, prev_t, table, *, prediction_type, clip, clip_range=1.0,
@@ -307,6 +307,6 @@ def ddim_step(prev, x0, model_output, sample, t, prev_t, table, *, prediction_ty
     """The DDIM update of ``sample`` into ``prev`` / ``x0`` (either may be None), arguments as ddpm_step."""
     grid, leading, tiles, meta = _step_launch(_ddim_step_kernel, prev, x0, model_output, sample, t, prev_t, table,
                                               scale, noise_mode, noise, block)
-    _ddim_step_kernel[grid](*leading, tiles, as_int64(seed), offset, float(clip_range), float(eta), float(final_abar),
-                            float(final_bbar), PRED=PREDICTION[prediction_type], CLIP=clip,
-                            USE_CLIPPED=bool(use_clipped_model_output), **meta)
+    launch(_ddim_step_kernel, grid, *leading, tiles, as_int64(seed), offset, float(clip_range), float(eta),
+           float(final_abar), float(final_bbar), PRED=PREDICTION[prediction_type], CLIP=clip,
+           USE_CLIPPED=bool(use_clipped_model_output), **meta)

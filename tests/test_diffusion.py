@@ -467,14 +467,14 @@ def test_every_integer_dtype_holds_timesteps(device, dtype, backend):
     t_value = 5 if dtype == torch.int8 else 250
     t = torch.full((4,), t_value, dtype=dtype, device=device)
     prev_t = torch.full((4,), 3, dtype=dtype, device=device)
-    pairs = [(fastgen.q_sample(sample, t, SCHEDULE, seed=SEED, backend=backend),
-              fastgen.q_sample(sample, t_value, SCHEDULE, seed=SEED, backend=backend)),
+    pairs = [((fastgen.q_sample(sample, t, SCHEDULE, seed=SEED, backend=backend),),
+              (fastgen.q_sample(sample, t_value, SCHEDULE, seed=SEED, backend=backend),)),
              (fastgen.ddpm_step(out, t, sample, SCHEDULE, prev_t=prev_t, seed=SEED, backend=backend),
               fastgen.ddpm_step(out, t_value, sample, SCHEDULE, prev_t=3, seed=SEED, backend=backend)),
              (fastgen.ddim_step(out, t[0], prev_t, sample, SCHEDULE, eta=0.5, seed=SEED, backend=backend),
               fastgen.ddim_step(out, t_value, 3, sample, SCHEDULE, eta=0.5, seed=SEED, backend=backend))]
     for got, expected in pairs:
-        for a, e in zip(got if isinstance(got, tuple) else [got], expected if isinstance(expected, tuple) else [expected]):
+        for a, e in zip(got, expected):
             assert torch.equal(a, e)
 
 
