@@ -144,7 +144,7 @@ def _prior_operands(mu2, logvar2, shape: torch.Size):
         return k if all(d == 1 for d in dims[:k]) else 0
 
     given = [t for t in (mu2, logvar2) if t is not None]
-    if not given:
+    if not given or shape.numel() == 0:  # an empty mu launches no kernel: nothing to read
         return None, None, 0
     k = min(suffix_start(t) for t in given)
     flat = [None if t is None else t.expand(shape)[(0,) * k].contiguous().reshape(-1) for t in (mu2, logvar2)]
@@ -264,7 +264,7 @@ class _GaussianKL(torch.autograd.Function):
         }
         mode = {"none": k_gaussian.GRAD_KL_ELEMENTWISE, "per_sample": k_gaussian.GRAD_KL_PER_ROW}.get(
             ctx.reduction, k_gaussian.GRAD_KL_SCALAR)
-        scale = 1.0 / shape[0] if ctx.reduction == "batchmean" else 1.0
+        scale = 1.0 / shape[0] if ctx.reduction == "batchmean" and shape[0] else 1.0  # B = 0: no element to scale
         if mu.numel() and any(g is not None for g in grads.values()):
             k_gaussian.backward(ctx.tiling, mu, logvar, mu2=mu2_flat, logvar2=logvar2_flat,
                                 prior_period=ctx.prior_period, grad_kl=grad_out.contiguous(),

@@ -388,6 +388,22 @@ def test_empty_inputs(device, shape):
     assert mu.grad.shape == shape
 
 
+@pytest.mark.parametrize("prior_shape", [(), (1,), "full"], ids=str)
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 4)], ids=str)
+def test_empty_inputs_with_a_prior(device, shape, prior_shape):
+    """A prior broadcast against an empty mu (it used to index the empty expansion: IndexError)."""
+    prior_shape = shape if prior_shape == "full" else prior_shape
+    mu, logvar = (torch.zeros(shape, device=device, requires_grad=True) for _ in range(2))
+    mu2, logvar2 = (torch.ones(prior_shape, device=device, requires_grad=True) for _ in range(2))
+    for red in REDUCTIONS:
+        out = fastgen.gaussian_kl(mu, logvar, mu2, logvar2, reduction=red, backend="triton")
+        expected = ref.reduce(ref.gaussian_kl(mu, logvar, mu2, logvar2), red)
+        assert out.shape == expected.shape and torch.equal(out.nan_to_num(), expected.nan_to_num().detach())
+        grads = torch.autograd.grad(out.sum(), [mu, logvar, mu2, logvar2])
+        assert [g.shape for g in grads] == [shape, shape, prior_shape, prior_shape]
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
 # --- bad input -------------------------------------------------------------------------------------
 
 def _ops(mu, logvar, **kw):
