@@ -550,6 +550,10 @@ def test_empty_batch(device, backend):
     assert fastgen.ddpm_step(x, 5, x, SCHEDULE, seed=0, backend=backend)[0].shape == (0, 3, 4)
     assert fastgen.ddim_step(x, 5, 4, x, SCHEDULE, backend=backend)[0].shape == (0, 3, 4)
     assert fastgen.q_sample(x, 5, SCHEDULE, seed=0, backend=backend).shape == (0, 3, 4)
+    for empty in [x, torch.empty(2, 0, device=device)]:  # no samples; samples of no elements
+        threshold = dict(thresholding=True, dynamic_thresholding_ratio=0.9)
+        assert fastgen.ddpm_step(empty, 5, empty, SCHEDULE, seed=0, backend=backend, **threshold)[0].shape == empty.shape
+        assert fastgen.ddim_step(empty, 5, 4, empty, SCHEDULE, backend=backend, **threshold)[0].shape == empty.shape
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)

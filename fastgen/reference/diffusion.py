@@ -159,7 +159,8 @@ def row_quantile(values, q):
 def dynamic_threshold_scale(x0, ratio=0.995, max_value=1.0):
     """s per sample: the ``ratio`` quantile of |x_0| over the sample, clamped to [1, max_value]   [Imagen] 2.3
     (computed in x0's dtype; NaN for a sample holding a NaN)."""
-    return row_quantile(x0.reshape(x0.shape[0], -1).abs(), ratio).clamp(min=1.0, max=max_value)
+    per_sample = x0.reshape(x0.shape[0], math.prod(x0.shape[1:]))  # not (B, -1): ambiguous for B = 0
+    return row_quantile(per_sample.abs(), ratio).clamp(min=1.0, max=max_value)
 
 
 def clip_x0(x0, *, clip_sample=True, clip_sample_range=1.0, thresholding=False, dynamic_thresholding_ratio=0.995,
