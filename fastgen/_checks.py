@@ -61,6 +61,9 @@ def float_dtype(dtype, name: str = "dtype") -> torch.dtype:
     return dtype
 
 
+META_UNSUPPORTED = "meta tensors are not supported: they hold no values to compute with"
+
+
 def device(value, name: str = "device") -> torch.device:
     """A torch.device; None means torch's default device."""
     if value is None:
@@ -69,6 +72,14 @@ def device(value, name: str = "device") -> torch.device:
         return torch.device(value)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"{name} must name a torch device, got {value!r}") from err
+
+
+def compute_device(value, name: str = "device") -> torch.device:
+    """``device``, where an op will compute: not the meta device."""
+    value = device(value, name)
+    if value.type == "meta":
+        raise ValueError(f"{name} must not be 'meta': {META_UNSUPPORTED}")
+    return value
 
 
 def float_tensor(t, name: str) -> torch.Tensor:
@@ -80,16 +91,51 @@ def float_tensor(t, name: str) -> torch.Tensor:
     return t
 
 
+def compute_tensor(t, name: str) -> torch.Tensor:
+    """``float_tensor``, holding values an op can compute with: not on the meta device."""
+    float_tensor(t, name)
+    if t.is_meta:
+        raise ValueError(f"{name} is on the meta device: {META_UNSUPPORTED}")
+    return t
+
+
 def like(t, name: str, ref: torch.Tensor, ref_name: str, *, shape: bool = True) -> torch.Tensor:
     """``t`` is a float tensor on ``ref``'s device with its dtype (and shape, unless shape=False)."""
-    float_tensor(t, name)
-    if t.device != ref.device:
-        raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+    if isinstance(t, torch.Tensor) and t.device != ref.device:
+        meta = f" ({META_UNSUPPORTED})" if t.is_meta else ""
+        raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}{meta}")
+    compute_tensor(t, name)
     if t.dtype != ref.dtype:
         raise TypeError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
     if shape and t.shape != ref.shape:
         raise ValueError(f"{name} must have {ref_name}'s shape {tuple(ref.shape)}, got {tuple(t.shape)}")
     return t
+
+
+def timesteps(value, name: str, *, num_steps: int, batch: int, device: torch.device, low: int = 0):
+    """Timesteps in [low, num_steps): an int, or a tensor of any integer dtype and shape [] or [batch]
+    on ``device``, returned as int64 (so a bound is never squeezed into a narrow dtype). Tensor values
+    are checked where that needs no device synchronisation: on the CPU."""
+    if not isinstance(value, torch.Tensor):
+        value = as_int(value, name)
+        if not low <= value < num_steps:
+            raise ValueError(f"{name} must be a timestep in [{low}, {num_steps}), got {value}")
+        return value
+    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be an int or an integer tensor, got a tensor of dtype {value.dtype}")
+    if value.device != device:
+        raise ValueError(f"{name} must be on sample's device {device}, got {value.device}")
+    if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
+        raise ValueError(f"{name} must be an int or a tensor of shape [] or [batch={batch}], got shape "
+                         f"{tuple(value.shape)}")
+    on_host = value.device.type == "cpu" and value.numel() > 0
+    if value.dtype == torch.uint64 and on_host and (value.view(torch.int64) < 0).any():
+        raise ValueError(f"{name} must hold timesteps in [{low}, {num_steps}), got a uint64 value >= 2**63")
+    value = value.to(torch.int64)
+    if on_host and not ((value >= low) & (value < num_steps)).all():
+        bad = value[(value < low) | (value >= num_steps)][0].item()
+        raise ValueError(f"{name} must hold timesteps in [{low}, {num_steps}), got {bad}")
+    return value
 
 
 def choice(value, name: str, allowed):

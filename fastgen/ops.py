@@ -32,7 +32,7 @@ def randn(shape, *, seed=None, stream=0, offset=0, device=None, dtype=torch.floa
     stream = _checks.nonneg_int(stream, "stream")
     offset = _checks.nonneg_int(offset, "offset", limit=_checks.INT64_MAX - shape.numel())
     dtype = _checks.float_dtype(dtype)
-    device = _checks.device(device)
+    device = _checks.compute_device(device)
     backend = resolve_backend(backend, device)
     seed = _checks.seed64(seed)
     if backend == "torch":
@@ -80,7 +80,7 @@ def latents(n, dim, *, seed=None, offset=0, truncation=None, dtype=torch.float32
     offset = _checks.nonneg_int(offset, "offset", limit=_checks.INT64_MAX // max(dim, 1) - n)
     psi = _truncation(truncation)
     dtype = _checks.float_dtype(dtype)
-    device = _checks.device(device)
+    device = _checks.compute_device(device)
     backend = resolve_backend(backend, device)
     seed = _checks.seed64(seed)
     if backend == "torch":
@@ -100,7 +100,7 @@ def latents(n, dim, *, seed=None, offset=0, truncation=None, dtype=torch.float32
 # one backward); torch path: fastgen/reference/gaussian.py, differentiated by autograd.
 
 def _gaussian_inputs(mu, logvar):
-    _checks.float_tensor(mu, "mu")
+    _checks.compute_tensor(mu, "mu")
     _checks.like(logvar, "logvar", mu, "mu")
 
 
@@ -144,7 +144,7 @@ def _prior_operands(mu2, logvar2, shape: torch.Size):
         return k if all(d == 1 for d in dims[:k]) else 0
 
     given = [t for t in (mu2, logvar2) if t is not None]
-    if not given:
+    if not given or shape.numel() == 0:  # an empty mu launches no kernel: nothing to read
         return None, None, 0
     k = min(suffix_start(t) for t in given)
     flat = [None if t is None else t.expand(shape)[(0,) * k].contiguous().reshape(-1) for t in (mu2, logvar2)]
@@ -264,7 +264,7 @@ class _GaussianKL(torch.autograd.Function):
         }
         mode = {"none": k_gaussian.GRAD_KL_ELEMENTWISE, "per_sample": k_gaussian.GRAD_KL_PER_ROW}.get(
             ctx.reduction, k_gaussian.GRAD_KL_SCALAR)
-        scale = 1.0 / shape[0] if ctx.reduction == "batchmean" else 1.0
+        scale = 1.0 / shape[0] if ctx.reduction == "batchmean" and shape[0] else 1.0  # B = 0: no element to scale
         if mu.numel() and any(g is not None for g in grads.values()):
             k_gaussian.backward(ctx.tiling, mu, logvar, mu2=mu2_flat, logvar2=logvar2_flat,
                                 prior_period=ctx.prior_period, grad_kl=grad_out.contiguous(),
@@ -378,30 +378,9 @@ def _schedule_arg(schedule):
 
 
 def _batched(t, name: str) -> torch.Tensor:
-    _checks.float_tensor(t, name)
+    _checks.compute_tensor(t, name)
     if t.dim() == 0:
         raise ValueError(f"{name} must have a batch dimension first, got a 0-d tensor")
-    return t
-
-
-def _timestep_arg(t, name: str, sample: torch.Tensor, num_steps: int, low: int = 0):
-    """An int in [low, T) or an integer tensor of shape [] or [B] on the sample's device (values
-    checked where that needs no device synchronisation: on the CPU)."""
-    if isinstance(t, torch.Tensor):
-        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-            raise TypeError(f"{name} must be an int or an integer tensor, got a tensor of dtype {t.dtype}")
-        if t.device != sample.device:
-            raise ValueError(f"{name} must be on sample's device {sample.device}, got {t.device}")
-        if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != sample.shape[0]):
-            raise ValueError(f"{name} must be an int or a tensor of shape [] or [batch={sample.shape[0]}], "
-                             f"got shape {tuple(t.shape)}")
-        if t.device.type == "cpu" and t.numel() and not ((t >= low) & (t < num_steps)).all():
-            bad = t[(t < low) | (t >= num_steps)][0].item()
-            raise ValueError(f"{name} must hold timesteps in [{low}, {num_steps}), got {bad}")
-        return t
-    t = _checks.as_int(t, name)
-    if not low <= t < num_steps:
-        raise ValueError(f"{name} must be a timestep in [{low}, {num_steps}), got {t}")
     return t
 
 
@@ -449,26 +428,23 @@ def _noise_arg(noise, sample):
 
 
 def _threshold_scales(k_diffusion, step, model_output, sample, t, prev_t, table, ratio, max_value, **extra):
-    """Dynamic thresholding's s per sample: unclipped x0 (fp32) from the step kernel, then its quantile."""
+    """Dynamic thresholding's s per sample: unclipped x0 (fp32) from the step kernel, then the
+    reference's quantile rule on it (in fp32)."""
+    from fastgen.reference import diffusion as ref
+
     x0 = empty(sample.shape, dtype=torch.float32, device=sample.device)
     step(None, x0, model_output, sample, t, prev_t, table, clip=k_diffusion.CLIP_NONE,
          noise_mode=k_diffusion.NOISE_NONE, **extra)
-    ordered = x0.reshape(sample.shape[0], -1).abs().sort(dim=1).values
-    # torch.quantile's linear interpolation, without its 2^24-element limit
-    position = ratio * (ordered.shape[1] - 1)
-    below = int(position)
-    above = min(below + 1, ordered.shape[1] - 1)
-    scale = torch.lerp(ordered[:, below], ordered[:, above], position - below)
-    return scale.clamp(min=1.0, max=max_value).contiguous()
+    return ref.dynamic_threshold_scale(x0, ratio, max_value).contiguous()
 
 
 def _step_args(t, prev_t, sample, schedule, noise, seed, offset, backend):
     """The validated (t, prev_t, noise, seed, offset, backend) of a reverse step; prev_t may be None
     (ddpm_step's t - 1); the seed is drawn last, and only when the noise is counter-based."""
-    num_steps = schedule.num_train_timesteps
-    t = _timestep_arg(t, "t", sample, num_steps)
+    steps = dict(num_steps=schedule.num_train_timesteps, batch=sample.shape[0], device=sample.device)
+    t = _checks.timesteps(t, "t", **steps)
     if prev_t is not None:
-        prev_t = _timestep_arg(prev_t, "prev_t", sample, num_steps, low=-1)
+        prev_t = _checks.timesteps(prev_t, "prev_t", low=-1, **steps)
         _check_prev_below(prev_t, t)
     noise = _noise_arg(noise, sample)
     offset = _checks.nonneg_int(offset, "offset", limit=_checks.INT64_MAX - sample.numel())
@@ -524,7 +500,7 @@ def q_sample(x0, t, schedule, *, seed=None, noise=None, offset=0, return_noise=F
     """
     _batched(x0, "x0")
     schedule = _schedule_arg(schedule)
-    t = _timestep_arg(t, "t", x0, schedule.num_train_timesteps)
+    t = _checks.timesteps(t, "t", num_steps=schedule.num_train_timesteps, batch=x0.shape[0], device=x0.device)
     noise = _noise_arg(noise, x0)
     offset = _checks.nonneg_int(offset, "offset", limit=_checks.INT64_MAX - x0.numel())
     backend = resolve_backend(backend, x0.device)

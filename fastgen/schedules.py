@@ -83,6 +83,28 @@ def make_betas(beta_schedule="linear", num_train_timesteps=1000, beta_start=0.00
     raise ValueError(f"beta_schedule must be one of {', '.join(map(repr, BETA_SCHEDULES))}, got {beta_schedule!r}")
 
 
+def check_not_degenerate(betas: torch.Tensor, alphas_cumprod: torch.Tensor):
+    """Raise ValueError for a schedule on which every step (or every step from some t on) is NaN:
+    1 - alphabar_t must be > 0 at every t (the step divides by it) and alphabar_t > 0 before the
+    last step, in the fp32 of the kernels' tables (x_0 = (x_t - sqrt(1 - alphabar_t) eps) / sqrt(alphabar_t)).
+    A zero-terminal-SNR schedule has alphabar = 0, beta = 1, at the last step only: that is allowed."""
+    if not (betas > 0).any():
+        raise ValueError("betas must not all be 0: alphabar_t = 1 and 1 - alphabar_t = 0 at every t, so no step "
+                         "can recover x_0 (degenerate schedule)")
+    if betas[0] == 0:
+        raise ValueError("betas[0] must be > 0: 1 - alphabar_0 = beta_0 = 0 makes the step from t = 0 divide by 0 "
+                         "(degenerate schedule)")
+    vanished = (alphas_cumprod[:-1].float() == 0).nonzero()
+    if vanished.numel():
+        t = vanished[0].item()
+        if betas[t] == 1:
+            raise ValueError(f"betas[{t}] = 1 before the last step (T = {betas.numel()}): alphabar_t = 0 from "
+                             f"t = {t} on, so x_0 = x_t / sqrt(alphabar_t) is undefined there; only the last beta may "
+                             "be 1 (zero terminal SNR) (degenerate schedule)")
+        raise ValueError(f"alphabar_t underflows to 0 in float32 at t = {t} < T - 1 = {betas.numel() - 1}: "
+                         "x_0 = x_t / sqrt(alphabar_t) is undefined from there on (degenerate schedule)")
+
+
 class NoiseSchedule:
     """A DDPM noise schedule and its derived coefficient tables (float64 on the CPU as attributes;
     fp32 copies per device through ``tables`` / ``kernel_table``).
@@ -91,7 +113,8 @@ class NoiseSchedule:
         beta_schedule: "linear", "scaled_linear", "squaredcos_cap_v2", "laplace" or "sigmoid".
         num_train_timesteps: T, the number of diffusion steps (ignored when trained_betas is given).
         beta_start, beta_end: the range of the linear / scaled_linear / sigmoid schedules.
-        trained_betas: a 1-d sequence of betas in [0, 1] that replaces the named schedule.
+        trained_betas: a 1-d sequence of betas in [0, 1] that replaces the named schedule (beta_0 > 0,
+            and 1 at the last step only: see ``check_not_degenerate``).
         rescale_betas_zero_snr: rescale to zero terminal SNR (alphabar_{T-1} = 0).
 
     Attributes (float64 tensors of length T): betas, alphas, alphas_cumprod, alphas_cumprod_prev
@@ -152,6 +175,7 @@ class NoiseSchedule:
         self.alphas = 1.0 - betas
         self.alphas_cumprod = alphas_cumprod
         self.one_minus_alphas_cumprod = one_minus_alphas_cumprod
+        check_not_degenerate(betas, self.alphas_cumprod)
         self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
         one_minus_prev = torch.cat([torch.zeros(1, dtype=torch.float64), self.one_minus_alphas_cumprod[:-1]])
         self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()

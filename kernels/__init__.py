@@ -2,7 +2,9 @@
 
 Only ``@triton.jit`` functions and their launchers live here; nothing imports from ``fastgen``.
 Launchers take preallocated outputs and trusted arguments: validation happens in ``fastgen.ops``.
+Every launcher starts its kernel through ``launch``.
 """
+import threading
 
 
 def interpreted(kernel) -> bool:
@@ -21,3 +23,17 @@ def launch_block(kernel, block, default: int) -> int:
     if block is not None:
         return block
     return max(default, INTERPRETER_BLOCK) if interpreted(kernel) else default
+
+
+# The Triton interpreter keeps the running program's state (program ids, grid) in process-wide
+# globals, so two launches from different threads corrupt each other ("x >= grid_dim[0]").
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``, the one place a kernel is started; under the interpreter
+    one launch at a time (compiled launches need no lock: they only enqueue work on a stream)."""
+    if interpreted(kernel):
+        with _INTERPRETER_LOCK:
+            return kernel[grid](*args, **kwargs)
+    return kernel[grid](*args, **kwargs)

@@ -7,8 +7,8 @@ sqrt(abar), sqrt(1 - abar), beta, each computed in float64):
     beta_{t|s} = beta_t                                            if s = t - 1 (and abar_{-1} = 1)
                = 1 - abar_t / abar_s = ((1 - abar_t) - (1 - abar_s)) / abar_s  while 1 - abar_t < 1/2
                                      = (abar_s - abar_t) / abar_s               otherwise
-(the difference of the two smaller numbers, so fp32 loses at most eps / beta_{t|s} to cancellation),
-then per element:
+(the difference of the two smaller numbers, so fp32 loses at most eps / beta_{t|s} to cancellation;
+clamped at 0, so a cancellation never makes a variance negative), then per element:
 
     x0   = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)   epsilon        (Ho et al. eq. 15)
          = model output                                  sample
@@ -26,7 +26,9 @@ then per element:
     sigma = eta sqrt(beta~),  x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + [t > 0] sigma z
 
 Grid: programs (b, j) flattened, j tiling the n elements of sample b, so t, s, the coefficients
-and s_b are scalars per program. The noise z of element g of sample b is the normal of counter
+and s_b are scalars per program. Every clamp propagates NaN (``_clamp``): a NaN or inf in the model
+output, the sample or the noise reaches the outputs exactly where it does in the float64 reference,
+so a broken model never yields plausible samples. The noise z of element g of sample b is the normal of counter
 element offset + b n + g in stream t_b (``normal_tile``), or read from a tensor. A timestep outside
 [0, T) or s outside [-1, t) turns the sample's outputs into NaN (checked on the host where that
 costs no synchronisation).
@@ -34,7 +36,7 @@ costs no synchronisation).
 import triton
 import triton.language as tl
 
-from . import launch_block
+from . import launch, launch_block
 from .random import as_int64, int64_arg, normal_tile
 
 PREDICTION = {"epsilon": 0, "sample": 1, "v_prediction": 2}
@@ -80,6 +82,8 @@ def _step_coefficients(table, T, t, s, final_abar, final_bbar):
     abar_s = tl.where(s >= 0, abar_s, final_abar)
     bbar_s = tl.where(s >= 0, bbar_s, final_bbar)
     beta_ts = tl.where(bbar_t < 0.5, bbar_t - bbar_s, abar_s - abar_t) / abar_s
+    # two roundings of one value (s = -1 with final_abar = abar_0) may differ below 0: clamped, NaN kept
+    beta_ts = tl.maximum(beta_ts, 0.0, propagate_nan=tl.PropagateNan.ALL)
     one_step = (s == t - 1) & ((s >= 0) | (final_bbar == 0.0))  # beta_{t|t-1} = beta_t (abar_{-1} = 1)
     beta_ts = tl.where(one_step, tl.load(table + 4 * T + tl.minimum(tl.maximum(t, 0), T - 1)), beta_ts)
     valid = (t >= 0) & (t < T) & (s >= -1) & (s < t)
@@ -109,12 +113,20 @@ def _predict_x0(m, x, sqrt_abar_t, sqrt_bbar_t, PRED: tl.constexpr):
 
 
 @triton.jit
+def _clamp(x, low, high):
+    """min(max(x, low), high), NaN where x is NaN (as torch.clamp): tl.minimum / tl.maximum drop a
+    NaN operand unless told to propagate it."""
+    x = tl.maximum(x, low, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(x, high, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _clip_x0(x0, scale_ptr, b, clip_range, CLIP: tl.constexpr):
     if CLIP == 1:
-        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+        x0 = _clamp(x0, -clip_range, clip_range)
     elif CLIP == 2:
         s = tl.load(scale_ptr + b)
-        x0 = tl.minimum(tl.maximum(x0, -s), s) / s
+        x0 = _clamp(x0, -s, s) / s
     return x0
 
 
@@ -163,7 +175,7 @@ def _ddpm_step_kernel(prev_ptr, x0_ptr, model_ptr, sample_ptr, noise_ptr, scale_
         coef_xt = tl.sqrt(abar_t / abar_s) * bbar_s / bbar_t
         x_prev = coef_x0 * x0 + coef_xt * x
         if NOISE != 0:
-            posterior = tl.maximum(bbar_s / bbar_t * beta_ts, MIN_VARIANCE)
+            posterior = tl.maximum(bbar_s / bbar_t * beta_ts, MIN_VARIANCE, propagate_nan=tl.PropagateNan.ALL)
             if VAR <= 1:
                 sigma = tl.sqrt(posterior)
             elif VAR <= 3:
@@ -247,7 +259,8 @@ def q_sample(out, x0, t, table, *, seed=0, offset=0, noise=None, noise_out=None,
     block = _block(_q_sample_kernel, n, block)
     tiles = _tiles(n, block, mode)
     t_arg, t_stride, t_tensor = _timestep_args(t)
-    _q_sample_kernel[(batch * tiles,)](
+    launch(
+        _q_sample_kernel, (batch * tiles,),
         out, noise_out if noise_out is not None else out, x0, noise if noise is not None else x0, table,
         table.shape[1], t_arg, t_stride, n, tiles, as_int64(seed), offset,
         T_TENSOR=t_tensor, NOISE=mode, STORE_NOISE=noise_out is not None, BLOCK=block)
@@ -284,9 +297,8 @@ def ddpm_step(prev, x0, model_output, sample, t, prev_t, table, *, prediction_ty
     thresholds for CLIP_THRESHOLD); noise_mode: NOISE_* (noise: the tensor for NOISE_TENSOR)."""
     grid, leading, tiles, meta = _step_launch(_ddpm_step_kernel, prev, x0, model_output, sample, t, prev_t, table,
                                               scale, noise_mode, noise, block)
-    _ddpm_step_kernel[grid](*leading, model_output.numel() // sample.shape[0], tiles, as_int64(seed), offset,
-                            float(clip_range), PRED=PREDICTION[prediction_type], VAR=VARIANCE[variance_type],
-                            CLIP=clip, **meta)
+    launch(_ddpm_step_kernel, grid, *leading, model_output.numel() // sample.shape[0], tiles, as_int64(seed), offset,
+           float(clip_range), PRED=PREDICTION[prediction_type], VAR=VARIANCE[variance_type], CLIP=clip, **meta)
 
 
 def ddim_step(prev, x0, model_output, sample, t, prev_t, table, *, prediction_type, clip, clip_range=1.0,
@@ -295,6 +307,6 @@ def ddim_step(prev, x0, model_output, sample, t, prev_t, table, *, prediction_ty
     """The DDIM update of ``sample`` into ``prev`` / ``x0`` (either may be None), arguments as ddpm_step."""
     grid, leading, tiles, meta = _step_launch(_ddim_step_kernel, prev, x0, model_output, sample, t, prev_t, table,
                                               scale, noise_mode, noise, block)
-    _ddim_step_kernel[grid](*leading, tiles, as_int64(seed), offset, float(clip_range), float(eta), float(final_abar),
-                            float(final_bbar), PRED=PREDICTION[prediction_type], CLIP=clip,
-                            USE_CLIPPED=bool(use_clipped_model_output), **meta)
+    launch(_ddim_step_kernel, grid, *leading, tiles, as_int64(seed), offset, float(clip_range), float(eta),
+           float(final_abar), float(final_bbar), PRED=PREDICTION[prediction_type], CLIP=clip,
+           USE_CLIPPED=bool(use_clipped_model_output), **meta)

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
-from . import launch_block
+from . import launch, launch_block
 from .random import as_int64, box_muller, int64_arg, philox
 
 # What the kernels get eps from (forward), or whether a z gradient exists (backward).
@@ -244,7 +244,8 @@ def forward(t: Tiling, mu, logvar, *, mu2=None, logvar2=None, prior_period=0, no
     """One pass over contiguous mu, logvar (and the prior, noise) writing any of z, the elementwise KL
     ``kl`` and the fp32 per-(row, chunk) KL sums ``partial`` [n_rows, n_chunks]. The prior holds
     ``prior_period`` elements repeated along the flat index."""
-    _gaussian_fwd_kernel[t.grid](
+    launch(
+        _gaussian_fwd_kernel, t.grid,
         mu, logvar, noise_ptr=mu if noise is None else noise,
         z_ptr=mu if z is None else z, kl_ptr=mu if kl is None else kl,
         partial_ptr=mu if partial is None else partial,
@@ -261,7 +262,8 @@ def backward(t: Tiling, mu, logvar, *, mu2=None, logvar2=None, prior_period=0, n
     scalar, times ``kl_scale``) into whichever of grad_mu, grad_logvar, grad_mu2, grad_logvar2,
     grad_noise are given (elementwise, like mu)."""
     dummy = mu
-    _gaussian_bwd_kernel[t.grid](
+    launch(
+        _gaussian_bwd_kernel, t.grid,
         mu, logvar, noise_ptr=dummy if noise is None else noise,
         grad_z_ptr=dummy if grad_z is None else grad_z, grad_kl_ptr=dummy if grad_kl is None else grad_kl,
         grad_mu_ptr=dummy if grad_mu is None else grad_mu,

@@ -33,7 +33,7 @@ ulps, as in the reference; the sampling itself never clamps). z varies continuou
 import triton
 import triton.language as tl
 
-from . import launch_block
+from . import launch, launch_block
 from .random import TWO_POW_M24, as_int64, int64_arg, num_tiles, philox
 
 # Globals a kernel reads must be tl.constexpr (compiled Triton rejects plain Python floats).
@@ -74,7 +74,7 @@ def truncated_normal(x, erf_psi, erfc_psi, bound):
     w = (x >> 8).to(tl.float32) * UNIFORM_SCALE
     y = w * erf_psi
     one_minus_y = (1.0 - w) + w * erfc_psi
-    magnitude = tl.minimum(SQRT2 * erfinv_giles(y, one_minus_y), bound)
+    magnitude = tl.minimum(SQRT2 * erfinv_giles(y, one_minus_y), bound, propagate_nan=tl.PropagateNan.ALL)
     return tl.where((x & 1) != 0, -magnitude, magnitude)
 
 
@@ -111,5 +111,6 @@ def truncated_latents(out, seed: int, stream: int, offset: int, erf_psi: float, 
     n = out.numel()
     block = launch_block(_truncated_latents_kernel, block, 2048)
     grid = (num_tiles(n, offset, block),)
-    _truncated_latents_kernel[grid](out, n, as_int64(seed), stream, offset, erf_psi, erfc_psi, bound, BLOCK=block)
+    launch(_truncated_latents_kernel, grid, out, n, as_int64(seed), stream, offset, erf_psi, erfc_psi, bound,
+           BLOCK=block)
     return out

@@ -22,7 +22,7 @@ recompile.
 import triton
 import triton.language as tl
 
-from . import launch_block
+from . import launch, launch_block
 
 TWO_POW_M24 = tl.constexpr(5.9604644775390625e-08)  # 2^-24: scales a 24-bit integer into [0, 1)
 TWO_PI = tl.constexpr(6.283185307179586)
@@ -114,7 +114,7 @@ def randn(out, seed: int, stream: int, offset: int, block=None):
     n = out.numel()
     block = launch_block(_randn_kernel, block, 2048)
     grid = (num_tiles(n, offset, block),)
-    _randn_kernel[grid](out, n, as_int64(seed), stream, offset, BLOCK=block)
+    launch(_randn_kernel, grid, out, n, as_int64(seed), stream, offset, BLOCK=block)
     return out
 
 
@@ -123,5 +123,5 @@ def philox_bits(out, seed: int, stream: int, counter: int, block=None):
     n_blocks = out.shape[0]
     block = launch_block(_philox_kernel, block, 256)
     grid = (triton.cdiv(n_blocks, block),)
-    _philox_kernel[grid](out, n_blocks, as_int64(seed), stream, counter, BLOCK=block)
+    launch(_philox_kernel, grid, out, n_blocks, as_int64(seed), stream, counter, BLOCK=block)
     return out

@@ -52,3 +52,36 @@ def test_without_triton_auto_falls_back_and_triton_explains(monkeypatch):
     assert fb.resolve_backend("auto", "cuda") == "torch"
     with pytest.raises(RuntimeError, match="triton"):
         fb.resolve_backend("triton", "cuda")
+
+
+def test_triton_backend_from_several_threads_matches_one_thread(device):
+    """Concurrent calls (the interpreter's launches are serialised by kernels.launch) give the
+    single-threaded results."""
+    import threading
+
+    schedule = fastgen.NoiseSchedule()
+    g = torch.Generator().manual_seed(7)
+    sample, out = (torch.randn(4, 3, 50, generator=g).to(device) for _ in range(2))
+
+    def work(i):
+        return (fastgen.ddpm_step(out, 500 + i, sample, schedule, seed=i, backend="triton")[0],
+                fastgen.randn((3, 70), seed=i, backend="triton", device=device))
+
+    expected = [work(i) for i in range(4)]
+    results, errors = {}, []
+
+    def run(i):
+        try:
+            results[i] = [work(i) for _ in range(3)]
+        except Exception as err:  # noqa: BLE001 - reported below with the thread's index
+            errors.append(f"thread {i}: {err!r}")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for i in range(4):
+        for got in results[i]:
+            assert all(torch.equal(a, e) for a, e in zip(got, expected[i]))

@@ -12,7 +12,7 @@ import torch
 import fastgen
 from fastgen.kernels import diffusion as k_diffusion
 from fastgen.reference import diffusion as ref
-from tests.utils import FLOAT_DTYPES, assert_close, noncontiguous, rand_like_shape
+from tests.utils import FLOAT_DTYPES, assert_close, noncontiguous, rand_like_shape, with_nonfinite
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -201,6 +201,37 @@ def test_reference_thresholding_matches_diffusers():
         assert_close(a, e, dtype=torch.float64, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("n", [1, 2, 70, 1001])
+@pytest.mark.parametrize("q", [1e-4, 0.5, 0.9, 0.995, 1.0])
+def test_row_quantile_is_torch_quantile(n, q):
+    values = torch.randn(3, n, generator=gen(n), dtype=torch.float64)
+    assert_close(ref.row_quantile(values, q), torch.quantile(values, q, dim=1), dtype=torch.float64)
+    assert_close(ref.row_quantile(values.float(), q), torch.quantile(values, q, dim=1), dtype=torch.float32)
+
+
+def test_row_quantile_nonfinite_rows():
+    inf, nan = math.inf, math.nan
+    values = torch.tensor([[1.0, 2.0, nan], [1.0, inf, inf], [1.0, 2.0, inf], [1.0, 2.0, 3.0]], dtype=torch.float64)
+    got = ref.row_quantile(values, 0.75)  # position 1.5: between the 2nd and 3rd order statistics
+    assert torch.isnan(got[0]) and got[1] == inf and got[2] == inf and got[3] == 2.5
+    assert torch.isnan(ref.row_quantile(values[:, :0], 0.5)).all()  # an empty row has no quantile
+    # a NaN anywhere in a sample poisons its threshold, as torch.quantile does; the other samples keep theirs
+    scale = ref.dynamic_threshold_scale(values * 2, 0.75, 10.0)
+    assert torch.isnan(scale[0]) and torch.equal(scale[1:], torch.tensor([10.0, 10.0, 5.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_dynamic_thresholding_above_2_24_elements_per_sample(backend):
+    """torch.quantile refuses rows of more than 2^24 elements; the threshold of one such sample."""
+    n = (1 << 24) + 1
+    out = torch.linspace(-4, 4, n, dtype=torch.float64)[torch.randperm(n, generator=gen(12))].float()[None]
+    _, x0 = fastgen.ddim_step(out, 10, 5, torch.zeros_like(out), SCHEDULE, prediction_type="sample",
+                              thresholding=True, dynamic_thresholding_ratio=0.5, sample_max_value=3.0, backend=backend)
+    scale = out.double().abs().kthvalue(n // 2 + 1).values  # the median of |x0|: position (n - 1) / 2 exactly
+    assert 1.9 < scale < 2.1
+    assert_close(x0, out.double().clamp(-scale, scale) / scale)
+
+
 # --- kernels against the reference -----------------------------------------------------------------
 
 def _variant_cases():
@@ -261,6 +292,38 @@ def test_ddim_step_kernel_matches_reference(device, dtype, eta, use_clipped, pre
         assert_close(prev, prev_ref)
 
 
+# Stable Diffusion's schedule: 1 - abar_0 from the table and 1 - final_abar differ by ~1e-17 in float64
+LATENT_SCHEDULE = fastgen.NoiseSchedule("scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+def test_step_coefficients_never_give_a_negative_beta():
+    t = torch.tensor([0, 0, 1, 999])
+    s = torch.tensor([-1, -1, 0, 998])
+    for final in [LATENT_SCHEDULE.alphas_cumprod[0].item(), 1.0]:
+        *_, beta_ts = ref.step_coefficients(LATENT_SCHEDULE, t, s, 4, final)
+        assert (beta_ts >= 0).all()
+    nan_schedule_value = ref.step_coefficients(LATENT_SCHEDULE, 0, -1, 1, math.nan)[-1]
+    assert torch.isnan(nan_schedule_value).all()  # the clamp keeps NaN
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_last_step_to_final_abar_0_is_finite(device, backend, eta):
+    """t = 0 -> s = -1 with set_alpha_to_one=False (abar_s = abar_0): beta_{t|s} = 0, not a NaN from a
+    rounding difference below 0."""
+    g = gen(13)
+    sample, out = (rand_like_shape((3, 2, 5), torch.float32, device, generator=g) for _ in range(2))
+    kwargs = dict(eta=eta, clip_sample=False)
+    prev, x0 = fastgen.ddim_step(out, 0, -1, sample, LATENT_SCHEDULE, set_alpha_to_one=False, seed=1, backend=backend,
+                                 **kwargs)
+    assert torch.isfinite(prev).all() and torch.isfinite(x0).all()
+    prev_ref, x0_ref = ref.ddim_step(out.cpu(), 0, -1, sample.cpu(), LATENT_SCHEDULE, seed=1,
+                                     final_alpha_cumprod=LATENT_SCHEDULE.alphas_cumprod[0].item(), **kwargs)
+    assert_close(prev, prev_ref)
+    assert_close(x0, x0_ref)
+    assert_close(prev, sample.cpu().double())  # abar_s = abar_t and no noise: x_s = x_t
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_q_sample_kernel_matches_reference(device, dtype):
     g = gen(10)
@@ -295,6 +358,74 @@ def test_noncontiguous_inputs_and_given_noise(device):
                                           noise=noise.cpu())[0])
 
 
+# --- NaN and inf go where the reference puts them ---------------------------------------------------
+
+def nonfinite_step_inputs(shape, channels_out, device, seed):
+    """(model_output, sample, noise) with NaN/+-inf at random positions of every sample but the first."""
+    g = gen(seed)
+    out_shape = (shape[0], channels_out, *shape[2:])
+    tensors = [rand_like_shape(s, torch.float32, "cpu", generator=g) for s in (out_shape, shape, shape)]
+    for i, t in enumerate(tensors):
+        t[1:] = with_nonfinite(t[1:], g)
+    if channels_out != shape[1]:  # learned variances: keep the finite ones positive / in [-1, 1]
+        variance = tensors[0][:, shape[1]:]
+        variance.copy_(torch.where(torch.isfinite(variance), variance.abs().tanh(), variance))
+    return [t.to(device) for t in tensors]
+
+
+T_NONFINITE = torch.tensor([300, 100, 1, 0])
+
+
+@pytest.mark.parametrize("clip", list(CLIPS))
+@pytest.mark.parametrize("prediction_type, variance_type", [("epsilon", "fixed_small"), ("sample", "fixed_large_log"),
+                                                            ("v_prediction", "learned_range"), ("epsilon", "learned")])
+def test_ddpm_step_kernel_propagates_nan_and_inf_as_the_reference(device, prediction_type, variance_type, clip):
+    shape = (4, 2, 3, 5)
+    learned = variance_type.startswith("learned")
+    out, sample, noise = nonfinite_step_inputs(shape, 4 if learned else 2, device, seed=20)
+    kwargs = dict(prediction_type=prediction_type, variance_type=variance_type, **CLIPS[clip])
+    got = fastgen.ddpm_step(out, T_NONFINITE.to(device), sample, SCHEDULE, noise=noise, backend="triton", **kwargs)
+    expected = ref.ddpm_step(out.cpu(), T_NONFINITE, sample.cpu(), SCHEDULE, noise=noise.cpu(), **kwargs)
+    for a, e in zip(got, expected):
+        assert not torch.isfinite(e[1:]).all() and torch.isfinite(e[0]).all()
+        assert_close(a, e, equal_nan=True)
+
+
+@pytest.mark.parametrize("clip", list(CLIPS))
+@pytest.mark.parametrize("eta, use_clipped, prediction_type, set_alpha_to_one", [
+    (0.0, False, "epsilon", True), (1.0, True, "sample", False), (0.5, False, "v_prediction", False)])
+def test_ddim_step_kernel_propagates_nan_and_inf_as_the_reference(device, eta, use_clipped, prediction_type,
+                                                                   set_alpha_to_one, clip):
+    out, sample, noise = nonfinite_step_inputs((4, 2, 3, 5), 2, device, seed=21)
+    prev_t = torch.tensor([200, -1, 0, -1])
+    kwargs = dict(eta=eta, prediction_type=prediction_type, use_clipped_model_output=use_clipped, **CLIPS[clip])
+    got = fastgen.ddim_step(out, T_NONFINITE.to(device), prev_t.to(device), sample, SCHEDULE, noise=noise,
+                            set_alpha_to_one=set_alpha_to_one, backend="triton", **kwargs)
+    final = 1.0 if set_alpha_to_one else SCHEDULE.alphas_cumprod[0].item()
+    expected = ref.ddim_step(out.cpu(), T_NONFINITE, prev_t, sample.cpu(), SCHEDULE, noise=noise.cpu(),
+                             final_alpha_cumprod=final, **kwargs)
+    for a, e in zip(got, expected):
+        assert not torch.isfinite(e[1:]).all() and torch.isfinite(e[0]).all()
+        assert_close(a, e, equal_nan=True)
+
+
+def test_q_sample_kernel_propagates_nan_and_inf_as_the_reference(device):
+    _, x0, noise = nonfinite_step_inputs((4, 2, 3, 5), 2, device, seed=22)
+    got = fastgen.q_sample(x0, T_NONFINITE.to(device), SCHEDULE, noise=noise, backend="triton")
+    assert_close(got, ref.q_sample(x0.cpu(), T_NONFINITE, SCHEDULE, noise.cpu()), equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_nan_model_never_yields_finite_samples(device, backend):
+    """The symptom: a model returning NaN used to give all -1.0 with clip_sample on the Triton path."""
+    sample = torch.zeros(2, 3, 4, device=device)
+    nan = torch.full_like(sample, float("nan"))
+    for kwargs in [dict(), dict(prediction_type="sample"), dict(thresholding=True)]:
+        for prev, x0 in [fastgen.ddpm_step(nan, 500, sample, SCHEDULE, seed=0, backend=backend, **kwargs),
+                         fastgen.ddim_step(nan, 500, 400, sample, SCHEDULE, backend=backend, **kwargs)]:
+            assert torch.isnan(prev).all() and torch.isnan(x0).all()
+
+
 # --- the noise rule, timesteps, invariances ---------------------------------------------------------
 
 def test_per_sample_noise_rule(device):
@@ -321,6 +452,49 @@ def test_int_and_tensor_timesteps_agree_exactly(device):
         assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
     q1 = fastgen.q_sample(sample, 613, SCHEDULE, seed=SEED, backend="triton")
     assert torch.equal(q1, fastgen.q_sample(sample, t_all, SCHEDULE, seed=SEED, backend="triton"))
+
+
+INTEGER_DTYPES = [torch.int8, torch.uint8, torch.int16, torch.uint16, torch.int32, torch.uint32, torch.int64,
+                  torch.uint64]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", INTEGER_DTYPES, ids=str)
+def test_every_integer_dtype_holds_timesteps(device, dtype, backend):
+    """Bounds are compared in int64: 1000 is never squeezed into int8, nor 250 misread in uint8."""
+    g = gen(14)
+    sample, out = (rand_like_shape((4, 3, 5), torch.float32, device, generator=g) for _ in range(2))
+    t_value = 5 if dtype == torch.int8 else 250
+    t = torch.full((4,), t_value, dtype=dtype, device=device)
+    prev_t = torch.full((4,), 3, dtype=dtype, device=device)
+    pairs = [((fastgen.q_sample(sample, t, SCHEDULE, seed=SEED, backend=backend),),
+              (fastgen.q_sample(sample, t_value, SCHEDULE, seed=SEED, backend=backend),)),
+             (fastgen.ddpm_step(out, t, sample, SCHEDULE, prev_t=prev_t, seed=SEED, backend=backend),
+              fastgen.ddpm_step(out, t_value, sample, SCHEDULE, prev_t=3, seed=SEED, backend=backend)),
+             (fastgen.ddim_step(out, t[0], prev_t, sample, SCHEDULE, eta=0.5, seed=SEED, backend=backend),
+              fastgen.ddim_step(out, t_value, 3, sample, SCHEDULE, eta=0.5, seed=SEED, backend=backend))]
+    for got, expected in pairs:
+        for a, e in zip(got, expected):
+            assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("dtype, values, match", [
+    (torch.int8, [5, -3], "got -3"),
+    (torch.uint8, [5, 250], "got 250"),            # T = 100 here: 250 is out of range
+    (torch.int16, [5, 100], "got 100"),
+    (torch.uint64, [5, 1 << 63], "uint64 value >= 2\\*\\*63"),
+    (torch.uint64, [5, (1 << 64) - 1], "uint64 value >= 2\\*\\*63"),
+], ids=str)
+def test_narrow_and_unsigned_timesteps_out_of_range_name_the_value(dtype, values, match):
+    schedule = fastgen.NoiseSchedule(num_train_timesteps=100)
+    x = torch.randn(2, 3)
+    t = torch.tensor(values, dtype=dtype) if dtype != torch.uint64 else torch.tensor(
+        [v - (1 << 64) if v >= 1 << 63 else v for v in values], dtype=torch.int64).view(torch.uint64)
+    for call in [lambda: fastgen.q_sample(x, t, schedule, seed=0),
+                 lambda: fastgen.ddpm_step(x, t, x, schedule, seed=0),
+                 lambda: fastgen.ddim_step(x, 99, t, x, schedule)]:
+        with pytest.raises(ValueError, match=match):
+            call()
 
 
 def test_batch_shards_reproduce_the_full_batch(device):
@@ -376,6 +550,10 @@ def test_empty_batch(device, backend):
     assert fastgen.ddpm_step(x, 5, x, SCHEDULE, seed=0, backend=backend)[0].shape == (0, 3, 4)
     assert fastgen.ddim_step(x, 5, 4, x, SCHEDULE, backend=backend)[0].shape == (0, 3, 4)
     assert fastgen.q_sample(x, 5, SCHEDULE, seed=0, backend=backend).shape == (0, 3, 4)
+    for empty in [x, torch.empty(2, 0, device=device)]:  # no samples; samples of no elements
+        threshold = dict(thresholding=True, dynamic_thresholding_ratio=0.9)
+        assert fastgen.ddpm_step(empty, 5, empty, SCHEDULE, seed=0, backend=backend, **threshold)[0].shape == empty.shape
+        assert fastgen.ddim_step(empty, 5, 4, empty, SCHEDULE, backend=backend, **threshold)[0].shape == empty.shape
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)

@@ -12,7 +12,7 @@ import fastgen.kernels
 from fastgen.kernels import gaussian as k_gaussian
 from fastgen.reference import gaussian as ref
 from fastgen.reference import random as ref_random
-from tests.utils import FLOAT_DTYPES, ODD_SHAPES, SMALL_SHAPES, assert_close, rand_like_shape
+from tests.utils import FLOAT_DTYPES, ODD_SHAPES, SMALL_SHAPES, assert_close, rand_like_shape, with_nonfinite
 from tests.utils import noncontiguous as _noncontiguous
 
 SEED = 0xC0FFEE1234567890  # >= 2^63: the high key word matters
@@ -232,6 +232,58 @@ def test_reparameterize_with_kl_shards_by_offset(device):
     assert torch.equal(z3, z[3:]) and torch.equal(kl3, kl[3:])
 
 
+# --- NaN and inf go where the reference puts them, forward and backward --------------------------
+
+def nonfinite_inputs(shape, n, seed):
+    """n float32 tensors with NaN/+-inf at random positions of every row but the first."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = [rand_like_shape(shape, generator=g) for _ in range(n)]
+    for t in tensors:
+        t[1:] = with_nonfinite(t[1:], g)
+    return tensors
+
+
+def check_nonfinite(actual, expected):
+    for a, e in zip(actual, expected):
+        assert_close(a, e, equal_nan=True)
+    assert any(not torch.isfinite(e).all() for e in expected)
+
+
+@pytest.mark.parametrize("source", ["seed", "noise"])
+def test_reparameterize_propagates_nan_and_inf_as_the_reference(device, source):
+    shape = (4, 5, 6)
+    mu, logvar, noise, gz = (t.to(device) for t in nonfinite_inputs(shape, 4, seed=30))
+    gz = gz.nan_to_num(0.5, 2.0, -2.0)  # a NaN upstream gradient would hide what the kernel does
+    kwargs = dict(seed=SEED) if source == "seed" else dict(noise=noise)
+    eps = eps64(shape) if source == "seed" else noise.cpu().double()
+    outs, gr = grads(lambda m, lv: fastgen.reparameterize(m, lv, backend="triton", **kwargs), [mu, logvar], [gz])
+    outs64, gr64 = grads(lambda m, lv: ref.reparameterize(m, lv, eps), f64([mu, logvar]), f64([gz]))
+    check_nonfinite(outs + gr, outs64 + gr64)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("prior", [False, True])
+def test_gaussian_kl_propagates_nan_and_inf_as_the_reference(device, prior, reduction):
+    shape = (4, 5, 6)
+    tensors = [t.to(device) for t in nonfinite_inputs(shape, 4 if prior else 2, seed=31)]
+    out_shape = ref.reduce(torch.empty(shape), reduction).shape
+    g = rand_like_shape(out_shape, torch.float32, device)
+    outs, gr = grads(lambda *t: fastgen.gaussian_kl(*t, reduction=reduction, backend="triton"), tensors, [g])
+    outs64, gr64 = grads(lambda *t: ref.reduce(ref.gaussian_kl(*t), reduction), f64(tensors), f64([g]))
+    check_nonfinite(outs + gr, outs64 + gr64)
+
+
+def test_reparameterize_with_kl_propagates_nan_and_inf_as_the_reference(device):
+    shape = (4, 5, 6)
+    mu, logvar, noise, gz = (t.to(device) for t in nonfinite_inputs(shape, 4, seed=32))
+    gz, gk = gz.nan_to_num(0.5, 2.0, -2.0), rand_like_shape(shape[:1], torch.float32, device)
+    outs, gr = grads(lambda m, lv: fastgen.reparameterize_with_kl(m, lv, noise=noise, backend="triton"), [mu, logvar],
+                     [gz, gk])
+    outs64, gr64 = grads(lambda m, lv: ref.reparameterize_with_kl(m, lv, noise.cpu().double()), f64([mu, logvar]),
+                         f64([gz, gk]))
+    check_nonfinite(outs + gr, outs64 + gr64)
+
+
 # --- tilings: results never depend on the block, rows split in chunks sum correctly --------------
 
 @pytest.mark.parametrize("shape, offset, block", [
@@ -334,6 +386,22 @@ def test_empty_inputs(device, shape):
         assert torch.equal(out.isnan(), expected.isnan()) and torch.equal(out.nan_to_num(), expected.nan_to_num())
     (z.sum() + z2.sum() + kl.sum()).backward()
     assert mu.grad.shape == shape
+
+
+@pytest.mark.parametrize("prior_shape", [(), (1,), "full"], ids=str)
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 4)], ids=str)
+def test_empty_inputs_with_a_prior(device, shape, prior_shape):
+    """A prior broadcast against an empty mu (it used to index the empty expansion: IndexError)."""
+    prior_shape = shape if prior_shape == "full" else prior_shape
+    mu, logvar = (torch.zeros(shape, device=device, requires_grad=True) for _ in range(2))
+    mu2, logvar2 = (torch.ones(prior_shape, device=device, requires_grad=True) for _ in range(2))
+    for red in REDUCTIONS:
+        out = fastgen.gaussian_kl(mu, logvar, mu2, logvar2, reduction=red, backend="triton")
+        expected = ref.reduce(ref.gaussian_kl(mu, logvar, mu2, logvar2), red)
+        assert out.shape == expected.shape and torch.equal(out.nan_to_num(), expected.nan_to_num().detach())
+        grads = torch.autograd.grad(out.sum(), [mu, logvar, mu2, logvar2])
+        assert [g.shape for g in grads] == [shape, shape, prior_shape, prior_shape]
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
 
 
 # --- bad input -------------------------------------------------------------------------------------

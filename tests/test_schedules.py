@@ -120,7 +120,27 @@ def test_exported_and_repr():
     (dict(trained_betas=[0.1, 1.5]), ValueError, "betas"),
     (dict(trained_betas=[0.1]), ValueError, "trained_betas"),
     (dict(trained_betas=[[0.1, 0.2]]), ValueError, "trained_betas"),
+    (dict(trained_betas=[0, 0, 0, 0]), ValueError, "betas must not all be 0"),
+    (dict(trained_betas=[0.0, 0.1, 0.2]), ValueError, r"betas\[0\] must be > 0"),
+    (dict(trained_betas=[0.1, 1.0, 0.2, 0.3]), ValueError, r"betas\[1\] = 1 before the last step"),
+    (dict(trained_betas=[1.0, 0.5]), ValueError, r"betas\[0\] = 1 before the last step"),
+    (dict(trained_betas=[1 - 1e-6] * 10), ValueError, "underflows to 0 in float32 at t = 7"),
 ])
 def test_bad_schedules(kwargs, error, match):
     with pytest.raises(error, match=match):
         NoiseSchedule(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(trained_betas=[0.1, 0.2, 1.0]),
+                                    dict(beta_schedule="squaredcos_cap_v2", rescale_betas_zero_snr=True),
+                                    dict(trained_betas=[0.1, 0.0, 0.2])], ids=["last-beta-1", "zero-snr", "inner-0"])
+def test_schedules_that_step_finitely_are_accepted(kwargs):
+    """beta = 1 at the last step only (zero terminal SNR), or an inner beta of 0: every step stays finite
+    (with v-prediction, which zero terminal SNR needs: eps says nothing about x_0 where abar = 0)."""
+    s = NoiseSchedule(**kwargs)
+    T = s.num_train_timesteps
+    x = torch.randn(T, 3, dtype=torch.float32)
+    t = torch.arange(T)
+    for backend in ["torch", "triton"]:
+        prev, x0 = fastgen.ddpm_step(x, t, x, s, prediction_type="v_prediction", seed=0, backend=backend)
+        assert torch.isfinite(prev).all() and torch.isfinite(x0).all()

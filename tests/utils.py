@@ -28,6 +28,15 @@ def noncontiguous(t: torch.Tensor) -> torch.Tensor:
     return view
 
 
+def with_nonfinite(t: torch.Tensor, generator: torch.Generator, fraction: float = 0.2) -> torch.Tensor:
+    """A copy of ``t`` with NaN, +inf and -inf at random positions (about ``fraction`` of the elements)."""
+    flat = t.detach().clone().reshape(-1)
+    hit = torch.rand(flat.shape, generator=generator) < fraction
+    kind = torch.randint(0, 3, flat.shape, generator=generator)
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=t.dtype)[kind]
+    return torch.where(hit.to(t.device), specials.to(t.device), flat).reshape(t.shape)
+
+
 def rand_like_shape(shape, dtype=torch.float32, device="cpu", *, scale=1.0, generator=None) -> torch.Tensor:
     """Fresh random normal data (never zeros) of ``shape`` in ``dtype``."""
     return (torch.randn(shape, dtype=torch.float64, generator=generator) * scale).to(device=device, dtype=dtype)

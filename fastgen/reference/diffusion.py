@@ -51,15 +51,17 @@ def _alphas_cumprod(schedule, t, batch: int, final=1.0):
 
 
 def step_coefficients(schedule, t, prev_t, batch: int, final_alpha_cumprod=1.0):
-    """The float64 [B] quantities of a step t -> s: abar_t, 1 - abar_t, abar_s, 1 - abar_s, beta_{t|s}.
+    """The float64 [B] quantities of a step t -> s: abar_t, 1 - abar_t, abar_s, 1 - abar_s, beta_{t|s} >= 0.
 
     beta_{t|s} = 1 - abar_t / abar_s, written without cancellation as ((1 - abar_t) - (1 - abar_s)) / abar_s,
     except for one step from t to t - 1 (abar_{-1} = 1), where it is the schedule's beta_t: the value
     the kernels read from the same row (a scheduler's schedule holds diffusers' own beta_t there).
+    Where two roundings of one value meet (the last DDIM step with abar_s = abar_0) the difference can
+    come out below 0: it is clamped, so a variance is never negative; NaN stays NaN.
     """
     abar_t, bbar_t = _alphas_cumprod(schedule, t, batch)
     abar_s, bbar_s = _alphas_cumprod(schedule, prev_t, batch, final_alpha_cumprod)
-    beta_ts = (bbar_t - bbar_s) / abar_s
+    beta_ts = ((bbar_t - bbar_s) / abar_s).clamp_min(0.0)
     t, s = _timesteps(t, batch), _timesteps(prev_t, batch)
     one_step = (s == t - 1) & ((s >= 0) | (float(final_alpha_cumprod) == 1.0))
     beta_ts = torch.where(one_step, schedule.betas[t.clamp(0, len(schedule.betas) - 1)], beta_ts)
@@ -139,10 +141,33 @@ def predict_eps(model_output, t, sample, schedule, prediction_type="epsilon"):
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
+def row_quantile(values, q):
+    """The ``q`` quantile of each row of a [B, n] tensor, in its dtype, by torch.quantile's linear
+    interpolation between order statistics (sorted values v_0 <= ... <= v_{n-1}):
+
+        p = q (n - 1),   quantile = v_floor(p) + (p - floor(p)) (v_ceil(p) - v_floor(p))
+
+    NaN for a row holding a NaN (as torch.quantile) or for an empty row. Where v_floor(p) or v_ceil(p)
+    is infinite the quantile is that infinity (torch.quantile's lerp makes inf - inf = NaN of it).
+    A sort, so without torch.quantile's limit of 2^24 elements per row."""
+    rows, n = values.shape
+    if n == 0:
+        return values.new_full((rows,), math.nan)
+    ordered = values.sort(dim=1).values  # NaN sorts last; the rows holding one are masked below
+    position = q * (n - 1)
+    below, above = ordered[:, math.floor(position)], ordered[:, math.ceil(position)]
+    quantile = torch.lerp(below, above, position - math.floor(position))
+    infinite_below, infinite_above = torch.isinf(below), torch.isinf(above)
+    infinity = below.where(infinite_below, 0.0) + above.where(infinite_above, 0.0)  # -inf + inf: NaN
+    quantile = torch.where(infinite_below | infinite_above, infinity, quantile)
+    return quantile.masked_fill(values.isnan().any(dim=1), math.nan)
+
+
 def dynamic_threshold_scale(x0, ratio=0.995, max_value=1.0):
-    """s per sample: the ``ratio`` quantile of |x_0| over the sample, clamped to [1, max_value]   [Imagen] 2.3"""
-    flat = x0.double().reshape(x0.shape[0], -1).abs()
-    return torch.quantile(flat, ratio, dim=1).clamp(min=1.0, max=max_value)
+    """s per sample: the ``ratio`` quantile of |x_0| over the sample, clamped to [1, max_value]   [Imagen] 2.3
+    (computed in x0's dtype; NaN for a sample holding a NaN)."""
+    per_sample = x0.reshape(x0.shape[0], math.prod(x0.shape[1:]))  # not (B, -1): ambiguous for B = 0
+    return row_quantile(per_sample.abs(), ratio).clamp(min=1.0, max=max_value)
 
 
 def clip_x0(x0, *, clip_sample=True, clip_sample_range=1.0, thresholding=False, dynamic_thresholding_ratio=0.995,
@@ -264,8 +289,8 @@ def ddim_step(model_output, t, prev_t, sample, schedule, *, eta=0.0, prediction_
     prev_sample = _per_sample(abar_s.sqrt(), sample) * x0 + _per_sample(direction, sample) * eps
     if eta > 0:
         z = noise.double() if noise is not None else noise_like(sample.shape, t, seed=seed, offset=offset).to(sample.device)
-        nonzero = (_timesteps(t, batch) > 0).double()
-        prev_sample = prev_sample + _per_sample(nonzero * sigma, sample) * z
+        nonzero = _per_sample(_timesteps(t, batch) > 0, sample)  # where, not a product: z is unused at t = 0
+        prev_sample = prev_sample + torch.where(nonzero, _per_sample(sigma, sample) * z, 0.0)
     return prev_sample, x0
 
 

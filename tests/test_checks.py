@@ -1,0 +1,35 @@
+"""The argument checks every public op shares (fastgen/_checks.py), exercised through the ops."""
+import pytest
+import torch
+
+import fastgen
+
+SCHEDULE = fastgen.NoiseSchedule(num_train_timesteps=10)
+
+
+def _meta_calls():
+    meta, cpu = torch.empty(2, 3, device="meta"), torch.zeros(2, 3)
+    return [
+        ("randn", lambda: fastgen.randn((2, 3), seed=0, device="meta"), "device"),
+        ("latents", lambda: fastgen.latents(2, 3, seed=0, device="meta"), "device"),
+        ("latents truncated", lambda: fastgen.latents(2, 3, seed=0, truncation=0.5, device=torch.device("meta")),
+         "device"),
+        ("reparameterize", lambda: fastgen.reparameterize(meta, meta, seed=0), "mu"),
+        ("reparameterize noise", lambda: fastgen.reparameterize(cpu, cpu, noise=meta), "noise"),
+        ("gaussian_kl", lambda: fastgen.gaussian_kl(meta, meta), "mu"),
+        ("gaussian_kl prior", lambda: fastgen.gaussian_kl(cpu, cpu, meta), "mu2"),
+        ("reparameterize_with_kl", lambda: fastgen.reparameterize_with_kl(meta, meta, seed=0), "mu"),
+        ("q_sample", lambda: fastgen.q_sample(meta, 5, SCHEDULE, seed=0), "x0"),
+        ("ddpm_step", lambda: fastgen.ddpm_step(meta, 5, meta, SCHEDULE, seed=0), "sample"),
+        ("ddpm_step model_output", lambda: fastgen.ddpm_step(meta, 5, cpu, SCHEDULE, seed=0), "model_output"),
+        ("ddim_step", lambda: fastgen.ddim_step(meta, 5, 4, meta, SCHEDULE), "sample"),
+        ("ddim_step noise", lambda: fastgen.ddim_step(cpu, 5, 4, cpu, SCHEDULE, eta=1.0, noise=meta), "noise"),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("call, name", [pytest.param(*c[1:], id=c[0]) for c in _meta_calls()])
+def test_meta_tensors_are_rejected_by_name(call, name, backend, monkeypatch):
+    monkeypatch.setenv("FASTGEN_BACKEND", backend)
+    with pytest.raises(ValueError, match=rf"^{name} .*meta tensors are not supported"):
+        call()
