@@ -112,13 +112,13 @@ def test_exported_and_repr():
 
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(beta_schedule="cosine"), ValueError, "beta_schedule"),
-    (dict(num_train_timesteps=1), ValueError, "num_train_timesteps"),
+    (dict(num_train_timesteps=0), ValueError, "num_train_timesteps"),
     (dict(num_train_timesteps=2.5), TypeError, "num_train_timesteps"),
     (dict(beta_start=0.0), ValueError, "beta_start"),
     (dict(beta_end=1.5), ValueError, "beta_end"),
     (dict(trained_betas=[0.1, float("nan")]), ValueError, "non-finite"),
     (dict(trained_betas=[0.1, 1.5]), ValueError, "betas"),
-    (dict(trained_betas=[0.1]), ValueError, "trained_betas"),
+    (dict(trained_betas=[]), ValueError, "trained_betas"),
     (dict(trained_betas=[[0.1, 0.2]]), ValueError, "trained_betas"),
     (dict(trained_betas=[0, 0, 0, 0]), ValueError, "betas must not all be 0"),
     (dict(trained_betas=[0.0, 0.1, 0.2]), ValueError, r"betas\[0\] must be > 0"),
