@@ -384,6 +384,8 @@ def _bad_calls():
          "variance_type must be one of 'fixed_small'.*got 'small'"),
         ("betas above 1", lambda: fs.DDPMScheduler(beta_start=0.1, beta_end=2.0), ValueError,
          r"betas must be in \[0, 1\].*betas\[\d+\] = 1\.0"),
+        ("alphas_cumprod underflow", lambda: fs.DDIMScheduler(beta_start=0.01, beta_end=0.2), ValueError,
+         "alphas_cumprod underflows to 0 in float32 at t = 959 < T - 1 = 999"),
         ("backend", lambda: fs.DDPMScheduler(backend="cuda"), ValueError, "backend must be one of"),
         ("step backend", lambda: ddpm.step(x, 5, x, backend="gpu"), ValueError, "backend must be one of"),
         ("shape", lambda: ddpm.step(torch.randn(2, 3, 5), 5, x), ValueError,

@@ -59,6 +59,13 @@ def schedule_of(scheduler) -> NoiseSchedule:
         raise ValueError(f"the scheduler's betas must be in [0, 1] (alpha_t = 1 - beta_t is a probability), "
                          f"got betas[{bad}] = {given[bad].item()} from its config")
     abar = scheduler.alphas_cumprod.detach().cpu().float()
+    vanished = (abar[:-1] == 0).nonzero()
+    if vanished.numel():
+        t = int(vanished[0])
+        raise ValueError(f"the scheduler's alphas_cumprod underflows to 0 in float32 at t = {t} < T - 1 = "
+                         f"{len(abar) - 1} (its config's betas are too large for that many steps): x_0 = x_t / "
+                         "sqrt(alphabar_t) is undefined from there on, every sampling chain is NaN "
+                         "(degenerate schedule)")
     betas = 1.0 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
     return NoiseSchedule.from_alphas_cumprod(abar, betas)
 
