@@ -143,3 +143,27 @@ def choice(value, name: str, allowed):
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
     return value
+
+
+def batched(t, name: str) -> torch.Tensor:
+    """A compute tensor with a batch dimension first (not 0-d)."""
+    compute_tensor(t, name)
+    if t.dim() == 0:
+        raise ValueError(f"{name} must have a batch dimension first, got a 0-d tensor")
+    return t
+
+
+def noise_schedule(schedule):
+    """A fastgen.NoiseSchedule (TypeError naming the argument otherwise)."""
+    from fastgen.schedules import NoiseSchedule
+
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a fastgen.NoiseSchedule, got {type(schedule).__name__}")
+    return schedule
+
+
+def prev_below(prev_t, t) -> None:
+    """prev_t < t wherever both are known on the host (ints or CPU tensors): a step goes back in time."""
+    known = [not isinstance(v, torch.Tensor) or v.device.type == "cpu" for v in (prev_t, t)]
+    if all(known) and not bool(torch.all(torch.as_tensor(prev_t) < torch.as_tensor(t))):
+        raise ValueError(f"prev_t must be smaller than t, got prev_t={prev_t} and t={t}")

@@ -55,11 +55,9 @@ from fastgen import _checks
 from fastgen import ops
 from fastgen.backend import BACKENDS, resolve_backend
 from fastgen.reference import random as ref_random
+from fastgen.step_spec import StepSpec
 
-SCHEDULER_KINDS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim"}
 DEFAULT_STEPS = {"ddim": 50}  # DDPM: every training timestep (diffusers' pipelines use 1000 and 50)
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 
 
 def make_scheduler(kind: str, **config):
@@ -93,38 +91,10 @@ class _Plan:
         # a private copy: set_timesteps below must not change (or race with) the caller's scheduler
         scheduler = copy.deepcopy(scheduler)
         config = dict(config)
-        name = type(scheduler).__name__
-        if name not in SCHEDULER_KINDS:
-            name = config.get("_class_name", name)
-        if name not in SCHEDULER_KINDS:
-            raise ValueError(f"scheduler must be one of {sorted(SCHEDULER_KINDS)}, got {name}")
-        self.kind = kind = SCHEDULER_KINDS[name]
-        prediction_type = config.get("prediction_type", "epsilon")
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"scheduler.config.prediction_type must be one of {PREDICTION_TYPES}, "
-                             f"got {prediction_type!r}")
+        self.spec = spec = StepSpec.from_scheduler(scheduler, **({"eta": eta} if eta else {}))
+        self.kind = kind = spec.kind
         self.schedule = schedule_of(scheduler)  # the scheduler's own tables, as its step reads them
         T = self.num_train_timesteps = self.schedule.num_train_timesteps
-        self.step_kwargs = dict(prediction_type=prediction_type, clip_sample=bool(config.get("clip_sample", True)),
-                                clip_sample_range=config.get("clip_sample_range", 1.0),
-                                thresholding=bool(config.get("thresholding", False)),
-                                dynamic_thresholding_ratio=config.get("dynamic_thresholding_ratio", 0.995),
-                                sample_max_value=config.get("sample_max_value", 1.0))
-        eta = float(eta)
-        self.variance_type = None
-        if kind == "ddpm":
-            if eta != 0.0:
-                raise ValueError(f"eta is a DDIM parameter; with a DDPMScheduler it must be 0, got {eta}")
-            variance_type = config.get("variance_type") or "fixed_small"
-            if variance_type not in VARIANCE_TYPES:
-                raise ValueError(f"scheduler.config.variance_type must be one of {VARIANCE_TYPES}, "
-                                 f"got {variance_type!r}")
-            self.variance_type = self.step_kwargs["variance_type"] = variance_type
-        else:
-            if not 0.0 <= eta <= 1.0:
-                raise ValueError(f"eta must be in [0, 1], got {eta}")
-            self.step_kwargs.update(eta=eta, set_alpha_to_one=bool(config.get("set_alpha_to_one", True)))
-        self.eta = eta
 
         if num_inference_steps is None:
             num_inference_steps = DEFAULT_STEPS.get(kind, T)
@@ -137,25 +107,15 @@ class _Plan:
             raise ValueError(f"scheduler.timesteps must be a non-empty list of timesteps in [0, {T}), "
                              f"got {timesteps.tolist()}")
         self.num_inference_steps = len(timesteps)
-        if kind == "ddpm":
-            prev = torch.cat([timesteps[1:], timesteps.new_full((1,), -1)])  # diffusers' previous_timestep
-        else:
-            stride = config.get("num_train_timesteps", T) // self.num_inference_steps
-            prev = (timesteps - stride).clamp_min(-1)  # diffusers' DDIM rule
+        prev = spec.prev_timesteps(timesteps, config.get("num_train_timesteps", T))
         if (prev >= timesteps).any():
             raise ValueError(f"scheduler.timesteps must decrease, got {timesteps.tolist()}")
         self.timesteps, self.prev_timesteps = timesteps, prev
         self.init_noise_sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))
-        self.learned_variance = self.variance_type in ("learned", "learned_range")
 
-    def draws_noise(self, i: int) -> bool:
+    def generator_draws(self, i: int) -> bool:
         """Whether diffusers draws step noise at step i (its generator advances)."""
-        return self.eta > 0 if self.kind == "ddim" else int(self.timesteps[i]) > 0
-
-    def output_shape(self, shape):
-        if self.learned_variance:
-            return torch.Size((shape[0], 2 * shape[1], *shape[2:]))
-        return torch.Size(shape)
+        return self.spec.generator_draws(int(self.timesteps[i]))
 
 
 # --- the torch backend's step: the fused update in whole-tensor ops ---------------------------------
@@ -179,26 +139,26 @@ class _TorchSteps:
         self.plan, self.shape, self.seed, self.element_offset, self.device = plan, shape, seed, element_offset, device
         t, s = plan.timesteps, plan.prev_timesteps
         n = len(t)
-        schedule, kw = plan.schedule, plan.step_kwargs
-        final = 1.0 if plan.kind == "ddpm" or kw["set_alpha_to_one"] else float(schedule.alphas_cumprod[0])
+        schedule, spec = plan.schedule, plan.spec
+        final = spec.final_alpha_cumprod(schedule)
         abar_t, bbar_t, abar_s, bbar_s, beta_ts = ref.step_coefficients(schedule, t, s, n, final)
         columns = dict(sqrt_abar_t=abar_t.sqrt(), sqrt_bbar_t=bbar_t.sqrt())
         noisy = t > 0  # no step adds noise at t = 0
         if plan.kind == "ddpm":  # Ho et al. eqs. 6-7
             columns.update(coef_x0=abar_s.sqrt() * beta_ts / bbar_t, coef_xt=(abar_t / abar_s).sqrt() * bbar_s / bbar_t)
-            if plan.learned_variance:
+            if spec.learned_variance:
                 small, _ = ref.model_variance(t, s, schedule, "fixed_small", batch=n)
                 large, _ = ref.model_variance(t, s, schedule, "fixed_large", batch=n)
                 columns.update(log_small=small.log(), log_large=large.log(), noisy=noisy.double())
             else:
-                variance, _ = ref.model_variance(t, s, schedule, plan.variance_type, batch=n)
+                variance, _ = ref.model_variance(t, s, schedule, spec.variance_type, batch=n)
                 columns.update(sigma=variance.sqrt() * noisy)
         else:  # Song et al. eqs. 12, 16
-            sigma = plan.eta * (bbar_s / bbar_t * beta_ts).sqrt()
+            sigma = spec.eta * (bbar_s / bbar_t * beta_ts).sqrt()
             columns.update(sqrt_abar_s=abar_s.sqrt(), direction=(bbar_s - sigma ** 2).clamp_min(0).sqrt(),
                            sigma=sigma * noisy)
         self.coefficients = [dict(zip(columns, row)) for row in zip(*(c.tolist() for c in columns.values()))]
-        self.draws = [bool(noisy[i]) and (plan.kind == "ddpm" or plan.eta > 0) for i in range(n)]
+        self.draws = [bool(noisy[i]) and spec.adds_noise for i in range(n)]
         self._noise_rows = {}
 
     def initial_noise(self) -> torch.Tensor:
@@ -231,36 +191,36 @@ class _TorchSteps:
         None for the counter-based stream)."""
         from fastgen.reference import diffusion as ref
 
-        plan, kw, c = self.plan, self.plan.step_kwargs, self.coefficients[i]
+        spec, c = self.plan.spec, self.coefficients[i]
         x = sample.float()
         out = model_output.float()
-        if plan.learned_variance:
+        if spec.learned_variance:
             out, predicted_variance = out.chunk(2, dim=1)
         # x0 from the prediction (Ho et al. eq. 15; Salimans & Ho sec. 4 for v)
-        prediction_type = kw["prediction_type"]
+        prediction_type = spec.prediction_type
         if prediction_type == "epsilon":
             x0 = torch.add(x, out, alpha=-c["sqrt_bbar_t"]).div_(c["sqrt_abar_t"])
         elif prediction_type == "sample":
             x0 = out.clone()
         else:
             x0 = torch.mul(x, c["sqrt_abar_t"]).add_(out, alpha=-c["sqrt_bbar_t"])
-        if plan.kind == "ddim":  # eps from the unclipped x0
+        if spec.kind == "ddim":  # eps from the unclipped x0
             if prediction_type == "epsilon":
                 eps = out
             elif prediction_type == "sample":
                 eps = torch.add(x, x0, alpha=-c["sqrt_abar_t"]).div_(c["sqrt_bbar_t"])
             else:
                 eps = torch.mul(out, c["sqrt_abar_t"]).add_(x, alpha=c["sqrt_bbar_t"])
-        if kw["thresholding"]:  # Imagen's dynamic thresholding, per sample
-            scale = ref.dynamic_threshold_scale(x0, kw["dynamic_thresholding_ratio"], kw["sample_max_value"])
+        if spec.thresholding:  # Imagen's dynamic thresholding, per sample
+            scale = ref.dynamic_threshold_scale(x0, spec.dynamic_thresholding_ratio, spec.sample_max_value)
             scale = scale.float().reshape(-1, *([1] * (x0.dim() - 1)))
             x0 = torch.minimum(torch.maximum(x0, -scale), scale).div_(scale)
-        elif kw["clip_sample"]:
-            x0.clamp_(-kw["clip_sample_range"], kw["clip_sample_range"])
-        if plan.kind == "ddpm":
+        elif spec.clip_sample:
+            x0.clamp_(-spec.clip_sample_range, spec.clip_sample_range)
+        if spec.kind == "ddpm":
             prev = torch.mul(x0, c["coef_x0"]).add_(x, alpha=c["coef_xt"])
-            if plan.learned_variance:  # per element; Nichol & Dhariwal eq. 15 for learned_range
-                if plan.variance_type == "learned":
+            if spec.learned_variance:  # per element; Nichol & Dhariwal eq. 15 for learned_range
+                if spec.variance_type == "learned":
                     sigma = predicted_variance.sqrt()
                 else:
                     frac = (predicted_variance + 1) / 2
@@ -420,8 +380,8 @@ class Sampler:
                              f"got backend {backend!r}")
         seed = _checks.seed64(seed) if generator is None else None
         plan = _Plan(scheduler, num_inference_steps, eta)
-        if plan.learned_variance and len(shape) < 2:
-            raise ValueError(f"shape needs a channel dimension (dim 1) for variance_type={plan.variance_type!r}, "
+        if plan.spec.learned_variance and len(shape) < 2:
+            raise ValueError(f"shape needs a channel dimension (dim 1) for variance_type={plan.spec.variance_type!r}, "
                              f"got {tuple(shape)}")
         self.cuda_graph, self.backend = cuda_graph, backend
         self.use_graph = cuda_graph is not False and device.type == "cuda" and backend == "triton"
@@ -463,17 +423,17 @@ class _Loop:
         self.torch_steps = None
         if backend == "torch":
             self.torch_steps = _TorchSteps(plan, shape, seed=seed, element_offset=self.element_offset, device=device)
-        self.expected = plan.output_shape(shape)
+        self.expected = plan.spec.model_output_shape(shape)
         # Every sample steps from the same t, so the step may read the batch as one [1, B * n] sample:
         # element g of sample b is flat element b * n + g either way, with the same noise counter
         # offset + b * n + g. Not with dynamic thresholding (a quantile per sample) or a learned
         # variance (channels split per sample).
-        self.flat = not plan.step_kwargs["thresholding"] and not plan.learned_variance
+        self.flat = not plan.spec.thresholding and not plan.spec.learned_variance
         self.timesteps = plan.timesteps.to(device)
         self.prev_timesteps = plan.prev_timesteps.to(device)
         self.graph = self.counter = self.x = None
         self.noise = None
-        if generator is not None and any(plan.draws_noise(i) for i in range(plan.num_inference_steps)):
+        if generator is not None and any(plan.generator_draws(i) for i in range(plan.num_inference_steps)):
             self.noise = torch.zeros(shape, dtype=dtype, device=device)
 
     def _initial_noise(self):
@@ -500,7 +460,7 @@ class _Loop:
         if self.flat:  # one timestep for the batch: the same counters as [B, n], in fewer, larger programs
             pred, x, noise = (None if v is None else v.reshape(1, -1) for v in (pred, x, noise))
         common = dict(seed=self.seed if noise is None else None, noise=noise, offset=self.element_offset,
-                      return_pred_original_sample=False, backend=self.backend, **self.plan.step_kwargs)
+                      return_pred_original_sample=False, backend=self.backend, spec=self.plan.spec)
         if self.plan.kind == "ddpm":
             prev, _ = ops.ddpm_step(pred, t, x, self.plan.schedule, prev_t=prev_t, **common)
         else:
@@ -508,7 +468,7 @@ class _Loop:
         return prev.reshape(self.shape)
 
     def _draw_step_noise(self, i):
-        if self.noise is not None and self.plan.draws_noise(i):
+        if self.noise is not None and self.plan.generator_draws(i):
             self.noise.copy_(_diffusers_noise(self.shape, self.generator, self.device, self.dtype))
 
     def capture(self):

@@ -210,17 +210,6 @@ def _check_diffusion(device, quick):
 
 
 
-class _Timesteps:
-    """A scheduler as fastgen.sample reads one: a config naming its class, and set_timesteps
-    (diffusers' "leading" spacing), so the check needs neither diffusers nor fastgen.schedulers."""
-
-    def __init__(self, class_name, num_train_timesteps, **config):
-        self.config = dict(_class_name=class_name, num_train_timesteps=num_train_timesteps, **config)
-
-    def set_timesteps(self, n):
-        self.timesteps = torch.arange(n).flip(0) * (self.config["num_train_timesteps"] // n)
-
-
 @check("sampling")
 def _check_sampling(device, quick):
     """Whole loops: fastgen.sample (fused steps; on CUDA a captured graph) vs the float64 reference
@@ -228,23 +217,25 @@ def _check_sampling(device, quick):
     accumulates over the steps, so the tolerance is the loop's (1e-5), not one step's."""
     from fastgen.reference import diffusion as ref
     from fastgen.sampling import sample
-    from fastgen.schedules import NoiseSchedule
+    from fastgen.schedulers import DDIMScheduler, DDPMScheduler
+    from fastgen.schedulers._common import schedule_of
 
     def model(x, t):
         return 0.4 * x + 0.3 * torch.sin(x) + 0.002 * t.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
 
     T, seed = 16, 0x9E3779B97F4A7C15
-    schedule = NoiseSchedule(num_train_timesteps=T)
+    ddpm, ddim = DDPMScheduler(num_train_timesteps=T), DDIMScheduler(num_train_timesteps=T)
+    schedule = schedule_of(ddpm)  # the tables the loop reads: the scheduler's own
     shapes = [(3, 2, 5)] if quick else [(3, 2, 5), (8, 3, 16, 16)]
     cases = []
     for shape in shapes:
         with poisoned_outputs():
-            x = sample(model, shape, _Timesteps("DDPMScheduler", T), seed=seed, device=device, backend="triton")
+            x = sample(model, shape, ddpm, seed=seed, device=device, backend="triton")
         expected = ref.sample_loop(lambda x, t: model(x, torch.tensor(t)), shape, schedule, seed=seed)
         cases.append(Case("sample", f"{shape} DDPM {T} steps", "float32",
                           testing.compare(x, expected, rtol=1e-5, atol=1e-5)))
         with poisoned_outputs():
-            x = sample(model, shape, _Timesteps("DDIMScheduler", T), num_inference_steps=4, eta=0.5, seed=seed,
+            x = sample(model, shape, ddim, num_inference_steps=4, eta=0.5, seed=seed,
                        device=device, backend="triton")
         expected = ref.sample_loop(lambda x, t: model(x, torch.tensor(t)), shape, schedule, seed=seed,
                                    timesteps=[12, 8, 4, 0], step=ref.ddim_step, eta=0.5)

@@ -37,14 +37,18 @@ import triton
 import triton.language as tl
 
 from . import launch, launch_block
-from .random import as_int64, int64_arg, normal_tile
+from .random import NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, as_int64, int64_arg, normal_tile
 
-PREDICTION = {"epsilon": 0, "sample": 1, "v_prediction": 2}
-VARIANCE = {"fixed_small": 0, "fixed_small_log": 1, "fixed_large": 2, "fixed_large_log": 3, "learned": 4,
-            "learned_range": 5}
-CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD = 0, 1, 2
-NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR = 0, 1, 2
-PREV_SCALAR, PREV_TENSOR, PREV_T_MINUS_1 = 0, 1, 2
+# The constexpr codes of the step kernels; the launchers translate a step specification's names into them.
+EPSILON, SAMPLE, V_PREDICTION = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+PREDICTION = {"epsilon": EPSILON.value, "sample": SAMPLE.value, "v_prediction": V_PREDICTION.value}
+FIXED_SMALL, FIXED_SMALL_LOG, FIXED_LARGE, FIXED_LARGE_LOG = (tl.constexpr(i) for i in range(4))
+LEARNED, LEARNED_RANGE = tl.constexpr(4), tl.constexpr(5)
+VARIANCE = {"fixed_small": FIXED_SMALL.value, "fixed_small_log": FIXED_SMALL_LOG.value,
+            "fixed_large": FIXED_LARGE.value, "fixed_large_log": FIXED_LARGE_LOG.value, "learned": LEARNED.value,
+            "learned_range": LEARNED_RANGE.value}
+CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+PREV_SCALAR, PREV_TENSOR, PREV_T_MINUS_1 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 MIN_VARIANCE = tl.constexpr(1e-20)  # diffusers clamps beta~ before its log
 
 
@@ -60,10 +64,10 @@ def _timestep(arg, stride, b, IS_TENSOR: tl.constexpr):
 
 @triton.jit
 def _prev_timestep(arg, stride, b, t, MODE: tl.constexpr):
-    if MODE == 2:
+    if MODE == PREV_T_MINUS_1:
         s = t - 1
     else:
-        s = _timestep(arg, stride, b, MODE == 1)
+        s = _timestep(arg, stride, b, MODE == PREV_TENSOR)
     return s
 
 
@@ -92,8 +96,8 @@ def _step_coefficients(table, T, t, s, final_abar, final_bbar):
 
 @triton.jit
 def _tile(seed, stream, draw_offset, j, n, NOISE: tl.constexpr, BLOCK: tl.constexpr):
-    """(idx, mask, z) of tile j over a sample's n elements; z is Philox noise when NOISE == 1."""
-    if NOISE == 1:
+    """(idx, mask, z) of tile j over a sample's n elements; z is Philox noise when NOISE == NOISE_PHILOX."""
+    if NOISE == NOISE_PHILOX:
         idx, z = normal_tile(seed, stream, draw_offset, j, BLOCK)
     else:
         idx = j.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -103,9 +107,9 @@ def _tile(seed, stream, draw_offset, j, n, NOISE: tl.constexpr, BLOCK: tl.conste
 
 @triton.jit
 def _predict_x0(m, x, sqrt_abar_t, sqrt_bbar_t, PRED: tl.constexpr):
-    if PRED == 0:
+    if PRED == EPSILON:
         x0 = (x - sqrt_bbar_t * m) / sqrt_abar_t
-    elif PRED == 1:
+    elif PRED == SAMPLE:
         x0 = m
     else:
         x0 = sqrt_abar_t * x - sqrt_bbar_t * m
@@ -122,9 +126,9 @@ def _clamp(x, low, high):
 
 @triton.jit
 def _clip_x0(x0, scale_ptr, b, clip_range, CLIP: tl.constexpr):
-    if CLIP == 1:
+    if CLIP == CLIP_RANGE:
         x0 = _clamp(x0, -clip_range, clip_range)
-    elif CLIP == 2:
+    elif CLIP == CLIP_THRESHOLD:
         s = tl.load(scale_ptr + b)
         x0 = _clamp(x0, -s, s) / s
     return x0
@@ -140,7 +144,7 @@ def _q_sample_kernel(out_ptr, noise_out_ptr, x0_ptr, noise_ptr, table, T, t_arg,
     abar_t, bbar_t, sqrt_abar_t, sqrt_bbar_t = _schedule_at(table, T, t)
     idx, mask, z = _tile(seed, t, int64_arg(offset) + b * n, pid % tiles, n, NOISE, BLOCK)
     base = b * n + idx
-    if NOISE == 2:
+    if NOISE == NOISE_TENSOR:
         z = tl.load(noise_ptr + base, mask=mask).to(tl.float32)
     x0 = tl.load(x0_ptr + base, mask=mask).to(tl.float32)
     x_t = sqrt_abar_t * x0 + sqrt_bbar_t * z  # Ho et al. eq. (4)
@@ -174,20 +178,20 @@ def _ddpm_step_kernel(prev_ptr, x0_ptr, model_ptr, sample_ptr, noise_ptr, scale_
         coef_x0 = tl.sqrt(abar_s) * beta_ts / bbar_t                 # eq. (7)
         coef_xt = tl.sqrt(abar_t / abar_s) * bbar_s / bbar_t
         x_prev = coef_x0 * x0 + coef_xt * x
-        if NOISE != 0:
+        if NOISE != NOISE_NONE:
             posterior = tl.maximum(bbar_s / bbar_t * beta_ts, MIN_VARIANCE, propagate_nan=tl.PropagateNan.ALL)
-            if VAR <= 1:
+            if (VAR == FIXED_SMALL) or (VAR == FIXED_SMALL_LOG):
                 sigma = tl.sqrt(posterior)
-            elif VAR <= 3:
+            elif (VAR == FIXED_LARGE) or (VAR == FIXED_LARGE_LOG):
                 sigma = tl.sqrt(beta_ts)
             else:
                 v = tl.load(model_ptr + b * model_stride + n + idx, mask=mask).to(tl.float32)
-                if VAR == 4:
+                if VAR == LEARNED:
                     sigma = tl.sqrt(v)
                 else:
                     frac = (v + 1.0) * 0.5
                     sigma = tl.exp(0.5 * (frac * tl.log(beta_ts) + (1.0 - frac) * tl.log(posterior)))
-            if NOISE == 2:
+            if NOISE == NOISE_TENSOR:
                 z = tl.load(noise_ptr + b * n + idx, mask=mask).to(tl.float32)
             x_prev += tl.where(t > 0, sigma * z, 0.0)
         tl.store(prev_ptr + b * n + idx, tl.where(valid, x_prev, nan).to(prev_ptr.dtype.element_ty), mask=mask)
@@ -216,9 +220,9 @@ def _ddim_step_kernel(prev_ptr, x0_ptr, model_ptr, sample_ptr, noise_ptr, scale_
     if STORE_PREV:
         if USE_CLIPPED:
             eps = (x - sqrt_abar_t * x0) / sqrt_bbar_t
-        elif PRED == 0:
+        elif PRED == EPSILON:
             eps = m
-        elif PRED == 1:
+        elif PRED == SAMPLE:
             eps = (x - sqrt_abar_t * m) / sqrt_bbar_t
         else:
             eps = sqrt_abar_t * m + sqrt_bbar_t * x
@@ -227,8 +231,8 @@ def _ddim_step_kernel(prev_ptr, x0_ptr, model_ptr, sample_ptr, noise_ptr, scale_
         # bbar_t - beta_ts = abar_t bbar_s / abar_s it is a sum of non-negative terms
         direction = tl.sqrt(bbar_s * ((1.0 - eta * eta) * bbar_t + eta * eta * abar_t * bbar_s / abar_s) / bbar_t)
         x_prev = tl.sqrt(abar_s) * x0 + direction * eps         # eq. (12)
-        if NOISE != 0:
-            if NOISE == 2:
+        if NOISE != NOISE_NONE:
+            if NOISE == NOISE_TENSOR:
                 z = tl.load(noise_ptr + b * n + idx, mask=mask).to(tl.float32)
             x_prev += tl.where(t > 0, sigma * z, 0.0)
         tl.store(prev_ptr + b * n + idx, tl.where(valid, x_prev, nan).to(prev_ptr.dtype.element_ty), mask=mask)
@@ -291,22 +295,29 @@ def _step_launch(kernel, prev, x0, model_output, sample, t, prev_t, table, scale
     return (batch * tiles,), leading, tiles, meta
 
 
-def ddpm_step(prev, x0, model_output, sample, t, prev_t, table, *, prediction_type, variance_type, clip,
-              clip_range=1.0, scale=None, noise_mode, noise=None, seed=0, offset=0, block=None):
-    """x_s into ``prev`` (if not None) and x0 into ``x0`` (if not None). clip: CLIP_* (scale: fp32 [B]
-    thresholds for CLIP_THRESHOLD); noise_mode: NOISE_* (noise: the tensor for NOISE_TENSOR)."""
+def _spec_constexprs(spec) -> dict:
+    """A step specification's settings (fastgen.step_spec.StepSpec: names) as this kernel's codes."""
+    clip = CLIP_THRESHOLD if spec.thresholding else CLIP_RANGE if spec.clip_sample else CLIP_NONE
+    return dict(PRED=PREDICTION[spec.prediction_type], CLIP=clip)
+
+
+def ddpm_step(prev, x0, model_output, sample, t, prev_t, table, spec, *, scale=None, noise_mode, noise=None, seed=0,
+              offset=0, block=None):
+    """x_s into ``prev`` (if not None) and x0 into ``x0`` (if not None), as ``spec`` says (a StepSpec of
+    kind "ddpm"). scale: fp32 [B] thresholds when spec.thresholding; noise_mode: NOISE_* (noise: the
+    tensor for NOISE_TENSOR); offset: the element offset of sample 0's noise."""
     grid, leading, tiles, meta = _step_launch(_ddpm_step_kernel, prev, x0, model_output, sample, t, prev_t, table,
                                               scale, noise_mode, noise, block)
     launch(_ddpm_step_kernel, grid, *leading, model_output.numel() // sample.shape[0], tiles, as_int64(seed), offset,
-           float(clip_range), PRED=PREDICTION[prediction_type], VAR=VARIANCE[variance_type], CLIP=clip, **meta)
+           float(spec.clip_sample_range), VAR=VARIANCE[spec.variance_type], **_spec_constexprs(spec), **meta)
 
 
-def ddim_step(prev, x0, model_output, sample, t, prev_t, table, *, prediction_type, clip, clip_range=1.0,
-              scale=None, eta=0.0, use_clipped_model_output=False, final_abar=1.0, final_bbar=0.0,
+def ddim_step(prev, x0, model_output, sample, t, prev_t, table, spec, *, final_abar=1.0, final_bbar=0.0, scale=None,
               noise_mode, noise=None, seed=0, offset=0, block=None):
-    """The DDIM update of ``sample`` into ``prev`` / ``x0`` (either may be None), arguments as ddpm_step."""
+    """The DDIM update of ``sample`` into ``prev`` / ``x0`` (either may be None) as ``spec`` says (kind
+    "ddim"); final_abar / final_bbar: abar and 1 - abar after the last step; the rest as ddpm_step."""
     grid, leading, tiles, meta = _step_launch(_ddim_step_kernel, prev, x0, model_output, sample, t, prev_t, table,
                                               scale, noise_mode, noise, block)
-    launch(_ddim_step_kernel, grid, *leading, tiles, as_int64(seed), offset, float(clip_range), float(eta),
-           float(final_abar), float(final_bbar), PRED=PREDICTION[prediction_type], CLIP=clip,
-           USE_CLIPPED=bool(use_clipped_model_output), **meta)
+    launch(_ddim_step_kernel, grid, *leading, tiles, as_int64(seed), offset, float(spec.clip_sample_range),
+           float(spec.eta), float(final_abar), float(final_bbar), USE_CLIPPED=spec.use_clipped_model_output,
+           **_spec_constexprs(spec), **meta)

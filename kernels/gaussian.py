@@ -33,12 +33,11 @@ import triton
 import triton.language as tl
 
 from . import launch, launch_block
-from .random import as_int64, box_muller, int64_arg, philox
+from .random import NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, as_int64, box_muller, int64_arg, philox
 
 # What the kernels get eps from (forward), or whether a z gradient exists (backward).
-NOISE_NONE = tl.constexpr(0)    # no z: KL only / no gradient of z
-NOISE_TENSOR = tl.constexpr(1)  # read from a tensor
-NOISE_TILES = tl.constexpr(2)   # counter-based, four normals per Philox call
+# z's sources: NOISE_NONE (KL only / no gradient of z) and NOISE_TENSOR from kernels/random.py, and
+NOISE_TILES = NOISE_PHILOX      # counter-based, four normals per Philox call
 NOISE_EACH = tl.constexpr(3)    # counter-based, one Philox call per element
 # How the KL gradient reaches an element.
 GRAD_KL_NONE = tl.constexpr(0)

@@ -26,6 +26,10 @@ from . import launch, launch_block
 
 TWO_POW_M24 = tl.constexpr(5.9604644775390625e-08)  # 2^-24: scales a 24-bit integer into [0, 1)
 TWO_PI = tl.constexpr(6.283185307179586)
+# Where a kernel's noise z comes from (one numbering for every kernel family that draws or reads it).
+NOISE_NONE = tl.constexpr(0)    # no z
+NOISE_TENSOR = tl.constexpr(1)  # read from a tensor
+NOISE_PHILOX = tl.constexpr(2)  # drawn in the kernel from the counter-based stream (normal_tile)
 
 
 def as_int64(value: int) -> int:

@@ -10,6 +10,7 @@ import scipy.stats
 import torch
 
 import fastgen
+from fastgen.step_spec import StepSpec
 from fastgen.kernels import diffusion as k_diffusion
 from fastgen.reference import diffusion as ref
 from tests.utils import FLOAT_DTYPES, assert_close, noncontiguous, rand_like_shape, with_nonfinite
@@ -577,8 +578,7 @@ def test_invalid_device_timesteps_give_nan_in_kernel(device):
     prev = torch.empty_like(sample)
     t = torch.tensor([5, 1000, 7], device=device)
     prev_t = torch.tensor([4, 3, 7], device=device)  # sample 2: prev_t == t
-    k_diffusion.ddpm_step(prev, None, out, sample, t, prev_t, table, prediction_type="epsilon",
-                          variance_type="fixed_small", clip=k_diffusion.CLIP_RANGE, noise_mode=k_diffusion.NOISE_PHILOX)
+    k_diffusion.ddpm_step(prev, None, out, sample, t, prev_t, table, StepSpec("ddpm"), noise_mode=k_diffusion.NOISE_PHILOX)
     assert torch.isfinite(prev[0]).all() and torch.isnan(prev[1:]).all()
 
 
@@ -643,7 +643,7 @@ def _bad_calls():
          "prev_t must be smaller"),
         ("prev_t below -1", lambda: ddim(x, 5, -2, x, s), ValueError, r"prev_t must be a timestep in \[-1"),
         ("odd channels", lambda: step(torch.randn(2, 7, 3), 5, x, s, variance_type="learned"), ValueError,
-         "even channel count"),
+         r"must have shape \(2, 8, 3\) \(prediction and variance channels\).*got \(2, 7, 3\)"),
         ("learned wrong channels", lambda: step(torch.randn(2, 6, 3), 5, x, s, variance_type="learned_range"),
          ValueError, "model_output must have shape"),
         ("shape mismatch", lambda: step(torch.randn(2, 4, 4), 5, x, s), ValueError, "model_output must have shape"),

@@ -35,10 +35,10 @@ import fastgen
 from fastgen import _checks
 from fastgen import data as datasets
 from fastgen.models import _checkpoint
+from fastgen.step_spec import PREDICTION_TYPES
 
 CHECKPOINT_FORMAT = "fastgen-denoiser/1"
 PRETRAINED = {"digits": "ddpm_digits.pt"}
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 # The DDPMScheduler / DDIMScheduler arguments the digits denoiser is trained and sampled with (diffusers' defaults).
 DIGITS_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
                                prediction_type="epsilon", clip_sample=True)

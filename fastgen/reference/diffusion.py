@@ -20,9 +20,8 @@ import math
 import torch
 
 from fastgen.reference import random as ref_random
+from fastgen.step_spec import PREDICTION_TYPES, VARIANCE_TYPES
 
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 MIN_VARIANCE = 1e-20  # diffusers clamps beta~ before any log: beta~_0 = 0
 
 
@@ -292,6 +291,20 @@ def ddim_step(model_output, t, prev_t, sample, schedule, *, eta=0.0, prediction_
         nonzero = _per_sample(_timesteps(t, batch) > 0, sample)  # where, not a product: z is unused at t = 0
         prev_sample = prev_sample + torch.where(nonzero, _per_sample(sigma, sample) * z, 0.0)
     return prev_sample, x0
+
+
+def step(spec, model_output, t, prev_t, sample, schedule, *, seed=None, noise=None, offset=0):
+    """The reverse step a step specification (fastgen.step_spec.StepSpec) describes: ddpm_step or
+    ddim_step with its settings. prev_t None: t - 1 (DDPM)."""
+    common = dict(prediction_type=spec.prediction_type, clip_sample=spec.clip_sample,
+                  clip_sample_range=spec.clip_sample_range, thresholding=spec.thresholding,
+                  dynamic_thresholding_ratio=spec.dynamic_thresholding_ratio, sample_max_value=spec.sample_max_value,
+                  seed=seed, noise=noise, offset=offset)
+    if spec.kind == "ddpm":
+        return ddpm_step(model_output, t, sample, schedule, prev_t=prev_t, variance_type=spec.variance_type, **common)
+    return ddim_step(model_output, t, prev_t, sample, schedule, eta=spec.eta,
+                     use_clipped_model_output=spec.use_clipped_model_output,
+                     final_alpha_cumprod=spec.final_alpha_cumprod(schedule), **common)
 
 
 # --- training losses -------------------------------------------------------------------------------

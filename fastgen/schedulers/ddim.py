@@ -27,16 +27,13 @@ Numerics: sqrt(1 - abar_s - sigma^2) is formed as a sum of non-negative terms an
 never negative, so rounding cannot turn a step into NaN (with eta = 1 on a zero-SNR schedule, or at
 the last step with set_alpha_to_one=False, where diffusers' float32 difference can cancel).
 """
-import numbers
-
 import diffusers
 import torch
 
 import fastgen
 from fastgen import _checks
-from fastgen._checks import choice
 from fastgen.schedulers._common import FusedStepMixin, with_backend
-from fastgen.schedulers.ddpm import PREDICTION_TYPES
+from fastgen.step_spec import StepSpec
 
 
 class DDIMScheduler(FusedStepMixin, diffusers.DDIMScheduler):
@@ -65,30 +62,23 @@ class DDIMScheduler(FusedStepMixin, diffusers.DDIMScheduler):
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
         backend = self._backend_arg(backend)
         offset = self._noise_source(generator, seed, offset, variance_noise)
-        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
-        if use_clipped_model_output is None:
-            use_clipped_model_output = False
-        cfg = self.config
-        choice(cfg.prediction_type, "prediction_type", PREDICTION_TYPES)
+        clipped = False if use_clipped_model_output is None else use_clipped_model_output  # pipelines pass None
+        spec = StepSpec.from_config("ddim", self.config, eta=eta, use_clipped_model_output=clipped)
         t, t_host = self._timestep(timestep, sample)
         noise_dtype = getattr(model_output, "dtype", None)  # diffusers draws in the model output's dtype
         model_output = self._tensors(model_output, sample, sample.shape, "the sample's shape")
-        stride = cfg.num_train_timesteps // self.num_inference_steps
-        prev_t = max(t_host - stride, -1) if t_host is not None else (t - stride).clamp_min(-1)
+        prev_t = spec.prev_timesteps(t if t_host is None else [t_host], self.config.num_train_timesteps,
+                                     self.num_inference_steps)
+        prev_t = prev_t if t_host is None else prev_t[0]
         noise = None
-        if eta > 0 and seed is None:
+        if spec.adds_noise and seed is None:
             if variance_noise is not None:
                 _checks.float_tensor(variance_noise, "variance_noise")
                 noise = _checks.like(variance_noise.to(sample.dtype), "variance_noise", sample, "sample")
             else:
                 noise = self._draw(sample.shape, generator, sample, noise_dtype)
         prev_sample, pred_original_sample = fastgen.ddim_step(
-            model_output, t, prev_t, sample, self.schedule, eta=float(eta), prediction_type=cfg.prediction_type,
-            clip_sample=bool(cfg.clip_sample), clip_sample_range=cfg.clip_sample_range,
-            thresholding=bool(cfg.thresholding), dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio,
-            sample_max_value=cfg.sample_max_value, use_clipped_model_output=bool(use_clipped_model_output),
-            set_alpha_to_one=bool(cfg.set_alpha_to_one), seed=0 if seed is None else seed, noise=noise,
+            model_output, t, prev_t, sample, self.schedule, spec=spec, seed=0 if seed is None else seed, noise=noise,
             offset=offset, backend=backend)
         if not return_dict:
             return prev_sample, pred_original_sample

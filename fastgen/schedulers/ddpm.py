@@ -34,11 +34,9 @@ import diffusers
 import torch
 
 import fastgen
-from fastgen._checks import choice
 from fastgen.schedulers._common import FusedStepMixin, with_backend
+from fastgen.step_spec import VARIANCE_TYPES, StepSpec
 
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 NOT_SCHEDULED = -2  # in the device table of next timesteps: no inference timestep (the kernels give NaN)
 
 
@@ -50,25 +48,23 @@ class DDPMScheduler(FusedStepMixin, diffusers.DDPMScheduler):
     __init__ = with_backend(diffusers.DDPMScheduler)
     __module__ = "fastgen"  # what a saved pipeline's model_index.json records: ["fastgen", "DDPMScheduler"]
 
-    def _next_timestep(self, t, t_host):
+    def _next_timestep(self, spec, t, t_host):
         """The timestep a step from t lands on, without a host synchronisation: None for t - 1 (no
         set_timesteps), a host int, or a device lookup of the next inference timestep."""
         if not (self.custom_timesteps or self.num_inference_steps):
             return None
+        order = self._host_timesteps.tolist()
+        following = spec.prev_timesteps(order, self.config.num_train_timesteps)
         if t_host is not None:
-            where = (self._host_timesteps == t_host).nonzero()[0]
-            if not len(where):
-                raise ValueError(f"timestep must be one of the scheduler's timesteps "
-                                 f"{self._host_timesteps.tolist()}, got {t_host}")
-            i = int(where[0])
-            return int(self._host_timesteps[i + 1]) if i + 1 < len(self._host_timesteps) else -1
+            if t_host not in order:
+                raise ValueError(f"timestep must be one of the scheduler's timesteps {order}, got {t_host}")
+            return following[order.index(t_host)]  # the first occurrence, as in diffusers
         device = t.device
         if device not in self._prev_tables:
             table = torch.full((self.num_schedule_timesteps,), NOT_SCHEDULED, dtype=torch.int64)
-            order = self._host_timesteps.tolist()
-            for i, step_t in reversed(list(enumerate(order))):  # the first occurrence wins, as in diffusers
+            for step_t, prev in reversed(list(zip(order, following))):  # the first occurrence wins
                 if 0 <= step_t < len(table):
-                    table[step_t] = order[i + 1] if i + 1 < len(order) else -1
+                    table[step_t] = prev
             self._prev_tables[device] = table.to(device)
         return self._prev_tables[device][t]
 
@@ -89,23 +85,14 @@ class DDPMScheduler(FusedStepMixin, diffusers.DDPMScheduler):
         """
         backend = self._backend_arg(backend)
         offset = self._noise_source(generator, seed, offset)
-        cfg = self.config
-        choice(cfg.prediction_type, "prediction_type", PREDICTION_TYPES)
         t, t_host = self._timestep(timestep, sample)
-        variance_type = self.variance_type
-        if t_host != 0:  # the step adds noise: the variance is needed
-            choice(variance_type, "variance_type", VARIANCE_TYPES)
-        learned = variance_type in ("learned", "learned_range")
-        expected = sample.shape
-        if learned:
-            if sample.dim() < 2:
-                raise ValueError(f"sample must have a channel dimension (dim 1) for variance_type={variance_type!r}")
-            expected = torch.Size((sample.shape[0], 2 * sample.shape[1], *sample.shape[2:]))
-        what = (f"prediction and variance channels for variance_type={variance_type!r}" if learned
-                else f"variance_type={variance_type!r}")
+        # an unknown variance_type only matters where the step adds noise (diffusers then uses fixed_small)
+        needs_variance = t_host != 0 or self.config.variance_type in VARIANCE_TYPES
+        spec = StepSpec.from_config("ddpm", self.config, **({} if needs_variance else {"variance_type": "fixed_small"}))
         noise_dtype = getattr(model_output, "dtype", None)  # diffusers draws in the model output's dtype
-        model_output = self._tensors(model_output, sample, expected, what)
-        prev_t = self._next_timestep(t, t_host)
+        model_output = self._tensors(model_output, sample, spec.model_output_shape(sample.shape),
+                                     f"variance_type={spec.variance_type!r}")
+        prev_t = self._next_timestep(spec, t, t_host)
         noise = None
         if seed is None:
             seed = 0  # no in-kernel noise; never touches torch's global generator
@@ -113,11 +100,8 @@ class DDPMScheduler(FusedStepMixin, diffusers.DDPMScheduler):
             if draws:
                 noise = self._draw(sample.shape, generator, sample, noise_dtype)
         prev_sample, pred_original_sample = fastgen.ddpm_step(
-            model_output, t, sample, self.schedule, prev_t=prev_t, prediction_type=cfg.prediction_type,
-            variance_type=variance_type if variance_type in VARIANCE_TYPES else "fixed_small",
-            clip_sample=bool(cfg.clip_sample), clip_sample_range=cfg.clip_sample_range,
-            thresholding=bool(cfg.thresholding), dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio,
-            sample_max_value=cfg.sample_max_value, seed=seed, noise=noise, offset=offset, backend=backend)
+            model_output, t, sample, self.schedule, prev_t=prev_t, spec=spec, seed=seed, noise=noise, offset=offset,
+            backend=backend)
         if not return_dict:
             return prev_sample, pred_original_sample
         return diffusers.schedulers.scheduling_ddpm.DDPMSchedulerOutput(

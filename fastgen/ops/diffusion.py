@@ -1,0 +1,179 @@
+"""Diffusion ops: q_sample, ddpm_step, ddim_step (kernels/diffusion.py; fastgen/reference/diffusion.py).
+
+A reverse step's settings travel as one ``fastgen.step_spec.StepSpec``: pass ``spec=`` (what the
+schedulers and ``fastgen.sample`` do), or the settings as keywords and the op builds the spec once.
+Backends: "triton" runs the fused kernel (one pass, plus a per-sample quantile pass first for dynamic
+thresholding); "torch" the float64 reference.
+"""
+import torch
+
+from fastgen import _checks
+from fastgen._alloc import empty
+from fastgen.backend import resolve_backend
+from fastgen.step_spec import StepSpec
+
+
+def q_sample(x0, t, schedule, *, seed=None, noise=None, offset=0, return_noise=False, backend="auto"):
+    """Diffuse data to timestep t: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (Ho et al. eq. 4).
+
+    Args:
+        x0: [B, ...] fp32/fp16/bf16 tensor, batch first.
+        t: int in [0, T) or an integer tensor of shape [B] (or []) on x0's device.
+        schedule: a fastgen.NoiseSchedule.
+        seed, offset: the counter-based noise: element g of sample b is
+            ``fastgen.randn(x0.shape, seed=seed, stream=t[b], offset=offset)[b, g]``; ignored when
+            ``noise`` is given. seed=None draws one from torch's default generator.
+        noise: optional eps tensor like x0 (diffusers' add_noise parity).
+        return_noise: also return the noise used (the regenerated one when drawn in-kernel).
+    Returns x_t (and the noise) in x0's dtype.
+    """
+    _checks.batched(x0, "x0")
+    schedule = _checks.noise_schedule(schedule)
+    t = _checks.timesteps(t, "t", num_steps=schedule.num_train_timesteps, batch=x0.shape[0], device=x0.device)
+    noise = _noise_arg(noise, x0)
+    offset = _checks.nonneg_int(offset, "offset", limit=_checks.INT64_MAX - x0.numel())
+    backend = resolve_backend(backend, x0.device)
+    seed = _checks.seed64(seed) if noise is None else 0
+    if backend == "torch":
+        from fastgen.reference import diffusion as ref
+
+        if noise is None:
+            noise = ref.noise_like(x0.shape, t, seed=seed, offset=offset).to(x0.device)
+        x_t = ref.q_sample(x0, t, schedule, noise).to(x0.dtype)
+        return (x_t, noise.to(x0.dtype)) if return_noise else x_t
+    from fastgen.kernels import diffusion as k_diffusion
+
+    out = empty(x0.shape, dtype=x0.dtype, device=x0.device)
+    noise_out = empty(x0.shape, dtype=x0.dtype, device=x0.device) if return_noise and noise is None else None
+    if out.numel():
+        k_diffusion.q_sample(out, x0.contiguous(), t, schedule.kernel_table(x0.device), seed=seed, offset=offset,
+                             noise=noise, noise_out=noise_out)
+    if return_noise:
+        return out, (noise_out if noise is None else noise.to(x0.dtype))
+    return out
+
+
+def ddpm_step(model_output, t, sample, schedule, *, prev_t=None, spec=None, seed=None, noise=None, offset=0,
+              return_pred_original_sample=True, backend="auto", **settings):
+    """One DDPM reverse step x_t -> x_{prev_t} in one fused pass (Ho et al. eqs. 6-7, 15; Algorithm 2).
+
+    Args:
+        model_output: like ``sample`` ([B, 2C, ...] for variance_type "learned"/"learned_range": the
+            second half of dim 1 is the predicted variance, diffusers' convention).
+        t: int in [0, T) or integer tensor of shape [B] (or []) on the sample's device.
+        sample: x_t, [B, C, ...] fp32/fp16/bf16.
+        schedule: a fastgen.NoiseSchedule.
+        prev_t: the timestep stepped to, in [-1, t) (-1: the end of the chain, abar = 1); default t - 1.
+        spec: a StepSpec of kind "ddpm"; or, instead, its settings as keywords: prediction_type,
+            variance_type, clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
+            sample_max_value (diffusers' names and defaults; see fastgen.step_spec).
+        seed, offset, noise: the noise z (see q_sample: stream t[b]); none is added where t == 0.
+        return_pred_original_sample: False skips writing x0 and returns (prev_sample, None).
+    Returns (prev_sample, pred_original_sample) in the sample's dtype. On a GPU, timesteps outside
+    the schedule inside a device tensor are not checked on the host (that would synchronise): the
+    affected samples come out NaN.
+    """
+    spec = _spec_arg("ddpm", spec, settings)
+    return _step(spec, model_output, t, prev_t, sample, schedule, seed=seed, noise=noise, offset=offset,
+                 return_x0=return_pred_original_sample, backend=backend)
+
+
+def ddim_step(model_output, t, prev_t, sample, schedule, *, spec=None, seed=None, noise=None, offset=0,
+              return_pred_original_sample=True, backend="auto", **settings):
+    """One DDIM step x_t -> x_{prev_t} in one fused pass (Song et al. eqs. 12 and 16).
+
+    Args as ddpm_step, and:
+        prev_t: int or integer tensor in [-1, t); -1 is the end of the chain, where abar is 1
+            (``set_alpha_to_one``) or abar_0 (set_alpha_to_one=False, diffusers' final_alpha_cumprod).
+        spec: a StepSpec of kind "ddim"; or its settings as keywords: those of ddpm_step but
+            variance_type, and eta (in [0, 1]; sigma = eta sqrt(beta~), 0 is the deterministic DDIM),
+            use_clipped_model_output (eps from the clipped x0) and set_alpha_to_one.
+    Returns (prev_sample, pred_original_sample) in the sample's dtype.
+    """
+    if prev_t is None:
+        raise TypeError("prev_t must be an int or an integer tensor (the timestep DDIM steps to), got None")
+    spec = _spec_arg("ddim", spec, settings)
+    return _step(spec, model_output, t, prev_t, sample, schedule, seed=seed, noise=noise, offset=offset,
+                 return_x0=return_pred_original_sample, backend=backend)
+
+
+def _spec_arg(kind: str, spec, settings: dict) -> StepSpec:
+    """The step's spec: the one given, or one built from keyword settings (not both)."""
+    if spec is None:
+        return StepSpec(kind, **settings)
+    if not isinstance(spec, StepSpec):
+        raise TypeError(f"spec must be a fastgen.step_spec.StepSpec, got {type(spec).__name__}")
+    if settings:
+        raise TypeError(f"pass the step's settings either as spec= or as keywords, not both; got spec and "
+                        f"{sorted(settings)}")
+    if spec.kind != kind:
+        raise ValueError(f"spec must be of kind {kind!r} for {kind}_step, got {spec.kind!r}")
+    return spec
+
+
+def _noise_arg(noise, sample):
+    if noise is not None:
+        _checks.like(noise, "noise", sample, "sample")
+        return noise.contiguous()
+    return None
+
+
+def _step(spec: StepSpec, model_output, t, prev_t, sample, schedule, *, seed, noise, offset, return_x0, backend):
+    """What ddpm_step and ddim_step share: validation (before any random draw), then the reference
+    or the fused kernel. prev_t None: t - 1 (DDPM only)."""
+    _checks.batched(sample, "sample")
+    _checks.like(model_output, "model_output", sample, "sample", shape=False)
+    spec.check_model_output(model_output, sample)
+    schedule = _checks.noise_schedule(schedule)
+    steps = dict(num_steps=schedule.num_train_timesteps, batch=sample.shape[0], device=sample.device)
+    t = _checks.timesteps(t, "t", **steps)
+    if prev_t is not None:
+        prev_t = _checks.timesteps(prev_t, "prev_t", low=-1, **steps)
+        _checks.prev_below(prev_t, t)
+    noise = _noise_arg(noise, sample)
+    if not spec.adds_noise:  # DDIM with eta = 0 ignores any noise
+        noise = None
+    offset = _checks.nonneg_int(offset, "offset", limit=_checks.INT64_MAX - sample.numel())
+    backend = resolve_backend(backend, sample.device)
+    seed = _checks.seed64(seed) if noise is None else 0
+    if backend == "torch":
+        from fastgen.reference import diffusion as ref
+
+        prev, x0 = ref.step(spec, model_output, t, prev_t, sample, schedule, seed=seed, noise=noise, offset=offset)
+        return prev.to(sample.dtype), (x0.to(sample.dtype) if return_x0 else None)
+    draws = spec.adds_noise and noise is None and not (isinstance(t, int) and t == 0)
+    return _fused_step(spec, model_output, t, prev_t, sample, schedule, noise=noise, draws=draws, seed=seed,
+                       offset=offset, return_x0=return_x0)
+
+
+def _fused_step(spec, model_output, t, prev_t, sample, schedule, *, noise, draws, seed, offset, return_x0):
+    """The Triton path: allocate, pick the noise mode, run the thresholding pre-pass if asked, then the
+    one fused step kernel (kernels/diffusion.py's ddpm_step or ddim_step, as spec.kind says).
+    ``noise``: a tensor to read, or None; ``draws``: whether the kernel draws counter-based noise."""
+    from fastgen.kernels import diffusion as k_diffusion
+
+    launch_step = k_diffusion.ddpm_step if spec.kind == "ddpm" else k_diffusion.ddim_step
+    prev = empty(sample.shape, dtype=sample.dtype, device=sample.device)
+    x0 = empty(sample.shape, dtype=sample.dtype, device=sample.device) if return_x0 else None
+    if sample.numel() == 0:
+        return prev, x0
+    model_output, sample = model_output.contiguous(), sample.contiguous()
+    table = schedule.kernel_table(sample.device)
+    extra = {}
+    if spec.kind == "ddim":
+        extra = dict(final_abar=spec.final_alpha_cumprod(schedule),
+                     final_bbar=0.0 if spec.set_alpha_to_one else float(schedule.one_minus_alphas_cumprod[0]))
+    noise_mode = (k_diffusion.NOISE_TENSOR if noise is not None else
+                  k_diffusion.NOISE_PHILOX if draws else k_diffusion.NOISE_NONE)
+    scale = None
+    if spec.thresholding:  # s per sample: the reference's quantile rule on the unclipped x0 (fp32)
+        from fastgen.reference import diffusion as ref
+
+        unclipped = empty(sample.shape, dtype=torch.float32, device=sample.device)
+        launch_step(None, unclipped, model_output, sample, t, prev_t, table,
+                    spec.replace(thresholding=False, clip_sample=False), noise_mode=k_diffusion.NOISE_NONE, **extra)
+        scale = ref.dynamic_threshold_scale(unclipped, spec.dynamic_thresholding_ratio,
+                                            spec.sample_max_value).contiguous()
+    launch_step(prev, x0, model_output, sample, t, prev_t, table, spec, scale=scale, noise_mode=noise_mode,
+                noise=noise, seed=seed, offset=offset, **extra)
+    return prev, x0

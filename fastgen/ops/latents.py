@@ -1,0 +1,62 @@
+"""GAN latents, plain or truncated: ``latents`` (kernels/latents.py; fastgen/reference/latents.py)."""
+import math
+import numbers
+
+import torch
+
+from fastgen import _checks
+from fastgen._alloc import empty
+from fastgen.backend import resolve_backend
+from fastgen.reference import latents as ref_latents
+
+
+def _truncation(psi):
+    """None, or the truncation threshold as a finite positive float."""
+    if psi is None:
+        return None
+    if isinstance(psi, bool) or not isinstance(psi, numbers.Real):
+        raise TypeError(f"truncation must be None or a real number, got {type(psi).__name__} {psi!r}")
+    psi = float(psi)
+    if not math.isfinite(psi) or psi <= 0.0:
+        raise ValueError(f"truncation must be a finite number > 0 (the threshold psi of |z| <= psi), got {psi}")
+    return psi
+
+
+def latents(n, dim, *, seed=None, offset=0, truncation=None, dtype=torch.float32, device=None, backend="auto"):
+    """An [n, dim] batch of GAN latents from the counter-based noise; sample k is identical however
+    the batch is split (element (r, c) is counter element (offset + r) * dim + c).
+
+    Without truncation this is ``randn((n, dim), seed=seed, offset=offset * dim)`` exactly. With
+    ``truncation=psi`` (BigGAN's truncation trick) every coordinate is a standard normal truncated to
+    [-psi, psi], sampled exactly by the inverse CDF (never by clamping); see fastgen/reference/latents.py.
+
+    Args:
+        n: number of samples; dim: latent size (non-negative ints).
+        seed: 64-bit int; None draws one from torch's default generator.
+        offset: non-negative int, counted in samples: ``offset=k`` gives samples k .. k + n - 1.
+        truncation: None, or psi > 0 (finite).
+        dtype: torch.float32, torch.float16 or torch.bfloat16 (computed in fp32, rounded once).
+        backend: "auto", "triton" or "torch" (see fastgen.backend).
+    """
+    n = _checks.nonneg_int(n, "n")
+    dim = _checks.nonneg_int(dim, "dim")
+    if n * dim > _checks.INT64_MAX:
+        raise ValueError(f"n * dim must be at most {_checks.INT64_MAX}, got {n} * {dim}")
+    offset = _checks.nonneg_int(offset, "offset", limit=_checks.INT64_MAX // max(dim, 1) - n)
+    psi = _truncation(truncation)
+    dtype = _checks.float_dtype(dtype)
+    device = _checks.compute_device(device)
+    backend = resolve_backend(backend, device)
+    seed = _checks.seed64(seed)
+    if backend == "torch":
+        return ref_latents.latents(n, dim, seed=seed, offset=offset, truncation=psi, dtype=dtype, device=device)
+    from fastgen.kernels import latents as k_latents, random as k_random
+
+    out = empty((n, dim), dtype=dtype, device=device)
+    if out.numel() == 0:
+        return out
+    if psi is None:
+        return k_random.randn(out, seed, 0, offset * dim)
+    erf_psi, erfc_psi = math.erf(psi / math.sqrt(2.0)), math.erfc(psi / math.sqrt(2.0))
+    bound = ref_latents.largest_at_most(psi, dtype)
+    return k_latents.truncated_latents(out, seed, ref_latents.TRUNCATED_STREAM, offset * dim, erf_psi, erfc_psi, bound)
