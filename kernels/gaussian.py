@@ -229,7 +229,8 @@ def tiling(n_rows: int, row_len: int, *, noise: int = 0, offset: int = 0, block=
     if noise == NOISE_TILES.value:
         chunk = max(chunk, 4)
     rows = min(block // chunk, triton.next_power_of_2(max(n_rows, 1)))
-    return Tiling(n_rows, row_len, rows, chunk, triton.cdiv(row_len + shift, chunk), shift, noise)
+    n_chunks = triton.cdiv(row_len + shift, chunk) if row_len else 0  # empty rows: no chunk, a zero sum
+    return Tiling(n_rows, row_len, rows, chunk, n_chunks, shift, noise)
 
 
 def _prior_args(mu, mu2, logvar2, prior_period):

@@ -325,6 +325,26 @@ def test_ddim_last_step_to_final_abar_0_is_finite(device, backend, eta):
     assert_close(prev, sample.cpu().double())  # abar_s = abar_t and no noise: x_s = x_t
 
 
+def test_ddim_direction_is_zero_where_sigma_takes_all_the_variance(device):
+    """eta = 1 from abar_t = 0 (zero terminal SNR) to abar_s: sqrt(1 - abar_s - sigma^2) is exactly 0
+    on both backends, so an infinite eps gives 0 * inf = NaN on both (the reference's old difference
+    left ~1e-18 there, and inf)."""
+    schedule = fastgen.NoiseSchedule("scaled_linear", num_train_timesteps=20, rescale_betas_zero_snr=True)
+    g = gen(15)
+    sample, out = (rand_like_shape((2, 3, 4), torch.float32, "cpu", generator=g) for _ in range(2))
+    sample[0, 1, 2] = math.inf
+    noise = torch.zeros_like(sample)
+    kwargs = dict(eta=1.0, use_clipped_model_output=True, noise=noise)
+    abar_0 = schedule.alphas_cumprod[0].item()
+    prev_ref, x0_ref = ref.ddim_step(out, 19, -1, sample, schedule, final_alpha_cumprod=abar_0, **kwargs)
+    assert torch.equal(prev_ref.isnan(), sample.isinf())
+    finite = ~sample.isinf()
+    assert torch.equal(prev_ref[finite], math.sqrt(abar_0) * x0_ref[finite])  # no eps term at all
+    prev, _ = fastgen.ddim_step(out.to(device), 19, -1, sample.to(device), schedule, set_alpha_to_one=False,
+                                backend="triton", **dict(kwargs, noise=noise.to(device)))
+    assert_close(prev, prev_ref, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_q_sample_kernel_matches_reference(device, dtype):
     g = gen(10)

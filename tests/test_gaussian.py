@@ -1,6 +1,8 @@
 """Fused Gaussian ops (reparameterize, gaussian_kl, reparameterize_with_kl): forward and gradients
 against the float64 reference, the noise against fastgen.randn, independent peers
 (torch.distributions), tilings of every size, and bad input."""
+import math
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -394,14 +396,27 @@ def test_empty_inputs_with_a_prior(device, shape, prior_shape):
     """A prior broadcast against an empty mu (it used to index the empty expansion: IndexError)."""
     prior_shape = shape if prior_shape == "full" else prior_shape
     mu, logvar = (torch.zeros(shape, device=device, requires_grad=True) for _ in range(2))
-    mu2, logvar2 = (torch.ones(prior_shape, device=device, requires_grad=True) for _ in range(2))
+    # a prior's gradient over no elements is 0, even where the prior is infinite (the reference's
+    # autograd once made it 0 * exp(inf) = NaN)
+    mu2, logvar2 = (torch.full(prior_shape, -math.inf, device=device, requires_grad=True) for _ in range(2))
     for red in REDUCTIONS:
         out = fastgen.gaussian_kl(mu, logvar, mu2, logvar2, reduction=red, backend="triton")
         expected = ref.reduce(ref.gaussian_kl(mu, logvar, mu2, logvar2), red)
         assert out.shape == expected.shape and torch.equal(out.nan_to_num(), expected.nan_to_num().detach())
-        grads = torch.autograd.grad(out.sum(), [mu, logvar, mu2, logvar2])
-        assert [g.shape for g in grads] == [shape, shape, prior_shape, prior_shape]
-        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+        for result in (out, expected):
+            grads = torch.autograd.grad(result.sum(), [mu, logvar, mu2, logvar2])
+            assert [g.shape for g in grads] == [shape, shape, prior_shape, prior_shape]
+            assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+@pytest.mark.parametrize("offset", [0, 1, 3])
+@pytest.mark.parametrize("shape", [(1, 0), (3, 0, 2)], ids=str)
+def test_per_sample_kl_of_empty_samples_is_zero(device, shape, offset):
+    """Rows of no elements whose Philox tiles start mid-block (offset % 4 != 0): no chunk is left
+    unwritten (it used to come back NaN)."""
+    mu = torch.zeros(shape, device=device)
+    z, kl = fastgen.reparameterize_with_kl(mu, mu, seed=1, offset=offset, backend="triton")
+    assert z.shape == shape and torch.equal(kl, torch.zeros(shape[0], device=device))
 
 
 # --- bad input -------------------------------------------------------------------------------------

@@ -284,7 +284,10 @@ def ddim_step(model_output, t, prev_t, sample, schedule, *, eta=0.0, prediction_
         eps = (sample - _per_sample(abar_t.sqrt(), sample) * x0) / _per_sample(bbar_t.sqrt(), sample)
     variance = bbar_s / bbar_t * beta_ts
     sigma = eta * variance.sqrt()
-    direction = (bbar_s - sigma ** 2).clamp_min(0).sqrt()
+    # sqrt(1 - abar_s - sigma^2) as a sum of non-negative terms, with 1 - abar_t - beta_{t|s} =
+    # abar_t (1 - abar_s) / abar_s: (1 - abar_s) / (1 - abar_t) ((1 - eta^2)(1 - abar_t) + eta^2 that);
+    # exactly 0 where sigma takes all the variance (eta = 1, abar_t = 0), not a rounding residue
+    direction = (bbar_s * ((1 - eta ** 2) * bbar_t + eta ** 2 * abar_t * bbar_s / abar_s) / bbar_t).sqrt()
     prev_sample = _per_sample(abar_s.sqrt(), sample) * x0 + _per_sample(direction, sample) * eps
     if eta > 0:
         z = noise.double() if noise is not None else noise_like(sample.shape, t, seed=seed, offset=offset).to(sample.device)

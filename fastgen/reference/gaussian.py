@@ -52,6 +52,8 @@ def gaussian_kl(mu, logvar, mu2=None, logvar2=None) -> torch.Tensor:
     for t, name in ((mu2, "mu2"), (logvar2, "logvar2")):
         if t is not None:
             check_prior(t, name, mu.shape)
+    # the prior's gradient is then a sum of elementwise terms (0 for an empty mu, whatever the prior)
+    mu2, logvar2 = (None if t is None else t.expand(mu.shape) for t in (mu2, logvar2))
     if logvar2 is None:
         d = mu if mu2 is None else mu - mu2
         return 0.5 * (torch.exp(logvar) + d * d - 1.0 - logvar)              # Appendix B, negated
