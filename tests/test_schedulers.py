@@ -429,3 +429,17 @@ def test_errors_come_before_any_noise_is_drawn():
     with pytest.raises(ValueError):
         ddpm.step(torch.randn(2, 3, 5), 5, torch.randn(2, 3, 4), generator=g)
     assert torch.equal(torch.rand(2, generator=g), torch.rand(2, generator=gen(0)))
+
+
+@pytest.mark.parametrize("bad", [dict(eta=2.0), dict(eta=0.5, use_clipped_model_output="yes"),
+                                 dict(eta=0.5, variance_noise=torch.randn(1, 3, 4))])
+def test_ddim_rejects_bad_step_arguments_before_drawing_noise(bad):
+    """eta and the other step arguments are validated before the generator is touched: a rejected
+    step leaves the caller's generator where it was."""
+    ddim = fs.DDIMScheduler(backend="torch")
+    ddim.set_timesteps(10)
+    g = gen(0)
+    with pytest.raises((ValueError, TypeError)):
+        ddim.step(torch.randn(2, 3, 4), 901, torch.randn(2, 3, 4), generator=g if "variance_noise" not in bad else None,
+                  **bad)
+    assert torch.equal(torch.rand(2, generator=g), torch.rand(2, generator=gen(0)))
