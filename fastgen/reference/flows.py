@@ -141,7 +141,7 @@ def permute_channels(x: torch.Tensor, order: torch.Tensor, *, reverse: bool = Fa
 
 # --- elementwise mixture-of-logistics CDF (Flow++ Sec. 3.2) ------------------------------------------
 
-def mixture_logistic_cdf(x, logits, means, log_scales, *, reverse: bool = False, iterations: int = 100):
+def mixture_logistic_cdf(x, logits, means, log_scales, *, reverse: bool = False, iterations: int = 64):
     """x' = logit(F(x)) elementwise, F(x) = sum_k pi_k sigmoid((x - mu_k) / s_k), pi = softmax(logits)
     (Ho et al., Flow++, arXiv 1902.00275, Sec. 3.2, without the coupling: one learned monotone map per
     element). It reshapes each element's marginal (e.g. a dequantized box) into what the Gaussian
