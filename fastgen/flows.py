@@ -4,8 +4,8 @@
     x, logdet = fastgen.affine_coupling(y, log_scale, shift, reverse=True)   # x = (y - t) exp(-s), logdet = -sum s
 
 Triton path: a torch.autograd.Function around one fused pass forward (the transform and the
-per-sample log-det, fp32 partial sums per (row, chunk)) and one backward pass; torch path: the float64-
-readable reference in fastgen/reference/flows.py, differentiated by autograd.
+per-sample log-det, fp32 partial sums per (row, chunk)) and one backward pass; torch path: the
+reference in fastgen/reference/flows.py, differentiated by autograd.
 """
 import math
 
