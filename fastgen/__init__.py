@@ -2,8 +2,8 @@
 import importlib
 
 from fastgen.backend import resolve_backend
-from fastgen.ops import (ddim_step, ddpm_step, gaussian_kl, latents, q_sample, randn, reparameterize,
-                         reparameterize_with_kl)
+from fastgen.ops import (affine_coupling, ddim_step, ddpm_step, gaussian_kl, latents, q_sample, randn,
+                         reparameterize, reparameterize_with_kl)
 from fastgen.sampling import sample
 from fastgen.schedules import NoiseSchedule
 
@@ -28,5 +28,6 @@ __all__ = [
     "reparameterize", "gaussian_kl", "reparameterize_with_kl",      # Gaussian ops (VAE)
     "NoiseSchedule", "q_sample", "ddpm_step", "ddim_step",          # diffusion steps
     "sample", "schedulers", *_SCHEDULER_EXPORTS,                    # sampling loop, drop-in schedulers
+    "affine_coupling",                                              # normalizing flows
     "resolve_backend", "__version__",
 ]

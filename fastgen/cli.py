@@ -114,8 +114,18 @@ def _ddpm_quality(model, scheduler_config, *, n, seed, steps=50):
     return quality.digits_quality(x, value_range=(-1, 1))
 
 
-TRAIN_TARGETS = {"gan": _train_gan}
-TRAIN_TARGETS["ddpm"] = _train_ddpm
+def _train_flow(args) -> int:
+    from fastgen.models import flows
+
+    result = flows.train_flow(args.out or "flow_digits.pt", steps=3000 if args.steps is None else args.steps,
+                              seed=args.seed, resume=args.resume, batch_size=args.batch_size, threads=args.threads,
+                              progress=not args.no_progress, checkpoint_every=args.checkpoint_every, slim=args.slim)
+    print(f"trained the digits flow in {result['seconds']:.0f}s; held-out {result['test_bits_per_dim']:.3f} bits/dim "
+          f"(per-pixel categorical: {result['categorical_bits_per_dim']:.3f}); saved {args.out or 'flow_digits.pt'}")
+    return 0
+
+
+TRAIN_TARGETS = {"gan": _train_gan, "ddpm": _train_ddpm, "flow": _train_flow}
 
 
 def _train(args) -> int:
@@ -139,12 +149,24 @@ def _timed_sample(sampler, device, progress):
     return x, time.perf_counter() - start
 
 
+def _sample_flow(args) -> int:
+    from fastgen.models import flows
+
+    result = flows.sample_flow(args.out, n=args.n, seed=args.seed, temperature=args.temperature,
+                               checkpoint=args.checkpoint, device=args.device, scale=args.scale)
+    print(f"{args.n} samples of the digits flow, seed {args.seed}, temperature {args.temperature}: wrote {args.out} "
+          f"in {result['seconds']:.2f} s; {result['quality']}")
+    return 0
+
+
 def _sample(args) -> int:
     import torch
 
     from fastgen import images, sampling
     from fastgen.models import denoisers
 
+    if args.model == "flow":
+        return _sample_flow(args)
     out = prepare_output(args.out, name="--out")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = (denoisers.load_checkpoint(args.checkpoint, device=device) if args.checkpoint
@@ -200,6 +222,17 @@ def _unit_interval(text):
         raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
     if not 0.0 <= value <= 1.0:  # NaN fails too
         raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
+    return value
+
+
+def _positive_float(text):
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not 0.0 < value < float("inf"):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
     return value
 
 
@@ -284,11 +317,19 @@ def _add_train(commands):
     p.add_argument("--d-steps", type=_int_at_least(1), default=1,
                    help="gan: discriminator updates per generator update")
     p.add_argument("--denoiser", default="mlp", choices=["mlp", "unet"], help="ddpm: the denoiser (fastgen.models)")
+    p.add_argument("--resume", action="store_true",
+                   help="flow: continue an interrupted run from the checkpoint at --out (with that run's settings)")
+    p.add_argument("--slim", action="store_true", help="flow: leave the optimizer state out of the final checkpoint")
+    p.add_argument("--checkpoint-every", type=_int_at_least(1), default=500,
+                   help="flow: save the checkpoint (atomically) every this many steps (default: 500)")
     p.set_defaults(run=_train)
 
 
 def _add_sample(commands):
     p = commands.add_parser("sample", help="sample digits with the shipped DDPM: PNG grid, fastgen vs reference time")
+    p.add_argument("--model", default="ddpm", choices=["ddpm", "flow"],
+                   help="the shipped model to sample (default: ddpm; flow: the normalizing flow)")
+    p.add_argument("--temperature", type=_positive_float, default=1.0, help="flow: the latent's scale (default: 1)")
     p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"], help="the scheduler (default: ddim)")
     p.add_argument("--steps", type=_int_at_least(1), default=None,
                    help="sampling steps (default: ddim 50, ddpm 1000)")

@@ -138,6 +138,38 @@ def _check_gaussian(device, quick):
     return cases
 
 
+@check("flows")
+def _check_flows(device, quick):
+    """The fused affine coupling, forward and reverse: (y, logdet) and the gradients of x, log_scale, shift."""
+    from fastgen.ops.flows import affine_coupling
+    from fastgen.reference import flows as ref
+
+    shapes = [(1,), (5, 3, 7), (16, 4, 4, 4)] if quick else [(1,), (3, 5), (5, 3, 7), (16, 4, 4, 4), (64, 2, 57, 31)]
+    gen = torch.Generator().manual_seed(0)
+    cases = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        for shape in shapes:
+            x64, s64, t64, g64 = (torch.randn(shape, dtype=torch.float64, generator=gen).to(dtype).double()
+                                  for _ in range(4))
+            s64 = (0.5 * s64).to(dtype).double()
+            gl64 = torch.randn(shape[:1], dtype=torch.float64, generator=gen).to(dtype).double()
+            for reverse in (False, True):
+                leaves = [t.to(device, dtype).requires_grad_() for t in (x64, s64, t64)]
+                with poisoned_outputs():
+                    y, logdet = affine_coupling(*leaves, reverse=reverse, backend="triton")
+                    grads = torch.autograd.grad((y, logdet), leaves, (g64.to(device, dtype), gl64.to(device, dtype)))
+                leaves64 = [t.clone().requires_grad_() for t in (x64, s64, t64)]
+                y64, logdet64 = (ref.affine_coupling_inverse if reverse else ref.affine_coupling)(*leaves64)
+                grads64 = torch.autograd.grad((y64, logdet64), leaves64, (g64, gl64))
+                label = f"{tuple(shape)} {'reverse' if reverse else 'forward'}"
+                for what, actual, expected in (("y", y, y64), ("logdet", logdet, logdet64),
+                                               *zip(("grad x", "grad log_scale", "grad shift"), grads, grads64)):
+                    cases.append(Case("affine_coupling", f"{label} {what}", name,
+                                      testing.compare(actual, expected, dtype=dtype)))
+    return cases
+
+
 def run(device=None, quick=False, ops=None, out=print) -> bool:
     """Run the registered checks (all, or those named in ``ops``) and print one table; True if all pass."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

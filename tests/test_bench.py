@@ -131,7 +131,7 @@ def test_quick_run_writes_csv_markdown_and_valid_pngs(quick_run, tmp_path):
             assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 200
 
 
-# The op families of bench_gaussian.py, bench_diffusion.py and bench_latents.py: for each op, the
+# The op families of bench_gaussian.py, bench_diffusion.py, bench_latents.py and bench_flows.py: for each op, the
 # providers of a CPU quick run and the traffic of each variant as (E, R, T): multiples of one tensor
 # of the op's main shape (E), of one per-sample [B] result (R) and of the int64 timesteps [B] (T).
 _DIFFUSERS = {"diffusers"} if importlib.util.find_spec("diffusers") else set()
@@ -155,12 +155,16 @@ NEW_FAMILIES = {
         "latents": ({"reference", "torch.randn"}, {"fwd": (1, 0, 0)}),
         "latents_truncated": ({"reference", "torch.randn+clamp", "torch.randn resample"}, {"fwd": (1, 0, 0)}),
     },
+    "flows": {
+        "affine_coupling": ({"reference"}, {"fwd": (4, 1, 0), "fwd+bwd": (9, 2, 0)}),
+        "affine_coupling_reverse": ({"reference"}, {"fwd": (4, 1, 0), "fwd+bwd": (11, 2, 0)}),
+    },
 }
 
 
 def _expected_shape(family, size):
-    if family == "gaussian":
-        return [size // 1024, 4, 16, 16]  # [B, 4, 16, 16] latents
+    if family in ("gaussian", "flows"):
+        return [size // 1024, 4, 16, 16]  # [B, 4, 16, 16] latents / activations
     if family == "latents":
         return [size // 512, 512]
     batch = min(16, size // 4096)  # [B, 4, h, w] images, 4096 elements per sample below 16 samples

@@ -154,3 +154,28 @@ def test_the_command_line_prints_one_line_without_a_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.splitlines() == [f"python -m fastgen train: error: --out must be a file path, "
                                         f"got the directory {str(tmp_path)!r}"]
+
+
+def test_train_and_sample_the_flow(tmp_path, capsys):
+    """train flow writes a checkpoint that --resume continues (a finished run stays finished) and that
+    sample --model flow --checkpoint reads; the grid is a PNG."""
+    from fastgen.cli import main
+
+    out = tmp_path / "runs" / "flow.pt"
+    assert main(["train", "flow", "--steps", "2", "--checkpoint-every", "1", "--threads", "1", "--no-progress",
+                 "--out", str(out)]) == 0
+    first = out.read_bytes()
+    assert main(["train", "flow", "--resume", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    assert "bits/dim" in capsys.readouterr().out
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--model", "flow", "--n", "4", "--checkpoint", str(out), "--out", str(grid)]) == 0
+    assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(first) > 0
+
+
+def test_flow_arguments_are_one_line_errors(tmp_path, capsys):
+    from fastgen.cli import main
+
+    assert main(["sample", "--model", "flow", "--temperature", "0"]) == 2
+    assert main(["train", "flow", "--resume", "--out", str(tmp_path / "missing.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("python -m fastgen ") and "error:" in line for line in err)

@@ -7,3 +7,7 @@ from fastgen.models import denoisers  # noqa: F401
 from fastgen.models.denoisers import MLPDenoiser, UNetDenoiser, pretrained_denoiser
 
 __all__ += ["denoisers", "MLPDenoiser", "UNetDenoiser", "pretrained_denoiser"]
+from fastgen.models import flows  # noqa: F401
+from fastgen.models.flows import Flow, pretrained_flow
+
+__all__ += ["flows", "Flow", "pretrained_flow"]
