@@ -8,7 +8,7 @@
 
 Ops (one per variant, so each gets its own rows and plots; ``--ops gaussian`` selects them all):
 
-    reparameterize                  eps drawn in the kernel from (seed, offset + i), never stored
+    reparameterize                  eps drawn in the kernel from (seed, offset * row + i), never stored
     reparameterize_noise            eps read from a ``noise=`` tensor (diffusers-style parity path)
     gaussian_kl_none                standard-normal prior, elementwise KL
     gaussian_kl_per_sample          standard-normal prior, KL summed per sample ([B])

@@ -25,6 +25,18 @@ def nonneg_int(value, name: str, *, limit: int = INT64_MAX) -> int:
     return value
 
 
+def sample_offset(offset, shape, name: str = "offset") -> int:
+    """The counter element where a draw of ``shape`` starts, from ``offset`` counted in samples (rows
+    of dim 0): ``offset * row``, row = prod(shape[1:]) elements (1 for a 0-d or 1-d shape, whose
+    samples are single elements). The one rule every public op's ``offset`` follows: a non-negative
+    int with ``offset * row + numel <= INT64_MAX``, so no counter element of the draw overflows int64.
+    ValueError/TypeError naming ``name`` otherwise."""
+    shape = torch.Size(shape)
+    row, numel = shape[1:].numel(), shape.numel()
+    limit = (INT64_MAX - numel) // row if row else INT64_MAX
+    return nonneg_int(offset, name, limit=limit) * row
+
+
 def seed64(seed, name: str = "seed") -> int:
     """A 64-bit seed as an int in [0, 2^64): any int torch.manual_seed accepts (negatives wrap).
 

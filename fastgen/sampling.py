@@ -54,6 +54,7 @@ import torch
 from fastgen import _checks
 from fastgen import ops
 from fastgen.backend import BACKENDS, resolve_backend
+from fastgen.ops import diffusion as diffusion_ops
 from fastgen.reference import random as ref_random
 from fastgen.step_spec import StepSpec
 
@@ -366,7 +367,8 @@ class Sampler:
         if model_device is not None and model_device != device:
             raise ValueError(f"device must be the model's device: the model's parameters are on {model_device}, "
                              f"got device={device}")
-        offset = _checks.nonneg_int(offset, "offset", limit=_checks.INT64_MAX // shape.numel() - shape[0])
+        _checks.sample_offset(offset, shape)  # in samples, as every public op counts it
+        offset = _checks.as_int(offset, "offset")
         generator = _generator_arg(generator, shape[0])
         if generator is not None and offset:
             raise ValueError(f"offset selects counter-based noise; with generator= it must be 0, got {offset}")
@@ -419,15 +421,18 @@ class _Loop:
         self.seed, self.generator, self.device, self.dtype = seed, generator, device, dtype
         self.backend = "torch" if backend == "reference" else backend  # the ops' backend
         self.host_timesteps = backend == "reference"  # the reference step takes host ints
-        self.element_offset = offset * shape[1:].numel()
+        self.offset = offset  # in samples: what ops.randn takes
+        self.element_offset = _checks.sample_offset(offset, shape)  # in elements: what the step takes
         self.torch_steps = None
         if backend == "torch":
             self.torch_steps = _TorchSteps(plan, shape, seed=seed, element_offset=self.element_offset, device=device)
         self.expected = plan.spec.model_output_shape(shape)
         # Every sample steps from the same t, so the step may read the batch as one [1, B * n] sample:
         # element g of sample b is flat element b * n + g either way, with the same noise counter
-        # offset + b * n + g. Not with dynamic thresholding (a quantile per sample) or a learned
-        # variance (channels split per sample).
+        # element_offset + b * n + g. Not with dynamic thresholding (a quantile per sample) or a learned
+        # variance (channels split per sample). An offset in samples of that one long sample would
+        # count B * n elements per unit, so the step goes through the ops' internal entry, which takes
+        # the element offset (fastgen.ops.diffusion._step), not through ddpm_step / ddim_step.
         self.flat = not plan.spec.thresholding and not plan.spec.learned_variance
         self.timesteps = plan.timesteps.to(device)
         self.prev_timesteps = plan.prev_timesteps.to(device)
@@ -444,7 +449,7 @@ class _Loop:
             x = self.torch_steps.initial_noise().reshape(self.shape).to(self.dtype)
         else:
             x = ops.randn(self.shape, seed=self.seed, stream=self.plan.num_train_timesteps,
-                          offset=self.element_offset, device=self.device, dtype=self.dtype, backend=self.backend)
+                          offset=self.offset, device=self.device, dtype=self.dtype, backend=self.backend)
         return x * self.plan.init_noise_sigma if self.plan.init_noise_sigma != 1.0 else x.contiguous()
 
     def predict(self, x, t_model):
@@ -459,12 +464,10 @@ class _Loop:
         pred = self.predict(x, t_model)
         if self.flat:  # one timestep for the batch: the same counters as [B, n], in fewer, larger programs
             pred, x, noise = (None if v is None else v.reshape(1, -1) for v in (pred, x, noise))
-        common = dict(seed=self.seed if noise is None else None, noise=noise, offset=self.element_offset,
-                      return_pred_original_sample=False, backend=self.backend, spec=self.plan.spec)
-        if self.plan.kind == "ddpm":
-            prev, _ = ops.ddpm_step(pred, t, x, self.plan.schedule, prev_t=prev_t, **common)
-        else:
-            prev, _ = ops.ddim_step(pred, t, prev_t, x, self.plan.schedule, **common)
+        # ddpm_step / ddim_step with the plan's spec, the offset given in elements (see __init__)
+        prev, _ = diffusion_ops._step(self.plan.spec, pred, t, prev_t, x, self.plan.schedule,
+                                      seed=self.seed if noise is None else None, noise=noise,
+                                      offset=self.element_offset, return_x0=False, backend=self.backend)
         return prev.reshape(self.shape)
 
     def _draw_step_noise(self, i):

@@ -5,6 +5,7 @@ runs with outputs poisoned (NaN) so an unwritten element fails; the reference ru
 the CPU, so a GPU result is also checked against a different device.
 """
 import dataclasses
+import math
 import time
 
 import torch
@@ -55,12 +56,13 @@ def _check_randn(device, quick):
     shapes = [(1,), (7, 129), (5, 123, 123)] if quick else [(1,), (3, 5), (7, 129), (5, 123, 123), (16, 7, 57, 32, 29)]
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for shape in shapes:
-            offset, stream = 4 * len(shape) + 1, len(shape)
+            offset, stream = 4 * len(shape) + 1, len(shape)  # offset in rows; the reference counts elements
             cases.append(_kernel_case(
                 "randn", f"{tuple(shape)} offset={offset} stream={stream}", dtype,
                 lambda: randn(shape, seed=seed, stream=stream, offset=offset, device=device, dtype=dtype,
                               backend="triton"),
-                ref.randn(shape, seed=seed, stream=stream, offset=offset, dtype=torch.float64)))
+                ref.randn(shape, seed=seed, stream=stream, offset=offset * math.prod(shape[1:]),
+                          dtype=torch.float64)))
     return cases
 
 
@@ -91,7 +93,7 @@ def _check_gaussian(device, quick):
     from fastgen.reference import random as ref_random
 
     cases = []
-    seed, offset = 0x9E3779B97F4A7C15, 3
+    seed, offset = 0x9E3779B97F4A7C15, 3  # in rows of mu; the reference noise counts elements
     shapes = [(1,), (7, 129), (5, 33, 37)] if quick else [(1,), (3, 5), (7, 129), (5, 123, 123), (16, 7, 57, 32, 29)]
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -101,7 +103,7 @@ def _check_gaussian(device, quick):
             logvar64 = 0.5 * logvar64
             mu64, logvar64, mu2_64 = (t.to(dtype).double() for t in (mu64, logvar64, mu2_64))  # representable
             mu, logvar, mu2 = (t.to(device, dtype).requires_grad_() for t in (mu64, logvar64, mu2_64))
-            eps = ref_random.randn(shape, seed=seed, offset=offset, dtype=torch.float64)
+            eps = ref_random.randn(shape, seed=seed, offset=offset * math.prod(shape[1:]), dtype=torch.float64)
             label = f"{tuple(shape)}"
 
             def add(op, case, actual, expected):
@@ -204,7 +206,7 @@ def _check_diffusion(device, quick):
     from fastgen.schedules import NoiseSchedule
 
     schedule = NoiseSchedule()
-    seed, offset = 0x9E3779B97F4A7C15, 7
+    seed, offset = 0x9E3779B97F4A7C15, 7  # in samples; the reference counts elements (offset * n)
     shapes = [(3, 2, 5, 7)] if quick else [(3, 2, 5, 7), (4, 3, 32, 32), (2, 4, 57, 31)]
     ddpm_variants = [dict(prediction_type="epsilon", variance_type="fixed_small"),
                      dict(prediction_type="v_prediction", variance_type="learned_range", thresholding=True,
@@ -221,14 +223,15 @@ def _check_diffusion(device, quick):
             t = torch.arange(shape[0], device=device) * 331 % 1000
             with poisoned_outputs():
                 x_t = q_sample(x, t, schedule, seed=seed, offset=offset, backend="triton")
-            expected = ref.q_sample(x.cpu(), t.cpu(), schedule, ref.noise_like(shape, t.cpu(), seed=seed, offset=offset))
+            start = offset * math.prod(shape[1:])
+            expected = ref.q_sample(x.cpu(), t.cpu(), schedule, ref.noise_like(shape, t.cpu(), seed=seed, offset=start))
             cases.append(Case("q_sample", f"{shape} per-sample t", name, testing.compare(x_t, expected, dtype=dtype)))
             for kwargs in ddpm_variants:
                 learned = kwargs["variance_type"].startswith("learned")
                 out = torch.cat([eps, frac], 1) if learned else eps
                 with poisoned_outputs():
                     prev, x0 = ddpm_step(out, t, x, schedule, seed=seed, offset=offset, backend="triton", **kwargs)
-                prev_ref, x0_ref = ref.ddpm_step(out.cpu(), t.cpu(), x.cpu(), schedule, seed=seed, offset=offset,
+                prev_ref, x0_ref = ref.ddpm_step(out.cpu(), t.cpu(), x.cpu(), schedule, seed=seed, offset=start,
                                                  **kwargs)
                 label = f"{shape} {kwargs['prediction_type']}/{kwargs['variance_type']}" + (
                     " threshold" if kwargs.get("thresholding") else "")

@@ -29,7 +29,8 @@ Grid: programs (b, j) flattened, j tiling the n elements of sample b, so t, s, t
 and s_b are scalars per program. Every clamp propagates NaN (``_clamp``): a NaN or inf in the model
 output, the sample or the noise reaches the outputs exactly where it does in the float64 reference,
 so a broken model never yields plausible samples. The noise z of element g of sample b is the normal of counter
-element offset + b n + g in stream t_b (``normal_tile``), or read from a tensor. A timestep outside
+element offset + b n + g in stream t_b (``normal_tile``), or read from a tensor; ``offset`` counts elements
+here (the public ops pass k n for their offset of k samples). A timestep outside
 [0, T) or s outside [-1, t) turns the sample's outputs into NaN (checked on the host where that
 costs no synchronisation).
 """

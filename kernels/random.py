@@ -1,6 +1,7 @@
 """Counter-based normal noise: Philox-4x32-10 + Box-Muller, a pure function of the element index.
 
-Element g of a draw (g = offset + i, i the flat row-major index) takes its value from
+Element g of a draw (g = offset + i, i the flat row-major index; every launcher here takes the
+offset in elements, the public ops convert their offset in samples to it) takes its value from
 
     q       = g // 4                                  the Philox counter block of g
     counter = (lo32(q), hi32(q), lo32(stream), hi32(stream)),   key = (lo32(seed), hi32(seed))

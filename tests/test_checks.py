@@ -33,3 +33,38 @@ def test_meta_tensors_are_rejected_by_name(call, name, backend, monkeypatch):
     monkeypatch.setenv("FASTGEN_BACKEND", backend)
     with pytest.raises(ValueError, match=rf"^{name} .*meta tensors are not supported"):
         call()
+
+
+INT64_MAX = (1 << 63) - 1
+
+
+@pytest.mark.parametrize("offset, shape, expected", [
+    (0, (4, 3, 5), 0), (3, (4, 3, 5), 45), (3, (4,), 3), (6, (), 6), (7, (4, 0), 0), (7, (0, 5), 35),
+])
+def test_sample_offset_counts_rows(offset, shape, expected):
+    """offset in samples (rows of dim 0) -> the counter element of the first element: offset * row,
+    row = prod(shape[1:]); a 0-d or 1-d shape has rows of one element."""
+    from fastgen import _checks
+
+    assert _checks.sample_offset(offset, shape) == expected
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5), (2,), (), (3, 0)], ids=str)
+def test_sample_offset_bound(shape):
+    """The largest offset keeps offset * row + numel <= INT64_MAX; one more is refused, naming the argument."""
+    from fastgen import _checks
+
+    shape = torch.Size(shape)
+    row, numel = shape[1:].numel(), shape.numel()
+    largest = (INT64_MAX - numel) // row if row else INT64_MAX
+    assert _checks.sample_offset(largest, shape) + numel <= INT64_MAX
+    with pytest.raises(ValueError, match=r"^start must be an integer in \[0, "):
+        _checks.sample_offset(largest + 1, shape, "start")
+
+
+@pytest.mark.parametrize("offset, error", [(-1, ValueError), (1.0, TypeError), (True, TypeError), ("2", TypeError)])
+def test_sample_offset_rejects_non_integers_by_name(offset, error):
+    from fastgen import _checks
+
+    with pytest.raises(error, match="^offset"):
+        _checks.sample_offset(offset, (2, 3))

@@ -260,7 +260,8 @@ def test_ddpm_step_kernel_matches_reference(device, prediction_type, variance_ty
     prev, x0 = fastgen.ddpm_step(out, t, sample, SCHEDULE, seed=SEED, offset=5, backend="triton", **kwargs)
     assert prev.dtype == x0.dtype == dtype and prev.shape == x0.shape == SHAPE
     t_cpu = t.cpu() if tensor_t else t
-    prev_ref, x0_ref = ref.ddpm_step(out.cpu(), t_cpu, sample.cpu(), SCHEDULE, seed=SEED, offset=5, **kwargs)
+    # offset counts samples; the reference takes the element offset: 5 samples of 70 (mid-Philox-block)
+    prev_ref, x0_ref = ref.ddpm_step(out.cpu(), t_cpu, sample.cpu(), SCHEDULE, seed=SEED, offset=5 * 70, **kwargs)
     if prediction_type == "epsilon":
         # x0 = (x - sqrt(1 - abar) eps) / sqrt(abar): the numerator's fp32 rounding grows by 1/sqrt(abar)
         # (~160 at t = 999), so compare x0 in the numerator's units: sqrt(abar) x0
@@ -353,7 +354,7 @@ def test_q_sample_kernel_matches_reference(device, dtype):
         x_t, noise = fastgen.q_sample(noncontiguous(x0), t, SCHEDULE, seed=SEED, offset=3, return_noise=True,
                                       backend="triton")
         t_cpu = t.cpu() if isinstance(t, torch.Tensor) else t
-        expected_noise = ref.noise_like(SHAPE, t_cpu, seed=SEED, offset=3)
+        expected_noise = ref.noise_like(SHAPE, t_cpu, seed=SEED, offset=3 * 70)  # 3 samples of 70 elements
         assert_close(noise, expected_noise)
         assert_close(x_t, ref.q_sample(x0.cpu(), t_cpu, SCHEDULE, expected_noise))
     given = rand_like_shape(SHAPE, dtype, device, generator=g)
@@ -450,7 +451,7 @@ def test_a_nan_model_never_yields_finite_samples(device, backend):
 # --- the noise rule, timesteps, invariances ---------------------------------------------------------
 
 def test_per_sample_noise_rule(device):
-    """Element g of sample b gets fastgen.randn(shape, seed, stream=t[b], offset)[b, g]."""
+    """Element g of sample b gets fastgen.randn(shape, seed, stream=t[b], offset)[b, g] (both count samples)."""
     shape = (4, 3, 7)
     t = torch.tensor([5, 999, 0, 5], device=device)
     _, noise = fastgen.q_sample(torch.ones(shape, device=device), t, SCHEDULE, seed=77, offset=9, return_noise=True,
@@ -518,13 +519,40 @@ def test_narrow_and_unsigned_timesteps_out_of_range_name_the_value(dtype, values
             call()
 
 
-def test_batch_shards_reproduce_the_full_batch(device):
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("op", ["q_sample", "ddpm_step", "ddim_step"])
+def test_offset_counts_samples(device, op, backend):
+    """offset counts samples: the op with offset=k on samples k.. equals samples k.. of the op on the
+    whole batch, bit for bit (rows of 18 elements: shards start mid-Philox-block)."""
     g = gen(13)
     sample, out = (rand_like_shape((6, 2, 9), torch.float32, device, generator=g) for _ in range(2))
     t = torch.tensor([10, 20, 30, 40, 50, 60], device=device)
-    full, _ = fastgen.ddpm_step(out, t, sample, SCHEDULE, seed=3, backend="triton")
-    shard, _ = fastgen.ddpm_step(out[2:5], t[2:5], sample[2:5], SCHEDULE, seed=3, offset=2 * 18, backend="triton")
-    assert torch.equal(full[2:5], shard)
+    if backend == "torch":
+        sample, out, t = sample.cpu(), out.cpu(), t.cpu()
+    calls = {
+        "q_sample": lambda s, o, ts, **kw: fastgen.q_sample(s, ts, SCHEDULE, return_noise=True, **kw),
+        "ddpm_step": lambda s, o, ts, **kw: fastgen.ddpm_step(o, ts, s, SCHEDULE, **kw),
+        "ddim_step": lambda s, o, ts, **kw: fastgen.ddim_step(o, ts, ts - 5, s, SCHEDULE, eta=0.7, **kw),
+    }
+    call = calls[op]
+    full = call(sample, out, t, seed=3, backend=backend)
+    for k in (1, 2):
+        shard = call(sample[k:5], out[k:5], t[k:5], seed=3, offset=k, backend=backend)
+        for a, b in zip(shard, full):
+            assert torch.equal(a, b[k:5])
+
+
+def test_offset_bound_is_in_samples():
+    """offset * n + numel must fit int64 (n = elements per sample): the bound is in samples."""
+    x = torch.randn(2, 3)
+    largest = ((1 << 63) - 1 - 6) // 3
+    for call in (lambda offset: fastgen.q_sample(x, 5, SCHEDULE, seed=0, offset=offset, backend="torch"),
+                 lambda offset: fastgen.ddpm_step(x, 5, x, SCHEDULE, seed=0, offset=offset, backend="torch"),
+                 lambda offset: fastgen.ddim_step(x, 5, 4, x, SCHEDULE, eta=1.0, seed=0, offset=offset,
+                                                  backend="torch")):
+        call(largest)
+        with pytest.raises(ValueError, match=rf"offset must be an integer in \[0, {largest}\]"):
+            call(largest + 1)
 
 
 def test_no_noise_at_t0_and_noise_statistics(device):

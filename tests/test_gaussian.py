@@ -48,7 +48,9 @@ def f64(tensors):
 
 
 def eps64(shape, offset=0, stream=0):
-    return ref_random.randn(shape, seed=SEED, stream=stream, offset=offset, dtype=torch.float64)
+    """The reference eps of the ops' draw at ``offset`` (in rows of mu: the reference counts elements)."""
+    return ref_random.randn(shape, seed=SEED, stream=stream, offset=offset * math.prod(shape[1:]),
+                            dtype=torch.float64)
 
 
 def check_all(actual, expected, dtype):
@@ -63,7 +65,7 @@ def check_all(actual, expected, dtype):
 @pytest.mark.parametrize("shape", SMALL_SHAPES, ids=str)
 def test_reparameterize_seeded_matches_reference(device, shape, dtype):
     mu, logvar, g = inputs(shape, dtype, device, n=3)
-    offset = 4 * len(shape) + 3  # not a multiple of 4: the tiles start one Philox lane early
+    offset = 4 * len(shape) + 3  # in rows of odd length: element offsets k * row = 3 mod 4 (tiles start early)
     outs, gr = grads(lambda m, lv: fastgen.reparameterize(m, lv, seed=SEED, offset=offset, backend="triton"),
                      [noncontiguous(mu), noncontiguous(logvar)], [g])
     eps = eps64(shape, offset)
@@ -226,12 +228,28 @@ def test_reparameterize_with_kl_gradient_through_one_output(device, used):
             assert_close(a.grad, e.grad)
 
 
-def test_reparameterize_with_kl_shards_by_offset(device):
-    """Rows k.. of a batch are the batch drawn at offset = k * row_len (noise is per element, not per call)."""
-    mu, logvar = inputs((8, 3, 7), torch.float32, device)
-    z, kl = fastgen.reparameterize_with_kl(mu, logvar, seed=SEED, backend="triton")
-    z3, kl3 = fastgen.reparameterize_with_kl(mu[3:], logvar[3:], seed=SEED, offset=3 * 21, backend="triton")
-    assert torch.equal(z3, z[3:]) and torch.equal(kl3, kl[3:])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("shape", [(8, 3, 7), (8, 4, 2), (8,)], ids=str)
+@pytest.mark.parametrize("op", ["reparameterize", "reparameterize_with_kl"])
+def test_offset_counts_rows_of_mu(device, op, shape, backend):
+    """offset counts samples (rows of mu): rows k.. drawn at offset=k are rows k.. of the whole batch,
+    bit for bit, with their gradients (rows of 21 start mid-Philox-block, rows of 8 on a block
+    boundary; a 1-d mu has rows of one element)."""
+    fn = getattr(fastgen, op)
+    mu, logvar, gz = inputs(shape, torch.float32, device, n=3)
+    gk = rand_like_shape(shape[:1], torch.float32, device)
+    if backend == "torch":
+        mu, logvar, gz, gk = (t.cpu() for t in (mu, logvar, gz, gk))
+
+    def run(m, lv, g_z, g_k, offset):
+        return grads(lambda a, b: fn(a, b, seed=SEED, offset=offset, backend=backend), [m, lv],
+                     [g_z] if op == "reparameterize" else [g_z, g_k])
+
+    outs, gr = run(mu, logvar, gz, gk, 0)
+    for k in (1, 3):
+        part, g_part = run(mu[k:], logvar[k:], gz[k:], gk[k:], k)
+        for a, b in zip(part + g_part, outs + gr):
+            assert torch.equal(a, b[k:])
 
 
 # --- NaN and inf go where the reference puts them, forward and backward --------------------------
@@ -290,7 +308,8 @@ def test_reparameterize_with_kl_propagates_nan_and_inf_as_the_reference(device):
 
 @pytest.mark.parametrize("shape, offset, block", [
     ((7, 129), 1, 64), ((7, 129), 1, 256), ((5, 40), 3, 16), ((5, 40), 3, 256), ((3, 5), 0, 16),
-    ((9, 2, 8), 6, 16), ((9, 2, 8), 6, 64)], ids=str)
+    ((9, 2, 8), 6, 16), ((9, 2, 8), 6, 64),
+    ((1, 129), 3, 16), ((1, 129), 3, 64)], ids=str)  # one row, element offset 387: tiles shifted by 3
 def test_results_do_not_depend_on_the_block(device, monkeypatch, shape, offset, block):
     """Small blocks split rows into many chunks (partial sums) and pack short rows into tiles."""
     mu, logvar, mu2, gz = inputs(shape, torch.float32, device, seed=9, n=4)
@@ -412,10 +431,15 @@ def test_empty_inputs_with_a_prior(device, shape, prior_shape):
 @pytest.mark.parametrize("offset", [0, 1, 3])
 @pytest.mark.parametrize("shape", [(1, 0), (3, 0, 2)], ids=str)
 def test_per_sample_kl_of_empty_samples_is_zero(device, shape, offset):
-    """Rows of no elements whose Philox tiles start mid-block (offset % 4 != 0): no chunk is left
-    unwritten (it used to come back NaN)."""
+    """Rows of no elements have zero KL. The public offset of empty rows is always counter element 0,
+    so the kernel's own entry (element offsets) also runs them with Philox tiles starting mid-block
+    (offset % 4 != 0): no chunk is left unwritten (it used to come back NaN)."""
+    from fastgen.ops.gaussian import _ReparameterizeWithKL
+
     mu = torch.zeros(shape, device=device)
     z, kl = fastgen.reparameterize_with_kl(mu, mu, seed=1, offset=offset, backend="triton")
+    assert z.shape == shape and torch.equal(kl, torch.zeros(shape[0], device=device))
+    z, kl = _ReparameterizeWithKL.apply(mu, mu, None, 1, 0, offset)
     assert z.shape == shape and torch.equal(kl, torch.zeros(shape[0], device=device))
 
 
@@ -477,6 +501,10 @@ def test_noise_arguments(op):
         fn(mu, logvar, noise=torch.ones(4, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="offset"):
         fn(mu, logvar, seed=1, offset=-1)
+    largest = ((1 << 63) - 1 - 12) // 3  # in rows of 3: offset * 3 + numel <= INT64_MAX
+    fn(mu, logvar, seed=1, offset=largest)
+    with pytest.raises(ValueError, match="offset"):
+        fn(mu, logvar, seed=1, offset=largest + 1)
     with pytest.raises(TypeError, match="seed"):
         fn(mu, logvar, seed=1.5)
     with pytest.raises(ValueError, match="stream"):

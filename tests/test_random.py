@@ -1,6 +1,7 @@
 """Counter-based noise: the Triton kernel against the torch Philox reference (exactly), against the
 normal distribution (statistically), and the invariances the design promises."""
 import inspect
+import math
 
 import numpy as np
 import pytest
@@ -18,6 +19,12 @@ BIG_SEED = 0xFEDCBA9876543210  # >= 2^63: the high key word matters
 
 def kernel_randn(shape, device, **kwargs):
     return fastgen.randn(shape, device=device, backend="triton", **kwargs)
+
+
+def row(shape) -> int:
+    """Elements per row (sample) of a draw: fastgen.randn's offset k starts at counter element k * row;
+    the reference (and the kernels' launchers) take that element offset."""
+    return math.prod(shape[1:])
 
 
 # --- the Philox words ------------------------------------------------------------------------------
@@ -50,28 +57,33 @@ def test_kernel_philox_words_bit_exact(device, seed, stream, counter):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", ODD_SHAPES, ids=str)
 def test_randn_kernel_matches_reference(device, shape, dtype):
-    offset, stream = 3 * len(shape) + 1, len(shape) + 2  # offsets not a multiple of 4 shift the tiles
+    # offsets in rows; rows of odd length give element offsets not a multiple of 4, which shift the tiles
+    offset, stream = 3 * len(shape) + 1, len(shape) + 2
     z = kernel_randn(shape, device, seed=BIG_SEED, stream=stream, offset=offset, dtype=dtype)
     assert z.shape == shape and z.dtype == dtype and z.device.type == torch.device(device).type
-    expected = ref.randn(shape, seed=BIG_SEED, stream=stream, offset=offset, dtype=torch.float64)  # on CPU
+    expected = ref.randn(shape, seed=BIG_SEED, stream=stream, offset=offset * row(shape), dtype=torch.float64)
     assert_close(z, expected)
 
 
 @pytest.mark.parametrize("offset", [0, 1, 2, 3, 4, 5, (1 << 34) + 3])
 def test_randn_kernel_matches_reference_at_offsets(device, offset):
+    """Rows of 67: offsets 0..3 start at every lane of a Philox block (element offsets 0, 67, 134, 201)."""
     z = kernel_randn((3, 67), device, seed=99, offset=offset)
-    assert_close(z, ref.randn((3, 67), seed=99, offset=offset, dtype=torch.float64))
+    assert_close(z, ref.randn((3, 67), seed=99, offset=offset * 67, dtype=torch.float64))
 
 
-# Seeds, streams and offsets in [2^31, 2^32): the Triton interpreter carries such Python ints as uint32
-# data under an int64 type, and a kernel that only casts them with .to(tl.int64) reads -2^31 for 2^31.
-PAST_INT32 = [(2**31 + 5, 2**31 + 1, 2**31), (2**32 - 1, 2**32 - 1, 2**32 - 3), (BIG_SEED, 7, 2**31 - 1)]
+# Seeds, streams and element offsets in [2^31, 2^32): the Triton interpreter carries such Python ints as
+# uint32 data under an int64 type, and a kernel that only casts them with .to(tl.int64) reads -2^31 for
+# 2^31. The draws below are [3, 5], so offsets are in rows of 5: counter elements 5 * offset =
+# 2^31 + 2, 2^32 - 6 and 2^31 - 3 (the last just below 2^31, with a seed past 2^63).
+PAST_INT32 = [(2**31 + 5, 2**31 + 1, 2**31 // 5 + 1), (2**32 - 1, 2**32 - 1, (2**32 - 3) // 5),
+              (BIG_SEED, 7, (2**31 - 1) // 5)]
 
 
 @pytest.mark.parametrize("seed, stream, offset", PAST_INT32)
 def test_every_kernel_reads_64_bit_arguments(device, seed, stream, offset):
     """randn, the Gaussian ops, q_sample and latents agree with the torch backend for arguments past 2^31."""
-    expected = ref.randn((3, 5), seed=seed, stream=stream, offset=offset, dtype=torch.float64)
+    expected = ref.randn((3, 5), seed=seed, stream=stream, offset=offset * 5, dtype=torch.float64)
     assert_close(kernel_randn((3, 5), device, seed=seed, stream=stream, offset=offset), expected)
     zeros = torch.zeros(3, 5, device=device)  # z = eps with mu = 0, logvar = 0
     z = fastgen.reparameterize(zeros, zeros, seed=seed, stream=stream, offset=offset, backend="triton")
@@ -81,7 +93,7 @@ def test_every_kernel_reads_64_bit_arguments(device, seed, stream, offset):
     schedule = fastgen.NoiseSchedule(num_train_timesteps=10)
     x0 = torch.randn(3, 5, device=device)
     for call in (lambda backend: fastgen.q_sample(x0, 4, schedule, seed=seed, offset=offset, backend=backend),
-                 lambda backend: fastgen.latents(3, 5, seed=seed, offset=offset // 5, truncation=0.8, device=device,
+                 lambda backend: fastgen.latents(3, 5, seed=seed, offset=offset, truncation=0.8, device=device,
                                                  backend=backend)):
         assert_close(call("triton"), call("torch").double())
 
@@ -89,7 +101,7 @@ def test_every_kernel_reads_64_bit_arguments(device, seed, stream, offset):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_torch_backend_is_the_reference(dtype):
     z = fastgen.randn((7, 129), seed=5, stream=1, offset=2, dtype=dtype, backend="torch")
-    expected = ref.randn((7, 129), seed=5, stream=1, offset=2, dtype=torch.float64)
+    expected = ref.randn((7, 129), seed=5, stream=1, offset=2 * 129, dtype=torch.float64)
     assert z.dtype == dtype
     assert torch.equal(z, expected.to(dtype))
 
@@ -102,6 +114,7 @@ def test_empty_shapes(device, backend):
 
 
 def test_scalar_shape(device):
+    """A 0-d draw is one row of one element: its offset counts elements."""
     z = kernel_randn((), device, seed=4, offset=6)
     assert z.shape == () and torch.equal(z.cpu(), ref.randn((), seed=4, offset=6))
 
@@ -112,7 +125,7 @@ def test_scalar_shape(device):
 def test_block_size_invariance(device, block):
     expected = kernel_randn((5, 123, 7), device, seed=BIG_SEED, offset=6)
     out = poison(torch.empty(5, 123, 7, device=device))
-    k_random.randn(out, BIG_SEED, 0, 6, block=block)
+    k_random.randn(out, BIG_SEED, 0, 6 * 123 * 7, block=block)  # the launcher takes the element offset
     assert torch.equal(out, expected)
 
 
@@ -123,12 +136,21 @@ def test_batch_invariance(device):
     assert torch.equal(small, large[:4])
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("shape", [(8, 37), (8, 3, 7), (8, 2, 2, 2)], ids=str)
 @pytest.mark.parametrize("k", [1, 3, 5])
-def test_shard_with_offset_reproduces_rows(device, k):
-    n = 37
-    whole = kernel_randn((8, n), device, seed=11, stream=2)
-    shard = kernel_randn((8 - k, n), device, seed=11, stream=2, offset=k * n)
+def test_shard_with_offset_reproduces_rows(device, backend, shape, k):
+    """offset counts rows: randn(shape, offset=k) on rows k.. is rows k.. of the whole draw, bit for
+    bit (rows of 37 and 21 elements start mid-Philox-block, rows of 8 on a block boundary)."""
+    whole = fastgen.randn(shape, seed=11, stream=2, device=device, backend=backend)
+    shard = fastgen.randn((8 - k, *shape[1:]), seed=11, stream=2, offset=k, device=device, backend=backend)
     assert torch.equal(shard, whole[k:])
+
+
+def test_one_dimensional_offsets_count_elements(device):
+    """A 1-d draw's rows are single elements, so its offset counts elements, as before."""
+    whole = kernel_randn((10,), device, seed=3)
+    assert torch.equal(kernel_randn((7,), device, seed=3, offset=3), whole[3:])
 
 
 @settings(max_examples=25, deadline=None)
@@ -242,6 +264,7 @@ def test_new_seed_stream_offset_do_not_recompile():
     (dict(offset=-1), ValueError, "offset"),
     (dict(offset=1.0), TypeError, "offset"),
     (dict(offset=(1 << 63)), ValueError, "offset"),
+    (dict(shape=(4, 8), offset=(1 << 63) // 8), ValueError, "offset"),  # offset * row past int64
     (dict(stream=-2), ValueError, "stream"),
     (dict(seed=1.5), TypeError, "seed"),
     (dict(seed="7"), TypeError, "seed"),
@@ -258,3 +281,13 @@ def test_bad_arguments_name_the_argument(kwargs, error, match):
     kwargs = {"shape": (4,), "seed": 0, **kwargs}
     with pytest.raises(error, match=match):
         fastgen.randn(kwargs.pop("shape"), **kwargs)
+
+
+def test_offset_bound_is_in_rows(device):
+    """The last counter element offset * row + numel - 1 must fit int64: the largest offset passes."""
+    shape = (4, 8)
+    largest = ((1 << 63) - 1 - 32) // 8
+    z = fastgen.randn(shape, seed=0, offset=largest, device=device, backend="torch")
+    assert torch.equal(z, ref.randn(shape, seed=0, offset=largest * 8))
+    with pytest.raises(ValueError, match=rf"offset must be an integer in \[0, {largest}\]"):
+        fastgen.randn(shape, seed=0, offset=largest + 1, device=device)

@@ -318,6 +318,8 @@ class _ConfigOnly:
      "model's parameters are on cpu, got device=meta"),
     (lambda: fastgen.sample(Toy(), (2, 3), _ddpm(), cuda_graph="yes"), ValueError, "cuda_graph must be"),
     (lambda: fastgen.sample(Toy(), (2, 3), _ddpm(), offset=-1), ValueError, "offset must be"),
+    (lambda: fastgen.sample(Toy(), (2, 3), _ddpm(), offset=((1 << 63) - 7) // 3 + 1), ValueError,  # in samples
+     rf"offset must be an integer in \[0, {((1 << 63) - 7) // 3}\]"),
     (lambda: fastgen.sample(Toy(), (2, 3), _ddpm(), offset=1, generator=torch.Generator()), ValueError,
      "with generator= it must be 0"),
     (lambda: fastgen.sample(Toy(), (2, 3), _ddpm(), generator=[torch.Generator()]), ValueError,

@@ -348,12 +348,13 @@ def test_seed_kernel_equals_reference_and_is_batch_invariant(device, kind):
     assert torch.equal(state, torch.get_rng_state())  # seed= never draws from torch's generators
     want = ref.step(out, 800, sample, seed=77, **kwargs)
     assert_close(got.prev_sample, want.prev_sample.double(), dtype=torch.float32, rtol=1e-5)
-    per_sample = out[0].numel()
-    shard = ours.step(out[1:], 800, sample[1:], seed=77, offset=per_sample, **kwargs)
-    assert torch.equal(shard.prev_sample, got.prev_sample[1:])          # sample k is the same in any batch
+    for k in (1, 2):  # offset counts samples: sample k is the same in any batch
+        shard = ours.step(out[k:], 800, sample[k:], seed=77, offset=k, **kwargs)
+        assert torch.equal(shard.prev_sample, got.prev_sample[k:])
+        assert torch.equal(shard.pred_original_sample, got.pred_original_sample[k:])
     other = ours.step(out, 800, sample, seed=78, **kwargs)
     assert not torch.allclose(other.prev_sample, got.prev_sample)
-    # the noise is the documented counter stream: stream t, element offset + flat index
+    # the noise is the documented counter stream: stream t, counter element (offset + b) n + g
     z = fastgen.randn(SHAPE, seed=77, stream=800, backend="torch").to(device)
     explicit = ours.step(out, 800, sample, variance_noise=z, **kwargs) if kind == "ddim" else None
     if explicit is not None:

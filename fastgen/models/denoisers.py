@@ -301,7 +301,7 @@ def train(model: Denoiser, data: torch.Tensor, schedule, *, steps: int = 4000, b
         cursor += batch_size
         t = torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=rng).to(device)
         eps = fastgen.randn(x0.shape, seed=seed, offset=drawn, device=device)
-        drawn += x0.numel()
+        drawn += batch_size  # samples drawn so far: the offset of the next batch
         x_t = fastgen.q_sample(x0, t, schedule, noise=eps)
         loss = F.mse_loss(model(x_t, t), eps)                                         # L_simple, eq. (14)
         opt.zero_grad(set_to_none=True)

@@ -4,6 +4,10 @@ A reverse step's settings travel as one ``fastgen.step_spec.StepSpec``: pass ``s
 schedulers and ``fastgen.sample`` do), or the settings as keywords and the op builds the spec once.
 Backends: "triton" runs the fused kernel (one pass, plus a per-sample quantile pass first for dynamic
 thresholding); "torch" the float64 reference.
+
+``offset`` counts samples in every op here: sample b's noise starts at counter element (offset + b) * n,
+n = elements per sample (``fastgen._checks.sample_offset`` converts it; the kernels and the reference
+take that element offset).
 """
 import torch
 
@@ -21,8 +25,11 @@ def q_sample(x0, t, schedule, *, seed=None, noise=None, offset=0, return_noise=F
         t: int in [0, T) or an integer tensor of shape [B] (or []) on x0's device.
         schedule: a fastgen.NoiseSchedule.
         seed, offset: the counter-based noise: element g of sample b is
-            ``fastgen.randn(x0.shape, seed=seed, stream=t[b], offset=offset)[b, g]``; ignored when
-            ``noise`` is given. seed=None draws one from torch's default generator.
+            ``fastgen.randn(x0.shape, seed=seed, stream=t[b], offset=offset)[b, g]``, the normal of
+            counter element (offset + b) * n + g, n = elements per sample; ignored when ``noise`` is
+            given. seed=None draws one from torch's default generator. ``offset`` is a non-negative
+            int counted in samples: ``offset=k`` on samples k.. of a batch gives them the noise they
+            get in the whole batch.
         noise: optional eps tensor like x0 (diffusers' add_noise parity).
         return_noise: also return the noise used (the regenerated one when drawn in-kernel).
     Returns x_t (and the noise) in x0's dtype.
@@ -31,14 +38,14 @@ def q_sample(x0, t, schedule, *, seed=None, noise=None, offset=0, return_noise=F
     schedule = _checks.noise_schedule(schedule)
     t = _checks.timesteps(t, "t", num_steps=schedule.num_train_timesteps, batch=x0.shape[0], device=x0.device)
     noise = _noise_arg(noise, x0)
-    offset = _checks.nonneg_int(offset, "offset", limit=_checks.INT64_MAX - x0.numel())
+    element_offset = _checks.sample_offset(offset, x0.shape)
     backend = resolve_backend(backend, x0.device)
     seed = _checks.seed64(seed) if noise is None else 0
     if backend == "torch":
         from fastgen.reference import diffusion as ref
 
         if noise is None:
-            noise = ref.noise_like(x0.shape, t, seed=seed, offset=offset).to(x0.device)
+            noise = ref.noise_like(x0.shape, t, seed=seed, offset=element_offset).to(x0.device)
         x_t = ref.q_sample(x0, t, schedule, noise).to(x0.dtype)
         return (x_t, noise.to(x0.dtype)) if return_noise else x_t
     from fastgen.kernels import diffusion as k_diffusion
@@ -46,8 +53,8 @@ def q_sample(x0, t, schedule, *, seed=None, noise=None, offset=0, return_noise=F
     out = empty(x0.shape, dtype=x0.dtype, device=x0.device)
     noise_out = empty(x0.shape, dtype=x0.dtype, device=x0.device) if return_noise and noise is None else None
     if out.numel():
-        k_diffusion.q_sample(out, x0.contiguous(), t, schedule.kernel_table(x0.device), seed=seed, offset=offset,
-                             noise=noise, noise_out=noise_out)
+        k_diffusion.q_sample(out, x0.contiguous(), t, schedule.kernel_table(x0.device), seed=seed,
+                             offset=element_offset, noise=noise, noise_out=noise_out)
     if return_noise:
         return out, (noise_out if noise is None else noise.to(x0.dtype))
     return out
@@ -67,15 +74,16 @@ def ddpm_step(model_output, t, sample, schedule, *, prev_t=None, spec=None, seed
         spec: a StepSpec of kind "ddpm"; or, instead, its settings as keywords: prediction_type,
             variance_type, clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
             sample_max_value (diffusers' names and defaults; see fastgen.step_spec).
-        seed, offset, noise: the noise z (see q_sample: stream t[b]); none is added where t == 0.
+        seed, offset, noise: the noise z (see q_sample: stream t[b], offset counted in samples); none
+            is added where t == 0.
         return_pred_original_sample: False skips writing x0 and returns (prev_sample, None).
     Returns (prev_sample, pred_original_sample) in the sample's dtype. On a GPU, timesteps outside
     the schedule inside a device tensor are not checked on the host (that would synchronise): the
     affected samples come out NaN.
     """
     spec = _spec_arg("ddpm", spec, settings)
-    return _step(spec, model_output, t, prev_t, sample, schedule, seed=seed, noise=noise, offset=offset,
-                 return_x0=return_pred_original_sample, backend=backend)
+    return _step(spec, model_output, t, prev_t, sample, schedule, seed=seed, noise=noise,
+                 offset=_element_offset(offset, sample), return_x0=return_pred_original_sample, backend=backend)
 
 
 def ddim_step(model_output, t, prev_t, sample, schedule, *, spec=None, seed=None, noise=None, offset=0,
@@ -93,8 +101,8 @@ def ddim_step(model_output, t, prev_t, sample, schedule, *, spec=None, seed=None
     if prev_t is None:
         raise TypeError("prev_t must be an int or an integer tensor (the timestep DDIM steps to), got None")
     spec = _spec_arg("ddim", spec, settings)
-    return _step(spec, model_output, t, prev_t, sample, schedule, seed=seed, noise=noise, offset=offset,
-                 return_x0=return_pred_original_sample, backend=backend)
+    return _step(spec, model_output, t, prev_t, sample, schedule, seed=seed, noise=noise,
+                 offset=_element_offset(offset, sample), return_x0=return_pred_original_sample, backend=backend)
 
 
 def _spec_arg(kind: str, spec, settings: dict) -> StepSpec:
@@ -111,6 +119,12 @@ def _spec_arg(kind: str, spec, settings: dict) -> StepSpec:
     return spec
 
 
+def _element_offset(offset, sample):
+    """A step's public ``offset`` (in samples of ``sample``) as the element offset ``_step`` takes."""
+    _checks.batched(sample, "sample")
+    return _checks.sample_offset(offset, sample.shape)
+
+
 def _noise_arg(noise, sample):
     if noise is not None:
         _checks.like(noise, "noise", sample, "sample")
@@ -120,7 +134,12 @@ def _noise_arg(noise, sample):
 
 def _step(spec: StepSpec, model_output, t, prev_t, sample, schedule, *, seed, noise, offset, return_x0, backend):
     """What ddpm_step and ddim_step share: validation (before any random draw), then the reference
-    or the fused kernel. prev_t None: t - 1 (DDPM only)."""
+    or the fused kernel. prev_t None: t - 1 (DDPM only).
+
+    The one internal entry to a step, and the one that counts ``offset`` in ELEMENTS: the counter
+    element of sample 0's first element, as the kernels and the reference take it (ddpm_step and
+    ddim_step convert their offset in samples first). fastgen.sample calls it directly, on a batch
+    read as one long sample [1, B * n] with the element offset of its first sample."""
     _checks.batched(sample, "sample")
     _checks.like(model_output, "model_output", sample, "sample", shape=False)
     spec.check_model_output(model_output, sample)
@@ -133,7 +152,7 @@ def _step(spec: StepSpec, model_output, t, prev_t, sample, schedule, *, seed, no
     noise = _noise_arg(noise, sample)
     if not spec.adds_noise:  # DDIM with eta = 0 ignores any noise
         noise = None
-    offset = _checks.nonneg_int(offset, "offset", limit=_checks.INT64_MAX - sample.numel())
+    offset = _checks.nonneg_int(offset, "offset", limit=_checks.INT64_MAX - sample.numel())  # elements
     backend = resolve_backend(backend, sample.device)
     seed = _checks.seed64(seed) if noise is None else 0
     if backend == "torch":

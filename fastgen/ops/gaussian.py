@@ -21,17 +21,19 @@ def _gaussian_inputs(mu, logvar):
 
 
 def _noise_source(mu, seed, noise, stream, offset, backend):
-    """(seed, stream, offset, backend): the counter-based eps's coordinates, or (None, 0, 0) when
+    """(seed, stream, element offset, backend): the counter-based eps's coordinates, ``offset`` (in
+    rows of mu) converted to the counter element of mu's first element, or (None, 0, 0) when
     ``noise`` is given, and the resolved backend. Everything is validated before a missing seed is
     drawn from torch's generator, so a rejected call leaves its state alone."""
     stream = _checks.nonneg_int(stream, "stream")
-    offset = _checks.nonneg_int(offset, "offset", limit=_checks.INT64_MAX - mu.numel())
+    element_offset = _checks.sample_offset(offset, mu.shape)
     if noise is None:
         backend = resolve_backend(backend, mu.device)
-        return _checks.seed64(seed), stream, offset, backend
+        return _checks.seed64(seed), stream, element_offset, backend
     if seed is not None:
         raise ValueError("seed and noise are exclusive: pass seed= to draw eps from the counter-based stream, "
                          "or noise= to read it from a tensor")
+    offset = _checks.as_int(offset, "offset")
     if stream or offset:
         raise ValueError(f"stream and offset select counter-based noise; with noise= they must be 0, "
                          f"got stream={stream}, offset={offset}")
@@ -80,7 +82,8 @@ def _sum_to_prior(grad, prior_shape, dtype):
 class _Reparameterize(torch.autograd.Function):
     """z = mu + exp(logvar / 2) eps; backward: grad_mu = g, grad_logvar = g exp(logvar / 2) eps / 2,
     with eps recomputed from (seed, stream, offset) or read again from ``noise``: only logvar (and
-    noise) are kept."""
+    noise) are kept. ``offset`` here is the element offset (the counter element of mu's first
+    element), as the kernels take it."""
 
     @staticmethod
     def forward(ctx, mu, logvar, noise, seed, stream, offset):
@@ -123,7 +126,10 @@ def reparameterize(mu, logvar, *, seed=None, noise=None, stream=0, offset=0, bac
         mu, logvar: float32/float16/bfloat16 tensors of one shape, dtype and device (any strides).
         seed: 64-bit int; None draws one from torch's default generator. Exclusive with ``noise``.
         noise: a tensor like mu holding eps; with it, stream and offset must stay 0.
-        stream, offset: select the counter-based noise, as in ``fastgen.randn``.
+        stream: selects the counter-based noise, as in ``fastgen.randn``.
+        offset: non-negative int, counted in samples (rows of mu, dim 0), as in ``fastgen.randn``:
+            ``offset=k`` on rows k.. of a batch draws the eps of those rows in the whole batch's call
+            (counter element k * prod(mu.shape[1:]) onwards; a 0-d or 1-d mu counts elements).
         backend: "auto", "triton" or "torch" (see fastgen.backend).
     """
     _gaussian_inputs(mu, logvar)
@@ -226,7 +232,8 @@ def gaussian_kl(mu, logvar, mu2=None, logvar2=None, *, reduction="per_sample", b
 
 class _ReparameterizeWithKL(torch.autograd.Function):
     """(z, KL to N(0, I) per sample) in one pass over mu and logvar; backward in one pass:
-    grad_mu = gz + gk mu, grad_logvar = gz exp(logvar / 2) eps / 2 + gk (exp(logvar) - 1) / 2."""
+    grad_mu = gz + gk mu, grad_logvar = gz exp(logvar / 2) eps / 2 + gk (exp(logvar) - 1) / 2.
+    ``offset``: the element offset, as in _Reparameterize."""
 
     @staticmethod
     def forward(ctx, mu, logvar, noise, seed, stream, offset):
@@ -273,8 +280,9 @@ class _ReparameterizeWithKL(torch.autograd.Function):
 def reparameterize_with_kl(mu, logvar, *, seed=None, noise=None, stream=0, offset=0, backend="auto"):
     """``(z, kl)``: the reparameterization sample z = mu + exp(logvar / 2) * eps and the KL to the
     standard normal summed per sample (shape [B]), in ONE pass over mu and logvar: the two Gaussian
-    terms of the VAE's ELBO (Kingma & Welling, Eq. 10). Arguments as in ``reparameterize``; mu needs
-    a batch dimension. Differentiable in mu, logvar (and noise) through both outputs."""
+    terms of the VAE's ELBO (Kingma & Welling, Eq. 10). Arguments as in ``reparameterize`` (offset
+    counted in samples, rows of mu); mu needs a batch dimension. Differentiable in mu, logvar (and
+    noise) through both outputs."""
     _gaussian_inputs(mu, logvar)
     if mu.dim() == 0:
         raise ValueError("mu must have a batch dimension (the KL is summed per sample), got a 0-d tensor")

@@ -26,7 +26,7 @@ def latents(n, dim, *, seed=None, offset=0, truncation=None, dtype=torch.float32
     """An [n, dim] batch of GAN latents from the counter-based noise; sample k is identical however
     the batch is split (element (r, c) is counter element (offset + r) * dim + c).
 
-    Without truncation this is ``randn((n, dim), seed=seed, offset=offset * dim)`` exactly. With
+    Without truncation this is ``randn((n, dim), seed=seed, offset=offset)`` exactly. With
     ``truncation=psi`` (BigGAN's truncation trick) every coordinate is a standard normal truncated to
     [-psi, psi], sampled exactly by the inverse CDF (never by clamping); see fastgen/reference/latents.py.
 
@@ -42,7 +42,8 @@ def latents(n, dim, *, seed=None, offset=0, truncation=None, dtype=torch.float32
     dim = _checks.nonneg_int(dim, "dim")
     if n * dim > _checks.INT64_MAX:
         raise ValueError(f"n * dim must be at most {_checks.INT64_MAX}, got {n} * {dim}")
-    offset = _checks.nonneg_int(offset, "offset", limit=_checks.INT64_MAX // max(dim, 1) - n)
+    element_offset = _checks.sample_offset(offset, (n, dim))
+    offset = _checks.as_int(offset, "offset")  # in samples, as the reference takes it
     psi = _truncation(truncation)
     dtype = _checks.float_dtype(dtype)
     device = _checks.compute_device(device)
@@ -56,7 +57,8 @@ def latents(n, dim, *, seed=None, offset=0, truncation=None, dtype=torch.float32
     if out.numel() == 0:
         return out
     if psi is None:
-        return k_random.randn(out, seed, 0, offset * dim)
+        return k_random.randn(out, seed, 0, element_offset)
     erf_psi, erfc_psi = math.erf(psi / math.sqrt(2.0)), math.erfc(psi / math.sqrt(2.0))
     bound = ref_latents.largest_at_most(psi, dtype)
-    return k_latents.truncated_latents(out, seed, ref_latents.TRUNCATED_STREAM, offset * dim, erf_psi, erfc_psi, bound)
+    return k_latents.truncated_latents(out, seed, ref_latents.TRUNCATED_STREAM, element_offset, erf_psi, erfc_psi,
+                                       bound)

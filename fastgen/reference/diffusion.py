@@ -12,8 +12,14 @@ alpha_{t|s} = abar_t / abar_s and beta_{t|s} = 1 - alpha_{t|s}.
 
 Timesteps ``t`` are a Python int or an integer tensor of shape [B] (one per sample); noise comes
 from ``fastgen.reference.random`` under the rule the kernels follow: element g of sample b is the
-normal of counter element offset + b * n + g (n = elements per sample) in stream t[b], i.e.
-``fastgen.randn(shape, seed=seed, stream=t[b], offset=offset)`` read at the flat index of the element.
+normal of counter element offset + b * n + g (n = elements per sample) in stream t[b].
+
+``offset`` here (noise_like, ddpm_step, ddim_step, step) counts ELEMENTS, as the kernels take it:
+it is the counter element of sample 0's first element. The public ops (``fastgen.q_sample``,
+``fastgen.ddpm_step``, ``fastgen.ddim_step``) count samples instead and call this with k * n for
+their ``offset=k``; so ``noise_like(shape, t, seed=s, offset=k * n)`` is the noise of
+``fastgen.q_sample(x0, t, schedule, seed=s, offset=k)``, and element g of sample b is
+``fastgen.randn(shape, seed=s, stream=t[b], offset=k)[b, g]``.
 """
 import math
 
@@ -70,7 +76,8 @@ def step_coefficients(schedule, t, prev_t, batch: int, final_alpha_cumprod=1.0):
 # --- noise -----------------------------------------------------------------------------------------
 
 def noise_like(shape, t, *, seed: int, offset: int = 0) -> torch.Tensor:
-    """The float64 noise a step at timesteps ``t`` draws for a [B, ...] tensor (see module docstring)."""
+    """The float64 noise a step at timesteps ``t`` draws for a [B, ...] tensor; ``offset`` in elements
+    (the counter element of sample 0's first element; see the module docstring)."""
     shape = torch.Size(shape)
     batch = shape[0]
     per_sample = shape[1:].numel()
@@ -252,7 +259,8 @@ def ddpm_step(model_output, t, sample, schedule, *, prev_t=None, prediction_type
               variance_type="fixed_small", clip_sample=True, clip_sample_range=1.0, thresholding=False,
               dynamic_thresholding_ratio=0.995, sample_max_value=1.0, seed=None, noise=None, offset=0):
     """One ancestral step x_t -> x_s = mean + sigma z, z ~ N(0, I), no noise where t == 0   [Ho] Algorithm 2.
-    Returns float64 (prev_sample, pred_original_sample)."""
+    z: ``noise``, or ``noise_like`` at (seed, offset in elements). Returns float64 (prev_sample,
+    pred_original_sample)."""
     out = p_mean_variance(model_output, t, sample, schedule, prev_t=prev_t, prediction_type=prediction_type,
                           variance_type=variance_type, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
                           thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
@@ -272,7 +280,8 @@ def ddim_step(model_output, t, prev_t, sample, schedule, *, eta=0.0, prediction_
         sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s)         [Song] eq. (16)
     x0 is clipped/thresholded; with use_clipped_model_output eps is recomputed from the clipped x0.
     prev_t < 0 means the end of the chain, where abar_s = final_alpha_cumprod. No noise where t == 0.
-    Returns float64 (prev_sample, pred_original_sample)."""
+    z: ``noise``, or ``noise_like`` at (seed, offset in elements). Returns float64 (prev_sample,
+    pred_original_sample)."""
     sample = sample.double()
     batch = sample.shape[0]
     x0 = predict_x0(model_output, t, sample, schedule, prediction_type)
@@ -298,7 +307,7 @@ def ddim_step(model_output, t, prev_t, sample, schedule, *, eta=0.0, prediction_
 
 def step(spec, model_output, t, prev_t, sample, schedule, *, seed=None, noise=None, offset=0):
     """The reverse step a step specification (fastgen.step_spec.StepSpec) describes: ddpm_step or
-    ddim_step with its settings. prev_t None: t - 1 (DDPM)."""
+    ddim_step with its settings. prev_t None: t - 1 (DDPM). ``offset`` in elements."""
     common = dict(prediction_type=spec.prediction_type, clip_sample=spec.clip_sample,
                   clip_sample_range=spec.clip_sample_range, thresholding=spec.thresholding,
                   dynamic_thresholding_ratio=spec.dynamic_thresholding_ratio, sample_max_value=spec.sample_max_value,

@@ -3,7 +3,8 @@
 A batch of n latents of size dim is an [n, dim] tensor; element (r, c) takes counter element
 g = (offset + r) * dim + c, so ``offset`` counts samples and sample k never depends on the batch split.
 
-Without truncation: z = ``fastgen.randn((n, dim), seed=seed, offset=offset * dim)`` (stream 0).
+Without truncation: z = ``fastgen.randn((n, dim), seed=seed, offset=offset)`` (stream 0; both count
+samples), i.e. ``fastgen.reference.random.randn((n, dim), seed=seed, offset=offset * dim)`` in elements.
 
 With the truncation trick (Brock et al., arXiv 1809.11096, Sec. 3.1) each coordinate is
 N(0, 1) conditioned on |z| <= psi, sampled exactly by inverting the CDF of |z| (no clamping):

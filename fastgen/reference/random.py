@@ -94,7 +94,8 @@ def normals(n: int, *, seed: int, stream=0, offset=0, device=None, dtype=torch.f
 
 
 def randn(shape, *, seed: int, stream: int = 0, offset: int = 0, device=None, dtype=torch.float32):
-    """``shape`` normals, element i (row-major) drawn from counter element offset + i."""
+    """``shape`` normals, element i (row-major) drawn from counter element offset + i: ``offset``
+    counts elements here (as in the kernels); ``fastgen.randn`` counts rows and passes k * row."""
     shape = torch.Size(shape)
     z = normals(shape.numel(), seed=seed, stream=stream, offset=offset, device=device)
     return z.to(dtype).reshape(shape)

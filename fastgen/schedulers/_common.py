@@ -8,8 +8,8 @@ the output classes and the tables (``alphas_cumprod`` in float32). fastgen adds:
   coefficients from a device table made once from the scheduler's own ``alphas_cumprod``: the
   values diffusers steps with, so results equal diffusers' to fp32 rounding of the same formula;
 - ``add_noise`` through ``fastgen.q_sample`` on the same table;
-- counter-based noise (``step(..., seed=, offset=)``) and a ``backend`` (constructor keyword,
-  ``from_config`` keyword, attribute, or per ``step``).
+- counter-based noise (``step(..., seed=, offset=)``, offset counted in samples) and a ``backend``
+  (constructor keyword, ``from_config`` keyword, attribute, or per ``step``).
 
 No step synchronises with the host: a timestep read from ``self.timesteps`` (``for t in
 scheduler.timesteps``) is located by its place in that tensor, whatever its device, so the

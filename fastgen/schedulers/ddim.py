@@ -20,8 +20,9 @@ and for any t in [0, T), scheduled or not.
 abar is the scheduler's own ``alphas_cumprod`` (diffusers' float32 values), so a step equals
 diffusers' to fp32 rounding. Noise (eta > 0): drawn exactly as diffusers draws it
 (``randn_tensor(model_output.shape, generator=...)``), or taken from ``variance_noise``;
-``step(..., seed=)`` draws z in the kernel from fastgen's counter-based stream (stream t, element
-offset + b n + g): no noise tensor, and sample k is the same in any batch.
+``step(..., seed=)`` draws z in the kernel from fastgen's counter-based stream (stream t, counter
+element (offset + b) n + g, n = elements per sample): no noise tensor, and sample k is the same in
+any batch (``offset`` counts samples: ``offset=k`` for a shard from sample k).
 
 Numerics: sqrt(1 - abar_s - sigma^2) is formed as a sum of non-negative terms and beta_{t|s} is
 never negative, so rounding cannot turn a step into NaN (with eta = 1 on a zero-SNR schedule, or at

@@ -19,8 +19,9 @@ abar_{-1} = 1), with beta_{t|s} = 1 - abar_t / abar_s:
 abar is the scheduler's own ``alphas_cumprod`` (diffusers' float32 values), so a step equals
 diffusers' to fp32 rounding. Noise: by default z is drawn exactly as diffusers draws it
 (``randn_tensor(model_output.shape, generator=...)``, only when t > 0). ``step(..., seed=)``
-instead draws z in the kernel from fastgen's counter-based stream (stream t, element offset + b n + g):
-no noise tensor, and sample k is the same in any batch (``offset=k * n`` for a shard from sample k).
+instead draws z in the kernel from fastgen's counter-based stream (stream t, counter element
+(offset + b) n + g, n = elements per sample): no noise tensor, and sample k is the same in any batch
+(``offset`` counts samples: ``offset=k`` for a shard from sample k).
 
 Where this differs from diffusers on purpose:
   * variance_type="fixed_large_log": diffusers takes the square root of log(beta) and returns NaN for
@@ -79,7 +80,8 @@ class DDPMScheduler(FusedStepMixin, diffusers.DDPMScheduler):
             sample: x_t, [B, C, ...] fp32/fp16/bf16 (the step runs in its dtype).
             generator: a torch.Generator or a list of B of them: the noise diffusers would draw.
             return_dict: False returns the tuple (prev_sample, pred_original_sample).
-            seed, offset: fastgen's in-kernel counter-based noise instead (not with ``generator``).
+            seed, offset: fastgen's in-kernel counter-based noise instead (not with ``generator``);
+                offset counts samples, as in ``fastgen.ddpm_step``.
             backend: overrides the scheduler's backend for this step.
         Returns DDPMSchedulerOutput(prev_sample, pred_original_sample).
         """
