@@ -3,7 +3,10 @@
     backend="auto"   -> FASTGEN_BACKEND if set, else Triton for CUDA tensors and torch elsewhere
     backend="triton" -> the kernel; on CPU tensors only under the Triton interpreter
                         (TRITON_INTERPRET=1 set before triton is imported)
-    backend="torch"  -> the pure-torch reference (fastgen/reference), on any device
+    backend="torch"  -> plain torch ops on any device: the fast fp32 path where an op has one (the
+                        diffusion steps: the fused update as whole-tensor ops), else its reference
+    backend="reference" -> the float64 reference (fastgen/reference), on any device
+The names mean the same in every API (the ops, the schedulers, fastgen.sample).
 """
 import functools
 import importlib
@@ -11,7 +14,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "reference")
 ENV_VAR = "FASTGEN_BACKEND"
 
 
@@ -45,7 +48,8 @@ def default_backend() -> str:
 
 
 def resolve_backend(backend, device) -> str:
-    """"triton" or "torch" for an op whose tensors live on ``device``; raises if ``backend`` cannot run there."""
+    """"triton", "torch" or "reference" for an op whose tensors live on ``device``; raises if ``backend``
+    cannot run there."""
     backend = _check_name(backend, "backend")
     if backend == "auto":
         backend = default_backend()

@@ -27,11 +27,12 @@ per sample) the noise is instead drawn exactly as diffusers' pipelines draw it (
 draw per step where diffusers draws: DDPM where t > 0, DDIM where eta > 0), so the result matches
 a diffusers loop with the same generator; the fused kernel reads that noise.
 
-Backends. "triton" runs ``step`` as one fused kernel per step. "torch" (what "auto" picks off CUDA)
-runs the same update as a few whole-tensor torch ops per step, in fp32, with every per-step
-coefficient computed once per run in float64 and the counter-based noise of many steps (z_T with
-the first) drawn in one call: the loop for a CPU, where a kernel runs only in the slow Triton interpreter and where
-stepping through the float64 reference costs ~100 small ops per step. "reference" steps through
+Backends (the names mean what they mean for every op, fastgen.backend). "triton" runs ``step`` as
+one fused kernel per step. "torch" (what "auto" picks off CUDA) runs the same update as a few
+whole-tensor fp32 torch ops per step (``fastgen.ops.diffusion.torch_update``, the ops' own "torch"
+path), with every per-step coefficient computed once per run in float64 (``torch_coefficients``)
+and the counter-based noise of many steps (z_T with the first) drawn in one call: the loop for a
+CPU, where a kernel runs only in the slow Triton interpreter. "reference" steps through
 ``fastgen.reference.diffusion`` in float64: the loop the other two are checked against.
 
 Device residency. The timesteps and the previous timesteps are int64 tensors on the device, read
@@ -53,7 +54,7 @@ import torch
 
 from fastgen import _checks
 from fastgen import ops
-from fastgen.backend import BACKENDS, resolve_backend
+from fastgen.backend import resolve_backend
 from fastgen.ops import diffusion as diffusion_ops
 from fastgen.reference import random as ref_random
 from fastgen.step_spec import StepSpec
@@ -135,29 +136,13 @@ class _TorchSteps:
     # loop's noise ~15% cheaper than with 1 << 18 on a 2-core CPU); the Philox words fill ~10 MB
 
     def __init__(self, plan, shape, *, seed, element_offset, device):
-        from fastgen.reference import diffusion as ref
+        from fastgen.ops.diffusion import torch_coefficients
 
         self.plan, self.shape, self.seed, self.element_offset, self.device = plan, shape, seed, element_offset, device
-        t, s = plan.timesteps, plan.prev_timesteps
+        t, spec = plan.timesteps, plan.spec
         n = len(t)
-        schedule, spec = plan.schedule, plan.spec
-        final = spec.final_alpha_cumprod(schedule)
-        abar_t, bbar_t, abar_s, bbar_s, beta_ts = ref.step_coefficients(schedule, t, s, n, final)
-        columns = dict(sqrt_abar_t=abar_t.sqrt(), sqrt_bbar_t=bbar_t.sqrt())
         noisy = t > 0  # no step adds noise at t = 0
-        if plan.kind == "ddpm":  # Ho et al. eqs. 6-7
-            columns.update(coef_x0=abar_s.sqrt() * beta_ts / bbar_t, coef_xt=(abar_t / abar_s).sqrt() * bbar_s / bbar_t)
-            if spec.learned_variance:
-                small, _ = ref.model_variance(t, s, schedule, "fixed_small", batch=n)
-                large, _ = ref.model_variance(t, s, schedule, "fixed_large", batch=n)
-                columns.update(log_small=small.log(), log_large=large.log(), noisy=noisy.double())
-            else:
-                variance, _ = ref.model_variance(t, s, schedule, spec.variance_type, batch=n)
-                columns.update(sigma=variance.sqrt() * noisy)
-        else:  # Song et al. eqs. 12, 16
-            sigma = spec.eta * (bbar_s / bbar_t * beta_ts).sqrt()
-            columns.update(sqrt_abar_s=abar_s.sqrt(), direction=(bbar_s - sigma ** 2).clamp_min(0).sqrt(),
-                           sigma=sigma * noisy)
+        columns = torch_coefficients(spec, plan.schedule, t, plan.prev_timesteps)
         self.coefficients = [dict(zip(columns, row)) for row in zip(*(c.tolist() for c in columns.values()))]
         self.draws = [bool(noisy[i]) and spec.adds_noise for i in range(n)]
         self._noise_rows = {}
@@ -189,51 +174,12 @@ class _TorchSteps:
 
     def __call__(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, noise) -> torch.Tensor:
         """x_{s_i} from x_{t_i} = ``sample`` and the model output (noise: a tensor like the sample, or
-        None for the counter-based stream)."""
-        from fastgen.reference import diffusion as ref
+        None for the counter-based stream): ``fastgen.ops.diffusion.torch_update`` on this step's
+        precomputed coefficients."""
+        from fastgen.ops.diffusion import torch_update
 
-        spec, c = self.plan.spec, self.coefficients[i]
-        x = sample.float()
-        out = model_output.float()
-        if spec.learned_variance:
-            out, predicted_variance = out.chunk(2, dim=1)
-        # x0 from the prediction (Ho et al. eq. 15; Salimans & Ho sec. 4 for v)
-        prediction_type = spec.prediction_type
-        if prediction_type == "epsilon":
-            x0 = torch.add(x, out, alpha=-c["sqrt_bbar_t"]).div_(c["sqrt_abar_t"])
-        elif prediction_type == "sample":
-            x0 = out.clone()
-        else:
-            x0 = torch.mul(x, c["sqrt_abar_t"]).add_(out, alpha=-c["sqrt_bbar_t"])
-        if spec.kind == "ddim":  # eps from the unclipped x0
-            if prediction_type == "epsilon":
-                eps = out
-            elif prediction_type == "sample":
-                eps = torch.add(x, x0, alpha=-c["sqrt_abar_t"]).div_(c["sqrt_bbar_t"])
-            else:
-                eps = torch.mul(out, c["sqrt_abar_t"]).add_(x, alpha=c["sqrt_bbar_t"])
-        if spec.thresholding:  # Imagen's dynamic thresholding, per sample
-            scale = ref.dynamic_threshold_scale(x0, spec.dynamic_thresholding_ratio, spec.sample_max_value)
-            scale = scale.float().reshape(-1, *([1] * (x0.dim() - 1)))
-            x0 = torch.minimum(torch.maximum(x0, -scale), scale).div_(scale)
-        elif spec.clip_sample:
-            x0.clamp_(-spec.clip_sample_range, spec.clip_sample_range)
-        if spec.kind == "ddpm":
-            prev = torch.mul(x0, c["coef_x0"]).add_(x, alpha=c["coef_xt"])
-            if spec.learned_variance:  # per element; Nichol & Dhariwal eq. 15 for learned_range
-                if spec.variance_type == "learned":
-                    sigma = predicted_variance.sqrt()
-                else:
-                    frac = (predicted_variance + 1) / 2
-                    sigma = (frac * c["log_large"] + (1 - frac) * c["log_small"]).mul_(0.5).exp_()
-                if c["noisy"]:
-                    prev.addcmul_(sigma, self._noise(i, noise))
-            elif c["sigma"]:
-                prev.add_(self._noise(i, noise), alpha=c["sigma"])
-        else:
-            prev = torch.mul(x0, c["sqrt_abar_s"]).add_(eps, alpha=c["direction"])
-            if c["sigma"]:
-                prev.add_(self._noise(i, noise), alpha=c["sigma"])
+        z = self._noise(i, noise) if self.draws[i] else None
+        prev, _ = torch_update(self.plan.spec, self.coefficients[i], model_output, sample, z)
         return prev.to(sample.dtype)
 
     def _noise(self, i, noise):
@@ -260,13 +206,6 @@ def _generator_arg(generator, batch: int):
                              f"(batch={batch}), got a list of {len(generator)}")
         return list(generator)
     raise TypeError(f"generator must be None, a torch.Generator or a list of them, got {type(generator).__name__}")
-
-
-def _backend_arg(backend):
-    """sample's backend: an op backend (fastgen.backend.BACKENDS) or "reference"."""
-    if not isinstance(backend, str) or backend not in BACKENDS + ("reference",):
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS + ('reference',)))}, got {backend!r}")
-    return backend
 
 
 # --- the model -------------------------------------------------------------------------------------
@@ -374,7 +313,7 @@ class Sampler:
             raise ValueError(f"offset selects counter-based noise; with generator= it must be 0, got {offset}")
         if cuda_graph not in ("auto", True, False):
             raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
-        backend = "reference" if backend == "reference" else resolve_backend(_backend_arg(backend), device)
+        backend = resolve_backend(backend, device)
         if cuda_graph is True and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device, got device {device}")
         if cuda_graph is True and backend != "triton":
@@ -419,7 +358,7 @@ class _Loop:
     def __init__(self, model, shape, plan, *, seed, offset, generator, device, dtype, backend):
         self.model, self.shape, self.plan = model, shape, plan
         self.seed, self.generator, self.device, self.dtype = seed, generator, device, dtype
-        self.backend = "torch" if backend == "reference" else backend  # the ops' backend
+        self.backend = backend
         self.host_timesteps = backend == "reference"  # the reference step takes host ints
         self.offset = offset  # in samples: what ops.randn takes
         self.element_offset = _checks.sample_offset(offset, shape)  # in elements: what the step takes

@@ -13,7 +13,7 @@ import fastgen
 from fastgen.step_spec import StepSpec
 from fastgen.kernels import diffusion as k_diffusion
 from fastgen.reference import diffusion as ref
-from tests.utils import FLOAT_DTYPES, assert_close, noncontiguous, rand_like_shape, with_nonfinite
+from tests.utils import FLOAT_DTYPES, TOLERANCES, assert_close, noncontiguous, rand_like_shape, with_nonfinite
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -754,3 +754,38 @@ def test_validate_diffusion_check_passes_and_catches_a_bad_kernel(device, monkey
     lines = []
     assert validate.run(device=device, quick=True, ops=["diffusion"], out=lines.append) is False
     assert "FAIL" in "\n".join(lines)
+
+
+TORCH_STEP_SWEEP = [
+    ("ddpm", dict()), ("ddpm", dict(variance_type="fixed_large", prediction_type="v_prediction")),
+    ("ddpm", dict(variance_type="learned_range", clip_sample=False)), ("ddpm", dict(variance_type="learned")),
+    ("ddpm", dict(thresholding=True, dynamic_thresholding_ratio=0.8, sample_max_value=2.0)),
+    ("ddim", dict(eta=0.0)), ("ddim", dict(eta=1.0, prediction_type="sample")),
+    ("ddim", dict(eta=0.6, use_clipped_model_output=True, set_alpha_to_one=False)),
+]
+
+
+@pytest.mark.parametrize("kind, settings", TORCH_STEP_SWEEP)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_torch_step_matches_the_float64_reference(kind, settings, dtype):
+    """backend="torch" (the fused update as whole-tensor fp32 ops, fastgen.ops.diffusion.torch_update)
+    against backend="reference" (float64): per-sample timesteps, counter noise from the same stream,
+    the end of the chain included, each output rounded once to the dtype."""
+    g = gen(31)
+    sample = rand_like_shape((4, 2, 9), dtype, "cpu", generator=g)
+    channels = 4 if settings.get("variance_type", "").startswith("learned") else 2
+    out = rand_like_shape((4, channels, 9), dtype, "cpu", generator=g)
+    if channels == 4:
+        out[:, 2:] = out[:, 2:].float().sigmoid().to(dtype) if settings["variance_type"] == "learned" else \
+            out[:, 2:].float().tanh().to(dtype)
+    t = torch.tensor([999, 500, 1, 0])
+    prev_t = t - 1 if kind == "ddpm" else (t - 50).clamp_min(-1)
+    step = fastgen.ddpm_step if kind == "ddpm" else fastgen.ddim_step
+    args = (out, t, sample, SCHEDULE) if kind == "ddpm" else (out, t, prev_t, sample, SCHEDULE)
+    kwargs = dict(seed=SEED, offset=3, **settings) | (dict(prev_t=prev_t) if kind == "ddpm" else {})
+    got, got_x0 = step(*args, backend="torch", **kwargs)
+    want, want_x0 = step(*args, backend="reference", **kwargs)
+    assert got.dtype == dtype
+    rtol = 4 * TOLERANCES[dtype][0]
+    assert_close(got, want.double(), dtype=dtype, rtol=rtol)
+    assert_close(got_x0, want_x0.double(), dtype=dtype, rtol=rtol)

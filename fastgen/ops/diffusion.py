@@ -3,7 +3,9 @@
 A reverse step's settings travel as one ``fastgen.step_spec.StepSpec``: pass ``spec=`` (what the
 schedulers and ``fastgen.sample`` do), or the settings as keywords and the op builds the spec once.
 Backends: "triton" runs the fused kernel (one pass, plus a per-sample quantile pass first for dynamic
-thresholding); "torch" the float64 reference.
+thresholding); "torch" the same update as whole-tensor fp32 torch ops (``torch_update`` on the
+per-step scalars of ``torch_coefficients``, which the fast CPU sampling loop also uses); "reference"
+the float64 reference. q_sample has no separate torch path: "torch" runs its reference.
 
 ``offset`` counts samples in every op here: sample b's noise starts at counter element (offset + b) * n,
 n = elements per sample (``fastgen._checks.sample_offset`` converts it; the kernels and the reference
@@ -41,7 +43,7 @@ def q_sample(x0, t, schedule, *, seed=None, noise=None, offset=0, return_noise=F
     element_offset = _checks.sample_offset(offset, x0.shape)
     backend = resolve_backend(backend, x0.device)
     seed = _checks.seed64(seed) if noise is None else 0
-    if backend == "torch":
+    if backend != "triton":
         from fastgen.reference import diffusion as ref
 
         if noise is None:
@@ -155,11 +157,14 @@ def _step(spec: StepSpec, model_output, t, prev_t, sample, schedule, *, seed, no
     offset = _checks.nonneg_int(offset, "offset", limit=_checks.INT64_MAX - sample.numel())  # elements
     backend = resolve_backend(backend, sample.device)
     seed = _checks.seed64(seed) if noise is None else 0
-    if backend == "torch":
+    if backend == "reference":
         from fastgen.reference import diffusion as ref
 
         prev, x0 = ref.step(spec, model_output, t, prev_t, sample, schedule, seed=seed, noise=noise, offset=offset)
         return prev.to(sample.dtype), (x0.to(sample.dtype) if return_x0 else None)
+    if backend == "torch":
+        return _torch_step(spec, model_output, t, prev_t, sample, schedule, seed=seed, noise=noise, offset=offset,
+                           return_x0=return_x0)
     draws = spec.adds_noise and noise is None and not (isinstance(t, int) and t == 0)
     return _fused_step(spec, model_output, t, prev_t, sample, schedule, noise=noise, draws=draws, seed=seed,
                        offset=offset, return_x0=return_x0)
@@ -195,4 +200,117 @@ def _fused_step(spec, model_output, t, prev_t, sample, schedule, *, noise, draws
                                             spec.sample_max_value).contiguous()
     launch_step(prev, x0, model_output, sample, t, prev_t, table, spec, scale=scale, noise_mode=noise_mode,
                 noise=noise, seed=seed, offset=offset, **extra)
+    return prev, x0
+
+
+# --- the "torch" backend: the fused kernels' update in whole-tensor fp32 torch ops -------------------
+
+def torch_coefficients(spec: StepSpec, schedule, t, prev_t) -> dict:
+    """The per-step scalars of the fused update for steps t -> prev_t (int64 CPU tensors of N steps):
+    float64 [N] tensors, computed by the reference (step_coefficients, model_variance):
+
+        sqrt_abar_t, sqrt_bbar_t                 x0 from the prediction (Ho et al. eq. 15)
+        DDPM  coef_x0, coef_xt                   the posterior mean (Ho et al. eq. 7)
+              sigma (fixed variances), or log_small, log_large, noisy (learned variances)
+        DDIM  sqrt_abar_s, direction, sigma      Song et al. eqs. 12, 16 (direction without cancellation)
+    sigma is 0 where t = 0 (no step adds noise there)."""
+    from fastgen.reference import diffusion as ref
+
+    n = len(t)
+    abar_t, bbar_t, abar_s, bbar_s, beta_ts = ref.step_coefficients(schedule, t, prev_t, n,
+                                                                    spec.final_alpha_cumprod(schedule))
+    columns = dict(sqrt_abar_t=abar_t.sqrt(), sqrt_bbar_t=bbar_t.sqrt())
+    noisy = (t > 0).double()
+    if spec.kind == "ddpm":
+        columns.update(coef_x0=abar_s.sqrt() * beta_ts / bbar_t, coef_xt=(abar_t / abar_s).sqrt() * bbar_s / bbar_t)
+        if spec.learned_variance:
+            small, _ = ref.model_variance(t, prev_t, schedule, "fixed_small", batch=n)
+            large, _ = ref.model_variance(t, prev_t, schedule, "fixed_large", batch=n)
+            columns.update(log_small=small.log(), log_large=large.log(), noisy=noisy)
+        else:
+            variance, _ = ref.model_variance(t, prev_t, schedule, spec.variance_type, batch=n)
+            columns.update(sigma=variance.sqrt() * noisy)
+    else:
+        eta2 = spec.eta ** 2
+        sigma = spec.eta * (bbar_s / bbar_t * beta_ts).sqrt()
+        direction = (bbar_s * ((1 - eta2) * bbar_t + eta2 * abar_t * bbar_s / abar_s) / bbar_t).sqrt()
+        columns.update(sqrt_abar_s=abar_s.sqrt(), direction=direction, sigma=sigma * noisy)
+    return columns
+
+
+def torch_update(spec: StepSpec, c: dict, model_output, sample, noise):
+    """x_s and x0 (fp32) from x_t = ``sample`` and the model output: the fused kernels' equations in
+    whole-tensor torch ops. ``c``: torch_coefficients of this step as Python floats (one step for the
+    batch), or as fp32 tensors broadcasting over the sample ([B, 1, ...], one per sample); ``noise``:
+    z like the sample (fp32), or None where the step adds none."""
+    from fastgen.reference import diffusion as ref
+
+    x, out = sample.float(), model_output.float()
+    if spec.learned_variance:
+        out, predicted_variance = out.chunk(2, dim=1)
+    if spec.prediction_type == "epsilon":            # Ho et al. eq. 15
+        x0 = (x - c["sqrt_bbar_t"] * out) / c["sqrt_abar_t"]
+    elif spec.prediction_type == "sample":
+        x0 = out
+    else:                                            # Salimans & Ho sec. 4
+        x0 = c["sqrt_abar_t"] * x - c["sqrt_bbar_t"] * out
+    if spec.kind == "ddim":                          # eps from the unclipped x0
+        if spec.prediction_type == "epsilon":
+            eps = out
+        elif spec.prediction_type == "sample":
+            eps = (x - c["sqrt_abar_t"] * x0) / c["sqrt_bbar_t"]
+        else:
+            eps = c["sqrt_abar_t"] * out + c["sqrt_bbar_t"] * x
+    if spec.thresholding:                            # Imagen's dynamic thresholding, per sample
+        scale = ref.dynamic_threshold_scale(x0, spec.dynamic_thresholding_ratio, spec.sample_max_value)
+        scale = scale.float().reshape(-1, *([1] * (x0.dim() - 1)))
+        x0 = torch.minimum(torch.maximum(x0, -scale), scale) / scale
+    elif spec.clip_sample:
+        x0 = x0.clamp(-spec.clip_sample_range, spec.clip_sample_range)
+    if spec.kind == "ddim" and spec.use_clipped_model_output:
+        eps = (x - c["sqrt_abar_t"] * x0) / c["sqrt_bbar_t"]
+    if spec.kind == "ddpm":
+        prev = c["coef_x0"] * x0 + c["coef_xt"] * x
+        if spec.learned_variance:                    # Nichol & Dhariwal eq. 15 for learned_range
+            if spec.variance_type == "learned":
+                sigma = predicted_variance.sqrt()
+            else:
+                frac = (predicted_variance + 1) / 2
+                sigma = torch.exp(0.5 * (frac * c["log_large"] + (1 - frac) * c["log_small"]))
+            sigma = sigma * c["noisy"]
+        else:
+            sigma = c["sigma"]
+    else:
+        prev = c["sqrt_abar_s"] * x0 + c["direction"] * eps
+        sigma = c["sigma"]
+    if noise is not None:  # where, not a product: a step at t = 0 adds nothing, even for a NaN variance
+        adds = c["noisy"] if spec.learned_variance else sigma
+        prev = prev + torch.where(torch.as_tensor(adds != 0, device=prev.device), sigma * noise, 0.0)
+    return prev, x0
+
+
+def _torch_step(spec, model_output, t, prev_t, sample, schedule, *, seed, noise, offset, return_x0):
+    """The "torch" backend of a step: torch_coefficients for each sample's (t, prev_t), then torch_update.
+    Timesteps on a device are read back (this path runs on the host anyway)."""
+    batch = sample.shape[0]
+    t_host = torch.as_tensor(t).to("cpu", torch.int64).expand(batch) if sample.numel() else torch.zeros(0)
+    if prev_t is None:
+        prev_host = t_host - 1
+    else:
+        prev_host = torch.as_tensor(prev_t).to("cpu", torch.int64).expand(batch)
+    prev = empty(sample.shape, dtype=sample.dtype, device=sample.device)
+    x0 = empty(sample.shape, dtype=sample.dtype, device=sample.device) if return_x0 else None
+    if sample.numel() == 0:
+        return prev, x0
+    columns = torch_coefficients(spec, schedule, t_host, prev_host)
+    shape = (batch,) + (1,) * (sample.dim() - 1)
+    c = {name: column.to(device=sample.device, dtype=torch.float32).reshape(shape) for name, column in columns.items()}
+    if noise is None and spec.adds_noise:
+        from fastgen.reference import diffusion as ref
+
+        noise = ref.noise_like(sample.shape, t_host, seed=seed, offset=offset).to(sample.device, torch.float32)
+    prev_fp32, x0_fp32 = torch_update(spec, c, model_output, sample, None if noise is None else noise.float())
+    prev.copy_(prev_fp32)
+    if x0 is not None:
+        x0.copy_(x0_fp32)
     return prev, x0

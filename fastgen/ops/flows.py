@@ -69,7 +69,7 @@ def affine_coupling(x, log_scale, shift, *, reverse=False, backend="auto"):
             per sample); any strides.
         log_scale, shift: tensors of x's shape, dtype and device (no broadcasting).
         reverse: bool; True applies the inverse.
-        backend: "auto", "triton" or "torch" (see fastgen.backend).
+        backend: "auto", "triton", "torch" or "reference" (the last two: the reference; see fastgen.backend).
 
     Returns:
         (y, logdet): y like x, logdet [N] in x's dtype.
@@ -82,7 +82,7 @@ def affine_coupling(x, log_scale, shift, *, reverse=False, backend="auto"):
     if not isinstance(reverse, bool):
         raise TypeError(f"reverse must be a bool, got {type(reverse).__name__} {reverse!r}")
     backend = resolve_backend(backend, x.device)
-    if backend == "torch":
+    if backend != "triton":  # "torch" and "reference": the reference is this op's torch path
         coupling = ref_flows.affine_coupling_inverse if reverse else ref_flows.affine_coupling
         return coupling(x, log_scale, shift)
     return _AffineCoupling.apply(x, log_scale, shift, reverse)

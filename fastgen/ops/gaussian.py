@@ -130,11 +130,11 @@ def reparameterize(mu, logvar, *, seed=None, noise=None, stream=0, offset=0, bac
         offset: non-negative int, counted in samples (rows of mu, dim 0), as in ``fastgen.randn``:
             ``offset=k`` on rows k.. of a batch draws the eps of those rows in the whole batch's call
             (counter element k * prod(mu.shape[1:]) onwards; a 0-d or 1-d mu counts elements).
-        backend: "auto", "triton" or "torch" (see fastgen.backend).
+        backend: "auto", "triton", "torch" or "reference" (the last two: the reference; see fastgen.backend).
     """
     _gaussian_inputs(mu, logvar)
     seed, stream, offset, backend = _noise_source(mu, seed, noise, stream, offset, backend)
-    if backend == "torch":
+    if backend != "triton":  # "torch" and "reference": the reference is this op's torch path
         eps = _reference_noise(mu, seed, stream, offset) if noise is None else noise
         return ref_gaussian.reparameterize(mu, logvar, eps)
     return _Reparameterize.apply(mu, logvar, noise, seed, stream, offset)
@@ -212,7 +212,7 @@ def gaussian_kl(mu, logvar, mu2=None, logvar2=None, *, reduction="per_sample", b
             changing it (e.g. mu.shape, mu.shape[1:] for a prior shared over the batch, or ()).
         reduction: "none" (elementwise, mu's shape), "per_sample" (sum over all dims but the first,
             shape [B]), "sum" (a scalar) or "batchmean" (the sum / B). Results have mu's dtype.
-        backend: "auto", "triton" or "torch" (see fastgen.backend).
+        backend: "auto", "triton", "torch" or "reference" (the last two: the reference; see fastgen.backend).
     """
     _gaussian_inputs(mu, logvar)
     for t, name in ((mu2, "mu2"), (logvar2, "logvar2")):
@@ -225,7 +225,7 @@ def gaussian_kl(mu, logvar, mu2=None, logvar2=None, *, reduction="per_sample", b
     if reduction in ("per_sample", "batchmean") and mu.dim() == 0:
         raise ValueError(f"reduction={reduction!r} needs mu with a batch dimension, got a 0-d tensor")
     backend = resolve_backend(backend, mu.device)
-    if backend == "torch":
+    if backend != "triton":  # "torch" and "reference": the reference is this op's torch path
         return ref_gaussian.reduce(ref_gaussian.gaussian_kl(mu, logvar, mu2, logvar2), reduction)
     return _GaussianKL.apply(mu, logvar, mu2, logvar2, reduction)
 
@@ -287,7 +287,7 @@ def reparameterize_with_kl(mu, logvar, *, seed=None, noise=None, stream=0, offse
     if mu.dim() == 0:
         raise ValueError("mu must have a batch dimension (the KL is summed per sample), got a 0-d tensor")
     seed, stream, offset, backend = _noise_source(mu, seed, noise, stream, offset, backend)
-    if backend == "torch":
+    if backend != "triton":  # "torch" and "reference": the reference is this op's torch path
         eps = _reference_noise(mu, seed, stream, offset) if noise is None else noise
         return ref_gaussian.reparameterize_with_kl(mu, logvar, eps)
     return _ReparameterizeWithKL.apply(mu, logvar, noise, seed, stream, offset)

@@ -36,7 +36,7 @@ def latents(n, dim, *, seed=None, offset=0, truncation=None, dtype=torch.float32
         offset: non-negative int, counted in samples: ``offset=k`` gives samples k .. k + n - 1.
         truncation: None, or psi > 0 (finite).
         dtype: torch.float32, torch.float16 or torch.bfloat16 (computed in fp32, rounded once).
-        backend: "auto", "triton" or "torch" (see fastgen.backend).
+        backend: "auto", "triton", "torch" or "reference" (the last two: the reference; see fastgen.backend).
     """
     n = _checks.nonneg_int(n, "n")
     dim = _checks.nonneg_int(dim, "dim")
@@ -49,7 +49,7 @@ def latents(n, dim, *, seed=None, offset=0, truncation=None, dtype=torch.float32
     device = _checks.compute_device(device)
     backend = resolve_backend(backend, device)
     seed = _checks.seed64(seed)
-    if backend == "torch":
+    if backend != "triton":  # "torch" and "reference": the reference is this op's torch path
         return ref_latents.latents(n, dim, seed=seed, offset=offset, truncation=psi, dtype=dtype, device=device)
     from fastgen.kernels import latents as k_latents, random as k_random
 

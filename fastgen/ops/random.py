@@ -20,7 +20,7 @@ def randn(shape, *, seed=None, stream=0, offset=0, device=None, dtype=torch.floa
             rows k .. k + shape[0] - 1 of a larger draw ``randn((k + shape[0], *shape[1:]))``. For a
             0-d or 1-d shape a row is one element, so 1-d draws keep offsets per element.
         dtype: torch.float32, torch.float16 or torch.bfloat16 (computed in fp32, rounded once).
-        backend: "auto", "triton" or "torch" (see fastgen.backend).
+        backend: "auto", "triton", "torch" or "reference" (the last two: the reference; see fastgen.backend).
     """
     shape = _checks.shape(shape)
     stream = _checks.nonneg_int(stream, "stream")
@@ -29,7 +29,7 @@ def randn(shape, *, seed=None, stream=0, offset=0, device=None, dtype=torch.floa
     device = _checks.compute_device(device)
     backend = resolve_backend(backend, device)
     seed = _checks.seed64(seed)
-    if backend == "torch":
+    if backend != "triton":  # "torch" and "reference": the reference is this op's torch path
         return ref_random.randn(shape, seed=seed, stream=stream, offset=element_offset, device=device, dtype=dtype)
     from fastgen.kernels import random as k_random
 

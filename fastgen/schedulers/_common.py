@@ -29,7 +29,7 @@ from fastgen.schedules import NoiseSchedule
 
 
 def with_backend(diffusers_class):
-    """``diffusers_class.__init__`` plus the keyword-only ``backend`` ("auto", "triton" or "torch"),
+    """``diffusers_class.__init__`` plus the keyword-only ``backend`` ("auto", "triton", "torch", "reference"),
     which is not part of the config. The signature is diffusers' with ``backend`` appended, so
     ``from_config(config, backend="torch")`` passes it through and the config keys stay diffusers'."""
     base_init = diffusers_class.__init__

@@ -39,8 +39,8 @@ from fastgen.step_spec import StepSpec
 
 class DDIMScheduler(FusedStepMixin, diffusers.DDIMScheduler):
     """diffusers' DDIMScheduler (same arguments, defaults, config, save/load and timesteps) with a fused
-    ``step`` and ``add_noise``; ``backend`` (keyword-only, not part of the config): "auto", "triton"
-    or "torch"."""
+    ``step`` and ``add_noise``; ``backend`` (keyword-only, not part of the config): "auto", "triton",
+    "torch" or "reference", as for every op."""
 
     __init__ = with_backend(diffusers.DDIMScheduler)
     __module__ = "fastgen"  # what a saved pipeline's model_index.json records: ["fastgen", "DDIMScheduler"]

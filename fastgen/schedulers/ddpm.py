@@ -44,7 +44,7 @@ NOT_SCHEDULED = -2  # in the device table of next timesteps: no inference timest
 class DDPMScheduler(FusedStepMixin, diffusers.DDPMScheduler):
     """diffusers' DDPMScheduler (same arguments, defaults, config, save/load and timesteps) with a fused
     ``step`` and ``add_noise``; ``backend`` (keyword-only, not part of the config): "auto" (Triton on
-    CUDA, the float64 torch reference elsewhere), "triton" or "torch"."""
+    CUDA, fp32 torch ops elsewhere), "triton", "torch" or "reference" (float64), as for every op."""
 
     __init__ = with_backend(diffusers.DDPMScheduler)
     __module__ = "fastgen"  # what a saved pipeline's model_index.json records: ["fastgen", "DDPMScheduler"]
