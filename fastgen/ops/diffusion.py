@@ -302,9 +302,7 @@ def _torch_step(spec, model_output, t, prev_t, sample, schedule, *, seed, noise,
     x0 = empty(sample.shape, dtype=sample.dtype, device=sample.device) if return_x0 else None
     if sample.numel() == 0:
         return prev, x0
-    columns = torch_coefficients(spec, schedule, t_host, prev_host)
-    shape = (batch,) + (1,) * (sample.dim() - 1)
-    c = {name: column.to(device=sample.device, dtype=torch.float32).reshape(shape) for name, column in columns.items()}
+    c = _torch_step_coefficients(spec, schedule, t_host, prev_host, sample)
     if noise is None and spec.adds_noise:
         from fastgen.reference import diffusion as ref
 
@@ -314,3 +312,18 @@ def _torch_step(spec, model_output, t, prev_t, sample, schedule, *, seed, noise,
     if x0 is not None:
         x0.copy_(x0_fp32)
     return prev, x0
+
+
+def _torch_step_coefficients(spec, schedule, t_host, prev_host, sample) -> dict:
+    """torch_coefficients of a batch's steps as fp32 tensors broadcasting over ``sample``, cached on the
+    schedule (a scheduler steps along the same few timesteps over and over): the per-call cost of the
+    torch step is then its whole-tensor ops alone."""
+    key = ("torch_step", spec, sample.device, sample.dim(), tuple(t_host.tolist()), tuple(prev_host.tolist()))
+    if key not in schedule._cache:
+        if len(schedule._cache) > 4096:  # bounded: a run touches at most T steps per configuration
+            schedule._cache.clear()
+        columns = torch_coefficients(spec, schedule, t_host, prev_host)
+        shape = (len(t_host),) + (1,) * (sample.dim() - 1)
+        schedule._cache[key] = {name: column.to(device=sample.device, dtype=torch.float32).reshape(shape)
+                                for name, column in columns.items()}
+    return schedule._cache[key]
