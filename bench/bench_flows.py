@@ -24,7 +24,7 @@ x * exp(s) + t and a sum), torch.compile of that reference.
 import torch
 
 import fastgen
-from fastgen.bench import compiled, fastgen as fastgen_provider, pytest_benchmarks, random_tensor, reference, register
+from fastgen.bench import batched_shape, compiled, fastgen as fastgen_provider, pytest_benchmarks, random_tensor, reference, register
 from fastgen.bench.registry import Op, default_bytes_moved, tensor_bytes
 
 PER_SAMPLE = (4, 16, 16)
@@ -34,10 +34,7 @@ QUICK_SIZES = [1 << 12]  # [4, 4, 16, 16]
 
 
 def activation_shape(size):
-    if size % SAMPLE_SIZE:
-        raise ValueError(f"sizes of the flow ops must be multiples of {SAMPLE_SIZE} "
-                         f"(a [B, {', '.join(map(str, PER_SAMPLE))}] activation), got {size}")
-    return (size // SAMPLE_SIZE, *PER_SAMPLE)
+    return batched_shape(size, PER_SAMPLE, "flow ops")
 
 
 def make_inputs(size, dtype, device, generator):

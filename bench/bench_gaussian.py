@@ -48,7 +48,8 @@ generator, ``mu + exp(logvar / 2) * torch.randn_like(mu)`` (a different stream; 
 import torch
 
 import fastgen
-from fastgen.bench import compiled, fastgen as fastgen_provider, peer, pytest_benchmarks, random_tensor, reference, register
+from fastgen.bench import (batched_shape, compiled, fastgen as fastgen_provider, peer, pytest_benchmarks,
+                           random_tensor, reference, register)
 from fastgen.bench.registry import Op, default_bytes_moved, tensor_bytes
 
 SEED = 0x5EED_CAFE_F00D   # one seed for every input set: torch.compile specialises on Python ints
@@ -59,10 +60,7 @@ QUICK_SIZES = [1 << 12]  # [4, 4, 16, 16]
 
 
 def latent_shape(size):
-    if size % SAMPLE_SIZE:
-        raise ValueError(f"sizes of the Gaussian ops must be multiples of {SAMPLE_SIZE} "
-                         f"(a [B, {', '.join(map(str, PER_SAMPLE))}] latent), got {size}")
-    return (size // SAMPLE_SIZE, *PER_SAMPLE)
+    return batched_shape(size, PER_SAMPLE, "Gaussian ops")
 
 
 def make_inputs(size, dtype, device, generator, *, noise=False, prior=False):

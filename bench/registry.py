@@ -5,6 +5,7 @@ report runner (``python -m fastgen bench``). See bench/README.md for a worked ex
 """
 import dataclasses
 import importlib
+import math
 import os
 import pkgutil
 import sys
@@ -230,3 +231,13 @@ def pytest_benchmarks(op: Op):
 
     test.__name__ = f"test_{op.name}"
     return test
+
+
+def batched_shape(size: int, per_sample: tuple, what: str) -> tuple:
+    """[B, *per_sample] holding ``size`` elements (B = size / prod(per_sample)); ValueError naming
+    ``what`` (e.g. "Gaussian ops", "a latent") when size is no multiple of one sample."""
+    sample_size = math.prod(per_sample)
+    if size % sample_size:
+        raise ValueError(f"sizes of the {what} must be multiples of {sample_size} "
+                         f"(a [B, {', '.join(map(str, per_sample))}] batch), got {size}")
+    return (size // sample_size, *per_sample)

@@ -214,26 +214,22 @@ def _int_at_least(low: int):
     return parse
 
 
-def _unit_interval(text):
-    """An argparse type: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
-    return value
+def _number_in(low: float, high: float, *, low_open: bool, describe: str):
+    """An argparse type: a number in [low, high] (or (low, high] when ``low_open``), NaN refused."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {describe}, got {text!r}") from None
+        inside = (value > low if low_open else value >= low) and value <= high  # NaN fails both
+        if not inside:
+            raise argparse.ArgumentTypeError(f"must be {describe}, got {text}")
+        return value
+    return parse
 
 
-def _positive_float(text):
-    """An argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
-    if not 0.0 < value < float("inf"):  # NaN fails too
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
+_unit_interval = _number_in(0.0, 1.0, low_open=False, describe="a number in [0, 1]")
+_positive_float = _number_in(0.0, sys.float_info.max, low_open=True, describe="a finite number > 0")
 
 
 def _device(text):
