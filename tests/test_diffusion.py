@@ -606,13 +606,15 @@ def test_empty_batch(device, backend):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-def test_torch_backend_is_the_reference(dtype):
+def test_reference_backend_is_the_reference(dtype):
+    """backend="reference" is fastgen.reference.diffusion, rounded once to the dtype; q_sample has no
+    separate fp32 path, so "torch" is its reference too."""
     g = gen(16)
     sample, out = (rand_like_shape((2, 3, 4), dtype, "cpu", generator=g) for _ in range(2))
-    prev, x0 = fastgen.ddpm_step(out, 77, sample, SCHEDULE, seed=4, backend="torch")
+    prev, x0 = fastgen.ddpm_step(out, 77, sample, SCHEDULE, seed=4, backend="reference")
     prev_ref, x0_ref = ref.ddpm_step(out, 77, sample, SCHEDULE, seed=4)
     assert prev.dtype == dtype and torch.equal(prev, prev_ref.to(dtype)) and torch.equal(x0, x0_ref.to(dtype))
-    prev, _ = fastgen.ddim_step(out, 77, 50, sample, SCHEDULE, eta=0.5, seed=4, backend="torch")
+    prev, _ = fastgen.ddim_step(out, 77, 50, sample, SCHEDULE, eta=0.5, seed=4, backend="reference")
     assert torch.equal(prev, ref.ddim_step(out, 77, 50, sample, SCHEDULE, eta=0.5, seed=4)[0].to(dtype))
     x_t, noise = fastgen.q_sample(sample, 77, SCHEDULE, seed=4, return_noise=True, backend="torch")
     assert torch.equal(noise, ref.noise_like(sample.shape, 77, seed=4).to(dtype))

@@ -401,8 +401,8 @@ def test_slim_checkpoint_and_bad_training_arguments(tmp_path):
         flow_models.train_flow(out, resume=True)
     with pytest.raises(FileNotFoundError, match="resume=True needs"):
         flow_models.train_flow(tmp_path / "missing.pt", resume=True)
-    with pytest.raises(FileNotFoundError, match="existing folder"):
-        flow_models.train_flow(tmp_path / "no" / "flow.pt", steps=1)
+    with pytest.raises(IsADirectoryError, match="must be a file path"):  # checked before any training
+        flow_models.train_flow(tmp_path, steps=1)
     with pytest.raises(ValueError, match="batch_size"):
         flow_models.train_flow(tmp_path / "flow.pt", steps=1, batch_size=0)
 

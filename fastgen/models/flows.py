@@ -238,7 +238,7 @@ class Flow(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, *, seed=None, offset: int = 0, temperature: float = 1.0, quantize: bool = True):
-        """n digits from z = temperature * ``fastgen.randn((n, 64), seed=seed, offset=offset * 64)``
+        """n digits from z = temperature * ``fastgen.randn((n, 64), seed=seed, offset=offset)``
         (``offset`` counts samples: sample k is the same alone or in a batch). Returns [n, 1, 8, 8]:
         levels / 16 like ``fastgen.data.digits`` (``quantize=False``: the continuous y)."""
         n = _checks.nonneg_int(n, "n")
@@ -246,7 +246,7 @@ class Flow(nn.Module):
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
         param = next(self.parameters())
-        z = fastgen.randn((n, DIMS), seed=seed, offset=offset * DIMS, device=param.device) * temperature
+        z = fastgen.randn((n, DIMS), seed=seed, offset=offset, device=param.device) * temperature  # offset: samples
         was_training = self.training
         self.eval()
         try:
