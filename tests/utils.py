@@ -28,13 +28,25 @@ def noncontiguous(t: torch.Tensor) -> torch.Tensor:
     return view
 
 
-def with_nonfinite(t: torch.Tensor, generator: torch.Generator, fraction: float = 0.2) -> torch.Tensor:
-    """A copy of ``t`` with NaN, +inf and -inf at random positions (about ``fraction`` of the elements)."""
+NONFINITE = (float("nan"), float("inf"), -float("inf"))
+
+
+def with_nonfinite(t: torch.Tensor, generator: torch.Generator, fraction: float = 0.2, values=NONFINITE) -> torch.Tensor:
+    """A copy of ``t`` with ``values`` (default NaN, +inf, -inf) at random positions (about ``fraction``
+    of the elements), each position drawing one of them."""
     flat = t.detach().clone().reshape(-1)
     hit = torch.rand(flat.shape, generator=generator) < fraction
-    kind = torch.randint(0, 3, flat.shape, generator=generator)
-    specials = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=t.dtype)[kind]
+    kind = torch.randint(0, len(values), flat.shape, generator=generator)
+    specials = torch.tensor(values, dtype=t.dtype)[kind]
     return torch.where(hit.to(t.device), specials.to(t.device), flat).reshape(t.shape)
+
+
+def transposed(t: torch.Tensor) -> torch.Tensor:
+    """A non-contiguous view of ``t``'s values in ``t``'s shape, laid out as its transpose (first and
+    last dims swapped in memory); for fewer than 2 dims a plain copy."""
+    if t.dim() < 2:
+        return t.clone()
+    return t.transpose(0, -1).contiguous().transpose(0, -1)
 
 
 def rand_like_shape(shape, dtype=torch.float32, device="cpu", *, scale=1.0, generator=None) -> torch.Tensor:
