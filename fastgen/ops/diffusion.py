@@ -292,16 +292,13 @@ def torch_update(spec: StepSpec, c: dict, model_output, sample, noise):
 def _torch_step(spec, model_output, t, prev_t, sample, schedule, *, seed, noise, offset, return_x0):
     """The "torch" backend of a step: torch_coefficients for each sample's (t, prev_t), then torch_update.
     Timesteps on a device are read back (this path runs on the host anyway)."""
-    batch = sample.shape[0]
-    t_host = torch.as_tensor(t).to("cpu", torch.int64).expand(batch) if sample.numel() else torch.zeros(0)
-    if prev_t is None:
-        prev_host = t_host - 1
-    else:
-        prev_host = torch.as_tensor(prev_t).to("cpu", torch.int64).expand(batch)
     prev = empty(sample.shape, dtype=sample.dtype, device=sample.device)
     x0 = empty(sample.shape, dtype=sample.dtype, device=sample.device) if return_x0 else None
     if sample.numel() == 0:
         return prev, x0
+    batch = sample.shape[0]
+    t_host = torch.as_tensor(t).to("cpu", torch.int64).expand(batch)
+    prev_host = t_host - 1 if prev_t is None else torch.as_tensor(prev_t).to("cpu", torch.int64).expand(batch)
     c = _torch_step_coefficients(spec, schedule, t_host, prev_host, sample)
     if noise is None and spec.adds_noise:
         from fastgen.reference import diffusion as ref
