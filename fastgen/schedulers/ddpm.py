@@ -98,7 +98,8 @@ class DDPMScheduler(FusedStepMixin, diffusers.DDPMScheduler):
         noise = None
         if seed is None:
             seed = 0  # no in-kernel noise; never touches torch's global generator
-            draws = t_host > 0 if t_host is not None else bool((t > 0).any())  # diffusers' `if t > 0`
+            # diffusers' `if t > 0` (for a device tensor of per-sample timesteps: a synchronising check)
+            draws = spec.generator_draws(t_host) if t_host is not None else bool((t > 0).any())
             if draws:
                 noise = self._draw(sample.shape, generator, sample, noise_dtype)
         prev_sample, pred_original_sample = fastgen.ddpm_step(
