@@ -20,11 +20,24 @@ per-sample [B] log-det.
 
 Providers: fastgen (backend="triton"), the eager reference (backend="torch": autograd through
 x * exp(s) + t and a sum), torch.compile of that reference.
+
+A training step of the digits flow (``fastgen.models.flows.Flow``: loss -log p(y) of a batch and its
+backward) with ``fused=True`` (couplings through the kernel) against ``fused=False`` (the reference),
+timed in interleaved rounds on one device: ``python bench/bench_flows.py --train-step``. On a CPU the
+fused model runs the Triton interpreter, so its time there says nothing about the kernel.
 """
+import argparse
+import os
+import sys
+
 import torch
 
+if __name__ == "__main__" and not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # as the CLI does: the interpreter runs CPU tensors
+
 import fastgen
-from fastgen.bench import batched_shape, compiled, fastgen as fastgen_provider, pytest_benchmarks, random_tensor, reference, register
+from fastgen.bench import (batched_shape, compiled, fastgen as fastgen_provider, harness, pytest_benchmarks,
+                           random_tensor, reference, register)
 from fastgen.bench.registry import Op, default_bytes_moved, tensor_bytes
 
 PER_SAMPLE = (4, 16, 16)
@@ -74,3 +87,55 @@ AFFINE_COUPLING_REVERSE = flow_op("affine_coupling_reverse", "x = (y - t) exp(-s
 
 test_affine_coupling = pytest_benchmarks(AFFINE_COUPLING)
 test_affine_coupling_reverse = pytest_benchmarks(AFFINE_COUPLING_REVERSE)
+
+
+# --- a training step of the digits flow, fused against the reference ---------------------------------
+
+def train_step_calls(batch: int, device: torch.device) -> dict:
+    """{"fused": step, "reference": step}: each a loss -log p(y) / 64 and its backward on one fixed batch
+    of dequantized digits, for a Flow of the shipped configuration (same initial weights)."""
+    from fastgen import data
+    from fastgen.models import flows
+
+    digits, _ = data.digits("train")
+    levels = (digits[:batch] * 16).round()
+    y = (levels + torch.rand(levels.shape, generator=torch.Generator().manual_seed(0))) / 17  # dequantized
+    y = y.to(device)
+    calls = {}
+    for name, fused in (("fused", True), ("reference", False)):
+        torch.manual_seed(0)
+        model = flows.Flow(fused=fused, backend="triton" if fused else "torch").to(device)
+        model.log_prob(y)  # actnorm's data-dependent initialisation
+
+        def step(model=model):
+            model.zero_grad(set_to_none=True)
+            (-model.log_prob(y).mean() / 64).backward()
+        calls[name] = step
+    return calls
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="a training step of the digits flow: fused couplings vs reference")
+    parser.add_argument("--train-step", action="store_true", help="time the training step (the only mode)")
+    parser.add_argument("--batch", type=int, default=64, help="digits per step (default 64)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--min-time", type=float, default=2.0, help="seconds of timed steps per provider")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a steady timing)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    config = harness.TimerConfig(cpu_min_time_s=args.min_time, cpu_min_reps=3)
+    timings = {name: t.summary() for name, t in
+               harness.time_calls(train_step_calls(args.batch, device), device, config).items()}
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (fused: Triton interpreter)"
+    print(f"device: {where}; batch {args.batch}")
+    print("| provider | median ms | p20-p80 ms | this / reference |")
+    print("|---|---|---|---|")
+    for name, s in timings.items():
+        print(f"| {name} | {s['median_ms']:.2f} | {s['p20_ms']:.2f}-{s['p80_ms']:.2f} | "
+              f"{s['median_ms'] / timings['reference']['median_ms']:.2f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -302,7 +302,7 @@ class Sampler:
             raise ValueError(f"shape must be [batch, ...] with no zero dims, got {tuple(shape)}")
         dtype = _checks.float_dtype(dtype)
         model_device = _model_device(model)
-        device = _checks.device(device if device is not None else (model_device or "cpu"))
+        device = _checks.compute_device(device if device is not None else (model_device or "cpu"))
         if model_device is not None and model_device != device:
             raise ValueError(f"device must be the model's device: the model's parameters are on {model_device}, "
                              f"got device={device}")

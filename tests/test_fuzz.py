@@ -5,8 +5,10 @@ timesteps (0, T - 1, prev_t = -1, and a few out of range).
 
 Each example runs the op on both backends: they raise the same exception type or neither raises.
 When neither does, the Triton result matches the float64 reference within its dtype's tolerance,
-with NaN and inf at the same places (fastgen.testing.compare, equal_nan). Examples are derandomised,
-so every run (and CI) checks the same ones.
+with NaN and inf at the same places (fastgen.testing.compare, equal_nan). Tolerances grow only where
+the problem's conditioning demands it (an exponent rounded in fp32, a division by sqrt(abar_t), an
+fp32 sum of many terms: see the constants and check_step). Examples are derandomised, so every run
+(and CI) checks the same ones.
 """
 import math
 
@@ -32,10 +34,10 @@ SHAPES = st.one_of(st.sampled_from(NAMED_SHAPES),
                    st.lists(st.integers(1, 9), min_size=1, max_size=4).map(tuple)
                    .filter(lambda s: math.prod(s) <= MAX_ELEMENTS))
 LAYOUTS = {"contiguous": lambda t: t, "transposed": transposed, "strided": noncontiguous}
-# Huge log-variances, away from where exp of lv, lv / 2 or lv - lv2 leaves fp32's range (|x| > 88.7)
-# while float64 still holds it: there fp32 math overflows (inf, or inf - inf = NaN) where the float64
-# reference does not, a difference no kernel computing in fp32 can avoid. 1e4 overflows in both.
-HUGE_LOGVAR = (40.0, -40.0, 60.0, -60.0, 1e4, -1e4)
+# Huge log-variances whose exp(lv), exp(lv / 2) and exp(lv - lv2) stay in fp32's range (|x| < 88.7;
+# 40 - (-40) = 80) or leave float64's too (1e4): in between fp32 math overflows (to inf, and inf - inf
+# = NaN in a sum) where the float64 reference does not, a difference no kernel computing in fp32 avoids.
+HUGE_LOGVAR = (40.0, -40.0, 1e4, -1e4)
 # exp(x) in fp32 is off by up to |x| 2^-24 relative when x itself is a rounded fp32 value (lv - lv2),
 # and by about as much on a GPU, whose exp is exp2 of the rounded x log2(e): per unit of |x|
 EXP_ROUNDING = 2.0**-23
@@ -69,8 +71,8 @@ def draw_tensor(data, name, shape, dtype, device, *, scale=1.0, specials=NONFINI
 
 def draw_timesteps(data, name, batch, num_steps, device, *, low=0, below=None):
     """Timesteps in [low, num_steps), below ``below`` (per-sample exclusive bounds, a list) when given:
-    an int, a [] tensor or a [batch] tensor of an integer dtype, now and then one out of range (the
-    op must then raise on both backends)."""
+    an int, a [] tensor or a [batch] tensor of an integer dtype, now and then one out of range where
+    the ops check it on the host (ints, CPU tensors): both backends must then raise."""
     kind = data.draw(st.sampled_from(["int", "tensor", "tensor", "scalar tensor"]), label=f"{name} kind")
     tops = [num_steps] * batch if below is None else [min(int(b), num_steps) for b in below]
     if kind != "tensor":  # one value for the whole batch
@@ -80,7 +82,8 @@ def draw_timesteps(data, name, batch, num_steps, device, *, low=0, below=None):
         top = max(top, low + 1)
         choices = [st.just(low), st.just(min(low + 1, top - 1)), st.just(top - 1), st.integers(low, top - 1)]
         values.append(data.draw(st.one_of(*choices), label=f"{name}[{i}]"))
-    if values and data.draw(st.sampled_from([False] * 9 + [True]), label=f"{name} out of range"):
+    checked = kind == "int" or torch.device(device).type == "cpu"
+    if values and checked and data.draw(st.sampled_from([False] * 9 + [True]), label=f"{name} out of range"):
         values[0] = data.draw(st.sampled_from([low - 1, num_steps]), label=f"{name} bad value")
     if kind == "int":
         return values[0]
@@ -107,8 +110,7 @@ def on_both_backends(call):
             outcomes[backend] = call(backend)
         except Exception as err:  # noqa: BLE001 - compared across backends below
             outcomes[backend] = err
-    raised = {backend: isinstance(outcome, Exception) for backend, outcome in outcomes.items()}
-    if any(raised.values()):
+    if any(isinstance(outcome, Exception) for outcome in outcomes.values()):
         assert type(outcomes["triton"]) is type(outcomes["reference"]), (
             f"triton: {outcomes['triton']!r}; torch: {outcomes['torch']!r}")
         return None
@@ -294,9 +296,9 @@ def test_reparameterize_with_kl(device, data):
 
 # --- diffusion: q_sample, ddpm_step, ddim_step --------------------------------------------------------
 
-def draw_diffusion(data, device, *, min_dims=1):
+def draw_diffusion(data):
     name = data.draw(st.sampled_from(list(SCHEDULES)), label="schedule")
-    shape = data.draw(SHAPES.filter(lambda s: len(s) >= min_dims), label="shape")
+    shape = data.draw(SHAPES, label="shape")
     dtype = data.draw(st.sampled_from(FLOAT_DTYPES), label="dtype")
     return SCHEDULES[name], shape, dtype
 
@@ -341,7 +343,7 @@ def check_step(actual, expected, dtype, schedule, t, prediction_type):
 @FUZZ
 @given(data=st.data())
 def test_q_sample(device, data):
-    schedule, shape, dtype = draw_diffusion(data, device)
+    schedule, shape, dtype = draw_diffusion(data)
     x0 = draw_tensor(data, "x0", shape, dtype, device, scale=2.0)
     t = draw_timesteps(data, "t", shape[0], schedule.num_train_timesteps, device)
     kwargs, ref_kwargs = draw_step_noise(data, shape, dtype, device)
@@ -368,7 +370,7 @@ def draw_model_output(data, shape, dtype, device, variance_type):
 @FUZZ
 @given(data=st.data())
 def test_ddpm_step(device, data):
-    schedule, shape, dtype = draw_diffusion(data, device)
+    schedule, shape, dtype = draw_diffusion(data)
     prediction_type = data.draw(st.sampled_from(ref_diffusion.PREDICTION_TYPES), label="prediction_type")
     variances = ref_diffusion.VARIANCE_TYPES if len(shape) >= 2 else ref_diffusion.VARIANCE_TYPES[:4]
     variance_type = data.draw(st.sampled_from(variances), label="variance_type")
@@ -396,7 +398,7 @@ def test_ddpm_step(device, data):
 @FUZZ
 @given(data=st.data())
 def test_ddim_step(device, data):
-    schedule, shape, dtype = draw_diffusion(data, device)
+    schedule, shape, dtype = draw_diffusion(data)
     prediction_type = data.draw(st.sampled_from(ref_diffusion.PREDICTION_TYPES), label="prediction_type")
     eta = data.draw(st.sampled_from([0.0, 0.3, 1.0]), label="eta")
     use_clipped = data.draw(st.booleans(), label="use_clipped_model_output")

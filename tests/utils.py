@@ -31,7 +31,8 @@ def noncontiguous(t: torch.Tensor) -> torch.Tensor:
 NONFINITE = (float("nan"), float("inf"), -float("inf"))
 
 
-def with_nonfinite(t: torch.Tensor, generator: torch.Generator, fraction: float = 0.2, values=NONFINITE) -> torch.Tensor:
+def with_nonfinite(t: torch.Tensor, generator: torch.Generator, fraction: float = 0.2,
+                   values=NONFINITE) -> torch.Tensor:
     """A copy of ``t`` with ``values`` (default NaN, +inf, -inf) at random positions (about ``fraction``
     of the elements), each position drawing one of them."""
     flat = t.detach().clone().reshape(-1)
