@@ -118,13 +118,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="a training step of the digits flow: fused couplings vs reference")
     parser.add_argument("--train-step", action="store_true", help="time the training step (the only mode)")
     parser.add_argument("--batch", type=int, default=64, help="digits per step (default 64)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--min-time", type=float, default=2.0, help="seconds of timed steps per provider")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a steady timing)")
+    harness.add_timing_arguments(parser, min_time=2.0)
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
+    device = harness.timing_device(args)
     config = harness.TimerConfig(cpu_min_time_s=args.min_time, cpu_min_reps=3)
     timings = {name: t.summary() for name, t in
                harness.time_calls(train_step_calls(args.batch, device), device, config).items()}

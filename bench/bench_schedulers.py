@@ -149,15 +149,11 @@ test_scheduler_ddim_eta1 = pytest_benchmarks(SCHEDULER_DDIM_ETA1)
 def main(argv=None):
     parser = argparse.ArgumentParser(description="one scheduler step: fastgen's schedulers against diffusers'")
     parser.add_argument("--quick", action="store_true", help="the quick size ([2, 4, 8, 8]): a smoke run")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ops", nargs="+", default=None, help="only these ops (e.g. scheduler_ddpm)")
     parser.add_argument("--sizes", nargs="+", type=int, default=None, help="only these sizes (elements per batch)")
-    parser.add_argument("--min-time", type=float, default=0.5, help="seconds of timed calls per provider and case")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a steady timing)")
+    harness.add_timing_arguments(parser, min_time=0.5)
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
+    device = harness.timing_device(args)
     config = harness.TimerConfig(cpu_min_time_s=args.min_time)
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
           + (f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else "") + "; fp32")

@@ -275,3 +275,20 @@ def copy_callable(nbytes: int, device: torch.device, seed: int = 1):
              for _ in range(n_sets)]
     calls = itertools.cycle([lambda src=src, dst=dst: dst.copy_(src) for src, dst in pairs])
     return (lambda: next(calls)()), 2 * src_bytes, n_sets
+
+
+# --- a family's own timing command line ------------------------------------------------------------------
+
+def add_timing_arguments(parser, *, min_time: float):
+    """--device, --min-time and --threads, as every bench_<family>.py command line takes them."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--min-time", type=float, default=min_time, help="seconds of timed calls per provider and case")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a steady timing)")
+
+
+def timing_device(args) -> torch.device:
+    """The device of ``add_timing_arguments``' options, with torch's CPU threads set for a CPU."""
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    return device

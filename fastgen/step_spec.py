@@ -8,8 +8,8 @@ A spec is built once (by a scheduler, ``fastgen.sample`` or an op called with ke
 handed down unchanged: scheduler -> op -> launcher (its constexprs) or reference. It owns the allowed
 values of every setting and their defaults (diffusers' defaults), the rule for the model output's
 shape (learned variances carry 2C channels on dim 1), the rule for the timestep a step lands on, and
-whether a step draws noise. The kernels own their constexpr codes (kernels/diffusion.py); the spec
-translates its names into them in one place (``kernel_constexprs``).
+whether a step draws noise. The kernels own their constexpr codes (kernels/diffusion.py), and their
+launchers translate a spec's names into them in one place (``_spec_constexprs`` there).
 """
 import dataclasses
 import math
@@ -163,16 +163,3 @@ class StepSpec:
     def final_alpha_cumprod(self, schedule) -> float:
         """abar after the last step (s = -1): 1, or abar_0 for DDIM with set_alpha_to_one=False."""
         return 1.0 if self.set_alpha_to_one else float(schedule.alphas_cumprod[0])
-
-    def kernel_constexprs(self) -> dict:
-        """The fused step kernel's constexprs for this spec (codes from kernels/diffusion.py)."""
-        from fastgen.kernels import diffusion as k_diffusion
-
-        clip = (k_diffusion.CLIP_THRESHOLD if self.thresholding else
-                k_diffusion.CLIP_RANGE if self.clip_sample else k_diffusion.CLIP_NONE)
-        codes = dict(PRED=k_diffusion.PREDICTION[self.prediction_type], CLIP=clip)
-        if self.kind == "ddpm":
-            codes["VAR"] = k_diffusion.VARIANCE[self.variance_type]
-        else:
-            codes["USE_CLIPPED"] = self.use_clipped_model_output
-        return codes

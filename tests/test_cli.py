@@ -95,7 +95,8 @@ def test_bad_arguments_get_one_line_and_status_2(argv, message, capsys):
     assert message in _user_error(capsys, argv)
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.skipif(__import__("torch").cuda.is_available(),
+                    reason="checks the error for --device cuda on a machine without CUDA; this one has CUDA")
 @pytest.mark.parametrize("command", [["train", "ddpm"], ["sample"], ["validate"], ["bench"]])
 def test_cuda_without_cuda_is_a_user_error(command, capsys):
     assert "needs CUDA, which this machine lacks" in _user_error(capsys, command + ["--device", "cuda"])

@@ -5,17 +5,13 @@ tests/test_diffusers_parity.py.)
 
 The fused steps run with backend="triton" (the Triton interpreter on CPU). fastgen's schedulers read
 diffusers' own float32 tables, so every step equals stock diffusers' to fp32 rounding (EXACT)."""
-import pickle
-
+import diffusers  # a dependency of fastgen.schedulers: never skipped
 import pytest
 import torch
 
 import fastgen
 import fastgen.schedulers as fs
 from tests.utils import FLOAT_DTYPES, TOLERANCES, assert_close, noncontiguous, rand_like_shape
-
-diffusers = pytest.importorskip("diffusers")
-from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr  # noqa: E402
 
 EXACT = dict(rtol=2e-5, atol=4e-6)    # vs diffusers: fp32 rounding
 STOCK = dict(rtol=1e-3, atol=1e-3)    # vs diffusers where its float32 coefficient cancels (DDIM, eta = 1)
