@@ -1,4 +1,5 @@
 """Argument validation shared by every public op: each error names the argument and what was expected."""
+import math
 import operator
 
 import torch
@@ -35,6 +36,15 @@ def sample_offset(offset, shape, name: str = "offset") -> int:
     row, numel = shape[1:].numel(), shape.numel()
     limit = (INT64_MAX - numel) // row if row else INT64_MAX
     return nonneg_int(offset, name, limit=limit) * row
+
+
+def finite_float(value, name: str) -> float:
+    """A finite real number (int or float, not a bool) as a Python float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
 
 
 def seed64(seed, name: str = "seed") -> int:

@@ -7,6 +7,8 @@ backend (fastgen.backend), call the kernel's launcher (kernels/<family>.py) or t
     gaussian   reparameterize, gaussian_kl, reparameterize_with_kl   the VAE's ops, with autograd
     diffusion  q_sample, ddpm_step, ddim_step                   the diffusion steps (a StepSpec each)
     flows      affine_coupling                                  a normalizing flow's coupling, with its log-det
+    samplers   sampler_step, StepTable                          the sigma-space samplers' step (Euler, DPM-Solver++,
+                                                                flow matching, consistency): one affine kernel
 
 These modules are the one place that calls into ``fastgen.kernels``; kernels are imported on first
 use so ``import fastgen`` works without triton and TRITON_INTERPRET may be set after it.
