@@ -70,9 +70,10 @@ def schedule_of(scheduler) -> NoiseSchedule:
     return NoiseSchedule.from_alphas_cumprod(abar, betas)
 
 
-class FusedStepMixin:
-    """The parts of a fused scheduler that DDPMScheduler and DDIMScheduler share (module docstring).
-    Listed before diffusers' class in the bases, so these methods take precedence."""
+class FastgenMixin:
+    """What every fastgen scheduler adds to its diffusers base class: the backend, an atomic config
+    file, the checks of a step's tensors and noise arguments, diffusers' noise draw. Listed before
+    diffusers' class in the bases, so these methods take precedence."""
 
     @property
     def backend(self) -> str:
@@ -84,9 +85,6 @@ class FusedStepMixin:
             raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {value!r}")
         self._backend = value
 
-    def _setup_fused(self):
-        self.schedule = schedule_of(self)
-
     def to_json_file(self, json_file_path):
         """diffusers' config file (what ``save_config`` / ``save_pretrained`` write), written whole or
         not at all: a failing write leaves the file that was there."""
@@ -94,6 +92,55 @@ class FusedStepMixin:
 
         with atomic_write(json_file_path, "w", encoding="utf-8") as f:
             f.write(self.to_json_string())
+
+    # --- a step's arguments --------------------------------------------------------------------------
+
+    @staticmethod
+    def _tensors(model_output, sample, expected_shape, what: str):
+        """Checks shapes and devices before any noise is drawn; the model output in the sample's dtype."""
+        _checks.float_tensor(sample, "sample")
+        _checks.float_tensor(model_output, "model_output")
+        if sample.dim() == 0:
+            raise ValueError("sample must have a batch dimension first, got a 0-d tensor")
+        if model_output.device != sample.device:
+            raise ValueError(f"model_output must be on sample's device {sample.device}, got {model_output.device}")
+        if model_output.shape != expected_shape:
+            raise ValueError(f"model_output must have shape {tuple(expected_shape)} ({what}) for sample of shape "
+                             f"{tuple(sample.shape)}, got {tuple(model_output.shape)}")
+        return model_output.to(sample.dtype)
+
+    @staticmethod
+    def _noise_source(generator, seed, offset, variance_noise=None):
+        """Checks the noise arguments (before any draw): one of generator / variance_noise / seed."""
+        given = [name for name, value in (("generator", generator), ("variance_noise", variance_noise),
+                                          ("seed", seed)) if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"pass one noise source: generator (diffusers' noise), variance_noise (the noise itself)"
+                             f" or seed (fastgen's in-kernel counter-based noise), got {' and '.join(given)}")
+        if seed is None and offset:
+            raise ValueError(f"offset only applies to seed= noise, got offset={offset} without a seed")
+        return _checks.nonneg_int(offset, "offset")
+
+    def _backend_arg(self, backend):
+        if backend is None:
+            return self.backend
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+        return backend
+
+    @staticmethod
+    def _draw(shape, generator, like: torch.Tensor, dtype):
+        """diffusers' noise: ``randn_tensor`` exactly as its step calls it, in the sample's dtype."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        return randn_tensor(shape, generator=generator, device=like.device, dtype=dtype).to(like.dtype)
+
+
+class FusedStepMixin(FastgenMixin):
+    """The parts of a fused scheduler that DDPMScheduler and DDIMScheduler share (module docstring)."""
+
+    def _setup_fused(self):
+        self.schedule = schedule_of(self)
 
     @property
     def timesteps(self) -> torch.Tensor:
@@ -150,48 +197,6 @@ class FusedStepMixin:
                              f"{sample.shape[0]}], got shape {tuple(timestep.shape)}")
         timestep = timestep.to(sample.device, torch.int64)
         return (timestep.reshape(()) if timestep.numel() == 1 else timestep), None
-
-    # --- a step's arguments --------------------------------------------------------------------------
-
-    @staticmethod
-    def _tensors(model_output, sample, expected_shape, what: str):
-        """Checks shapes and devices before any noise is drawn; the model output in the sample's dtype."""
-        _checks.float_tensor(sample, "sample")
-        _checks.float_tensor(model_output, "model_output")
-        if sample.dim() == 0:
-            raise ValueError("sample must have a batch dimension first, got a 0-d tensor")
-        if model_output.device != sample.device:
-            raise ValueError(f"model_output must be on sample's device {sample.device}, got {model_output.device}")
-        if model_output.shape != expected_shape:
-            raise ValueError(f"model_output must have shape {tuple(expected_shape)} ({what}) for sample of shape "
-                             f"{tuple(sample.shape)}, got {tuple(model_output.shape)}")
-        return model_output.to(sample.dtype)
-
-    @staticmethod
-    def _noise_source(generator, seed, offset, variance_noise=None):
-        """Checks the noise arguments (before any draw): one of generator / variance_noise / seed."""
-        given = [name for name, value in (("generator", generator), ("variance_noise", variance_noise),
-                                          ("seed", seed)) if value is not None]
-        if len(given) > 1:
-            raise ValueError(f"pass one noise source: generator (diffusers' noise), variance_noise (the noise itself)"
-                             f" or seed (fastgen's in-kernel counter-based noise), got {' and '.join(given)}")
-        if seed is None and offset:
-            raise ValueError(f"offset only applies to seed= noise, got offset={offset} without a seed")
-        return _checks.nonneg_int(offset, "offset")
-
-    def _backend_arg(self, backend):
-        if backend is None:
-            return self.backend
-        if not isinstance(backend, str) or backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
-        return backend
-
-    @staticmethod
-    def _draw(shape, generator, like: torch.Tensor, dtype):
-        """diffusers' noise: ``randn_tensor`` exactly as its step calls it, in the sample's dtype."""
-        from diffusers.utils.torch_utils import randn_tensor
-
-        return randn_tensor(shape, generator=generator, device=like.device, dtype=dtype).to(like.dtype)
 
     # --- the forward process -------------------------------------------------------------------------
 
