@@ -25,6 +25,9 @@ clamped at 0, so a cancellation never makes a variance negative), then per eleme
   DDIM (Song et al. eqs. 12, 16):
     sigma = eta sqrt(beta~),  x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + [t > 0] sigma z
 
+With classifier-free guidance (GUIDED) the model output is [2B, ...], the unconditional half first,
+and eps (or x0, v) above is m_u + w (m_c - m_u), combined as both halves are read.
+
 Grid: programs (b, j) flattened, j tiling the n elements of sample b, so t, s, the coefficients
 and s_b are scalars per program. Every clamp propagates NaN (``_clamp``): a NaN or inf in the model
 output, the sample or the noise reaches the outputs exactly where it does in the float64 reference,
@@ -118,6 +121,16 @@ def _predict_x0(m, x, sqrt_abar_t, sqrt_bbar_t, PRED: tl.constexpr):
 
 
 @triton.jit
+def _model_output(ptr, mask, half, guidance, GUIDED: tl.constexpr):
+    """The model output at ``ptr`` (fp32); with classifier-free guidance m_u + w (m_c - m_u), the
+    conditional value ``half`` elements further on (the [2B] output's second half)."""
+    m = tl.load(ptr, mask=mask).to(tl.float32)
+    if GUIDED:
+        m = m + guidance * (tl.load(ptr + half, mask=mask).to(tl.float32) - m)
+    return m
+
+
+@triton.jit
 def _clamp(x, low, high):
     """min(max(x, low), high), NaN where x is NaN (as torch.clamp): tl.minimum / tl.maximum drop a
     NaN operand unless told to propagate it."""
@@ -158,10 +171,10 @@ def _q_sample_kernel(out_ptr, noise_out_ptr, x0_ptr, noise_ptr, table, T, t_arg,
 @triton.jit(do_not_specialize=["t_arg", "s_arg", "seed", "offset"])
 def _ddpm_step_kernel(prev_ptr, x0_ptr, model_ptr, sample_ptr, noise_ptr, scale_ptr, table, T,
                       t_arg, t_stride, s_arg, s_stride, n, model_stride, tiles, seed: tl.int64, offset: tl.int64,
-                      clip_range,
+                      clip_range, half, guidance,
                       T_TENSOR: tl.constexpr, S_MODE: tl.constexpr, PRED: tl.constexpr, VAR: tl.constexpr,
-                      CLIP: tl.constexpr, NOISE: tl.constexpr, STORE_PREV: tl.constexpr, STORE_X0: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      CLIP: tl.constexpr, NOISE: tl.constexpr, GUIDED: tl.constexpr, STORE_PREV: tl.constexpr,
+                      STORE_X0: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // tiles).to(tl.int64)
     t = _timestep(t_arg, t_stride, b, T_TENSOR)
@@ -170,7 +183,7 @@ def _ddpm_step_kernel(prev_ptr, x0_ptr, model_ptr, sample_ptr, noise_ptr, scale_
         table, T, t, s, 1.0, 0.0)
     idx, mask, z = _tile(seed, t, int64_arg(offset) + b * n, pid % tiles, n, NOISE, BLOCK)
     x = tl.load(sample_ptr + b * n + idx, mask=mask).to(tl.float32)
-    m = tl.load(model_ptr + b * model_stride + idx, mask=mask).to(tl.float32)
+    m = _model_output(model_ptr + b * model_stride + idx, mask, half, guidance, GUIDED)
     x0 = _clip_x0(_predict_x0(m, x, sqrt_abar_t, sqrt_bbar_t, PRED), scale_ptr, b, clip_range, CLIP)
     nan = float("nan")
     if STORE_X0:
@@ -201,9 +214,9 @@ def _ddpm_step_kernel(prev_ptr, x0_ptr, model_ptr, sample_ptr, noise_ptr, scale_
 @triton.jit(do_not_specialize=["t_arg", "s_arg", "seed", "offset"])
 def _ddim_step_kernel(prev_ptr, x0_ptr, model_ptr, sample_ptr, noise_ptr, scale_ptr, table, T,
                       t_arg, t_stride, s_arg, s_stride, n, tiles, seed: tl.int64, offset: tl.int64,
-                      clip_range, eta, final_abar, final_bbar,
+                      clip_range, half, guidance, eta, final_abar, final_bbar,
                       T_TENSOR: tl.constexpr, S_MODE: tl.constexpr, PRED: tl.constexpr, CLIP: tl.constexpr,
-                      USE_CLIPPED: tl.constexpr, NOISE: tl.constexpr, STORE_PREV: tl.constexpr,
+                      USE_CLIPPED: tl.constexpr, NOISE: tl.constexpr, GUIDED: tl.constexpr, STORE_PREV: tl.constexpr,
                       STORE_X0: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // tiles).to(tl.int64)
@@ -213,7 +226,7 @@ def _ddim_step_kernel(prev_ptr, x0_ptr, model_ptr, sample_ptr, noise_ptr, scale_
         table, T, t, s, final_abar, final_bbar)
     idx, mask, z = _tile(seed, t, int64_arg(offset) + b * n, pid % tiles, n, NOISE, BLOCK)
     x = tl.load(sample_ptr + b * n + idx, mask=mask).to(tl.float32)
-    m = tl.load(model_ptr + b * n + idx, mask=mask).to(tl.float32)
+    m = _model_output(model_ptr + b * n + idx, mask, half, guidance, GUIDED)
     x0 = _clip_x0(_predict_x0(m, x, sqrt_abar_t, sqrt_bbar_t, PRED), scale_ptr, b, clip_range, CLIP)
     nan = float("nan")
     if STORE_X0:
@@ -302,23 +315,35 @@ def _spec_constexprs(spec) -> dict:
     return dict(PRED=PREDICTION[spec.prediction_type], CLIP=clip)
 
 
+def _guidance_args(model_output, guidance):
+    """(half, w, GUIDED) of a launch: the conditional half's element offset in a [2B] output."""
+    if guidance is None:
+        return (0, 1.0), dict(GUIDED=False)
+    return (model_output.numel() // 2, float(guidance)), dict(GUIDED=True)
+
+
 def ddpm_step(prev, x0, model_output, sample, t, prev_t, table, spec, *, scale=None, noise_mode, noise=None, seed=0,
-              offset=0, block=None):
+              offset=0, guidance=None, block=None):
     """x_s into ``prev`` (if not None) and x0 into ``x0`` (if not None), as ``spec`` says (a StepSpec of
     kind "ddpm"). scale: fp32 [B] thresholds when spec.thresholding; noise_mode: NOISE_* (noise: the
-    tensor for NOISE_TENSOR); offset: the element offset of sample 0's noise."""
+    tensor for NOISE_TENSOR); offset: the element offset of sample 0's noise; guidance: None, or w for
+    a [2B] model output (classifier-free guidance, unconditional half first)."""
     grid, leading, tiles, meta = _step_launch(_ddpm_step_kernel, prev, x0, model_output, sample, t, prev_t, table,
                                               scale, noise_mode, noise, block)
-    launch(_ddpm_step_kernel, grid, *leading, model_output.numel() // sample.shape[0], tiles, as_int64(seed), offset,
-           float(spec.clip_sample_range), VAR=VARIANCE[spec.variance_type], **_spec_constexprs(spec), **meta)
+    guidance_args, guided = _guidance_args(model_output, guidance)
+    model_stride = model_output.numel() // (sample.shape[0] * (2 if guidance is not None else 1))
+    launch(_ddpm_step_kernel, grid, *leading, model_stride, tiles, as_int64(seed), offset,
+           float(spec.clip_sample_range), *guidance_args, VAR=VARIANCE[spec.variance_type], **_spec_constexprs(spec),
+           **guided, **meta)
 
 
 def ddim_step(prev, x0, model_output, sample, t, prev_t, table, spec, *, final_abar=1.0, final_bbar=0.0, scale=None,
-              noise_mode, noise=None, seed=0, offset=0, block=None):
+              noise_mode, noise=None, seed=0, offset=0, guidance=None, block=None):
     """The DDIM update of ``sample`` into ``prev`` / ``x0`` (either may be None) as ``spec`` says (kind
     "ddim"); final_abar / final_bbar: abar and 1 - abar after the last step; the rest as ddpm_step."""
     grid, leading, tiles, meta = _step_launch(_ddim_step_kernel, prev, x0, model_output, sample, t, prev_t, table,
                                               scale, noise_mode, noise, block)
+    guidance_args, guided = _guidance_args(model_output, guidance)
     launch(_ddim_step_kernel, grid, *leading, tiles, as_int64(seed), offset, float(spec.clip_sample_range),
-           float(spec.eta), float(final_abar), float(final_bbar), USE_CLIPPED=spec.use_clipped_model_output,
-           **_spec_constexprs(spec), **meta)
+           *guidance_args, float(spec.eta), float(final_abar), float(final_bbar),
+           USE_CLIPPED=spec.use_clipped_model_output, **_spec_constexprs(spec), **guided, **meta)

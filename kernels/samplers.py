@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .diffusion import CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD, _block, _clip_x0, _tile, _tiles
+from .diffusion import CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD, _block, _clip_x0, _model_output, _tile, _tiles
 from .random import NOISE_NONE, NOISE_TENSOR, as_int64, int64_arg
 
 # The columns of a coefficient row (fastgen.ops.samplers builds the rows in this order).
@@ -61,10 +61,7 @@ def _sampler_step_kernel(out_ptr, denoised_ptr, model_ptr, sample_ptr, prev_ptr,
     if NOISE_SOURCE == NOISE_TENSOR:
         z = tl.load(noise_ptr + base, mask=mask).to(tl.float32)
     x = tl.load(sample_ptr + base, mask=mask).to(tl.float32)
-    f = tl.load(model_ptr + base, mask=mask).to(tl.float32)
-    if GUIDED:
-        f_cond = tl.load(model_ptr + half + base, mask=mask).to(tl.float32)
-        f = f + guidance * (f_cond - f)
+    f = _model_output(model_ptr + base, mask, half, guidance, GUIDED)
     if NOISE_SOURCE != NOISE_NONE:
         x = x + _term(churn, z)
     x0 = _clip_x0(cx * x + cf * f, scale_ptr, b, clip_range, CLIP)

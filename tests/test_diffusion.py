@@ -791,3 +791,36 @@ def test_torch_step_matches_the_float64_reference(kind, settings, dtype):
     rtol = 4 * TOLERANCES[dtype][0]
     assert_close(got, want.double(), dtype=dtype, rtol=rtol)
     assert_close(got_x0, want_x0.double(), dtype=dtype, rtol=rtol)
+
+
+# --- classifier-free guidance fused into the step ----------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+@pytest.mark.parametrize("clip", ["none", "threshold"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_guided_step_is_the_step_on_the_guided_output(device, kind, clip, backend):
+    """A [2B] model output with guidance_scale w steps as the unguided step on m_u + w (m_c - m_u),
+    fused (the kernel reads both halves) or not, against the float64 reference."""
+    g = gen(31)
+    x = rand_like_shape(SHAPE, torch.float32, device, generator=g)
+    m = rand_like_shape((2 * SHAPE[0], *SHAPE[1:]), torch.float32, device, generator=g)
+    settings = dict(CLIPS[clip], **({"eta": 0.7} if kind == "ddim" else {}))
+    step = fastgen.ddpm_step if kind == "ddpm" else fastgen.ddim_step
+    args = (500,) if kind == "ddpm" else (500, 480)
+    got = step(m, *args, x, SCHEDULE, seed=5, offset=1, guidance_scale=4.0, backend=backend, **settings)
+    combined = m[:3] + 4.0 * (m[3:] - m[:3])  # the kernel's own fp32 combination
+    want = step(combined, *args, x, SCHEDULE, seed=5, offset=1, backend="reference", **settings)
+    for a, e in zip(got, want):
+        assert_close(a, e.float(), rtol=2e-5, atol=2e-5)
+
+
+def test_guidance_errors_name_the_shape_and_the_variance(device):
+    x = rand_like_shape(SHAPE, torch.float32, device, generator=gen(1))
+    with pytest.raises(ValueError, match=r"model_output must be \[2B, \.\.\.\] = \(6, 2, 5, 7\)"):
+        fastgen.ddpm_step(x, 10, x, SCHEDULE, seed=0, guidance_scale=2.0)
+    doubled = torch.cat([x, x, x, x], 1)
+    with pytest.raises(ValueError, match="guidance_scale is not supported with variance_type='learned'"):
+        fastgen.ddpm_step(torch.cat([doubled[:, :4], doubled[:, :4]]), 10, x, SCHEDULE, seed=0, guidance_scale=2.0,
+                          variance_type="learned")
+    with pytest.raises(TypeError, match="guidance_scale must be a number"):
+        fastgen.ddim_step(torch.cat([x, x]), 10, 5, x, SCHEDULE, guidance_scale="7")

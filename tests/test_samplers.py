@@ -4,7 +4,7 @@ NaN and dropped terms, offsets in samples. Each sampler's own equations are test
 import pytest
 import torch
 
-from fastgen.ops import samplers
+from fastgen.ops import guidance
 from fastgen.ops.samplers import COLUMNS, StepTable, sampler_step, torch_step
 from tests.utils import FLOAT_DTYPES, assert_close, poison, rand_like_shape
 
@@ -176,5 +176,5 @@ def test_bad_arguments_are_named(device):
 
 def test_guided_is_the_cfg_combination():
     m = torch.randn(4, 3, dtype=torch.float64)
-    torch.testing.assert_close(samplers.guided(m, 2.5), m[:2] + 2.5 * (m[2:] - m[:2]))
-    assert samplers.guided(m, None) is m
+    torch.testing.assert_close(guidance.guided(m, 2.5), m[:2] + 2.5 * (m[2:] - m[:2]))
+    assert guidance.guided(m, None) is m

@@ -16,6 +16,7 @@ import torch
 from fastgen import _checks
 from fastgen._alloc import empty
 from fastgen.backend import resolve_backend
+from fastgen.ops.guidance import check_guided_output, guidance_scale_arg, guided
 from fastgen.step_spec import StepSpec
 
 
@@ -63,7 +64,7 @@ def q_sample(x0, t, schedule, *, seed=None, noise=None, offset=0, return_noise=F
 
 
 def ddpm_step(model_output, t, sample, schedule, *, prev_t=None, spec=None, seed=None, noise=None, offset=0,
-              return_pred_original_sample=True, backend="auto", **settings):
+              guidance_scale=None, return_pred_original_sample=True, backend="auto", **settings):
     """One DDPM reverse step x_t -> x_{prev_t} in one fused pass (Ho et al. eqs. 6-7, 15; Algorithm 2).
 
     Args:
@@ -78,6 +79,9 @@ def ddpm_step(model_output, t, sample, schedule, *, prev_t=None, spec=None, seed
             sample_max_value (diffusers' names and defaults; see fastgen.step_spec).
         seed, offset, noise: the noise z (see q_sample: stream t[b], offset counted in samples); none
             is added where t == 0.
+        guidance_scale: None, or w: classifier-free guidance fused into the step; model_output is then
+            [2B, ...], the model on the doubled batch, unconditional half first (fastgen.ops.guidance;
+            not with a learned variance).
         return_pred_original_sample: False skips writing x0 and returns (prev_sample, None).
     Returns (prev_sample, pred_original_sample) in the sample's dtype. On a GPU, timesteps outside
     the schedule inside a device tensor are not checked on the host (that would synchronise): the
@@ -85,11 +89,12 @@ def ddpm_step(model_output, t, sample, schedule, *, prev_t=None, spec=None, seed
     """
     spec = _spec_arg("ddpm", spec, settings)
     return _step(spec, model_output, t, prev_t, sample, schedule, seed=seed, noise=noise,
-                 offset=_element_offset(offset, sample), return_x0=return_pred_original_sample, backend=backend)
+                 offset=_element_offset(offset, sample), guidance_scale=guidance_scale,
+                 return_x0=return_pred_original_sample, backend=backend)
 
 
 def ddim_step(model_output, t, prev_t, sample, schedule, *, spec=None, seed=None, noise=None, offset=0,
-              return_pred_original_sample=True, backend="auto", **settings):
+              guidance_scale=None, return_pred_original_sample=True, backend="auto", **settings):
     """One DDIM step x_t -> x_{prev_t} in one fused pass (Song et al. eqs. 12 and 16).
 
     Args as ddpm_step, and:
@@ -104,7 +109,8 @@ def ddim_step(model_output, t, prev_t, sample, schedule, *, spec=None, seed=None
         raise TypeError("prev_t must be an int or an integer tensor (the timestep DDIM steps to), got None")
     spec = _spec_arg("ddim", spec, settings)
     return _step(spec, model_output, t, prev_t, sample, schedule, seed=seed, noise=noise,
-                 offset=_element_offset(offset, sample), return_x0=return_pred_original_sample, backend=backend)
+                 offset=_element_offset(offset, sample), guidance_scale=guidance_scale,
+                 return_x0=return_pred_original_sample, backend=backend)
 
 
 def _spec_arg(kind: str, spec, settings: dict) -> StepSpec:
@@ -134,7 +140,8 @@ def _noise_arg(noise, sample):
     return None
 
 
-def _step(spec: StepSpec, model_output, t, prev_t, sample, schedule, *, seed, noise, offset, return_x0, backend):
+def _step(spec: StepSpec, model_output, t, prev_t, sample, schedule, *, seed, noise, offset, return_x0, backend,
+          guidance_scale=None):
     """What ddpm_step and ddim_step share: validation (before any random draw), then the reference
     or the fused kernel. prev_t None: t - 1 (DDPM only).
 
@@ -144,7 +151,14 @@ def _step(spec: StepSpec, model_output, t, prev_t, sample, schedule, *, seed, no
     read as one long sample [1, B * n] with the element offset of its first sample."""
     _checks.batched(sample, "sample")
     _checks.like(model_output, "model_output", sample, "sample", shape=False)
-    spec.check_model_output(model_output, sample)
+    guidance_scale = guidance_scale_arg(guidance_scale)
+    if guidance_scale is None:
+        spec.check_model_output(model_output, sample)
+    elif spec.learned_variance:
+        raise ValueError(f"guidance_scale is not supported with variance_type={spec.variance_type!r} (which half's "
+                         "variance would be ambiguous); use a fixed variance type")
+    else:
+        check_guided_output(model_output, sample.shape, guidance_scale)
     schedule = _checks.noise_schedule(schedule)
     steps = dict(num_steps=schedule.num_train_timesteps, batch=sample.shape[0], device=sample.device)
     t = _checks.timesteps(t, "t", **steps)
@@ -160,17 +174,19 @@ def _step(spec: StepSpec, model_output, t, prev_t, sample, schedule, *, seed, no
     if backend == "reference":
         from fastgen.reference import diffusion as ref
 
-        prev, x0 = ref.step(spec, model_output, t, prev_t, sample, schedule, seed=seed, noise=noise, offset=offset)
+        prev, x0 = ref.step(spec, guided(model_output.double(), guidance_scale), t, prev_t, sample, schedule,
+                            seed=seed, noise=noise, offset=offset)
         return prev.to(sample.dtype), (x0.to(sample.dtype) if return_x0 else None)
     if backend == "torch":
-        return _torch_step(spec, model_output, t, prev_t, sample, schedule, seed=seed, noise=noise, offset=offset,
-                           return_x0=return_x0)
+        return _torch_step(spec, guided(model_output.float(), guidance_scale), t, prev_t, sample, schedule, seed=seed,
+                           noise=noise, offset=offset, return_x0=return_x0)
     draws = spec.adds_noise and noise is None and not (isinstance(t, int) and t == 0)
     return _fused_step(spec, model_output, t, prev_t, sample, schedule, noise=noise, draws=draws, seed=seed,
-                       offset=offset, return_x0=return_x0)
+                       offset=offset, return_x0=return_x0, guidance_scale=guidance_scale)
 
 
-def _fused_step(spec, model_output, t, prev_t, sample, schedule, *, noise, draws, seed, offset, return_x0):
+def _fused_step(spec, model_output, t, prev_t, sample, schedule, *, noise, draws, seed, offset, return_x0,
+                guidance_scale=None):
     """The Triton path: allocate, pick the noise mode, run the thresholding pre-pass if asked, then the
     one fused step kernel (kernels/diffusion.py's ddpm_step or ddim_step, as spec.kind says).
     ``noise``: a tensor to read, or None; ``draws``: whether the kernel draws counter-based noise."""
@@ -195,11 +211,12 @@ def _fused_step(spec, model_output, t, prev_t, sample, schedule, *, noise, draws
 
         unclipped = empty(sample.shape, dtype=torch.float32, device=sample.device)
         launch_step(None, unclipped, model_output, sample, t, prev_t, table,
-                    spec.replace(thresholding=False, clip_sample=False), noise_mode=k_diffusion.NOISE_NONE, **extra)
+                    spec.replace(thresholding=False, clip_sample=False), noise_mode=k_diffusion.NOISE_NONE,
+                    guidance=guidance_scale, **extra)
         scale = ref.dynamic_threshold_scale(unclipped, spec.dynamic_thresholding_ratio,
                                             spec.sample_max_value).contiguous()
     launch_step(prev, x0, model_output, sample, t, prev_t, table, spec, scale=scale, noise_mode=noise_mode,
-                noise=noise, seed=seed, offset=offset, **extra)
+                noise=noise, seed=seed, offset=offset, guidance=guidance_scale, **extra)
     return prev, x0
 
 

@@ -22,6 +22,7 @@ import torch
 from fastgen import _checks
 from fastgen._alloc import empty
 from fastgen.backend import resolve_backend
+from fastgen.ops.guidance import check_guided_output, guidance_scale_arg, guided
 
 COLUMNS = ("churn", "cx", "cf", "dx", "d0", "ax", "ad", "ap", "af", "noise")  # kernels/samplers.py's row order
 CLIPS = ("none", "range", "threshold")
@@ -95,15 +96,6 @@ class StepTable:
         return dict(zip(COLUMNS, self.coefficients[i].tolist()))
 
 
-def guided(model_output, guidance_scale):
-    """The model output classifier-free guidance makes of a [2B, ...] output (unconditional half
-    first): m_u + w (m_c - m_u), in float64 or the output's dtype (Ho & Salimans 2022, eq. 6)."""
-    if guidance_scale is None:
-        return model_output
-    uncond, cond = model_output.chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
-
-
 def sampler_step(table: StepTable, i, model_output, sample, *, prev_denoised=None, seed=None, noise=None, offset=0,
                  guidance_scale=None, return_denoised=True, backend="auto"):
     """Step i of ``table``'s sampler: (x_next, denoised) from the model output at x (kernels/samplers.py).
@@ -133,15 +125,9 @@ def sampler_step(table: StepTable, i, model_output, sample, *, prev_denoised=Non
             raise ValueError(f"i must be a step index in [0, {table.num_steps}), got {host_i}")
     elif not (isinstance(i, torch.Tensor) and i.numel() == 1 and i.dtype == torch.int64 and i.device == sample.device):
         raise TypeError(f"i must be an int or an int64 tensor of one element on {sample.device}, got {i!r}")
-    if guidance_scale is not None:
-        guidance_scale = _checks.finite_float(guidance_scale, "guidance_scale")
-        expected = torch.Size([2 * sample.shape[0], *sample.shape[1:]])
-        if model_output.shape != expected:
-            raise ValueError(f"model_output must be [2B, ...] = {tuple(expected)} with guidance_scale (the "
-                             f"unconditional half first), got {tuple(model_output.shape)}")
-        _checks.like(model_output, "model_output", sample, "sample", shape=False)
-    else:
-        _checks.like(model_output, "model_output", sample, "sample")
+    guidance_scale = guidance_scale_arg(guidance_scale)
+    _checks.like(model_output, "model_output", sample, "sample", shape=guidance_scale is None)
+    check_guided_output(model_output, sample.shape, guidance_scale)
     needs_previous = table.reads_previous and (host_i is None or bool(table.coefficients[host_i, 7] != 0))
     if needs_previous:
         if prev_denoised is None:
