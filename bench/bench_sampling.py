@@ -141,7 +141,7 @@ def model_only(*, shape, dtype, device, model, loops, **_):
     """The model once per timestep on a fixed x: what a loop costs without its steps."""
     x = torch.ones(shape, dtype=dtype, device=device)
     with torch.no_grad():
-        for t in loops["default"].loop.timesteps:
+        for t in loops["default"].model_timesteps:
             out = model(x, t)
     return out
 

@@ -1,52 +1,55 @@
-"""The sampling loop: x_T ~ N(0, I), then one fused reverse step per timestep, device-resident and
-(on CUDA) captured once as a CUDA graph and replayed.
+"""The sampling loop: x_N ~ init_noise_sigma N(0, I), then one fused reverse step per timestep,
+device-resident and (on CUDA) captured once as a CUDA graph and replayed.
 
     import fastgen
     from fastgen.models import pretrained_denoiser
-    from fastgen.schedulers import DDIMScheduler        # or diffusers' DDPMScheduler / DDIMScheduler
+    from fastgen.schedulers import DDIMScheduler        # or any scheduler below, fastgen's or diffusers'
 
     model = pretrained_denoiser()
     x = fastgen.sample(model, (64, 1, 8, 8), DDIMScheduler(**model.scheduler_config), num_inference_steps=50, seed=0)
 
-The loop (Ho et al. 2020, Algorithm 2; Song et al. 2021, eq. 12 for DDIM), for the scheduler's
-timesteps t_0 > t_1 > ... > t_{N-1} with s_i = the timestep after t_i as the scheduler defines it
-(DDPM: the next one in the list, -1 after the last; DDIM: t_i - T // N, diffusers' rule), -1 meaning
-"the end of the chain" (abar = 1, or abar_0 for DDIM with set_alpha_to_one=False):
+Schedulers. DDPM and DDIM (Ho et al. 2020, Algorithm 2; Song et al. 2021, eq. 12) step with
+``fastgen.ddpm_step`` / ``fastgen.ddim_step`` from timestep t_i to s_i (DDPM: the next timestep of
+the chain; DDIM: t_i - T // N, diffusers' rule; -1 the end). The sigma-space samplers (Euler, Euler
+ancestral, DPM-Solver++, flow matching, consistency, LCM: every scheduler with a StepTable builder,
+fastgen.schedulers._sigma) step with ``fastgen.ops.samplers.sampler_step`` on the run's StepTable,
+the model seeing scale_i x at the scheduler's timestep (diffusers' ``scale_model_input``). The loop:
 
-    x <- z_T                                         z_T from stream T
-    for i in 0 .. N-1:   x <- step(model(x, t_i), t_i, s_i, x, noise z from stream t_i)
+    x <- init_noise_sigma z_N
+    for i in 0 .. N-1:   x <- step_i(model(scale_i x, t_i), x, noise z of step i)
 
-where ``step`` is ``fastgen.ddpm_step`` / ``fastgen.ddim_step`` with the scheduler's config
-(prediction_type, variance_type, clip_sample(_range), thresholding, set_alpha_to_one).
+Classifier-free guidance (``class_labels``, ``guidance_scale`` w): the model sees the doubled batch
+[x; x] with labels [null; labels] and the step combines m_u + w (m_c - m_u) as it reads the two
+halves (fused in every kernel). ``class_labels`` without guidance: one conditional pass.
 
-Noise. Counter-based (``fastgen.randn``): element g of sample b in a step at timestep t is the normal
-of counter element (offset + b) * n + g in stream t (n = elements per sample, ``offset`` counted in
-samples), and x_T is stream T = num_train_timesteps. So sample k is the same whether drawn alone
-(offset=k), in a batch of 64, or in shards. With ``generator=`` (a torch.Generator, or a list with one
-per sample) the noise is instead drawn exactly as diffusers' pipelines draw it (x_T first, then one
-draw per step where diffusers draws: DDPM where t > 0, DDIM where eta > 0), so the result matches
-a diffusers loop with the same generator; the fused kernel reads that noise.
+Noise. Counter-based (``fastgen.randn``): element g of sample b in step i is the normal of counter
+element (offset + b) n + g in the step's stream (n = elements per sample, ``offset`` counted in
+samples): stream t_i for DDPM/DDIM with x_N from stream T = num_train_timesteps; stream i with x_N
+from stream N for the StepTable samplers. So sample k is the same whether drawn alone (offset=k), in
+a batch of 64, or in shards. With ``generator=`` (a torch.Generator, or a list with one per sample)
+the noise is instead drawn exactly as diffusers' pipelines draw it (x_N first, then one draw per
+step where diffusers' step draws), so the result matches a diffusers loop with the same generator.
 
-Backends (the names mean what they mean for every op, fastgen.backend). "triton" runs ``step`` as
-one fused kernel per step. "torch" (what "auto" picks off CUDA) runs the same update as a few
-whole-tensor fp32 torch ops per step (``fastgen.ops.diffusion.torch_update``, the ops' own "torch"
-path), with every per-step coefficient computed once per run in float64 (``torch_coefficients``)
-and the counter-based noise of many steps (z_T with the first) drawn in one call: the loop for a
-CPU, where a kernel runs only in the slow Triton interpreter. "reference" steps through
-``fastgen.reference.diffusion`` in float64: the loop the other two are checked against.
+Backends (the names mean what they mean for every op, fastgen.backend), one step strategy each:
+"triton" (``_TritonSteps``) runs each step as one fused kernel; "torch" (``_TorchSteps``, what "auto"
+picks off CUDA) runs the same update as a few whole-tensor fp32 torch ops per step on per-step
+coefficients made once per run in float64, with the counter-based noise of many steps drawn in one
+call: the loop for a CPU, where a kernel runs only in the slow Triton interpreter; "reference"
+(``_ReferenceSteps``) steps through the float64 references: the loop the others are checked against.
 
-Device residency. The timesteps and the previous timesteps are int64 tensors on the device, read
-by the kernels in place; the schedule tables live there too. Nothing in the loop calls ``.item()``
-or synchronises (the torch and reference loops read their timesteps and coefficients from host
-copies, also without a sync).
-With ``cuda_graph`` (default "auto": on for a CUDA device with the Triton backend) the model call and
-the fused step are warmed up on a side stream, captured once into a CUDA graph on static buffers
-(the sample, a step counter, the noise buffer for ``generator``), and replayed N times; inside the
-graph the step reads t_i and s_i from the device tables at the counter and advances it. A model
-that cannot be captured (data-dependent shapes, host syncs) falls back to the eager loop under
-"auto" with a warning, and raises under ``cuda_graph=True``.
+Device residency. Timesteps, step indices and coefficient tables live on the device and the kernels
+read them in place; nothing in the loop calls ``.item()`` or synchronises (the torch and reference
+strategies read host copies). With ``cuda_graph`` (default "auto": on for a CUDA device with the
+Triton backend) the model call and the fused step are warmed up on a side stream, captured once
+into a CUDA graph on static buffers (the sample, a step counter, the noise buffer for ``generator``,
+a multistep solver's previous output), and replayed N times; inside the graph the step reads its
+timesteps, coefficients and input scale from the device tables at the counter and advances it. A
+model that cannot be captured falls back to the eager loop under "auto" with a warning, and raises
+under ``cuda_graph=True``.
 """
 import copy
+import importlib
+import inspect
 import itertools
 import warnings
 
@@ -56,134 +59,296 @@ from fastgen import _checks
 from fastgen import ops
 from fastgen.backend import resolve_backend
 from fastgen.ops import diffusion as diffusion_ops
+from fastgen.ops import samplers as sampler_ops
+from fastgen.ops.guidance import guidance_scale_arg, guided
 from fastgen.reference import random as ref_random
 from fastgen.step_spec import StepSpec
 
-DEFAULT_STEPS = {"ddim": 50}  # DDPM: every training timestep (diffusers' pipelines use 1000 and 50)
+# The schedulers make_scheduler knows, by the name the CLI and the bench use: (class, config overrides).
+SCHEDULERS = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "sde-dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "flow_match": ("FlowMatchEulerDiscreteScheduler", {}),
+    "consistency": ("CMStochasticIterativeScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+}
+DIFFUSION_KINDS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim"}
+DEFAULT_STEPS = 50  # DDPM: every training timestep (diffusers' pipelines use 1000 and 50)
 
 
 def make_scheduler(kind: str, **config):
-    """A DDPMScheduler ("ddpm") or DDIMScheduler ("ddim"): fastgen's drop-in classes
-    (``fastgen.schedulers``) when present, else diffusers' own."""
-    names = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler"}
-    if kind not in names:
-        raise ValueError(f"kind must be one of {sorted(names)}, got {kind!r}")
-    try:
-        from fastgen import schedulers
-    except ImportError:
-        try:
-            import diffusers as schedulers
-        except ImportError as err:
-            raise ImportError("make_scheduler needs fastgen.schedulers or diffusers (pip install diffusers)") from err
-    return getattr(schedulers, names[kind])(**config)
+    """The scheduler named ``kind`` (a key of SCHEDULERS) with ``config``: fastgen's drop-in class
+    (``fastgen.schedulers``) where there is one, else diffusers' own."""
+    if kind not in SCHEDULERS:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, SCHEDULERS))}, got {kind!r}")
+    import diffusers
+
+    from fastgen import schedulers
+
+    name, overrides = SCHEDULERS[kind]
+    cls = getattr(schedulers, name, None) or getattr(diffusers, name)
+    accepted = inspect.signature(cls.__init__).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
+        config = {k: v for k, v in config.items() if k in accepted}  # a model's DDPM config on an Euler scheduler
+    return cls(**{**config, **overrides})
 
 
 # --- the plan: what the scheduler says, checked once, on the host ----------------------------------
 
 class _Plan:
-    """Kind, noise schedule, step arguments and the host timesteps / previous timesteps of a run."""
+    """A run's steps as the scheduler defines them, checked once on the host: kind, model timesteps
+    and input scales, initial noise, which steps draw diffusers' noise; DDPM/DDIM: the StepSpec,
+    schedule, timesteps and previous timesteps; the other samplers: the StepTable."""
 
     def __init__(self, scheduler, num_inference_steps, eta):
-        from fastgen.schedulers._common import schedule_of
-
-        config = getattr(scheduler, "config", None)
-        if config is None or not hasattr(scheduler, "set_timesteps") or not hasattr(scheduler, "alphas_cumprod"):
-            raise TypeError(f"scheduler must be a DDPMScheduler or DDIMScheduler (diffusers' or fastgen.schedulers'"
-                            f"), with config, alphas_cumprod and set_timesteps, got {type(scheduler).__name__}")
+        if not hasattr(scheduler, "set_timesteps") or getattr(scheduler, "config", None) is None:
+            raise TypeError(f"scheduler must be a diffusers or fastgen.schedulers scheduler (with config and "
+                            f"set_timesteps), got {type(scheduler).__name__}")
         # a private copy: set_timesteps below must not change (or race with) the caller's scheduler
         scheduler = copy.deepcopy(scheduler)
-        config = dict(config)
-        self.spec = spec = StepSpec.from_scheduler(scheduler, **({"eta": eta} if eta else {}))
-        self.kind = kind = spec.kind
-        self.schedule = schedule_of(scheduler)  # the scheduler's own tables, as its step reads them
-        T = self.num_train_timesteps = self.schedule.num_train_timesteps
+        config = dict(scheduler.config)
+        name = type(scheduler).__name__
+        self.spec = self.table = None
+        if name in DIFFUSION_KINDS or (config.get("_class_name") in DIFFUSION_KINDS and name not in _sigma_tables()):
+            self._diffusion(scheduler, config, num_inference_steps, eta)
+        else:
+            self._sigma(scheduler, num_inference_steps, eta)
+        self.model_timesteps = self.model_timesteps.reshape(-1)
 
-        if num_inference_steps is None:
-            num_inference_steps = DEFAULT_STEPS.get(kind, T)
-        num_inference_steps = _checks.as_int(num_inference_steps, "num_inference_steps")
-        if not 1 <= num_inference_steps <= T:
-            raise ValueError(f"num_inference_steps must be in [1, num_train_timesteps={T}], got {num_inference_steps}")
-        scheduler.set_timesteps(num_inference_steps)
+    def _diffusion(self, scheduler, config, num_inference_steps, eta):
+        from fastgen.schedulers._common import schedule_of
+
+        if not hasattr(scheduler, "alphas_cumprod"):
+            raise TypeError(f"scheduler must be a DDPMScheduler or DDIMScheduler with alphas_cumprod, got "
+                            f"{type(scheduler).__name__}")
+        self.spec = spec = StepSpec.from_scheduler(scheduler, **({"eta": eta} if eta else {}))
+        self.kind = spec.kind
+        self.schedule = schedule_of(scheduler)  # the scheduler's own tables, as its step reads them
+        T = self.schedule.num_train_timesteps
+        scheduler.set_timesteps(self._num_steps(num_inference_steps, T if spec.kind == "ddpm" else DEFAULT_STEPS, T))
         timesteps = torch.as_tensor(scheduler.timesteps).to("cpu", torch.int64)
         if timesteps.dim() != 1 or not len(timesteps) or (timesteps < 0).any() or (timesteps >= T).any():
             raise ValueError(f"scheduler.timesteps must be a non-empty list of timesteps in [0, {T}), "
                              f"got {timesteps.tolist()}")
-        self.num_inference_steps = len(timesteps)
         prev = spec.prev_timesteps(timesteps, config.get("num_train_timesteps", T))
         if (prev >= timesteps).any():
             raise ValueError(f"scheduler.timesteps must decrease, got {timesteps.tolist()}")
         self.timesteps, self.prev_timesteps = timesteps, prev
+        self.num_steps = len(timesteps)
+        self.model_timesteps = timesteps
+        self.model_input_scales = torch.ones(self.num_steps, dtype=torch.float64)
         self.init_noise_sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))
+        self.init_stream = T
+        self.streams = timesteps
+        self.counter_draws = (timesteps > 0) & spec.adds_noise  # no step adds noise at t = 0
+        self.generator_draws = torch.tensor([spec.generator_draws(int(t)) for t in timesteps])
 
-    def generator_draws(self, i: int) -> bool:
-        """Whether diffusers draws step noise at step i (its generator advances)."""
-        return self.spec.generator_draws(int(self.timesteps[i]))
+    def _sigma(self, scheduler, num_inference_steps, eta):
+        from fastgen.schedulers._sigma import step_table
+
+        if eta:
+            raise ValueError(f"eta is DDIM's setting; {type(scheduler).__name__} takes none, got eta={eta}")
+        limit = getattr(scheduler.config, "num_train_timesteps", None) or 10 ** 9
+        scheduler.set_timesteps(self._num_steps(num_inference_steps, DEFAULT_STEPS, limit))
+        self.table = table = step_table(scheduler)
+        self.kind = table.kind
+        self.num_steps = table.num_steps
+        self.model_timesteps = torch.as_tensor(table.model_timesteps).cpu()
+        self.model_input_scales = table.model_input_scales.double()
+        self.init_noise_sigma = float(table.init_noise_sigma)
+        self.init_stream = table.init_stream
+        self.streams = table.streams
+        self.counter_draws = torch.tensor([table.draws(i) for i in range(table.num_steps)])
+        self.generator_draws = table.generator_draws.bool()
+
+    @staticmethod
+    def _num_steps(num_inference_steps, default: int, limit: int) -> int:
+        n = default if num_inference_steps is None else _checks.as_int(num_inference_steps, "num_inference_steps")
+        if not 1 <= n <= limit:
+            raise ValueError(f"num_inference_steps must be in [1, num_train_timesteps={limit}], got {n}")
+        return n
+
+    @property
+    def learned_variance(self) -> bool:
+        return self.spec is not None and self.spec.learned_variance
+
+    @property
+    def per_sample(self) -> bool:
+        """Whether a step treats samples apart (a quantile per sample, channels split per sample)."""
+        if self.spec is not None:
+            return self.spec.thresholding or self.spec.learned_variance
+        return self.table.clip == "threshold"
+
+    def model_output_shape(self, shape: torch.Size) -> torch.Size:
+        return self.spec.model_output_shape(shape) if self.spec is not None else shape
 
 
-# --- the torch backend's step: the fused update in whole-tensor ops ---------------------------------
+def _sigma_tables():
+    """The StepTable builders by diffusers class name (importing fastgen.schedulers registers them)."""
+    importlib.import_module("fastgen.schedulers")
+    from fastgen.schedulers._sigma import TABLES
 
-class _TorchSteps:
-    """The loop body of the torch backend: the fused kernels' update (``kernels/diffusion.py``'s
-    equations) as a few whole-tensor torch ops per step in fp32, with every per-step coefficient
-    computed once for the run in float64 by the reference (``step_coefficients``, ``model_variance``
-    over all timesteps at once) and read as Python floats, and the counter-based noise drawn for
-    several steps per call (``fastgen.reference.random.normals`` with one stream per step). What it
-    saves against stepping through the float64 reference is per-step work on the host: a handful
-    of ops per step instead of ~100 small ones, and one Philox pass per chunk of steps.
-    """
+    return TABLES
+
+
+# --- the step strategies, one per backend ----------------------------------------------------------
+
+class _Steps:
+    """What every strategy shares: the run's plan, noise arguments and guidance. ``step(i, pred, x,
+    noise)`` advances x by step i (a host int) from the model's prediction; noise: diffusers'
+    generator noise for the step, or None for the counter-based stream."""
+
+    backend = None  # the ops' backend this strategy runs
+
+    def __init__(self, plan, shape, *, seed, offset, device, dtype, guidance_scale):
+        self.plan, self.shape, self.seed, self.offset = plan, shape, seed, offset
+        self.element_offset = _checks.sample_offset(offset, shape)  # what the kernels and references take
+        self.device, self.dtype, self.guidance_scale = device, dtype, guidance_scale
+        self.denoised = None  # a multistep solver's previous output
+
+    def initial_noise(self) -> torch.Tensor:
+        """z_N from the initial stream (counter-based), not yet scaled."""
+        return ops.randn(self.shape, seed=self.seed, stream=self.plan.init_stream, offset=self.offset,
+                         device=self.device, dtype=self.dtype, backend=self.backend)
+
+
+class _TritonSteps(_Steps):
+    """Each step one fused kernel, its timesteps / coefficients read on the device (graph-capturable).
+
+    Every sample steps from the same timestep, so a step may read the batch as one [1, B n] sample:
+    element g of sample b is flat element b n + g either way, with the same noise counter. Not where
+    a step treats samples apart (dynamic thresholding, a learned variance); the element offset of
+    such a flat batch goes through the ops' internal entry (``fastgen.ops.diffusion._step``) or, for
+    the StepTable samplers, as sample offset 0 of the flat sample plus the element offset in the seed's
+    counter (``_flat_offset``)."""
+
+    backend = "triton"
+
+    def __init__(self, plan, shape, **kwargs):
+        super().__init__(plan, shape, **kwargs)
+        self.flat = not plan.per_sample
+        device = self.device
+        self.timesteps = plan.timesteps.to(device) if plan.spec is not None else None
+        self.prev_timesteps = plan.prev_timesteps.to(device) if plan.spec is not None else None
+        if plan.table is not None:
+            self.steps = plan.table.on(device)[2]
+            if plan.table.reads_previous:
+                self.denoised = torch.zeros(shape, dtype=self.dtype, device=device)
+
+    def step_at(self, index, pred, x, noise):
+        """The step at ``index``: a host int (eager) or the device counter (captured)."""
+        plan, shape = self.plan, x.shape
+        if self.flat:  # one timestep for the batch: the same counters as [B, n], in fewer, larger programs
+            rows = 2 if self.guidance_scale is not None else 1
+            pred, x, noise = (None if v is None else v.reshape(r, -1) for v, r in ((pred, rows), (x, 1), (noise, 1)))
+        if plan.spec is not None:
+            t = self.timesteps[index] if isinstance(index, int) else self.timesteps.index_select(0, index).reshape(())
+            prev_t = (self.prev_timesteps[index] if isinstance(index, int)
+                      else self.prev_timesteps.index_select(0, index).reshape(()))
+            x_next, _ = diffusion_ops._step(plan.spec, pred, t, prev_t, x, plan.schedule,
+                                            seed=self.seed if noise is None else None, noise=noise,
+                                            offset=self.element_offset, return_x0=False, backend="triton",
+                                            guidance_scale=self.guidance_scale)
+            return x_next.reshape(shape)
+        step = self.steps[index] if isinstance(index, int) else index.reshape(())
+        denoised = self.denoised.reshape(x.shape) if self.denoised is not None else None
+        x_next, _ = sampler_ops._fused_step(
+            plan.table, step, pred, x, denoised, noise=noise, seed=self.seed if noise is None else 0,
+            offset=self.element_offset, guidance_scale=self.guidance_scale, return_denoised=denoised is not None,
+            denoised_out=denoised)
+        return x_next.reshape(shape)
+
+    def step(self, i, pred, x, noise):
+        return self.step_at(i, pred, x, noise)
+
+
+class _TorchSteps(_Steps):
+    """The fused update as a few whole-tensor fp32 torch ops per step: every per-step coefficient made
+    once for the run in float64 (DDPM/DDIM: ``torch_coefficients``; StepTables: their rows) and read
+    as Python floats, and the counter-based noise drawn for several steps per call
+    (``fastgen.reference.random.normals`` with one stream per step). What it saves against stepping
+    through the float64 reference is per-step work on the host: a handful of ops per step instead of
+    ~100 small ones, and one Philox pass per chunk of steps."""
 
     NOISE_CHUNK = 1 << 20  # normals per noise call: big enough to amortise the per-op cost (a DDPM
     # loop's noise ~15% cheaper than with 1 << 18 on a 2-core CPU); the Philox words fill ~10 MB
 
-    def __init__(self, plan, shape, *, seed, element_offset, device):
-        from fastgen.ops.diffusion import torch_coefficients
-
-        self.plan, self.shape, self.seed, self.element_offset, self.device = plan, shape, seed, element_offset, device
-        t, spec = plan.timesteps, plan.spec
-        n = len(t)
-        noisy = t > 0  # no step adds noise at t = 0
-        columns = torch_coefficients(spec, plan.schedule, t, plan.prev_timesteps)
-        self.coefficients = [dict(zip(columns, row)) for row in zip(*(c.tolist() for c in columns.values()))]
-        self.draws = [bool(noisy[i]) and spec.adds_noise for i in range(n)]
+    def __init__(self, plan, shape, **kwargs):
+        super().__init__(plan, shape, **kwargs)
+        if plan.spec is not None:
+            columns = diffusion_ops.torch_coefficients(plan.spec, plan.schedule, plan.timesteps, plan.prev_timesteps)
+            self.rows = [dict(zip(columns, row)) for row in zip(*(c.tolist() for c in columns.values()))]
+        else:
+            self.rows = [plan.table.row(i) for i in range(plan.num_steps)]
+        self.draws = plan.counter_draws.tolist()
         self._noise_rows = {}
 
     def initial_noise(self) -> torch.Tensor:
-        """z_T (flat, fp32): stream T at the run's element offset, drawn in one call with the
-        first steps' noise."""
+        """z_N (drawn in one call with the first steps' noise)."""
         self._draw(-1)
-        return self._noise_rows.pop(-1)
+        return self._noise_rows.pop(-1).reshape(self.shape).to(self.dtype)
 
-    def noise(self, i: int) -> torch.Tensor:
-        """Step i's counter-based noise (flat, fp32): stream t_i at the run's element offset, drawn
-        with the next steps' in one call."""
+    def _counter_noise(self, i: int) -> torch.Tensor:
+        """Step i's counter-based noise (fp32), drawn with the next steps' in one call."""
         if i not in self._noise_rows:
             self._draw(i)
-        return self._noise_rows.pop(i)
+        return self._noise_rows.pop(i).reshape(self.shape)
 
     def _draw(self, i: int):
-        """The noise of step i (-1: z_T) and of the next drawing steps, NOISE_CHUNK normals in all."""
+        """The noise of step i (-1: z_N) and of the next drawing steps, NOISE_CHUNK normals in all."""
         numel = self.shape.numel()
         rows_per_call = max(1, self.NOISE_CHUNK // numel)
         drawing = (j for j in range(max(i, 0), len(self.draws)) if self.draws[j])
         first = [-1] if i < 0 else []
         upcoming = first + list(itertools.islice(drawing, rows_per_call - len(first)))
-        streams = [self.plan.num_train_timesteps if j < 0 else int(self.plan.timesteps[j]) for j in upcoming]
+        streams = [self.plan.init_stream if j < 0 else int(self.plan.streams[j]) for j in upcoming]
         rows = ref_random.normals(numel, seed=self.seed, stream=torch.tensor(streams, device=self.device),
                                   offset=self.element_offset, device=self.device, dtype=torch.float32)
         self._noise_rows = dict(zip(upcoming, rows))
 
-    def __call__(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, noise) -> torch.Tensor:
-        """x_{s_i} from x_{t_i} = ``sample`` and the model output (noise: a tensor like the sample, or
-        None for the counter-based stream): ``fastgen.ops.diffusion.torch_update`` on this step's
-        precomputed coefficients."""
-        from fastgen.ops.diffusion import torch_update
+    def step(self, i, pred, x, noise):
+        plan = self.plan
+        z = None
+        if self.draws[i]:
+            z = noise.float() if noise is not None else self._counter_noise(i)
+        pred = guided(pred.float(), self.guidance_scale)
+        if plan.spec is not None:
+            x_next, _ = diffusion_ops.torch_update(plan.spec, self.rows[i], pred, x, z)
+            return x_next.to(x.dtype)
+        x_next, denoised = sampler_ops.torch_step(plan.table, self.rows[i], pred, x.float(), self.denoised, z)
+        if plan.table.reads_previous:
+            self.denoised = denoised
+        return x_next.to(x.dtype)
 
-        z = self._noise(i, noise) if self.draws[i] else None
-        prev, _ = torch_update(self.plan.spec, self.coefficients[i], model_output, sample, z)
-        return prev.to(sample.dtype)
 
-    def _noise(self, i, noise):
-        return (noise.float() if noise is not None else self.noise(i)).reshape(self.shape)
+class _ReferenceSteps(_Steps):
+    """Every step through the float64 references (host timesteps): the loop the others are checked against."""
+
+    backend = "reference"
+
+    def step(self, i, pred, x, noise):
+        plan = self.plan
+        if plan.spec is not None:
+            x_next, _ = diffusion_ops._step(plan.spec, pred, int(plan.timesteps[i]), int(plan.prev_timesteps[i]), x,
+                                            plan.schedule, seed=self.seed if noise is None else None, noise=noise,
+                                            offset=self.element_offset, return_x0=False, backend="reference",
+                                            guidance_scale=self.guidance_scale)
+            return x_next
+        table = plan.table
+        x_next, denoised = sampler_ops.sampler_step(
+            table, i, pred, x, prev_denoised=self.denoised, seed=self.seed if noise is None else None, noise=noise,
+            offset=self.offset, guidance_scale=self.guidance_scale, return_denoised=table.reads_previous,
+            backend="reference")
+        if table.reads_previous:
+            self.denoised = denoised
+        return x_next
+
+
+STRATEGIES = {"triton": _TritonSteps, "torch": _TorchSteps, "reference": _ReferenceSteps}
 
 
 # --- noise -----------------------------------------------------------------------------------------
@@ -232,7 +397,7 @@ def _prediction(out):
 
 def _check_prediction(pred, expected: torch.Size, dtype, device):
     if pred.shape != expected:
-        raise ValueError(f"model output must have shape {tuple(expected)} (the sample's"
+        raise ValueError(f"model output must have shape {tuple(expected)} (the model input's"
                          f"{', with 2x channels for a learned variance' if expected[1:] else ''}), "
                          f"got {tuple(pred.shape)}")
     if pred.dtype != dtype:
@@ -242,61 +407,97 @@ def _check_prediction(pred, expected: torch.Size, dtype, device):
         raise ValueError(f"model output must be on the sampling device {device}, got {pred.device}")
 
 
+def _labels_arg(class_labels, null_class_label, guidance_scale, model, batch, device):
+    """(labels [B] or None, the guided model's labels [2B] or None) on the device, checked."""
+    if class_labels is None:
+        if guidance_scale is not None:
+            raise ValueError("guidance_scale needs class_labels (the condition to guide towards)")
+        return None, None
+    if isinstance(class_labels, torch.Tensor):
+        if class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool or class_labels.dim() > 1:
+            raise TypeError(f"class_labels must be an int or an integer tensor of shape [B], got {class_labels!r}")
+        labels = class_labels.to("cpu", torch.int64).expand(batch) if class_labels.numel() == 1 else class_labels
+        if labels.shape != (batch,):
+            raise ValueError(f"class_labels must be one int or one per sample (batch={batch}), got shape "
+                             f"{tuple(class_labels.shape)}")
+    else:
+        labels = torch.full((batch,), _checks.as_int(class_labels, "class_labels"), dtype=torch.int64)
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is not None and labels.device.type == "cpu" and ((labels < 0) | (labels >= num_classes)).any():
+        raise ValueError(f"class_labels must be in [0, {num_classes}) (the model's classes), got {labels.tolist()}")
+    labels = labels.to(device)
+    if guidance_scale is None:
+        return labels, None
+    if null_class_label is None:
+        null_class_label = getattr(model, "null_class_label", None)
+    if null_class_label is None:
+        raise ValueError("guidance_scale needs null_class_label (the unconditional label), or a model with a "
+                         "null_class_label attribute")
+    null = torch.full((batch,), _checks.as_int(null_class_label, "null_class_label"), dtype=torch.int64, device=device)
+    return labels, torch.cat([null, labels])
+
+
 # --- the loop --------------------------------------------------------------------------------------
 
 def sample(model, shape, scheduler, *, num_inference_steps=None, seed=0, offset=0, generator=None, device=None,
            dtype=torch.float32, cuda_graph="auto", progress=False, return_trajectory=False, eta=0.0,
-           backend="auto"):
-    """Draw samples with ``model`` and a DDPM/DDIM scheduler (see the module docstring for the loop).
+           class_labels=None, guidance_scale=None, null_class_label=None, backend="auto"):
+    """Draw samples with ``model`` and a scheduler (see the module docstring for the loop).
 
     Args:
-        model: callable ``model(x_t, t) -> prediction`` (a tensor, or a diffusers output with ``.sample``),
-            x_t [B, ...] in ``dtype``, t an int64 tensor [B] on the device; the prediction is what
-            ``scheduler.config.prediction_type`` says, shaped like x_t (2x channels on dim 1 for a
-            learned variance).
+        model: callable ``model(x, t) -> prediction`` (a tensor, or a diffusers output with ``.sample``),
+            or ``model(x, t, class_labels=labels)`` when class_labels are given; x [B, ...] (2B with
+            guidance) in ``dtype``, t [B] on the device (the scheduler's timesteps, int64 for
+            DDPM/DDIM); the prediction is what the scheduler's config says (prediction_type), shaped
+            like x (2x channels on dim 1 for a learned variance).
         shape: the batch shape [B, ...].
-        scheduler: diffusers' or fastgen.schedulers' DDPMScheduler / DDIMScheduler; its config gives
-            the schedule and the step, its ``set_timesteps(num_inference_steps)`` the timesteps
-            (called here, as diffusers' pipelines do).
-        num_inference_steps: default: every training timestep for DDPM, 50 for DDIM.
+        scheduler: diffusers' or fastgen.schedulers' DDPM, DDIM, Euler, Euler ancestral,
+            DPM-Solver++ (multistep), flow-matching Euler, consistency (CMStochasticIterative) or LCM
+            scheduler; its config gives the step, its ``set_timesteps(num_inference_steps)`` the
+            timesteps (called on a private copy, as diffusers' pipelines do).
+        num_inference_steps: default: every training timestep for DDPM, 50 for the others.
         seed: 64-bit int of the counter-based noise (None: drawn from torch's default generator).
         offset: non-negative int, counted in samples: sample b of this call is sample offset + b of
             the stream, so shards with offsets reproduce one large batch.
-        generator: diffusers parity noise instead of the counter-based stream (see the module
-            docstring); offset must then be 0.
+        generator: diffusers parity noise instead of the counter-based stream; offset must then be 0.
         device: default: the model's parameters' device, else the CPU.
-        dtype: of x_t, the model input and the result.
+        dtype: of x, the model input and the result.
         cuda_graph: "auto" (CUDA device and Triton backend), True (error without CUDA) or False.
         progress: show a tqdm bar.
-        return_trajectory: also return every x, a [N + 1, *shape] tensor (x_T first).
-        eta: DDIM's eta in [0, 1] (0: deterministic after x_T); must be 0 for DDPM.
-        backend: "auto" (Triton on CUDA, "torch" elsewhere), "triton" (the fused kernels), "torch" (the
-            same update in whole-tensor torch ops, coefficients precomputed: the fast loop on a CPU) or
-            "reference" (every step through fastgen.reference.diffusion in float64: the slow loop
-            the others are checked against).
+        return_trajectory: also return every x, a [N + 1, *shape] tensor (x_N first).
+        eta: DDIM's eta in [0, 1] (0: deterministic after x_N); must be 0 for the other schedulers.
+        class_labels: an int or an int tensor [B]: the model is conditioned on them.
+        guidance_scale: w, classifier-free guidance towards class_labels (fused into the step).
+        null_class_label: the unconditional label (default: the model's ``null_class_label``).
+        backend: "auto" (Triton on CUDA, "torch" elsewhere), "triton", "torch" or "reference".
     Returns x_0 in ``dtype`` (and the trajectory).
     """
     sampler = Sampler(model, shape, scheduler, num_inference_steps=num_inference_steps, seed=seed, offset=offset,
                       generator=generator, device=device, dtype=dtype, cuda_graph=cuda_graph, eta=eta,
+                      class_labels=class_labels, guidance_scale=guidance_scale, null_class_label=null_class_label,
                       backend=backend)
     return sampler(progress=progress, return_trajectory=return_trajectory)
 
 
 class Sampler:
     """``fastgen.sample`` prepared once (arguments as there) and run by calling it: the checks, the
-    schedule, the device timesteps and, on CUDA, the captured graph are made on the first call and
-    reused by every later one, so repeated sampling pays the capture once. With ``seed`` every call
-    returns the same samples; with ``generator`` every call draws on from it, as diffusers does.
+    plan, the device tables and, on CUDA, the captured graph are made on the first call and reused
+    by every later one, so repeated sampling pays the capture once. With ``seed`` every call returns
+    the same samples; with ``generator`` every call draws on from it, as diffusers does.
 
         sampler = fastgen.sampling.Sampler(model, (64, 1, 8, 8), scheduler, num_inference_steps=50, seed=0)
         x = sampler()                       # captures (CUDA), then replays 50 times
         x = sampler(progress=True)          # replays only
+
+    The loop's state (the sample, the step counter, the noise buffer, the strategy) lives here:
+    ``run`` is the loop, eager or replaying the captured graph.
     """
 
     def __init__(self, model, shape, scheduler, *, num_inference_steps=None, seed=0, offset=0, generator=None,
-                 device=None, dtype=torch.float32, cuda_graph="auto", eta=0.0, backend="auto"):
+                 device=None, dtype=torch.float32, cuda_graph="auto", eta=0.0, class_labels=None, guidance_scale=None,
+                 null_class_label=None, backend="auto"):
         if not callable(model):
-            raise TypeError(f"model must be callable as model(x_t, t), got {type(model).__name__}")
+            raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
         shape = _checks.shape(shape)
         if len(shape) < 1 or shape.numel() == 0:
             raise ValueError(f"shape must be [batch, ...] with no zero dims, got {tuple(shape)}")
@@ -320,119 +521,116 @@ class Sampler:
             raise ValueError("cuda_graph=True needs backend 'triton' (the torch and reference loops step on the host), "
                              f"got backend {backend!r}")
         seed = _checks.seed64(seed) if generator is None else None
+        guidance_scale = guidance_scale_arg(guidance_scale)
+        if guidance_scale == 1.0:
+            guidance_scale = None  # w = 1 is the conditional model: one pass
+        self.labels, self.guided_labels = _labels_arg(class_labels, null_class_label, guidance_scale, model, shape[0],
+                                                      device)
         plan = _Plan(scheduler, num_inference_steps, eta)
-        if plan.spec.learned_variance and len(shape) < 2:
+        if plan.learned_variance and len(shape) < 2:
             raise ValueError(f"shape needs a channel dimension (dim 1) for variance_type={plan.spec.variance_type!r}, "
                              f"got {tuple(shape)}")
-        self.cuda_graph, self.backend = cuda_graph, backend
+        if plan.learned_variance and guidance_scale is not None:
+            raise ValueError(f"guidance_scale is not supported with variance_type={plan.spec.variance_type!r}")
+        self.model, self.shape, self.plan, self.generator = model, shape, plan, generator
+        self.device, self.dtype, self.cuda_graph, self.backend = device, dtype, cuda_graph, backend
+        self.guidance_scale = guidance_scale
         self.use_graph = cuda_graph is not False and device.type == "cuda" and backend == "triton"
-        self.loop = _Loop(model, shape, plan, seed=seed, offset=offset, generator=generator, device=device,
-                          dtype=dtype, backend=backend)
-        self.num_inference_steps = plan.num_inference_steps
-        self.timesteps = plan.timesteps
+        self.strategy = STRATEGIES[backend](plan, shape, seed=seed, offset=offset, device=device, dtype=dtype,
+                                            guidance_scale=guidance_scale)
+        rows = 2 if guidance_scale is not None else 1
+        self.expected = plan.model_output_shape(torch.Size([rows * shape[0], *shape[1:]]))
+        self.model_timesteps = plan.model_timesteps.to(device)
+        self.input_scales = plan.model_input_scales.tolist()
+        self.scales_on_device = plan.model_input_scales.to(device, torch.float32)
+        self.graph = self.counter = self.x = None
+        self.generator_draws = plan.generator_draws.tolist()  # host values: the loop reads no tensor
+        self.noise = None
+        if generator is not None and any(self.generator_draws):
+            self.noise = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_inference_steps = plan.num_steps
+        self.timesteps = plan.model_timesteps
 
     @property
     def captured(self) -> bool:
         """Whether the loop runs as a CUDA graph (after the first call)."""
-        return self.loop.graph is not None
+        return self.graph is not None
 
     def __call__(self, *, progress=False, return_trajectory=False):
-        loop = self.loop
         with torch.no_grad():
-            if self.use_graph and loop.graph is None:
+            if self.use_graph and self.graph is None:
                 try:
-                    loop.capture()
+                    self.capture()
                 except Exception as err:  # noqa: BLE001  (any capture failure: fall back or re-raise)
                     if self.cuda_graph is True:
                         raise RuntimeError(f"cuda_graph=True: capturing the model and step failed ({err}); "
                                            "pass cuda_graph=False for a model that cannot be captured") from err
                     warnings.warn(f"fastgen.sample: CUDA graph capture failed ({err}); running the eager loop",
-                                  RuntimeWarning, stacklevel=3)
-                    loop.graph, self.use_graph = None, False
-            return loop.run(progress, return_trajectory)
+                                  RuntimeWarning, stacklevel=2)
+                    self.graph, self.use_graph = None, False
+            return self.run(progress, return_trajectory)
 
+    # --- the model call --------------------------------------------------------------------------------
 
-class _Loop:
-    """The sampling loop's state and step, run eagerly or as a captured CUDA graph."""
-
-    def __init__(self, model, shape, plan, *, seed, offset, generator, device, dtype, backend):
-        self.model, self.shape, self.plan = model, shape, plan
-        self.seed, self.generator, self.device, self.dtype = seed, generator, device, dtype
-        self.backend = backend
-        self.host_timesteps = backend == "reference"  # the reference step takes host ints
-        self.offset = offset  # in samples: what ops.randn takes
-        self.element_offset = _checks.sample_offset(offset, shape)  # in elements: what the step takes
-        self.torch_steps = None
-        if backend == "torch":
-            self.torch_steps = _TorchSteps(plan, shape, seed=seed, element_offset=self.element_offset, device=device)
-        self.expected = plan.spec.model_output_shape(shape)
-        # Every sample steps from the same t, so the step may read the batch as one [1, B * n] sample:
-        # element g of sample b is flat element b * n + g either way, with the same noise counter
-        # element_offset + b * n + g. Not with dynamic thresholding (a quantile per sample) or a learned
-        # variance (channels split per sample). An offset in samples of that one long sample would
-        # count B * n elements per unit, so the step goes through the ops' internal entry, which takes
-        # the element offset (fastgen.ops.diffusion._step), not through ddpm_step / ddim_step.
-        self.flat = not plan.spec.thresholding and not plan.spec.learned_variance
-        self.timesteps = plan.timesteps.to(device)
-        self.prev_timesteps = plan.prev_timesteps.to(device)
-        self.graph = self.counter = self.x = None
-        self.noise = None
-        if generator is not None and any(plan.generator_draws(i) for i in range(plan.num_inference_steps)):
-            self.noise = torch.zeros(shape, dtype=dtype, device=device)
-
-    def _initial_noise(self):
-        """x_T = init_noise_sigma z_T: stream T (counter-based) or the generator (diffusers' order)."""
-        if self.generator is not None:
-            x = _diffusers_noise(self.shape, self.generator, self.device, self.dtype)
-        elif self.torch_steps is not None:
-            x = self.torch_steps.initial_noise().reshape(self.shape).to(self.dtype)
+    def predict(self, x, index):
+        """The model's checked prediction at x for step ``index`` (a host int, or the device counter
+        inside a graph): the input scaled as the scheduler says, doubled for guidance."""
+        if isinstance(index, int):
+            t = self.model_timesteps[index]
+            scale = self.input_scales[index]
+            x_in = x * scale if scale != 1.0 else x
         else:
-            x = ops.randn(self.shape, seed=self.seed, stream=self.plan.num_train_timesteps,
-                          offset=self.offset, device=self.device, dtype=self.dtype, backend=self.backend)
-        return x * self.plan.init_noise_sigma if self.plan.init_noise_sigma != 1.0 else x.contiguous()
-
-    def predict(self, x, t_model):
-        """The model's checked prediction at x_t; t_model: the model's [B] timesteps."""
-        pred = _prediction(self.model(x, t_model))
+            t = self.model_timesteps.index_select(0, index).reshape(())
+            x_in = x * self.scales_on_device.index_select(0, index).reshape(()).to(x.dtype)
+        batch = x.shape[0]
+        if self.guided_labels is not None:
+            x_in = torch.cat([x_in, x_in])
+            out = self.model(x_in, t.expand(2 * batch), class_labels=self.guided_labels)
+        elif self.labels is not None:
+            out = self.model(x_in, t.expand(batch), class_labels=self.labels)
+        else:
+            out = self.model(x_in, t.expand(batch))
+        pred = _prediction(out)
         _check_prediction(pred, self.expected, self.dtype, self.device)
         return pred
 
-    def step(self, x, t, prev_t, t_model, noise):
-        """x_{prev_t} from x_t: the model call, then the fused (or reference) step. t, prev_t: device
-        tensors of shape [] (or host ints for the reference); t_model: the model's [B] timesteps."""
-        pred = self.predict(x, t_model)
-        if self.flat:  # one timestep for the batch: the same counters as [B, n], in fewer, larger programs
-            pred, x, noise = (None if v is None else v.reshape(1, -1) for v in (pred, x, noise))
-        # ddpm_step / ddim_step with the plan's spec, the offset given in elements (see __init__)
-        prev, _ = diffusion_ops._step(self.plan.spec, pred, t, prev_t, x, self.plan.schedule,
-                                      seed=self.seed if noise is None else None, noise=noise,
-                                      offset=self.element_offset, return_x0=False, backend=self.backend)
-        return prev.reshape(self.shape)
+    # --- the loop --------------------------------------------------------------------------------------
+
+    def _initial_noise(self):
+        """x_N = init_noise_sigma z_N: the initial stream (counter-based) or the generator (diffusers' order)."""
+        if self.generator is not None:
+            x = _diffusers_noise(self.shape, self.generator, self.device, self.dtype)
+        else:
+            x = self.strategy.initial_noise()
+        sigma = self.plan.init_noise_sigma
+        return x * sigma if sigma != 1.0 else x.contiguous()
 
     def _draw_step_noise(self, i):
-        if self.noise is not None and self.plan.generator_draws(i):
+        if self.noise is not None and self.generator_draws[i]:
             self.noise.copy_(_diffusers_noise(self.shape, self.generator, self.device, self.dtype))
+
+    def _step_noise(self, i):
+        return self.noise if self.noise is not None and self.generator_draws[i] else None
 
     def capture(self):
         """Warm up (compile, autotune, allocate) on a side stream, then capture one step into a CUDA
-        graph on static buffers (x, the step counter, the noise): the step reads t_i, s_i from the
-        device tables at the counter, writes x_{s_i} into x and advances the counter."""
-        batch = self.shape[0]
+        graph on static buffers (x, the step counter, the noise, the previous denoised output): the
+        step reads its timesteps, coefficients and input scale from the device tables at the counter,
+        writes x_next into x and advances the counter."""
+        strategy = self.strategy
         self.x = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         self.counter = counter = torch.zeros(1, dtype=torch.int64, device=self.device)
+        noise = self.noise  # the graph reads the buffer whenever the plan's step uses noise
 
         def body():
-            t = self.timesteps.index_select(0, counter).reshape(())
-            prev_t = self.prev_timesteps.index_select(0, counter).reshape(())
-            self.x.copy_(self.step(self.x, t, prev_t, t.expand(batch), self.noise))
+            self.x.copy_(strategy.step_at(counter, self.predict(self.x, counter), self.x, noise))
             counter.add_(1)
 
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):  # results discarded: x and the counter are not advanced
-                t, prev_t = self.timesteps[0], self.prev_timesteps[0]
-                self.step(self.x, t, prev_t, t.expand(batch), self.noise)
+                strategy.step_at(0, self.predict(self.x, 0), self.x, noise)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -442,7 +640,7 @@ class _Loop:
     def run(self, progress: bool, return_trajectory: bool):
         from tqdm.auto import tqdm
 
-        plan, batch = self.plan, self.shape[0]
+        plan = self.plan
         x = self._initial_noise()
         if self.graph is not None:
             self.x.copy_(x)
@@ -450,22 +648,14 @@ class _Loop:
             x = self.x
         trajectory = None
         if return_trajectory:
-            trajectory = torch.empty((plan.num_inference_steps + 1, *self.shape), dtype=self.dtype, device=self.device)
+            trajectory = torch.empty((plan.num_steps + 1, *self.shape), dtype=self.dtype, device=self.device)
             trajectory[0].copy_(x)
-        for i in tqdm(range(plan.num_inference_steps), disable=not progress, desc=f"{plan.kind} sampling",
-                      dynamic_ncols=True):
+        for i in tqdm(range(plan.num_steps), disable=not progress, desc=f"{plan.kind} sampling", dynamic_ncols=True):
             self._draw_step_noise(i)
             if self.graph is not None:
                 self.graph.replay()
-            elif self.torch_steps is not None:
-                x = self.torch_steps(i, self.predict(x, self.timesteps[i].expand(batch)), x, self.noise)
             else:
-                t_dev = self.timesteps[i]
-                if self.host_timesteps:  # host ints: no device sync on their way in
-                    t, prev_t = int(plan.timesteps[i]), int(plan.prev_timesteps[i])
-                else:
-                    t, prev_t = t_dev, self.prev_timesteps[i]
-                x = self.step(x, t, prev_t, t_dev.expand(batch), self.noise)
+                x = self.strategy.step(i, self.predict(x, i), x, self._step_noise(i))
             if trajectory is not None:
                 trajectory[i + 1].copy_(x)
         if self.graph is not None:

@@ -97,7 +97,7 @@ class StepTable:
 
 
 def sampler_step(table: StepTable, i, model_output, sample, *, prev_denoised=None, seed=None, noise=None, offset=0,
-                 guidance_scale=None, return_denoised=True, backend="auto"):
+                 guidance_scale=None, return_denoised=True, denoised_out=None, backend="auto"):
     """Step i of ``table``'s sampler: (x_next, denoised) from the model output at x (kernels/samplers.py).
 
     Args:
@@ -113,6 +113,8 @@ def sampler_step(table: StepTable, i, model_output, sample, *, prev_denoised=Non
             or the tensor ``noise`` (like sample).
         guidance_scale: None, or w: classifier-free guidance fused into the step.
         return_denoised: False returns (x_next, None).
+        denoised_out: backend "triton": write the denoised output into this tensor (like sample; it
+            may be ``prev_denoised`` itself, overwritten in place: what a captured loop keeps).
     Returns (x_next, denoised) in the sample's dtype.
     """
     if not isinstance(table, StepTable):
@@ -138,12 +140,17 @@ def sampler_step(table: StepTable, i, model_output, sample, *, prev_denoised=Non
         prev_denoised = None
     if noise is not None:
         _checks.like(noise, "noise", sample, "sample")
+    if denoised_out is not None:
+        _checks.like(denoised_out, "denoised_out", sample, "sample")
+        if not denoised_out.is_contiguous():
+            raise ValueError("denoised_out must be contiguous")
     element_offset = _checks.sample_offset(offset, sample.shape)
     backend = resolve_backend(backend, sample.device)
     seed = _checks.seed64(seed) if noise is None and table.any_draws else 0
     if backend == "triton":
         return _fused_step(table, i, model_output, sample, prev_denoised, noise=noise, seed=seed,
-                           offset=element_offset, guidance_scale=guidance_scale, return_denoised=return_denoised)
+                           offset=element_offset, guidance_scale=guidance_scale, return_denoised=return_denoised,
+                           denoised_out=denoised_out)
     if host_i is None:
         raise ValueError(f"backend {backend!r} steps on the host: i must be an int, got a tensor")
     if noise is None and table.draws(host_i):
@@ -155,6 +162,8 @@ def sampler_step(table: StepTable, i, model_output, sample, *, prev_denoised=Non
     else:
         out, denoised = torch_step(table, table.row(host_i), guided(model_output.float(), guidance_scale),
                                    sample.float(), prev_denoised, noise)
+    if denoised_out is not None:
+        denoised = denoised_out.copy_(denoised)
     return out.to(sample.dtype), (denoised.to(sample.dtype) if return_denoised else None)
 
 
@@ -193,12 +202,14 @@ def _clip(table: StepTable, x0, clip_x0):
 
 
 def _fused_step(table, i, model_output, sample, prev_denoised, *, noise, seed, offset, guidance_scale,
-                return_denoised):
+                return_denoised, denoised_out):
     from fastgen.kernels import samplers as k_samplers
     from fastgen.kernels.random import NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR
 
     out = empty(sample.shape, dtype=sample.dtype, device=sample.device)
-    denoised = empty(sample.shape, dtype=sample.dtype, device=sample.device) if return_denoised else None
+    denoised = denoised_out
+    if denoised is None and return_denoised:
+        denoised = empty(sample.shape, dtype=sample.dtype, device=sample.device)
     if sample.numel() == 0:
         return out, denoised
     coefficients, streams, steps = table.on(sample.device)

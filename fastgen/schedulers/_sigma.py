@@ -33,8 +33,8 @@ def step_table(scheduler, **step_settings) -> StepTable:
             if getattr(scheduler, "num_inference_steps", None) is None:
                 raise ValueError(f"{type(scheduler).__name__}: call set_timesteps before stepping")
             return TABLES[cls.__name__](scheduler, **step_settings)
-    raise TypeError(f"scheduler must be one of diffusers' {', '.join(sorted(TABLES))} (or fastgen's), got "
-                    f"{type(scheduler).__name__}")
+    raise TypeError(f"scheduler must be one of DDPMScheduler, DDIMScheduler{''.join(', ' + n for n in sorted(TABLES))}"
+                    f" (diffusers' or fastgen's), got {type(scheduler).__name__}")
 
 
 class SigmaStepMixin(FastgenMixin):
