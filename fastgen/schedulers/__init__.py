@@ -1,4 +1,5 @@
-"""Drop-in replacements for diffusers' DDPMScheduler and DDIMScheduler whose step is one fused kernel.
+"""Drop-in replacements for diffusers' schedulers whose step is one fused kernel: DDPMScheduler,
+DDIMScheduler, and the sigma-space EulerDiscreteScheduler and EulerAncestralDiscreteScheduler.
 
 They are subclasses of diffusers' own classes: change one import::
 
@@ -11,9 +12,15 @@ scheduler's own tables, so the same generator gives diffusers' trajectory to fp3
 """
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
+from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from fastgen.schedulers.ddim import DDIMScheduler
 from fastgen.schedulers.ddpm import DDPMScheduler
+from fastgen.schedulers.euler import EulerDiscreteScheduler
+from fastgen.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
 
-__all__ = ["DDPMScheduler", "DDPMSchedulerOutput", "DDIMScheduler", "DDIMSchedulerOutput", "SchedulerMixin"]
+__all__ = ["DDPMScheduler", "DDPMSchedulerOutput", "DDIMScheduler", "DDIMSchedulerOutput",
+           "EulerDiscreteScheduler", "EulerDiscreteSchedulerOutput",
+           "EulerAncestralDiscreteScheduler", "EulerAncestralDiscreteSchedulerOutput", "SchedulerMixin"]
