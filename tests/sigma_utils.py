@@ -56,6 +56,13 @@ def assert_trajectories_agree(table, x, *, seed, rtol=2e-5, atol=2e-5):
     assert_close(got, want.float(), rtol=rtol, atol=atol * scale)
 
 
+def model_input(scheduler, x, t):
+    """What a pipeline feeds the model: ``scale_model_input`` where the scheduler has one (flow matching
+    has none: the model sees x)."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    return x if scale is None else scale(x, t)
+
+
 def step_by_step(ours, theirs, x, *, steps=None, step_kwargs=None, rtol=1e-5, atol=1e-5, seed=0, noise_key=None,
                  model=toy_model):
     """fastgen's scheduler and diffusers' on the same inputs at every step, with generators seeded alike:
@@ -66,8 +73,8 @@ def step_by_step(ours, theirs, x, *, steps=None, step_kwargs=None, rtol=1e-5, at
     g_ours, g_theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
     timesteps = list(theirs.timesteps) if steps is None else list(theirs.timesteps)[:steps]
     for t_ours, t_theirs in zip(ours.timesteps, timesteps):
-        m = model(theirs.scale_model_input(x, t_theirs), t_theirs)
-        assert_close(ours.scale_model_input(x, t_ours), theirs.scale_model_input(x, t_theirs), rtol=1e-6, atol=1e-6)
+        m = model(model_input(theirs, x, t_theirs), t_theirs)
+        assert_close(model_input(ours, x, t_ours), model_input(theirs, x, t_theirs), rtol=1e-6, atol=1e-6)
         got = ours.step(m, t_ours, x, generator=g_ours, **step_kwargs)
         want = theirs.step(m, t_theirs, x, generator=g_theirs, **step_kwargs)
         scale = max(1.0, float(want.prev_sample.abs().max()), float(x.abs().max()))  # fp32 rounding of the operands
@@ -82,7 +89,7 @@ def step_by_step(ours, theirs, x, *, steps=None, step_kwargs=None, rtol=1e-5, at
 def seeded_loop(scheduler, x, *, seed, offset=0, step_kwargs=None, model=toy_model):
     """A pipeline's loop on ``scheduler`` with fastgen's counter noise (``step(..., seed=, offset=)``)."""
     for t in scheduler.timesteps:
-        m = model(scheduler.scale_model_input(x, t), t)
+        m = model(model_input(scheduler, x, t), t)
         x = scheduler.step(m, t, x, seed=seed, offset=offset, **(step_kwargs or {})).prev_sample
     return x
 

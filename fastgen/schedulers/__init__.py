@@ -1,5 +1,6 @@
 """Drop-in replacements for diffusers' schedulers whose step is one fused kernel: DDPMScheduler,
-DDIMScheduler, and the sigma-space EulerDiscreteScheduler and EulerAncestralDiscreteScheduler.
+DDIMScheduler, and the sigma-space EulerDiscreteScheduler, EulerAncestralDiscreteScheduler and
+FlowMatchEulerDiscreteScheduler.
 
 They are subclasses of diffusers' own classes: change one import::
 
@@ -14,13 +15,16 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from fastgen.schedulers.ddim import DDIMScheduler
 from fastgen.schedulers.ddpm import DDPMScheduler
 from fastgen.schedulers.euler import EulerDiscreteScheduler
 from fastgen.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
+from fastgen.schedulers.flow_match import FlowMatchEulerDiscreteScheduler
 
 __all__ = ["DDPMScheduler", "DDPMSchedulerOutput", "DDIMScheduler", "DDIMSchedulerOutput",
            "EulerDiscreteScheduler", "EulerDiscreteSchedulerOutput",
-           "EulerAncestralDiscreteScheduler", "EulerAncestralDiscreteSchedulerOutput", "SchedulerMixin"]
+           "EulerAncestralDiscreteScheduler", "EulerAncestralDiscreteSchedulerOutput",
+           "FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteSchedulerOutput", "SchedulerMixin"]
