@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 # record a component's library by its top-level module ("fastgen") and look up the class and its
 # loadable base (SchedulerMixin) there when they load a saved pipeline.
 _SCHEDULER_EXPORTS = ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                      "FlowMatchEulerDiscreteScheduler", "SchedulerMixin")
+                      "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "SchedulerMixin")
 
 
 def __getattr__(name):

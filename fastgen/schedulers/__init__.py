@@ -1,6 +1,6 @@
 """Drop-in replacements for diffusers' schedulers whose step is one fused kernel: DDPMScheduler,
-DDIMScheduler, and the sigma-space EulerDiscreteScheduler, EulerAncestralDiscreteScheduler and
-FlowMatchEulerDiscreteScheduler.
+DDIMScheduler, and the sigma-space EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
+DPMSolverMultistepScheduler and FlowMatchEulerDiscreteScheduler.
 
 They are subclasses of diffusers' own classes: change one import::
 
@@ -20,6 +20,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from fastgen.schedulers.ddim import DDIMScheduler
 from fastgen.schedulers.ddpm import DDPMScheduler
+from fastgen.schedulers.dpm_solver import DPMSolverMultistepScheduler
 from fastgen.schedulers.euler import EulerDiscreteScheduler
 from fastgen.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
 from fastgen.schedulers.flow_match import FlowMatchEulerDiscreteScheduler
@@ -27,4 +28,5 @@ from fastgen.schedulers.flow_match import FlowMatchEulerDiscreteScheduler
 __all__ = ["DDPMScheduler", "DDPMSchedulerOutput", "DDIMScheduler", "DDIMSchedulerOutput",
            "EulerDiscreteScheduler", "EulerDiscreteSchedulerOutput",
            "EulerAncestralDiscreteScheduler", "EulerAncestralDiscreteSchedulerOutput",
-           "FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteSchedulerOutput", "SchedulerMixin"]
+           "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteSchedulerOutput",
+           "SchedulerMixin"]
