@@ -1,4 +1,6 @@
-"""Drop-in replacements for diffusers' DDPMScheduler and DDIMScheduler whose step is one fused kernel.
+"""Drop-in replacements for diffusers' schedulers whose step is one fused kernel: DDPMScheduler,
+DDIMScheduler, and the sigma-space EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
+DPMSolverMultistepScheduler and FlowMatchEulerDiscreteScheduler.
 
 They are subclasses of diffusers' own classes: change one import::
 
@@ -11,9 +13,20 @@ scheduler's own tables, so the same generator gives diffusers' trajectory to fp3
 """
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
+from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from fastgen.schedulers.ddim import DDIMScheduler
 from fastgen.schedulers.ddpm import DDPMScheduler
+from fastgen.schedulers.dpm_solver import DPMSolverMultistepScheduler
+from fastgen.schedulers.euler import EulerDiscreteScheduler
+from fastgen.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
+from fastgen.schedulers.flow_match import FlowMatchEulerDiscreteScheduler
 
-__all__ = ["DDPMScheduler", "DDPMSchedulerOutput", "DDIMScheduler", "DDIMSchedulerOutput", "SchedulerMixin"]
+__all__ = ["DDPMScheduler", "DDPMSchedulerOutput", "DDIMScheduler", "DDIMSchedulerOutput",
+           "EulerDiscreteScheduler", "EulerDiscreteSchedulerOutput",
+           "EulerAncestralDiscreteScheduler", "EulerAncestralDiscreteSchedulerOutput",
+           "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteSchedulerOutput",
+           "SchedulerMixin"]
