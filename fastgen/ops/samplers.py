@@ -232,7 +232,8 @@ def _fused_step(table, i, model_output, sample, prev_denoised, *, noise, seed, o
         return out, denoised
     coefficients, streams, steps = table.on(sample.device)
     step = steps[i] if isinstance(i, int) else i.reshape(())
-    noise_mode = NOISE_TENSOR if noise is not None else NOISE_PHILOX if table.any_draws else NOISE_NONE
+    draws = table.draws(i) if isinstance(i, int) else table.any_draws  # a device index: any step may draw
+    noise_mode = NOISE_TENSOR if noise is not None else NOISE_PHILOX if draws else NOISE_NONE
     model_output, sample = model_output.contiguous(), sample.contiguous()
     scale = None
     if table.clip == "threshold":  # s per sample: the reference's quantile rule on the unclipped x0 (fp32)
