@@ -1,14 +1,15 @@
 """The sigma-space samplers' step op: one run's steps as coefficient rows, and the fused step on them
-(kernels/samplers.py; each sampler's float64 reference in fastgen/reference/samplers.py).
+(kernels/samplers.py; each sampler's float64 reference and table builder in fastgen/reference/:
+karras.py, dpm_solver.py, flow_matching.py).
 
 A ``StepTable`` holds what a run of N steps needs, made once on the host from a scheduler's sigmas
-(by the sampler's builder in fastgen/reference/samplers.py, in float64): per step i the affine
+(by the sampler's builder in fastgen/reference/, in float64): per step i the affine
 coefficients of kernels/samplers.py (columns CHURN .. NOISE), the noise stream, whether diffusers'
 generator draws, the model's timestep and input scale; per run the clipping and the initial noise.
 Its ``reference`` is the sampler's own float64 step (the paper's equations), which the kernel and
 the torch path are checked against.
 
-    table = fastgen.reference.samplers.euler_table(sigmas, timesteps, prediction_type="epsilon")
+    table = fastgen.schedulers._sigma.step_table(scheduler)   # after scheduler.set_timesteps(N)
     x, denoised = fastgen.ops.samplers.sampler_step(table, i, model_output, x, seed=0)
 
 Backends: "triton" the fused kernel; "torch" the same affine map in whole-tensor fp32 torch ops;
@@ -200,15 +201,27 @@ def torch_step(table: StepTable, row: dict, f, x, prev_denoised, noise):
 
     if noise is not None and row["churn"]:
         x = x + row["churn"] * noise.to(x.dtype)
-    x0 = row["cx"] * x + row["cf"] * f
-    x0 = _clip(table, x0, clip_x0)
-    denoised = x0 if (row["dx"], row["d0"]) == (0.0, 1.0) else row["dx"] * x + row["d0"] * x0
-    out = row["ax"] * x + row["ad"] * denoised + row["af"] * f
+    x0 = _clip(table, affine((row["cx"], x), (row["cf"], f)), clip_x0)
+    denoised = x0 if (row["dx"], row["d0"]) == (0.0, 1.0) else affine((row["dx"], x), (row["d0"], x0))
+    terms = [(row["ax"], x), (row["ad"], denoised), (row["af"], f)]
     if row["ap"] and prev_denoised is not None:
-        out = out + row["ap"] * prev_denoised.to(out.dtype)
+        terms.append((row["ap"], prev_denoised.to(x.dtype)))
     if row["noise"] and noise is not None:
-        out = out + row["noise"] * noise.to(out.dtype)
-    return out, denoised
+        terms.append((row["noise"], noise.to(x.dtype)))
+    return affine(*terms), denoised
+
+
+def affine(*terms):
+    """sum of c t over (c, t) terms, a new tensor, in one pass per term: t + c u as torch.add(t, u,
+    alpha=c), a coefficient of 1 not multiplied. Every term counts, zero coefficients too (0 * NaN is
+    NaN, as in the kernel)."""
+    (c0, t0), rest = terms[0], terms[1:]
+    if not rest:
+        return t0.clone() if c0 == 1 else t0 * c0
+    out = torch.add(t0, rest[0][1], alpha=rest[0][0]) if c0 == 1 else torch.add(t0 * c0, rest[0][1], alpha=rest[0][0])
+    for c, t in rest[1:]:
+        out.add_(t, alpha=c)
+    return out
 
 
 def _clip(table: StepTable, x0, clip_x0):
