@@ -225,7 +225,8 @@ def _sample(args) -> int:
     from fastgen import distributed, images, sampling
 
     images.check_samples_path(args.out, "--out")
-    batched = distributed.launched() or args.shard_dir is not None or args.batch_size is not None
+    batched = (distributed.launched() or args.shard_dir is not None or args.batch_size is not None
+               or args.shard_size is not None)
     if args.model == "flow":
         if batched:
             raise ValueError("--batch-size, --shard-dir and torchrun need --model ddpm (the flow samples in one call)")

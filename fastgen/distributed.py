@@ -131,6 +131,8 @@ class _Ranks:
         if group is not None and not self.active:
             raise ValueError("group must be None when torch.distributed is not initialised, got a group")
         self.rank = dist.get_rank(group) if self.active else 0
+        if self.rank < 0:
+            raise ValueError("group must hold this process: call fastgen.distributed.sample on the group's ranks only")
         self.size = dist.get_world_size(group) if self.active else 1
         nccl = self.active and "nccl" in str(dist.get_backend(group))
         self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
