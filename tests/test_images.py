@@ -63,7 +63,6 @@ def test_write_png_names_bad_pixels(tmp_path, pixels):
 
 
 def test_save_npz_writes_pixels_in_0_1_whole_or_in_blocks(tmp_path):
-
     x = torch.rand(5, 3, 4, 6) * 2.4 - 1.2  # some values outside [-1, 1]: clipped
     images.save_npz(x, tmp_path / "a.npz", value_range=(-1, 1))
     with np.load(tmp_path / "a.npz") as arrays:
