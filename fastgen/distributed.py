@@ -331,7 +331,8 @@ def load_manifest(shard_dir) -> dict:
     except FileNotFoundError:
         raise ValueError(f"shard_dir must hold a {MANIFEST}, got {os.fspath(shard_dir)!r} without one") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"shard_dir {os.fspath(shard_dir)!r}: {MANIFEST} is not a fastgen shard manifest ({err})") from None
+        raise ValueError(f"shard_dir {os.fspath(shard_dir)!r}: {MANIFEST} is not a fastgen shard manifest "
+                         f"({err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"shard_dir {os.fspath(shard_dir)!r}: {MANIFEST} is not a {MANIFEST_FORMAT} manifest")
     return manifest
@@ -345,8 +346,8 @@ def _shard_finished(shard_dir, shard, sample_shape, config_hash) -> bool:
         return False
     try:
         with zipfile.ZipFile(path) as archive, archive.open("samples.npy") as member:
-            version = np.lib.format.read_magic(member)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            npy = np.lib.format
+            read_header = npy.read_array_header_1_0 if npy.read_magic(member) == (1, 0) else npy.read_array_header_2_0
             shape, _, dtype = read_header(member)
         with np.load(path) as arrays:
             marks = (int(arrays["start"]), int(arrays["end"]), str(arrays["config_hash"]))
@@ -367,7 +368,8 @@ def _open_shard_dir(run) -> list:
     (a new directory) or checking it (a rerun). ValueError for a directory of another configuration,
     or one holding files but no manifest."""
     shard_dir = run.shard_dir
-    shards = [{"index": i, "start": start, "end": end, "file": _shard_name(i)} for i, (start, end) in enumerate(run.units)]
+    shards = [{"index": i, "start": start, "end": end, "file": _shard_name(i)}
+              for i, (start, end) in enumerate(run.units)]
     if os.path.exists(os.path.join(shard_dir, MANIFEST)):
         manifest = load_manifest(shard_dir)
         differ = _differences(run.config, manifest.get("config", {}))
