@@ -3,7 +3,8 @@
     validate   check every Triton kernel against its torch reference on this device, print a table
     bench      time every op against its peers and the copy bandwidth: table, results.json, plots
     train      train a reference model on the built-in data and save a checkpoint (train gan, train ddpm)
-    sample     sample digits with the shipped DDPM: a PNG grid, time per step of the fused and reference loops
+    sample     sample digits with the shipped DDPM: a PNG grid or a .npz array, time per step of the fused and
+               reference loops; in batches, resumable (--shard-dir) and on many processes (torchrun)
 """
 import argparse
 import math
@@ -15,7 +16,7 @@ from fastgen._files import prepare_output
 # What a user gets wrong (a bad argument, a path that cannot be read or written): one line, exit 2.
 USER_ERRORS = (ValueError, TypeError, ImportError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
                PermissionError)
-EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def _use_interpreter_without_gpu():
@@ -159,16 +160,11 @@ def _sample_flow(args) -> int:
     return 0
 
 
-def _sample(args) -> int:
-    import torch
-
-    from fastgen import images, sampling
+def _denoiser_run(args, device):
+    """(model, scheduler, steps, shape) of ``sample --model ddpm``'s arguments."""
+    from fastgen import sampling
     from fastgen.models import denoisers
 
-    if args.model == "flow":
-        return _sample_flow(args)
-    out = prepare_output(args.out, name="--out")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = (denoisers.load_checkpoint(args.checkpoint, device=device) if args.checkpoint
              else denoisers.pretrained_denoiser(device=device))
     scheduler = sampling.make_scheduler(args.sampler, **model.scheduler_config)
@@ -178,6 +174,68 @@ def _sample(args) -> int:
     else:  # the MLP sees square grey images flattened
         side = math.isqrt(model.dim)
         shape = (args.n, 1, side, side)
+    return model, scheduler, steps, shape
+
+
+def _sample_distributed(args) -> int:
+    """``sample`` in batches through ``fastgen.distributed.sample``: on every rank of a torchrun launch
+    (the process group initialised here from its variables), or alone with --batch-size / --shard-dir;
+    rank 0 writes --out (from the shards with --shard-dir, streamed for a .npz)."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from fastgen import distributed, images
+
+    if args.shard_size is not None and args.shard_dir is None:
+        raise ValueError("--shard-size needs --shard-dir")
+    rank = int(os.environ.get("RANK", "0")) if distributed.launched() else 0
+    out = prepare_output(args.out, name="--out") if rank == 0 else args.out
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if distributed.launched():
+        device = distributed.local_device(device.type)  # one GPU per rank: cuda:LOCAL_RANK
+    initialised = distributed.init_from_env(device, timeout_s=args.dist_timeout)
+    try:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        model, scheduler, steps, shape = _denoiser_run(args, device)
+        began = time.perf_counter()
+        x = distributed.sample(model, shape[1:], scheduler, n=args.n, seed=args.seed,
+                               batch_size=args.batch_size or distributed.DEFAULT_BATCH_SIZE, shard_dir=args.shard_dir,
+                               shard_size=args.shard_size, gather=args.shard_dir is None,
+                               progress=rank == 0 and not args.no_progress, num_inference_steps=steps, eta=args.eta,
+                               device=device)
+        seconds = time.perf_counter() - began
+        if rank == 0:
+            samples = x if args.shard_dir is None else distributed.iter_shards(args.shard_dir)
+            images.save_samples(samples, out, value_range=(-1, 1), scale=args.scale, shape=shape)
+            print(f"{args.n} samples, {steps} {args.sampler.upper()} steps, seed {args.seed}, batches of "
+                  f"{min(args.batch_size or distributed.DEFAULT_BATCH_SIZE, args.n)}, {world} process"
+                  f"{'es' if world > 1 else ''} on {device.type}: wrote {out}; {seconds:.2f} s, "
+                  f"{args.n / seconds:.1f} samples/s{' (shards finished earlier included)' if args.shard_dir else ''}")
+    finally:
+        if initialised:
+            dist.destroy_process_group()
+    return 0
+
+
+def _sample(args) -> int:
+    import torch
+
+    from fastgen import distributed, images, sampling
+
+    images.check_samples_path(args.out, "--out")
+    batched = (distributed.launched() or args.shard_dir is not None or args.batch_size is not None
+               or args.shard_size is not None)
+    if args.model == "flow":
+        if batched:
+            raise ValueError("--batch-size, --shard-dir and torchrun need --model ddpm (the flow samples in one call)")
+        return _sample_flow(args)
+    if batched:
+        return _sample_distributed(args)
+    out = prepare_output(args.out, name="--out")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, scheduler, steps, shape = _denoiser_run(args, device)
     common = dict(num_inference_steps=steps, seed=args.seed, eta=args.eta, device=device)
     fast = sampling.Sampler(model, shape, scheduler, **common)  # what fastgen.sample runs on this device
     x, seconds = _timed_sample(fast, device, not args.no_progress)
@@ -188,7 +246,7 @@ def _sample(args) -> int:
         reference = sampling.Sampler(model, shape, scheduler, backend="reference", **common)
         x_ref, seconds = _timed_sample(reference, device, not args.no_progress)
         paths.append(("reference (float64 steps)", seconds, x_ref))
-    images.save_grid(paths[0][2].reshape(shape), out, value_range=(-1, 1), scale=args.scale)
+    images.save_samples(paths[0][2].reshape(shape), out, value_range=(-1, 1), scale=args.scale)
     print(f"{args.n} samples, {steps} {args.sampler.upper()} steps, seed {args.seed}, on {device}: wrote {out}")
     print(f"{'path':<40} {'per step':>12} {'total':>10}")
     for label, seconds, _ in paths:
@@ -332,7 +390,9 @@ def _add_sample(commands):
     p.add_argument("--n", type=_int_at_least(1), default=64, help="number of samples (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the counter-based noise (default: 0)")
     p.add_argument("--eta", type=_unit_interval, default=0.0, help="ddim: eta in [0, 1] (default: 0)")
-    p.add_argument("--out", default="grid.png", help="the PNG grid (default: ./grid.png)")
+    p.add_argument("--out", default="grid.png",
+                   help="the output: .png a grid, .npz the samples [N, C, H, W] as float32 in [0, 1] under the key "
+                        "'samples' (default: ./grid.png)")
     p.add_argument("--scale", type=_int_at_least(1), default=4,
                    help="pixels per sample pixel in the PNG (default: 4)")
     p.add_argument("--checkpoint", default=None, help="a denoiser checkpoint (default: the shipped digits one)")
@@ -340,6 +400,16 @@ def _add_sample(commands):
     p.add_argument("--no-reference", dest="reference", action="store_false",
                    help="skip the reference loop (its time and the comparison)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=None,
+                   help="samples per sampling call; the same samples for any number of processes (default with "
+                        "torchrun or --shard-dir: 256; without any of them, all --n in one call, timed)")
+    p.add_argument("--shard-dir", default=None,
+                   help="a folder for a resumable run: each finished shard saved there, a rerun skips them")
+    p.add_argument("--shard-size", type=_int_at_least(1), default=None,
+                   help="samples per shard, a multiple of the batch size (default: 16 batches)")
+    p.add_argument("--dist-timeout", type=_positive_float, default=1800.0,
+                   help="torchrun: seconds to wait for the other ranks at the rendezvous and each exchange "
+                        "(default: 1800)")
     p.set_defaults(run=_sample)
 
 
@@ -355,8 +425,12 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Run one command. A user error (a bad argument, a path that cannot be read or written, a file that is
     not a checkpoint) prints one line ``python -m fastgen <command>: error: ...`` on stderr and returns 2;
-    Ctrl-C prints one line and returns 130 (outputs are replaced only whole, so none is left half written)."""
+    Ctrl-C prints one line and returns 130 (outputs are replaced only whole, so none is left half written);
+    another rank's failure in a torchrun launch (``fastgen.distributed.DistributedError``) one line and 1."""
     parser = _build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--"]:  # `torchrun -m fastgen -- sample ...` passes the rest; `python -m fastgen -- sample` too
+        argv = argv[1:]
     try:
         args = parser.parse_args(argv)
     except _UsageError as err:
@@ -371,3 +445,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; no output was left half written", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except RuntimeError as err:  # another rank failed, died or never arrived: one line on every rank
+        distributed = sys.modules.get("fastgen.distributed")
+        if distributed is None or not isinstance(err, distributed.DistributedError):
+            raise
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_FAILED

@@ -113,10 +113,11 @@ def test_output_paths_are_checked_before_the_work(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(gan, "train", no_work)
     monkeypatch.setattr(denoisers, "pretrained_denoiser", no_work)
     (tmp_path / "file").write_text("x")
+    (tmp_path / "folder.png").mkdir()
     cases = [
         (["train", "ddpm", "--out", str(tmp_path)], "--out must be a file path, got the directory"),
         (["train", "gan", "--out", str(tmp_path / "file" / "sub" / "g.pt")], "a file is in the way"),
-        (["sample", "--out", str(tmp_path)], "--out must be a file path, got the directory"),
+        (["sample", "--out", str(tmp_path / "folder.png")], "--out must be a file path, got the directory"),
         (["bench", "--quick", "--out", str(tmp_path / "file")], "--out must be a folder, got the existing file"),
     ]
     for argv, message in cases:

@@ -1,4 +1,6 @@
 """fastgen.images: the grid layout, PNG files through Pillow, and refusals of what cannot be drawn."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -58,3 +60,36 @@ def test_grid_names_bad_images(x):
 def test_write_png_names_bad_pixels(tmp_path, pixels):
     with pytest.raises(ValueError, match="pixels must be a uint8"):
         images.write_png(tmp_path / "p.png", pixels)
+
+
+def test_save_npz_writes_pixels_in_0_1_whole_or_in_blocks(tmp_path):
+    x = torch.rand(5, 3, 4, 6) * 2.4 - 1.2  # some values outside [-1, 1]: clipped
+    images.save_npz(x, tmp_path / "a.npz", value_range=(-1, 1))
+    with np.load(tmp_path / "a.npz") as arrays:
+        assert arrays.files == ["samples"]
+        a = arrays["samples"]
+    assert a.dtype == np.float32 and a.shape == (5, 3, 4, 6)
+    assert np.array_equal(a, ((x + 1) / 2).clamp(0, 1).numpy())
+    images.save_npz(iter([x[:2], x[2:3], x[3:]]), tmp_path / "b.npz", value_range=(-1, 1), shape=x.shape)
+    with np.load(tmp_path / "b.npz") as arrays:
+        assert np.array_equal(arrays["samples"], a)
+
+
+@pytest.mark.parametrize("blocks, message", [
+    (lambda x: [x[:2], x[2:4]], "must add up to 5 images, got 4"),
+    (lambda x: [x[:2], x[2:, :, :3]], "must be blocks of"),
+    (lambda x: [x[:2], x[2:].clone().fill_(float("nan"))], "non-finite"),
+])
+def test_save_npz_leaves_the_old_file_when_a_block_is_wrong(tmp_path, blocks, message):
+    x = torch.rand(5, 1, 4, 4)
+    (tmp_path / "x.npz").write_bytes(b"old")
+    with pytest.raises(ValueError, match=message):
+        images.save_npz(blocks(x), tmp_path / "x.npz", shape=x.shape)
+    assert (tmp_path / "x.npz").read_bytes() == b"old" and os.listdir(tmp_path) == ["x.npz"]
+
+
+def test_sample_paths_must_be_png_or_npz():
+    images.check_samples_path("a/b.PNG")
+    images.check_samples_path("b.npz")
+    with pytest.raises(ValueError, match=r"out must end in .png or .npz .*, got 'x.jpg'"):
+        images.check_samples_path("x.jpg", "out")

@@ -459,14 +459,16 @@ def _progress(total, enabled):
 
 def sample_flow(out, *, n: int = 64, seed: int = 0, temperature: float = 1.0, checkpoint=None, device=None,
                 scale: int = 4) -> dict:
-    """Sample ``n`` digits from the shipped flow (or ``checkpoint``) into a PNG grid at ``out`` and score
-    them with ``fastgen.quality.digits_quality``. Returns dict(samples, quality, seconds)."""
+    """Sample ``n`` digits from the shipped flow (or ``checkpoint``) into ``out`` (a PNG grid, or a .npz
+    array: ``fastgen.images.save_samples``) and score them with ``fastgen.quality.digits_quality``.
+    Returns dict(samples, quality, seconds)."""
     from fastgen import images, quality
 
+    images.check_samples_path(out, "out")
     prepare_output(out, name="out")
     model = load_checkpoint(checkpoint, device=device) if checkpoint else pretrained_flow(device=device)
     began = time.perf_counter()
     x = model.sample(n, seed=seed, temperature=temperature)
     seconds = time.perf_counter() - began
-    images.save_grid(x, out, scale=scale)
+    images.save_samples(x, out, scale=scale)
     return dict(samples=x, quality=quality.digits_quality(x) if n >= 2 else None, seconds=seconds)
