@@ -253,12 +253,14 @@ class _Run:
             raise ValueError("shard_size needs a shard_dir")
         self.units = [(start, min(start + unit, self.n)) for start in range(0, self.n, unit)]
         self.model, self.scheduler, self.sample_kwargs = model, scheduler, dict(sample_kwargs)
+        self.labels = self._per_sample_labels()
         # the first batch's sampler checks every argument fastgen.sample checks, before any work
-        probe = sampling.Sampler(model, (batch, *self.sample_shape), scheduler, seed=self.seed, **sample_kwargs)
-        self.device, self.dtype = probe.loop.device, probe.loop.dtype
+        probe = sampling.Sampler(model, (batch, *self.sample_shape), scheduler, seed=self.seed,
+                                 **self.batch_kwargs(0))
+        self.device, self.dtype = probe.device, probe.dtype
         # as resolved (a default and the same value given explicitly agree); the device by its type
         resolved = {"device", "dtype", "backend", "num_inference_steps"}
-        described = {k: _describe(v) for k, v in sample_kwargs.items() if k not in resolved}
+        described = {k: _describe(v) for k, v in sample_kwargs.items() if k not in resolved}  # labels included
         self.config = json.loads(json.dumps({
             "fastgen": __version__, "model": model_identity(model),
             "scheduler": {"class": type(scheduler).__qualname__, "config": _describe(
@@ -275,11 +277,31 @@ class _Run:
         count cut at n (the call still samples B)."""
         return [(offset, min(self.batch, end - offset)) for offset in range(start, end, self.batch)]
 
+    def _per_sample_labels(self):
+        """``class_labels`` given one per sample (a [n] tensor): taken out of the shared arguments and
+        sliced per batch (``batch_kwargs``); None for one label for all (an int), which passes as it is."""
+        labels = self.sample_kwargs.get("class_labels")
+        if not isinstance(labels, torch.Tensor) or labels.dim() == 0 or labels.numel() == 1:
+            return None
+        if labels.shape != (self.n,):
+            raise ValueError(f"class_labels must be one int or one per sample (n={self.n}), got shape "
+                             f"{tuple(labels.shape)}")
+        return self.sample_kwargs.pop("class_labels").to("cpu", torch.int64)
+
+    def batch_kwargs(self, offset):
+        """The sampling arguments of the batch at ``offset``: per-sample labels sliced (the padding
+        past n repeats the last label; those samples are dropped)."""
+        if self.labels is None:
+            return self.sample_kwargs
+        labels = self.labels[offset:offset + self.batch]
+        labels = torch.cat([labels, labels[-1:].expand(self.batch - len(labels))])
+        return dict(self.sample_kwargs, class_labels=labels)
+
     def sample_batch(self, offset, count):
         import fastgen
 
         x = fastgen.sample(self.model, (self.batch, *self.sample_shape), self.scheduler, seed=self.seed,
-                           offset=offset, **self.sample_kwargs)
+                           offset=offset, **self.batch_kwargs(offset))
         return x[:count]
 
 

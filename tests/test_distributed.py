@@ -29,6 +29,10 @@ from fastgen.models import pretrained_denoiser
 SAMPLERS = {
     "ddpm": ("ddpm", dict(num_inference_steps=4)),
     "ddim": ("ddim", dict(num_inference_steps=5, eta=0.5)),  # eta > 0: noise in every step, not only x_T
+    "euler": ("euler", dict(num_inference_steps=4)),
+    "euler_ancestral": ("euler_ancestral", dict(num_inference_steps=4)),  # noise in every step
+    "sde-dpmsolver++": ("sde-dpmsolver++", dict(num_inference_steps=4)),  # multistep, noise in every step
+    "flow_match": ("flow_match", dict(num_inference_steps=4)),
 }
 N, BATCH, SHARD = 9, 2, 4  # 5 batches; shards [0, 4), [4, 8), [8, 9)
 SHAPE = (1, 8, 8)
@@ -220,6 +224,28 @@ def test_a_rank_that_dies_fails_the_others_and_the_run_resumes_on_one_process(wo
 
 
 # --- shard directories in one process ---------------------------------------------------------------
+
+def test_per_sample_class_labels_follow_their_samples_across_batches():
+    """class_labels of shape [n] are sliced with the batch grid: sample k is guided towards label k,
+    as in one fastgen.sample call on the batch that holds it."""
+    def model(x, t, class_labels=None):
+        return 0.3 * x + 0.05 * class_labels.to(x.dtype).reshape(-1, *[1] * (x.dim() - 1))
+
+    scheduler = sampling.make_scheduler("ddim")
+    labels = torch.arange(N) % 4
+    common = dict(num_inference_steps=3, guidance_scale=2.0, null_class_label=9, backend="torch")
+    got = distributed.sample(model, SHAPE, scheduler, n=N, seed=SEED, batch_size=BATCH, class_labels=labels, **common)
+    batches = []
+    for offset in range(0, N, BATCH):
+        batch_labels = labels[offset:offset + BATCH]
+        batch_labels = torch.cat([batch_labels, batch_labels[-1:].expand(BATCH - len(batch_labels))])
+        batches.append(fastgen.sample(model, (BATCH, *SHAPE), scheduler, seed=SEED, offset=offset,
+                                      class_labels=batch_labels, **common))
+    torch.testing.assert_close(got, torch.cat(batches)[:N], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"class_labels must be one int or one per sample \(n=9\)"):
+        distributed.sample(model, SHAPE, scheduler, n=N, seed=SEED, batch_size=BATCH, class_labels=labels[:4],
+                           **common)
+
 
 def test_a_shard_directory_of_another_configuration_is_refused(tmp_path):
     model, scheduler, kwargs = _setup("ddim")
