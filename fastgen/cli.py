@@ -127,6 +127,8 @@ def _train_flow(args) -> int:
 
 
 TRAIN_TARGETS = {"gan": _train_gan, "ddpm": _train_ddpm, "flow": _train_flow}
+# sample --sampler: the schedulers of fastgen.sampling.make_scheduler that run on the digits denoiser
+SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral", "dpmsolver++", "sde-dpmsolver++", "flow_match")
 
 
 def _train(args) -> int:
@@ -161,20 +163,46 @@ def _sample_flow(args) -> int:
 
 
 def _denoiser_run(args, device):
-    """(model, scheduler, steps, shape) of ``sample --model ddpm``'s arguments."""
+    """(model, scheduler, steps, shape, guidance) of ``sample --model ddpm``'s arguments; guidance: the
+    sampling arguments of --label / --guidance-scale. Flow matching samples the denoiser as a velocity
+    model (fastgen.models.velocity)."""
     from fastgen import sampling
     from fastgen.models import denoisers
 
     model = (denoisers.load_checkpoint(args.checkpoint, device=device) if args.checkpoint
              else denoisers.pretrained_denoiser(device=device))
-    scheduler = sampling.make_scheduler(args.sampler, **model.scheduler_config)
-    steps = args.steps if args.steps is not None else (1000 if args.sampler == "ddpm" else 50)
+    guidance = _guidance_arguments(args, model)
     if isinstance(model, denoisers.UNetDenoiser):
         shape = (args.n, model.in_channels, model.image_size, model.image_size)
     else:  # the MLP sees square grey images flattened
         side = math.isqrt(model.dim)
         shape = (args.n, 1, side, side)
-    return model, scheduler, steps, shape
+    if args.sampler == "flow_match":
+        from fastgen.models.velocity import VelocityModel
+
+        model, scheduler = VelocityModel(model), sampling.make_scheduler("flow_match")
+    else:
+        scheduler = sampling.make_scheduler(args.sampler, **model.scheduler_config)
+    steps = args.steps if args.steps is not None else (1000 if args.sampler == "ddpm" else 50)
+    return model, scheduler, steps, shape, guidance
+
+
+def _guidance_arguments(args, model) -> dict:
+    """fastgen.sample's class_labels / guidance_scale from --label / --guidance-scale, checked against the model."""
+    if args.label is None:
+        if args.guidance_scale is not None:
+            raise ValueError("--guidance-scale needs --label (the digit to guide towards)")
+        return {}
+    classes = getattr(model, "num_classes", None)
+    if not classes:
+        raise ValueError("--label needs a class-conditional denoiser (python -m fastgen train ddpm --conditional); "
+                         "this checkpoint is unconditional")
+    if not 0 <= args.label < classes:
+        raise ValueError(f"--label must be in [0, {classes}) (the model's classes), got {args.label}")
+    guidance = {"class_labels": args.label}
+    if args.guidance_scale is not None:
+        guidance["guidance_scale"] = args.guidance_scale
+    return guidance
 
 
 def _sample_distributed(args) -> int:
@@ -198,13 +226,13 @@ def _sample_distributed(args) -> int:
     initialised = distributed.init_from_env(device, timeout_s=args.dist_timeout)
     try:
         world = dist.get_world_size() if dist.is_initialized() else 1
-        model, scheduler, steps, shape = _denoiser_run(args, device)
+        model, scheduler, steps, shape, guidance = _denoiser_run(args, device)
         began = time.perf_counter()
         x = distributed.sample(model, shape[1:], scheduler, n=args.n, seed=args.seed,
                                batch_size=args.batch_size or distributed.DEFAULT_BATCH_SIZE, shard_dir=args.shard_dir,
                                shard_size=args.shard_size, gather=args.shard_dir is None,
                                progress=rank == 0 and not args.no_progress, num_inference_steps=steps, eta=args.eta,
-                               device=device)
+                               device=device, **guidance)
         seconds = time.perf_counter() - began
         if rank == 0:
             samples = x if args.shard_dir is None else distributed.iter_shards(args.shard_dir)
@@ -235,8 +263,8 @@ def _sample(args) -> int:
         return _sample_distributed(args)
     out = prepare_output(args.out, name="--out")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, scheduler, steps, shape = _denoiser_run(args, device)
-    common = dict(num_inference_steps=steps, seed=args.seed, eta=args.eta, device=device)
+    model, scheduler, steps, shape, guidance = _denoiser_run(args, device)
+    common = dict(num_inference_steps=steps, seed=args.seed, eta=args.eta, device=device, **guidance)
     fast = sampling.Sampler(model, shape, scheduler, **common)  # what fastgen.sample runs on this device
     x, seconds = _timed_sample(fast, device, not args.no_progress)
     label = ("fastgen (fused Triton, " + ("CUDA graph)" if fast.captured else "eager)")
@@ -288,6 +316,7 @@ def _number_in(low: float, high: float, *, low_open: bool, describe: str):
 
 _unit_interval = _number_in(0.0, 1.0, low_open=False, describe="a number in [0, 1]")
 _positive_float = _number_in(0.0, sys.float_info.max, low_open=True, describe="a finite number > 0")
+_finite_float = _number_in(-sys.float_info.max, sys.float_info.max, low_open=False, describe="a finite number")
 
 
 def _device(text):
@@ -384,7 +413,12 @@ def _add_sample(commands):
     p.add_argument("--model", default="ddpm", choices=["ddpm", "flow"],
                    help="the shipped model to sample (default: ddpm; flow: the normalizing flow)")
     p.add_argument("--temperature", type=_positive_float, default=1.0, help="flow: the latent's scale (default: 1)")
-    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"], help="the scheduler (default: ddim)")
+    p.add_argument("--sampler", default="ddim", choices=SAMPLERS,
+                   help="the scheduler (default: ddim); flow_match samples the denoiser as a velocity model")
+    p.add_argument("--label", type=_int_at_least(0), default=None,
+                   help="the digit to sample (a class-conditional denoiser, train ddpm --conditional)")
+    p.add_argument("--guidance-scale", type=_finite_float, default=None,
+                   help="classifier-free guidance towards --label (w; 1: the conditional model alone)")
     p.add_argument("--steps", type=_int_at_least(1), default=None,
                    help="sampling steps (default: ddim 50, ddpm 1000)")
     p.add_argument("--n", type=_int_at_least(1), default=64, help="number of samples (default: 64)")

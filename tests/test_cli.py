@@ -90,6 +90,10 @@ def test_sample_refuses_a_checkpoint_and_says_why(tmp_path, capsys):
     (["bench", "--device", "meta"], "argument --device: must be cpu, cuda or cuda:N"),
     (["train", "ddpm", "--denoiser", "vit"], "argument --denoiser: invalid choice: 'vit'"),
     (["validate", "--ops", "no_such_op"], "ops must name registered checks"),
+    (["sample", "--sampler", "heun"], "argument --sampler: invalid choice: 'heun'"),
+    (["sample", "--guidance-scale", "inf"], "argument --guidance-scale: must be a finite number, got inf"),
+    (["sample", "--guidance-scale", "3", "--n", "1"], "--guidance-scale needs --label"),
+    (["sample", "--label", "3", "--n", "1"], "--label needs a class-conditional denoiser"),
 ])
 def test_bad_arguments_get_one_line_and_status_2(argv, message, capsys):
     assert message in _user_error(capsys, argv)
@@ -156,6 +160,20 @@ def test_the_command_line_prints_one_line_without_a_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.splitlines() == [f"python -m fastgen train: error: --out must be a file path, "
                                         f"got the directory {str(tmp_path)!r}"]
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "dpmsolver++", "sde-dpmsolver++", "flow_match"])
+def test_sample_runs_every_sampler_into_npz(tmp_path, capsys, sampler):
+    import numpy as np
+
+    from fastgen import cli
+
+    out = tmp_path / "x.npz"
+    assert cli.main(["sample", "--sampler", sampler, "--steps", "3", "--n", "3", "--out", str(out), "--no-progress"]) == 0
+    samples = np.load(out)["samples"]
+    assert samples.shape == (3, 1, 8, 8) and samples.dtype == np.float32
+    assert ((samples >= 0) & (samples <= 1)).all()
+    assert "fastgen vs reference" in capsys.readouterr().out
 
 
 def test_train_and_sample_the_flow(tmp_path, capsys):
