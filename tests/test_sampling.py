@@ -560,3 +560,25 @@ def test_guidance_needs_a_null_label():
     with pytest.raises(ValueError, match=r"model output must have shape \(4, 3\)"):  # a model ignoring the doubling
         fastgen.sample(lambda x, t, class_labels=None: x[:2], (2, 3), DDPMScheduler(num_train_timesteps=T),
                        class_labels=1, guidance_scale=2.0, null_class_label=0, backend="torch")
+
+
+@pytest.mark.parametrize("make_scheduler,kwargs", [SCHEDULERS[2], SCHEDULERS[3], *SIGMA_SCHEDULERS[2:6]])
+@pytest.mark.parametrize("guided", [False, True])
+def test_the_captured_body_on_a_device_counter_is_the_eager_loop(make_scheduler, kwargs, guided):
+    """What a CUDA graph replays, run here without a GPU: the step reading its timesteps, coefficients
+    and input scale at a device step counter (and a multistep solver's previous output from its static
+    buffer) gives the eager loop's samples."""
+    from fastgen.sampling import Sampler
+
+    model = Conditional()
+    guidance = dict(class_labels=torch.tensor([1, 3]), guidance_scale=2.0) if guided else {}
+    args = dict(num_inference_steps=4, seed=6, offset=3, backend="triton", **guidance, **kwargs)
+    sampler = Sampler(model, (2, 2, 3), make_scheduler(), **args)
+    expected = sampler()
+    x = sampler._initial_noise()
+    counter = torch.zeros(1, dtype=torch.int64)
+    with torch.no_grad():
+        for _ in range(sampler.num_inference_steps):
+            x = sampler.strategy.step_at(counter, sampler.predict(x, counter), x, None)
+            counter.add_(1)
+    torch.testing.assert_close(x, expected, rtol=1e-6, atol=1e-6)
