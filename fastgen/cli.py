@@ -46,29 +46,17 @@ def _bench(args) -> int:
 
 
 def _train_gan(args) -> int:
-    import torch
-
-    from fastgen import quality
     from fastgen.models import gan
 
     out = prepare_output(args.out or "gan_digits.pt", name="--out")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     steps = 8000 if args.steps is None else args.steps  # generator updates; ~3 min on one CPU core
-    torch.manual_seed(args.seed)
-    generator, discriminator = gan.build(args.architecture, latent_dim=args.latent_dim)
-    generator.to(args.device)
-    discriminator.to(args.device)
-    data = gan.digits_for_training(args.architecture)
-    history = gan.train(generator, discriminator, data, loss=args.loss, steps=steps,
-                        batch_size=args.batch_size, d_steps=args.d_steps, seed=args.seed,
-                        progress=not args.no_progress)
-    score = quality.digits_quality(generator.sample(1000, seed=args.seed + 1), value_range=(-1, 1))
-    gan.save_checkpoint(out, generator.cpu(), discriminator.cpu(), loss=args.loss, steps=steps,
-                        batch_size=args.batch_size, d_steps=args.d_steps, seed=args.seed,
-                        seconds=round(history["seconds"], 1), confidence=score.confidence, mmd=score.mmd)
-    print(f"trained {args.architecture} GAN ({args.loss}) for {steps} steps in {history['seconds']:.0f}s; "
-          f"1000 samples: {score}; saved {out}")
+    result = gan.train_gan(out, architecture=args.architecture, latent_dim=args.latent_dim, loss=args.loss, steps=steps,
+                           batch_size=args.batch_size, d_steps=args.d_steps, seed=args.seed, resume=args.resume,
+                           checkpoint_every=args.checkpoint_every, slim=args.slim, threads=args.threads,
+                           device=args.device, progress=not args.no_progress)
+    settings = result["history"]["settings"]
+    print(f"trained {type(result['generator']).__name__} ({settings['loss']}) for {settings['steps']} steps in "
+          f"{result['seconds']:.0f}s; 1000 samples: {result['quality']}; saved {out}")
     return 0
 
 
@@ -311,12 +299,12 @@ def _add_train(commands):
     p.add_argument("--ema-decay", type=_unit_interval, default=0.995,
                    help="ddpm: decay of the weights' moving average that is saved (default: 0.995)")
     p.add_argument("--resume", action="store_true",
-                   help="ddpm, flow: continue an interrupted run from the checkpoint at --out (with that run's "
+                   help="gan, ddpm, flow: continue an interrupted run from the checkpoint at --out (with that run's "
                         "settings)")
     p.add_argument("--slim", action="store_true",
-                   help="ddpm, flow: leave the training state out of the final checkpoint (cannot be resumed)")
+                   help="gan, ddpm, flow: leave the training state out of the final checkpoint (cannot be resumed)")
     p.add_argument("--checkpoint-every", type=_int_at_least(1), default=500,
-                   help="ddpm, flow: save the checkpoint (atomically) every this many steps (default: 500)")
+                   help="gan, ddpm, flow: save the checkpoint (atomically) every this many steps (default: 500)")
     p.set_defaults(run=_train)
 
 
