@@ -93,7 +93,7 @@ def test_sample_refuses_a_checkpoint_and_says_why(tmp_path, capsys):
     (["sample", "--sampler", "heun"], "argument --sampler: invalid choice: 'heun'"),
     (["sample", "--guidance-scale", "inf"], "argument --guidance-scale: must be a finite number, got inf"),
     (["sample", "--guidance-scale", "3", "--n", "1"], "--guidance-scale needs --label"),
-    (["sample", "--label", "3", "--n", "1"], "--label needs a class-conditional denoiser"),
+    (["sample", "--label", "10", "--n", "1"], "--label must be in [0, 10) (the model's classes), got 10"),
 ])
 def test_bad_arguments_get_one_line_and_status_2(argv, message, capsys):
     assert message in _user_error(capsys, argv)
@@ -174,6 +174,31 @@ def test_sample_runs_every_sampler_into_npz(tmp_path, capsys, sampler):
     assert samples.shape == (3, 1, 8, 8) and samples.dtype == np.float32
     assert ((samples >= 0) & (samples <= 1)).all()
     assert "fastgen vs reference" in capsys.readouterr().out
+
+
+def test_sample_a_chosen_digit_with_guidance(tmp_path, capsys):
+    """--label K --guidance-scale W: the shipped teacher's guided samples are recognised as K."""
+    import numpy as np
+    import torch
+
+    from fastgen import cli, quality
+
+    out = tmp_path / "sevens.npz"
+    assert cli.main(["sample", "--label", "7", "--guidance-scale", "2", "--steps", "20", "--n", "16", "--out", str(out),
+                     "--no-progress", "--no-reference"]) == 0
+    probabilities = quality.class_probabilities(torch.from_numpy(np.load(out)["samples"]))
+    assert (probabilities.argmax(1) == 7).float().mean() >= 0.9
+
+
+def test_label_needs_a_conditional_checkpoint(tmp_path, capsys):
+    from fastgen.models import denoisers
+
+    path = tmp_path / "unconditional.pt"
+    denoisers.save_checkpoint(path, denoisers.MLPDenoiser(dim=64, hidden=16, depth=1), dict(num_train_timesteps=10))
+    line = _user_error(capsys, ["sample", "--checkpoint", str(path), "--label", "3", "--n", "2", "--steps", "2",
+                                "--out", str(tmp_path / "x.png")])
+    assert "--label needs a class-conditional denoiser" in line
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_train_and_sample_the_flow(tmp_path, capsys):

@@ -449,29 +449,44 @@ def train(model: Denoiser, data: torch.Tensor, schedule, *, labels: torch.Tensor
     return history
 
 
-def sample_quality(model: Denoiser, *, n: int = 500, seed: int = 1, steps: int = 50, class_labels=None):
-    """``fastgen.quality.digits_quality`` of ``n`` samples of the digits denoiser: ``steps`` DDIM steps
-    (eta 0) with the scheduler of ``model.scheduler_config`` on the torch backend, seed ``seed``;
-    ``class_labels`` (an int or [n] tensor) samples a conditional model given those classes, no guidance."""
-    from fastgen import quality, sampling
+def sample_quality(model: Denoiser, *, n: int = 500, seed: int = 1, steps: int = 50, class_labels=None,
+                   guidance_scale=None, sampler: str = "ddim"):
+    """``fastgen.quality.digits_quality`` of ``n`` samples of the digits denoiser: ``steps`` steps of
+    ``sampler`` (a ``fastgen.sampling.make_scheduler`` kind; DDIM with eta 0 by default) with the
+    scheduler of ``model.scheduler_config`` on the torch backend, seed ``seed``; ``class_labels`` (an
+    int or [n] tensor) samples a conditional model given those classes, with classifier-free guidance
+    ``guidance_scale`` if given."""
+    from fastgen import quality
 
-    scheduler = sampling.make_scheduler("ddim", **model.scheduler_config)
-    shape = (n, 1, 8, 8)
-    denoise = model if class_labels is None else (lambda x, t: model(x, t, class_labels=class_labels))
+    return quality.digits_quality(_samples(model, n, seed, steps, class_labels, guidance_scale, sampler),
+                                  value_range=(-1, 1))
+
+
+def _samples(model, n, seed, steps, class_labels, guidance_scale, sampler):
+    from fastgen import sampling
+
+    scheduler = sampling.make_scheduler(sampler, **model.scheduler_config)
     with torch.no_grad():
-        x = fastgen.sample(denoise, shape, scheduler, num_inference_steps=steps, seed=seed, backend="torch",
-                           device=next(model.parameters()).device)
-    return quality.digits_quality(x, value_range=(-1, 1))
+        return fastgen.sample(model, (n, 1, 8, 8), scheduler, num_inference_steps=steps, seed=seed, backend="torch",
+                              class_labels=class_labels, guidance_scale=guidance_scale,
+                              device=next(model.parameters()).device)
 
 
-def class_shares(model: Denoiser, *, n: int = 200, seed: int = 1, steps: int = 50) -> list:
-    """For each class K of a conditional model: the share of ``n`` samples drawn given K (no guidance,
-    ``sample_quality``) that the digit classifier of ``fastgen.quality`` labels K: how well the
-    conditioning works."""
+def class_shares(model: Denoiser, *, n: int = 200, seed: int = 1, steps: int = 50, guidance_scale=None,
+                 sampler: str = "ddim") -> tuple:
+    """(shares, quality): ``n`` samples given each class K of a conditional model (labels K = i mod
+    num_classes, one run; ``guidance_scale``: classifier-free guidance), the share of those given K
+    that the digit classifier of ``fastgen.quality`` labels K, for each K, and the quality of all of
+    them together: how well the conditioning works."""
+    from fastgen import quality
+
     if not model.num_classes:
         raise ValueError("model must be class-conditional (num_classes > 0), got an unconditional denoiser")
-    return [sample_quality(model, n=n, seed=seed, steps=steps, class_labels=k).class_counts[k] / n
-            for k in range(model.num_classes)]
+    labels = torch.arange(n * model.num_classes) % model.num_classes
+    x = _samples(model, len(labels), seed, steps, labels, guidance_scale, sampler)
+    predicted = quality.class_probabilities(x, value_range=(-1, 1)).argmax(1)
+    shares = [float((predicted[labels == k] == k).float().mean()) for k in range(model.num_classes)]
+    return shares, quality.digits_quality(x, value_range=(-1, 1))
 
 
 def train_ddpm(out, *, architecture: str = "unet", model_config: dict = None, conditional: bool = True,
