@@ -44,7 +44,6 @@ import argparse
 import collections
 import heapq
 import importlib
-import inspect
 import json
 import os
 import pkgutil
@@ -176,7 +175,10 @@ def _split_operands(text: str) -> list:
     """Top-level comma-separated operands of a PTX instruction (braces and brackets kept whole)."""
     parts, depth, current = [], 0, ""
     for ch in text:
-        depth += ch in "{[" and 1 or ch in "}]" and -1 or 0
+        if ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
         if ch == "," and depth == 0:
             parts.append(current.strip())
             current = ""
@@ -444,11 +446,14 @@ def _versions() -> dict:
 
 def philox_cost(rows) -> dict:
     """Fast-path PTX instructions per normal: a Philox-4x32-10 call (from the raw-bits kernel, one
-    call per element there) over its four normals, and a whole normal of randn (Box-Muller, store)."""
-    def first(name, dtype=None):
-        return next((r for r in rows if r["name"] == name and (dtype is None or r["dtype"] == dtype)
-                     and "fast_path_ptx_per_element" in r), None)
-    philox, randn = first("_philox_kernel"), first("_randn_kernel", "fp32")
+    call per element there) over its four normals, and a whole fp32 normal of randn (Box-Muller,
+    store) as a launch on real tensors compiles it (size a multiple of 16, draw on a Philox block);
+    with the ALU budget per element at the H200's bandwidth."""
+    def real(name, dtype):
+        candidates = [r for r in rows if r["name"] == name and r["dtype"] == dtype and "fast_path_ptx_per_element" in r]
+        return min(candidates, key=lambda r: (sum(a != "D" for a in r["attrs"].values() if a is not None),
+                                              r["constexprs"].get("PHASE0") is False), default=None)
+    philox, randn = real("_philox_kernel", "i32"), real("_randn_kernel", "fp32")
     cost = {}
     if philox:
         cost["philox_call"] = philox["fast_path_ptx_per_element"]
@@ -457,6 +462,9 @@ def philox_cost(rows) -> dict:
         cost["randn_fp32_per_normal"] = randn["fast_path_ptx_per_element"]
         cost["randn_fp32_bound"] = randn["bound"]
         cost["randn_fp32_alu_over_memory"] = randn["alu_over_memory"]
+        # thread-instructions an H200 issues in the time its HBM moves one fp32 element
+        issue_per_s = H200["sms"] * H200["clock_hz"] * H200["issue_per_sm_clock"]
+        cost["budget_per_fp32_element"] = issue_per_s * 4 / H200["hbm_bytes_per_s"]
     return cost
 
 
@@ -511,6 +519,16 @@ def markdown(report: dict) -> str:
             f"{_fmt(cost.get('randn_fp32_per_normal'))} PTX instructions; estimate on an H200: "
             f"{cost.get('randn_fp32_bound', '-')}-bound, ALU time / memory time = "
             f"{_fmt(cost.get('randn_fp32_alu_over_memory'), 2)}.",
+            f"- The budget: in the time an H200 streams one 4-byte element it issues "
+            f"{_fmt(cost.get('budget_per_fp32_element'))} thread-instructions (half that for a 2-byte one). "
+            "Philox alone takes about that much per normal, and Box-Muller's accurate libdevice log, sqrt, "
+            "sin and cos the rest, so the kernels that only draw noise (randn, latents) are ALU-bound by "
+            "this estimate, while those that also read and write tensors (the diffusion steps, "
+            "reparameterize) come close to balance or stay memory-bound. Memory-bound noise would need "
+            "fewer instructions per normal: the MUFU approximations (lg2.approx, sin.approx, cos.approx) "
+            "instead of libdevice, or fewer Philox rounds; both change the numbers drawn, which are a "
+            "contract (the reference reproduces them), so neither is done. Otherwise the noise can only be "
+            "amortised: drawn inside the kernel that consumes it, as the fused steps do, never stored.",
             "",
         ]
     lines += [
