@@ -36,6 +36,8 @@ def _validate(args) -> int:
 
 
 def _bench(args) -> int:
+    if args.static:
+        return _bench_static(args)
     _use_interpreter_without_gpu()
     from fastgen.bench import report
 
@@ -44,6 +46,17 @@ def _bench(args) -> int:
                         device=args.device, out=args.out, quick=args.quick, progress=not args.no_progress,
                         plots=not args.no_plots)
     return 0 if result["ok"] else 1
+
+
+def _bench_static(args) -> int:
+    """The static report: every kernel variant `validate` launches, compiled for sm_90 (no GPU needed)."""
+    from fastgen.bench import static
+
+    prepare_output(args.out, folder=True, name="--out")
+    report = static.run(args.out, quick=args.quick, progress=lambda line: print(line, file=sys.stderr))
+    print(static.markdown(report))
+    print(f"wrote {os.path.join(args.out, 'static.json')} and static.md")
+    return 1 if report["failures"] else 0
 
 
 def _train_gan(args) -> int:
@@ -105,21 +118,31 @@ def _train(args) -> int:
     return TRAIN_TARGETS[args.target](args)
 
 
-def _timed_sample(sampler, device, progress):
-    """(samples, seconds) of one call of a prepared ``fastgen.sampling.Sampler``; on CUDA a first,
-    untimed call compiles the kernels and captures the graph, and the second call is timed."""
+def _timed_sample(sampler, device, progress, repeats):
+    """(samples, seconds of each timed call) of a prepared ``fastgen.sampling.Sampler``: a first,
+    untimed call warms up (on CUDA it compiles the kernels and captures the graph), then ``repeats``
+    timed calls, each drawing the same samples."""
     import time
 
     import torch
 
-    if device.type == "cuda":
-        sampler()
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    x = sampler(progress=progress)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return x, time.perf_counter() - start
+    def call(show):
+        start = time.perf_counter()
+        x = sampler(progress=show)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return x, time.perf_counter() - start
+
+    call(False)
+    runs = [call(progress and i == 0) for i in range(repeats)]
+    return runs[-1][0], [seconds for _, seconds in runs]
+
+
+def _spread(seconds) -> tuple:
+    """(median, min, max) of repeated timings."""
+    import statistics
+
+    return statistics.median(seconds), min(seconds), max(seconds)
 
 
 def _sample_flow(args) -> int:
@@ -223,6 +246,8 @@ def _sample(args) -> int:
     from fastgen import distributed, images, sampling
 
     images.check_samples_path(args.out, "--out")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     batched = (distributed.launched() or args.shard_dir is not None or args.batch_size is not None
                or args.shard_size is not None)
     if args.model == "flow":
@@ -236,19 +261,23 @@ def _sample(args) -> int:
     model, scheduler, steps, shape, guidance = _denoiser_run(args, device)
     common = dict(num_inference_steps=steps, seed=args.seed, eta=args.eta, device=device, **guidance)
     fast = sampling.Sampler(model, shape, scheduler, **common)  # what fastgen.sample runs on this device
-    x, seconds = _timed_sample(fast, device, not args.no_progress)
+    x, seconds = _timed_sample(fast, device, not args.no_progress, args.repeats)
     label = ("fastgen (fused Triton, " + ("CUDA graph)" if fast.captured else "eager)")
              if fast.backend == "triton" else "fastgen (torch loop, fp32)")
     paths = [(label, seconds, x)]
     if args.reference:
         reference = sampling.Sampler(model, shape, scheduler, backend="reference", **common)
-        x_ref, seconds = _timed_sample(reference, device, not args.no_progress)
+        x_ref, seconds = _timed_sample(reference, device, not args.no_progress, args.repeats)
         paths.append(("reference (float64 steps)", seconds, x_ref))
     images.save_samples(paths[0][2].reshape(shape), out, value_range=(-1, 1), scale=args.scale)
-    print(f"{args.n} samples, {steps} {args.sampler.upper()} steps, seed {args.seed}, on {device}: wrote {out}")
-    print(f"{'path':<40} {'per step':>12} {'total':>10}")
+    print(f"{args.n} samples, {steps} {args.sampler.upper()} steps, seed {args.seed}, on {device}"
+          + (f" ({torch.get_num_threads()} CPU threads)" if device.type == "cpu" else "") + f": wrote {out}")
+    print(f"after a warm-up call, {args.repeats} timed call{'s' * (args.repeats > 1)} each: median (min - max)")
+    print(f"{'path':<40} {'per step':<28} {'total'}")
     for label, seconds, _ in paths:
-        print(f"{label:<40} {1e3 * seconds / steps:>9.2f} ms {seconds:>9.2f} s")
+        median, low, high = _spread(seconds)
+        per_step = f"{1e3 * median / steps:.2f} ms ({1e3 * low / steps:.2f} - {1e3 * high / steps:.2f})"
+        print(f"{label:<40} {per_step:<28} {median:.2f} s ({low:.2f} - {high:.2f})")
     if len(paths) == 2:
         diff = (paths[0][2].double() - paths[1][2].double()).abs().max().item()
         print(f"fastgen vs reference: max |difference| {diff:.2e} (same seed, same noise)")
@@ -349,6 +378,10 @@ def _add_bench(commands):
                    help="smoke run: tiny sizes, no torch.compile; on CPU the Triton kernels are interpreted")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--static", action="store_true",
+                   help="no timing: compile every kernel variant `validate` launches for sm_90 and write "
+                        "static.json / static.md (registers, spills, vector widths, occupancy, H200 bound); "
+                        "with --quick, the variants of `validate --quick`")
     p.set_defaults(run=_bench)
 
 
@@ -422,6 +455,11 @@ def _add_sample(commands):
     p.add_argument("--device", type=_device, default=None, help="torch device (default: cuda if present, else cpu)")
     p.add_argument("--no-reference", dest="reference", action="store_false",
                    help="skip the reference loop (its time and the comparison)")
+    p.add_argument("--repeats", type=_int_at_least(1), default=3,
+                   help="timed calls of each loop after an untimed warm-up; the median and min-max are printed "
+                        "(default: 3)")
+    p.add_argument("--threads", type=_int_at_least(1), default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is steadier on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--batch-size", type=_int_at_least(1), default=None,
                    help="samples per sampling call; the same samples for any number of processes (default with "

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from . import launch, launch_block
-from .random import NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, as_int64, int64_arg, normal_tile
+from .random import NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR, as_int64, int64_arg, normal_tile, tile_mask
 
 # The constexpr codes of the step kernels; the launchers translate a step specification's names into them.
 EPSILON, SAMPLE, V_PREDICTION = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -99,14 +99,18 @@ def _step_coefficients(table, T, t, s, final_abar, final_bbar):
 
 
 @triton.jit
-def _tile(seed, stream, draw_offset, j, n, NOISE: tl.constexpr, BLOCK: tl.constexpr):
-    """(idx, mask, z) of tile j over a sample's n elements; z is Philox noise when NOISE == NOISE_PHILOX."""
+def _tile(seed, stream, draw_offset, j, n, NOISE: tl.constexpr, BLOCK: tl.constexpr, PHASE0: tl.constexpr):
+    """(idx, mask, z) of tile j over a sample's n elements; z is Philox noise when NOISE == NOISE_PHILOX.
+    PHASE0: every sample's draw starts on a Philox block, so tiles start at multiples of BLOCK (vector
+    accesses)."""
     if NOISE == NOISE_PHILOX:
-        idx, z = normal_tile(seed, stream, draw_offset, j, BLOCK)
+        idx, z = normal_tile(seed, stream, draw_offset, j, BLOCK, PHASE0)
+        mask = tile_mask(idx, n, PHASE0)
     else:
         idx = j.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         z = tl.zeros([BLOCK], tl.float32)
-    return idx, (idx >= 0) & (idx < n), z
+        mask = idx < n
+    return idx, mask, z
 
 
 @triton.jit
@@ -151,12 +155,13 @@ def _clip_x0(x0, scale_ptr, b, clip_range, CLIP: tl.constexpr):
 @triton.jit(do_not_specialize=["t_arg", "seed", "offset"])
 def _q_sample_kernel(out_ptr, noise_out_ptr, x0_ptr, noise_ptr, table, T, t_arg, t_stride, n, tiles,
                      seed: tl.int64, offset: tl.int64,
-                     T_TENSOR: tl.constexpr, NOISE: tl.constexpr, STORE_NOISE: tl.constexpr, BLOCK: tl.constexpr):
+                     T_TENSOR: tl.constexpr, NOISE: tl.constexpr, STORE_NOISE: tl.constexpr, BLOCK: tl.constexpr,
+                     PHASE0: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // tiles).to(tl.int64)
     t = _timestep(t_arg, t_stride, b, T_TENSOR)
     abar_t, bbar_t, sqrt_abar_t, sqrt_bbar_t = _schedule_at(table, T, t)
-    idx, mask, z = _tile(seed, t, int64_arg(offset) + b * n, pid % tiles, n, NOISE, BLOCK)
+    idx, mask, z = _tile(seed, t, int64_arg(offset) + b * n, pid % tiles, n, NOISE, BLOCK, PHASE0)
     base = b * n + idx
     if NOISE == NOISE_TENSOR:
         z = tl.load(noise_ptr + base, mask=mask).to(tl.float32)
@@ -174,14 +179,14 @@ def _ddpm_step_kernel(prev_ptr, x0_ptr, model_ptr, sample_ptr, noise_ptr, scale_
                       clip_range, half, guidance,
                       T_TENSOR: tl.constexpr, S_MODE: tl.constexpr, PRED: tl.constexpr, VAR: tl.constexpr,
                       CLIP: tl.constexpr, NOISE: tl.constexpr, GUIDED: tl.constexpr, STORE_PREV: tl.constexpr,
-                      STORE_X0: tl.constexpr, BLOCK: tl.constexpr):
+                      STORE_X0: tl.constexpr, BLOCK: tl.constexpr, PHASE0: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // tiles).to(tl.int64)
     t = _timestep(t_arg, t_stride, b, T_TENSOR)
     s = _prev_timestep(s_arg, s_stride, b, t, S_MODE)
     valid, abar_t, bbar_t, sqrt_abar_t, sqrt_bbar_t, abar_s, bbar_s, beta_ts = _step_coefficients(
         table, T, t, s, 1.0, 0.0)
-    idx, mask, z = _tile(seed, t, int64_arg(offset) + b * n, pid % tiles, n, NOISE, BLOCK)
+    idx, mask, z = _tile(seed, t, int64_arg(offset) + b * n, pid % tiles, n, NOISE, BLOCK, PHASE0)
     x = tl.load(sample_ptr + b * n + idx, mask=mask).to(tl.float32)
     m = _model_output(model_ptr + b * model_stride + idx, mask, half, guidance, GUIDED)
     x0 = _clip_x0(_predict_x0(m, x, sqrt_abar_t, sqrt_bbar_t, PRED), scale_ptr, b, clip_range, CLIP)
@@ -217,14 +222,14 @@ def _ddim_step_kernel(prev_ptr, x0_ptr, model_ptr, sample_ptr, noise_ptr, scale_
                       clip_range, half, guidance, eta, final_abar, final_bbar,
                       T_TENSOR: tl.constexpr, S_MODE: tl.constexpr, PRED: tl.constexpr, CLIP: tl.constexpr,
                       USE_CLIPPED: tl.constexpr, NOISE: tl.constexpr, GUIDED: tl.constexpr, STORE_PREV: tl.constexpr,
-                      STORE_X0: tl.constexpr, BLOCK: tl.constexpr):
+                      STORE_X0: tl.constexpr, BLOCK: tl.constexpr, PHASE0: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // tiles).to(tl.int64)
     t = _timestep(t_arg, t_stride, b, T_TENSOR)
     s = _prev_timestep(s_arg, s_stride, b, t, S_MODE)
     valid, abar_t, bbar_t, sqrt_abar_t, sqrt_bbar_t, abar_s, bbar_s, beta_ts = _step_coefficients(
         table, T, t, s, final_abar, final_bbar)
-    idx, mask, z = _tile(seed, t, int64_arg(offset) + b * n, pid % tiles, n, NOISE, BLOCK)
+    idx, mask, z = _tile(seed, t, int64_arg(offset) + b * n, pid % tiles, n, NOISE, BLOCK, PHASE0)
     x = tl.load(sample_ptr + b * n + idx, mask=mask).to(tl.float32)
     m = _model_output(model_ptr + b * n + idx, mask, half, guidance, GUIDED)
     x0 = _clip_x0(_predict_x0(m, x, sqrt_abar_t, sqrt_bbar_t, PRED), scale_ptr, b, clip_range, CLIP)
@@ -254,13 +259,18 @@ def _ddim_step_kernel(prev_ptr, x0_ptr, model_ptr, sample_ptr, noise_ptr, scale_
 
 # --- launchers: contiguous tensors, validated arguments ----------------------------------------------
 
-def _block(kernel, n: int, block) -> int:
-    """A power of two covering one sample (+3 for the Philox phase), at least 16, at most the launch block."""
-    return max(16, min(triton.next_power_of_2(n + 3), launch_block(kernel, block, 1024)))
+def _phase0(offset: int, batch: int, n: int, noise: int) -> bool:
+    """Every sample's draw (element offset + b n) starts on a Philox block: tiles at multiples of BLOCK."""
+    return getattr(noise, "value", noise) != NOISE_PHILOX.value or (offset % 4 == 0 and (n % 4 == 0 or batch == 1))
 
 
-def _tiles(n: int, block: int, noise: int) -> int:
-    return triton.cdiv(n + (3 if noise == NOISE_PHILOX else 0), block)
+def _block(kernel, n: int, block, phase0: bool) -> int:
+    """A power of two covering one sample (+3 for a Philox phase), at least 16, at most the launch block."""
+    return max(16, min(triton.next_power_of_2(n + (0 if phase0 else 3)), launch_block(kernel, block, 1024)))
+
+
+def _tiles(n: int, block: int, phase0: bool) -> int:
+    return triton.cdiv(n + (0 if phase0 else 3), block)
 
 
 def _timestep_args(t):
@@ -274,14 +284,15 @@ def q_sample(out, x0, t, table, *, seed=0, offset=0, noise=None, noise_out=None,
     batch = x0.shape[0]
     n = x0.numel() // batch
     mode = NOISE_TENSOR if noise is not None else NOISE_PHILOX
-    block = _block(_q_sample_kernel, n, block)
-    tiles = _tiles(n, block, mode)
+    phase0 = _phase0(offset, batch, n, mode)
+    block = _block(_q_sample_kernel, n, block, phase0)
+    tiles = _tiles(n, block, phase0)
     t_arg, t_stride, t_tensor = _timestep_args(t)
     launch(
         _q_sample_kernel, (batch * tiles,),
         out, noise_out if noise_out is not None else out, x0, noise if noise is not None else x0, table,
         table.shape[1], t_arg, t_stride, n, tiles, as_int64(seed), offset,
-        T_TENSOR=t_tensor, NOISE=mode, STORE_NOISE=noise_out is not None, BLOCK=block)
+        T_TENSOR=t_tensor, NOISE=mode, STORE_NOISE=noise_out is not None, BLOCK=block, PHASE0=phase0)
     return out
 
 
@@ -292,12 +303,13 @@ def _prev_args(prev_t):
     return arg, stride, PREV_TENSOR if is_tensor else PREV_SCALAR
 
 
-def _step_launch(kernel, prev, x0, model_output, sample, t, prev_t, table, scale, noise_mode, noise, block):
+def _step_launch(kernel, prev, x0, model_output, sample, t, prev_t, table, scale, noise_mode, noise, block, offset):
     """What the two step kernels share: (grid, leading arguments up to n, tiles, meta-parameters)."""
     batch = sample.shape[0]
     n = sample.numel() // batch
-    block = _block(kernel, n, block)
-    tiles = _tiles(n, block, noise_mode)
+    phase0 = _phase0(offset, batch, n, noise_mode)
+    block = _block(kernel, n, block, phase0)
+    tiles = _tiles(n, block, phase0)
     t_arg, t_stride, t_tensor = _timestep_args(t)
     s_arg, s_stride, s_mode = _prev_args(prev_t)
     any_out = prev if prev is not None else x0
@@ -305,7 +317,7 @@ def _step_launch(kernel, prev, x0, model_output, sample, t, prev_t, table, scale
                noise if noise is not None else sample, scale if scale is not None else table, table, table.shape[1],
                t_arg, t_stride, s_arg, s_stride, n)
     meta = dict(T_TENSOR=t_tensor, S_MODE=s_mode, NOISE=noise_mode, STORE_PREV=prev is not None,
-                STORE_X0=x0 is not None, BLOCK=block)
+                STORE_X0=x0 is not None, BLOCK=block, PHASE0=phase0)
     return (batch * tiles,), leading, tiles, meta
 
 
@@ -329,7 +341,7 @@ def ddpm_step(prev, x0, model_output, sample, t, prev_t, table, spec, *, scale=N
     tensor for NOISE_TENSOR); offset: the element offset of sample 0's noise; guidance: None, or w for
     a [2B] model output (classifier-free guidance, unconditional half first)."""
     grid, leading, tiles, meta = _step_launch(_ddpm_step_kernel, prev, x0, model_output, sample, t, prev_t, table,
-                                              scale, noise_mode, noise, block)
+                                              scale, noise_mode, noise, block, offset)
     guidance_args, guided = _guidance_args(model_output, guidance)
     model_stride = model_output.numel() // (sample.shape[0] * (2 if guidance is not None else 1))
     launch(_ddpm_step_kernel, grid, *leading, model_stride, tiles, as_int64(seed), offset,
@@ -342,7 +354,7 @@ def ddim_step(prev, x0, model_output, sample, t, prev_t, table, spec, *, final_a
     """The DDIM update of ``sample`` into ``prev`` / ``x0`` (either may be None) as ``spec`` says (kind
     "ddim"); final_abar / final_bbar: abar and 1 - abar after the last step; the rest as ddpm_step."""
     grid, leading, tiles, meta = _step_launch(_ddim_step_kernel, prev, x0, model_output, sample, t, prev_t, table,
-                                              scale, noise_mode, noise, block)
+                                              scale, noise_mode, noise, block, offset)
     guidance_args, guided = _guidance_args(model_output, guidance)
     launch(_ddim_step_kernel, grid, *leading, tiles, as_int64(seed), offset, float(spec.clip_sample_range),
            *guidance_args, float(spec.eta), float(final_abar), float(final_bbar),

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from . import launch, launch_block
-from .random import TWO_POW_M24, as_int64, int64_arg, num_tiles, philox
+from .random import TWO_POW_M24, as_int64, int64_arg, num_tiles, philox, tile_mask
 
 # Globals a kernel reads must be tl.constexpr (compiled Triton rejects plain Python floats).
 SQRT2 = tl.constexpr(1.4142135623730951)
@@ -79,9 +79,10 @@ def truncated_normal(x, erf_psi, erfc_psi, bound):
 
 
 @triton.jit
-def truncated_normal_tile(seed, stream, offset, erf_psi, erfc_psi, bound, pid, BLOCK: tl.constexpr):
+def truncated_normal_tile(seed, stream, offset, erf_psi, erfc_psi, bound, pid, BLOCK: tl.constexpr,
+                          PHASE0: tl.constexpr):
     """(idx, z) like ``random.normal_tile``, with truncated normals: the same Philox-aligned tiling
-    (the first tile starts at -(offset % 4)); the caller masks 0 <= idx < n."""
+    (the first tile starts at -(offset % 4), at 0 with PHASE0); the caller masks 0 <= idx < n."""
     offset = int64_arg(offset)
     QB: tl.constexpr = BLOCK // 4
     tile = pid.to(tl.int64)
@@ -93,15 +94,19 @@ def truncated_normal_tile(seed, stream, offset, erf_psi, erfc_psi, bound, pid, B
     z3 = truncated_normal(x3, erf_psi, erfc_psi, bound)
     # [q, a, b] = (z0, z2 | z1, z3)[a][b], so row-major order is z0, z1, z2, z3 (as in normal_tile)
     z = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [BLOCK])
-    idx = tile * BLOCK - (offset & 3) + tl.arange(0, BLOCK)
+    if PHASE0:
+        idx = tile * BLOCK + tl.arange(0, BLOCK)
+    else:
+        idx = tile * BLOCK - (offset & 3) + tl.arange(0, BLOCK)
     return idx, z
 
 
 @triton.jit(do_not_specialize=["seed", "stream", "offset", "erf_psi", "erfc_psi", "bound"])
 def _truncated_latents_kernel(out_ptr, n, seed: tl.int64, stream: tl.int64, offset: tl.int64,
-                              erf_psi: tl.float32, erfc_psi: tl.float32, bound: tl.float32, BLOCK: tl.constexpr):
-    idx, z = truncated_normal_tile(seed, stream, offset, erf_psi, erfc_psi, bound, tl.program_id(0), BLOCK)
-    tl.store(out_ptr + idx, z.to(out_ptr.dtype.element_ty), mask=(idx >= 0) & (idx < n))
+                              erf_psi: tl.float32, erfc_psi: tl.float32, bound: tl.float32, BLOCK: tl.constexpr,
+                              PHASE0: tl.constexpr):
+    idx, z = truncated_normal_tile(seed, stream, offset, erf_psi, erfc_psi, bound, tl.program_id(0), BLOCK, PHASE0)
+    tl.store(out_ptr + idx, z.to(out_ptr.dtype.element_ty), mask=tile_mask(idx, n, PHASE0))
 
 
 def truncated_latents(out, seed: int, stream: int, offset: int, erf_psi: float, erfc_psi: float, bound: float,
@@ -112,5 +117,5 @@ def truncated_latents(out, seed: int, stream: int, offset: int, erf_psi: float, 
     block = launch_block(_truncated_latents_kernel, block, 2048)
     grid = (num_tiles(n, offset, block),)
     launch(_truncated_latents_kernel, grid, out, n, as_int64(seed), stream, offset, erf_psi, erfc_psi, bound,
-           BLOCK=block)
+           BLOCK=block, PHASE0=offset & 3 == 0)
     return out

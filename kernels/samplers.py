@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .diffusion import CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD, _block, _clip_x0, _model_output, _tile, _tiles
+from .diffusion import CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD, _block, _clip_x0, _model_output, _phase0, _tile, _tiles
 from .random import NOISE_NONE, NOISE_TENSOR, as_int64, int64_arg
 
 # The columns of a coefficient row (fastgen.ops.samplers builds the rows in this order).
@@ -48,7 +48,8 @@ def _sampler_step_kernel(out_ptr, denoised_ptr, model_ptr, sample_ptr, prev_ptr,
                          table, streams, step_ptr, n, half, tiles, guidance, clip_range,
                          seed: tl.int64, offset: tl.int64,
                          GUIDED: tl.constexpr, CLIP: tl.constexpr, NOISE_SOURCE: tl.constexpr,
-                         READ_PREV: tl.constexpr, STORE_DENOISED: tl.constexpr, BLOCK: tl.constexpr):
+                         READ_PREV: tl.constexpr, STORE_DENOISED: tl.constexpr, BLOCK: tl.constexpr,
+                         PHASE0: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // tiles).to(tl.int64)
     i = tl.load(step_ptr).to(tl.int64)
@@ -56,7 +57,7 @@ def _sampler_step_kernel(out_ptr, denoised_ptr, model_ptr, sample_ptr, prev_ptr,
     churn, cx, cf, dx, d0 = tl.load(row + CHURN), tl.load(row + CX), tl.load(row + CF), tl.load(row + DX), tl.load(row + D0)
     ax, ad, ap, af, cz = tl.load(row + AX), tl.load(row + AD), tl.load(row + AP), tl.load(row + AF), tl.load(row + NOISE)
     stream = tl.load(streams + i)
-    idx, mask, z = _tile(seed, stream, int64_arg(offset) + b * n, pid % tiles, n, NOISE_SOURCE, BLOCK)
+    idx, mask, z = _tile(seed, stream, int64_arg(offset) + b * n, pid % tiles, n, NOISE_SOURCE, BLOCK, PHASE0)
     base = b * n + idx
     if NOISE_SOURCE == NOISE_TENSOR:
         z = tl.load(noise_ptr + base, mask=mask).to(tl.float32)
@@ -87,13 +88,14 @@ def sampler_step(out, denoised, model_output, sample, prev_denoised, table, stre
     NOISE_*; offset: the element offset of sample 0's noise."""
     batch = sample.shape[0]
     n = sample.numel() // batch
-    block = _block(_sampler_step_kernel, n, block)
-    tiles = _tiles(n, block, noise_mode)
+    phase0 = _phase0(offset, batch, n, noise_mode)
+    block = _block(_sampler_step_kernel, n, block, phase0)
+    tiles = _tiles(n, block, phase0)
     launch(_sampler_step_kernel, (batch * tiles,),
            out, denoised if denoised is not None else out, model_output, sample,
            prev_denoised if prev_denoised is not None else sample, noise if noise is not None else sample,
            scale if scale is not None else table, table, streams, step, n, sample.numel(), tiles, float(guidance),
            float(clip_range), as_int64(seed), offset,
            GUIDED=guided, CLIP=CLIP[clip], NOISE_SOURCE=noise_mode, READ_PREV=prev_denoised is not None,
-           STORE_DENOISED=denoised is not None, BLOCK=block)
+           STORE_DENOISED=denoised is not None, BLOCK=block, PHASE0=phase0)
     return out

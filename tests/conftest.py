@@ -25,3 +25,23 @@ def _poison_kernel_outputs():
 
     with poisoned_outputs():
         yield
+
+
+@pytest.fixture(scope="session")
+def static_report(tmp_path_factory):
+    """(recorded launches, static report) of `validate --quick`, run and recorded under the interpreter,
+    every variant compiled for sm_90 (fastgen.bench.static): shared by test_compile and test_static."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("static")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for args in (["record", str(folder / "launches.json"), "--quick", "--execute"],
+                 ["build", str(folder / "launches.json"), str(folder / "static.json")]):
+        proc = subprocess.run([sys.executable, "-m", "fastgen.bench.static", *args], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=1800)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((folder / "launches.json").read_text()), json.loads((folder / "static.json").read_text())

@@ -86,6 +86,8 @@ def test_sample_refuses_a_checkpoint_and_says_why(tmp_path, capsys):
     (["sample", "--eta", "-0.1"], "argument --eta: must be a number in [0, 1]"),
     (["sample", "--eta", "nan"], "argument --eta: must be a number in [0, 1]"),
     (["sample", "--device", "tpu"], "argument --device: must be cpu, cuda or cuda:N, got 'tpu'"),
+    (["sample", "--repeats", "0"], "argument --repeats: must be an integer >= 1, got 0"),
+    (["sample", "--threads", "0"], "argument --threads: must be an integer >= 1, got 0"),
     (["validate", "--device", "cuda:x"], "argument --device: must be cpu, cuda or cuda:N"),
     (["bench", "--device", "meta"], "argument --device: must be cpu, cuda or cuda:N"),
     (["train", "ddpm", "--denoiser", "vit"], "argument --denoiser: invalid choice: 'vit'"),
@@ -123,6 +125,7 @@ def test_output_paths_are_checked_before_the_work(tmp_path, capsys, monkeypatch)
         (["train", "gan", "--out", str(tmp_path / "file" / "sub" / "g.pt")], "a file is in the way"),
         (["sample", "--out", str(tmp_path / "folder.png")], "--out must be a file path, got the directory"),
         (["bench", "--quick", "--out", str(tmp_path / "file")], "--out must be a folder, got the existing file"),
+        (["bench", "--static", "--out", str(tmp_path / "file")], "--out must be a folder, got the existing file"),
     ]
     for argv, message in cases:
         assert message in _user_error(capsys, argv)
@@ -253,3 +256,19 @@ def test_flow_arguments_are_one_line_errors(tmp_path, capsys):
     assert main(["train", "flow", "--resume", "--out", str(tmp_path / "missing.pt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("python -m fastgen ") and "error:" in line for line in err)
+
+
+def test_sample_times_repeated_calls_after_a_warm_up(tmp_path, capsys, monkeypatch):
+    """The table gives the median and the min-max of --repeats timed calls, after an untimed warm-up."""
+    from fastgen import cli, sampling
+
+    calls = []
+    real_call = sampling.Sampler.__call__
+    monkeypatch.setattr(sampling.Sampler, "__call__", lambda self, *a, **k: calls.append(1) or real_call(self, *a, **k))
+    assert cli.main(["sample", "--n", "2", "--steps", "2", "--repeats", "2", "--threads", "1", "--no-progress",
+                     "--no-reference", "--out", str(tmp_path / "grid.png")]) == 0
+    out = capsys.readouterr().out
+    assert len(calls) == 3  # one warm-up, two timed
+    assert "(1 CPU threads)" in out and "after a warm-up call, 2 timed calls each: median (min - max)" in out
+    row = next(line for line in out.splitlines() if line.startswith("fastgen"))
+    assert row.count("(") == 3 and " - " in row  # the label's parenthesis, then per step and total spreads
