@@ -5,6 +5,7 @@ runs with outputs poisoned (NaN) so an unwritten element fails; the reference ru
 the CPU, so a GPU result is also checked against a different device.
 """
 import dataclasses
+import itertools
 import math
 import time
 
@@ -184,7 +185,7 @@ def _check_samplers(device, quick):
     from fastgen.schedulers._sigma import step_table
 
     seed, offset, w = 0x9E3779B97F4A7C15, 2, 3.0
-    shape = (3, 2, 5, 7) if quick else (4, 3, 32, 32)
+    shapes = [(3, 2, 5, 7), (2, 4, 16, 16)] if quick else [(3, 2, 5, 7), (4, 3, 32, 32)]
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(3, len(COLUMNS), generator=g, dtype=torch.float64)
     rows[0, COLUMNS.index("ap")] = 0.0
@@ -196,7 +197,7 @@ def _check_samplers(device, quick):
             scheduler.set_timesteps(4 if quick else 10)
             tables[kind] = step_table(scheduler)
     cases = []
-    for label, table in tables.items():
+    for (label, table), shape in itertools.product(tables.items(), shapes):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             name = str(dtype).removeprefix("torch.")
             rtol, atol = (1e-5, 1e-5) if dtype == torch.float32 else testing.tolerance(dtype)
@@ -211,7 +212,7 @@ def _check_samplers(device, quick):
                     out, denoised = sampler_step(table, i, m, x, backend="triton", **kwargs)
                 want, want_denoised = sampler_step(table, i, m.cpu(), x.cpu(), backend="reference",
                                                    **dict(kwargs, prev_denoised=None if prev is None else prev.cpu()))
-                case = f"{label} step {i}{' guided' if guidance else ''}"
+                case = f"{label} {shape} step {i}{' guided' if guidance else ''}"
                 cases.append(Case("sampler_step", case, name,
                                   testing.compare(out, want.double(), dtype=dtype, rtol=rtol, atol=atol)))
                 cases.append(Case("sampler_step", f"{case} denoised", name,

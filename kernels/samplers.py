@@ -43,7 +43,7 @@ def _term(coefficient, value):
     return tl.where(coefficient != 0.0, coefficient * value, 0.0)
 
 
-@triton.jit(do_not_specialize=["seed", "offset"])
+@triton.jit(do_not_specialize=["step_ptr", "seed", "offset"])  # step_ptr: one int64 of a table, 8-byte aligned
 def _sampler_step_kernel(out_ptr, denoised_ptr, model_ptr, sample_ptr, prev_ptr, noise_ptr, scale_ptr,
                          table, streams, step_ptr, n, half, tiles, guidance, clip_range,
                          seed: tl.int64, offset: tl.int64,

@@ -13,6 +13,7 @@ ELEMENTWISE_SIZES = {
     "_q_sample_kernel": ("n",),
     "_ddpm_step_kernel": ("n", "model_stride"),
     "_ddim_step_kernel": ("n",),
+    "_sampler_step_kernel": ("n", "half"),
     "_gaussian_fwd_kernel": ("row_len",),
     "_gaussian_bwd_kernel": ("row_len",),
 }
