@@ -1,4 +1,5 @@
-"""Drop-in replacements for diffusers' DDPMScheduler and DDIMScheduler whose step is one fused kernel.
+"""Drop-in replacements for diffusers' schedulers whose step is one fused kernel: DDPMScheduler,
+DDIMScheduler, and the consistency samplers CMStochasticIterativeScheduler and LCMScheduler.
 
 They are subclasses of diffusers' own classes: change one import::
 
@@ -9,11 +10,17 @@ Config, ``from_config``, ``save_pretrained`` / ``from_pretrained``, ``set_timest
 scheduler's own tables, so the same generator gives diffusers' trajectory to fp32 rounding.
 ``step(..., seed=)`` draws the noise in the kernel instead (batch-invariant, no noise tensor).
 """
+from diffusers.schedulers.scheduling_consistency_models import CMStochasticIterativeSchedulerOutput
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from fastgen.schedulers.consistency import CMStochasticIterativeScheduler
 from fastgen.schedulers.ddim import DDIMScheduler
 from fastgen.schedulers.ddpm import DDPMScheduler
+from fastgen.schedulers.lcm import LCMScheduler
 
-__all__ = ["DDPMScheduler", "DDPMSchedulerOutput", "DDIMScheduler", "DDIMSchedulerOutput", "SchedulerMixin"]
+__all__ = ["DDPMScheduler", "DDPMSchedulerOutput", "DDIMScheduler", "DDIMSchedulerOutput",
+           "CMStochasticIterativeScheduler", "CMStochasticIterativeSchedulerOutput", "LCMScheduler",
+           "LCMSchedulerOutput", "SchedulerMixin"]

@@ -16,25 +16,44 @@ from fastgen.ops.samplers import StepTable, sampler_step
 from fastgen.schedulers._common import FastgenMixin
 
 TABLES = {}  # diffusers class name -> builder(scheduler, **step_settings) -> StepTable
+# diffusers classes whose constructor already makes a run (timesteps, sigmas) that their step accepts
+STEPS_WITHOUT_SET_TIMESTEPS = set()
 
 
-def table_builder(diffusers_name: str):
-    """Registers ``builder(scheduler, **step_settings) -> StepTable`` for a diffusers scheduler class."""
+def table_builder(diffusers_name: str, *, needs_set_timesteps: bool = True):
+    """Registers ``builder(scheduler, **step_settings) -> StepTable`` for a diffusers scheduler class;
+    ``needs_set_timesteps=False`` where diffusers' step runs on the constructor's timesteps too."""
     def register(builder):
         TABLES[diffusers_name] = builder
+        if not needs_set_timesteps:
+            STEPS_WITHOUT_SET_TIMESTEPS.add(diffusers_name)
         return builder
     return register
 
 
-def step_table(scheduler, **step_settings) -> StepTable:
-    """The StepTable of ``scheduler`` (fastgen's class or diffusers' own) after its ``set_timesteps``."""
+def _diffusers_name(scheduler):
     for cls in type(scheduler).__mro__:
         if cls.__module__.startswith("diffusers.") and cls.__name__ in TABLES:
-            if getattr(scheduler, "num_inference_steps", None) is None:
-                raise ValueError(f"{type(scheduler).__name__}: call set_timesteps before stepping")
-            return TABLES[cls.__name__](scheduler, **step_settings)
-    raise TypeError(f"scheduler must be one of DDPMScheduler, DDIMScheduler{''.join(', ' + n for n in sorted(TABLES))}"
-                    f" (diffusers' or fastgen's), got {type(scheduler).__name__}")
+            return cls.__name__
+    return None
+
+
+def check_ready(scheduler):
+    """diffusers' error for a step before ``set_timesteps``, where diffusers' step needs it."""
+    if (getattr(scheduler, "num_inference_steps", None) is None
+            and _diffusers_name(scheduler) not in STEPS_WITHOUT_SET_TIMESTEPS):
+        raise ValueError(
+            "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
+
+
+def step_table(scheduler, **step_settings) -> StepTable:
+    """The StepTable of ``scheduler`` (fastgen's class or diffusers' own) after its ``set_timesteps``."""
+    name = _diffusers_name(scheduler)
+    if name is None:
+        raise TypeError(f"scheduler must be one of DDPMScheduler, DDIMScheduler{''.join(', ' + n for n in sorted(TABLES))}"
+                        f" (diffusers' or fastgen's), got {type(scheduler).__name__}")
+    check_ready(scheduler)
+    return TABLES[name](scheduler, **step_settings)
 
 
 class SigmaStepMixin(FastgenMixin):
@@ -96,9 +115,7 @@ class SigmaStepMixin(FastgenMixin):
     def _fused_step(self, model_output, timestep, sample, *, generator=None, variance_noise=None, seed=None,
                     offset=0, backend=None, **step_settings):
         """(x_next, denoised) of the step at ``timestep``; advances the step index."""
-        if self.num_inference_steps is None:
-            raise ValueError(
-                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
+        check_ready(self)
         backend = self._backend_arg(backend)
         offset = self._noise_source(generator, seed, offset, variance_noise)
         model_output = self._tensors(model_output, sample, sample.shape, "the sample's shape")

@@ -1,0 +1,298 @@
+"""Consistency sampling: CMStochasticIterativeScheduler (Song et al. 2023, Algorithm 1) and LCMScheduler
+(Luo et al. 2023) as rows of the sigma-space samplers' kernel. The kernel against each sampler's
+float64 reference (fastgen/reference/consistency.py, the paper's equations, not the affine map),
+step by step and over whole stochastic trajectories with counter-based noise; batch invariance;
+diffusers' asserted loop values and step-by-step parity with diffusers' classes on the same generator;
+fastgen.sample on both; bad input named."""
+import diffusers
+import pytest
+import torch
+
+import fastgen
+import fastgen.schedulers as fs
+from fastgen.ops.samplers import sampler_step
+from fastgen.reference import consistency as ref
+from fastgen.schedulers._sigma import step_table
+from tests.test_diffusers_parity import assert_abs_stats, ramp, toy_model
+from tests.utils import FLOAT_DTYPES, assert_close, rand_like_shape
+
+CM_CONFIG = dict(num_train_timesteps=201, sigma_min=0.002, sigma_max=80.0)  # diffusers' test configuration
+LCM_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 4e-3), torch.bfloat16: (1.6e-2, 3e-2)}  # rtol, atol
+
+
+def cm(backend="torch", **changes):
+    return fs.CMStochasticIterativeScheduler(**{**CM_CONFIG, **changes}, backend=backend)
+
+
+def lcm(backend="torch", **changes):
+    return fs.LCMScheduler(**{**LCM_CONFIG, **changes}, backend=backend)
+
+
+# --- diffusers' asserted values --------------------------------------------------------------------
+
+def cm_loop(scheduler, sample, timesteps):
+    generator = torch.manual_seed(0)
+    for t in timesteps:
+        residual = toy_model(scheduler.scale_model_input(sample, t), t)
+        sample = scheduler.step(residual, t, sample, generator=generator).prev_sample
+    return sample
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cm_diffusers_loops(backend):
+    """diffusers' test_scheduler_consistency_model.py: one step, custom timesteps [106, 0], and 2 steps
+    from a noised sample (t_start 8 of 10)."""
+    s = cm(backend)
+    s.set_timesteps(1)
+    assert_abs_stats(cm_loop(s, ramp() * s.init_noise_sigma, s.timesteps), 192.7614, 0.2510)
+    s = cm(backend)
+    s.set_timesteps(timesteps=[106, 0])
+    assert s.num_inference_steps is None  # diffusers leaves it unset for custom timesteps: the run is the timesteps
+    assert_abs_stats(cm_loop(s, ramp() * s.init_noise_sigma, s.timesteps), 347.6357, 0.4527)
+    s = cm(backend)
+    s.set_timesteps(10)
+    timesteps = s.timesteps[8:]
+    noised = s.add_noise(ramp() * s.init_noise_sigma, ramp(reverse=True), timesteps[:1])
+    assert_abs_stats(cm_loop(s, noised, timesteps), 763.9186, 0.9947)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("steps, total, mean", [(1, 18.7097, 0.0244), (10, 197.7616, 0.2575)])
+def test_lcm_diffusers_loops(backend, steps, total, mean):
+    """diffusers' test_scheduler_lcm.py: full loops of 1 and 10 steps (noise from torch.manual_seed(0))."""
+    s = lcm(backend)
+    s.set_timesteps(steps)
+    sample, generator = ramp(), torch.manual_seed(0)
+    for t in s.timesteps:
+        sample = s.step(toy_model(sample, t), t, sample, generator).prev_sample
+    assert abs(sample.abs().sum().item() - total) < 1e-3 and abs(sample.abs().mean().item() - mean) < 1e-3
+
+
+def test_cm_steps_before_set_timesteps_like_diffusers():
+    """diffusers' step runs on the constructor's Karras sigmas (its common tests step at sigma_max)."""
+    ours, theirs = cm(), diffusers.CMStochasticIterativeScheduler(**CM_CONFIG)
+    t = ours.sigma_to_t(ours.config.sigma_max)
+    x, f = ramp(), 0.1 * ramp()
+    for s in (ours, theirs):
+        s.scale_model_input(x, t)
+    got = ours.step(f, t, x, generator=torch.manual_seed(0)).prev_sample
+    want = theirs.step(f, t, x, generator=torch.manual_seed(0)).prev_sample
+    assert_close(got, want, dtype=torch.float32, rtol=1e-5, atol=1e-5)
+
+
+# --- the kernel against the float64 reference ----------------------------------------------------
+
+CASES = {
+    "cm": (cm, {}),
+    "cm-noclip": (cm, dict(clip_denoised=False, s_noise=1.003)),
+    "lcm-epsilon": (lcm, {}),
+    "lcm-v-clip": (lcm, dict(prediction_type="v_prediction", clip_sample=True, clip_sample_range=0.8)),
+    "lcm-sample-threshold": (lcm, dict(prediction_type="sample", thresholding=True, sample_max_value=1.5,
+                                       dynamic_thresholding_ratio=0.9)),
+}
+
+
+def made(case, backend="torch", steps=4):
+    make, changes = CASES[case]
+    s = make(backend, **changes)
+    s.set_timesteps(steps)
+    return s
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_kernel_step_matches_reference(case, dtype, device):
+    """Every step of a 4-step run: the fused kernel (counter noise, seed and offset) against the
+    sampler's own float64 equations on the same noise; the denoised output too."""
+    table = step_table(made(case))
+    g = torch.Generator().manual_seed(7)
+    x = rand_like_shape((3, 2, 5, 5), dtype, device, generator=g, scale=3.0)
+    f = rand_like_shape((3, 2, 5, 5), dtype, device, generator=g)
+    rtol, atol = TOL[dtype]
+    for i in range(table.num_steps):
+        got, got_d = sampler_step(table, i, f, x, seed=5, offset=3, backend="triton")
+        want, want_d = sampler_step(table, i, f, x, seed=5, offset=3, backend="reference")
+        assert want.dtype == dtype and torch.isfinite(want).all()
+        assert_close(got, want, dtype=dtype, rtol=rtol, atol=atol * max(1.0, table.row(i)["noise"]))
+        assert_close(got_d, want_d, dtype=dtype, rtol=rtol, atol=atol)
+
+
+def test_reference_is_the_papers_step():
+    """The reference's own equations against hand-written values: f(x, eps) = x (the boundary
+    condition), the re-noising scale, and LCM's x0 / boundary / re-noise for one element."""
+    x, f = torch.tensor([0.3], dtype=torch.float64), torch.tensor([-0.7], dtype=torch.float64)
+    assert torch.equal(ref.consistency_function(f, x, 0.002, 0.002), x)
+    out, d = ref.consistency_step(f, x, 2.0, 0.5, sigma_min=0.002, sigma_max=80.0, clip_denoised=False,
+                                  noise=torch.ones(1, dtype=torch.float64))
+    c_skip, c_out = 0.25 / (1.998**2 + 0.25), 1.998 * 0.5 / (4.0 + 0.25) ** 0.5
+    assert torch.allclose(d, c_skip * x + c_out * f) and torch.allclose(out, d + (0.25 - 0.002**2) ** 0.5)
+    a_t, a_s = 0.3, 0.6
+    out, d = ref.lcm_step(f, x, 10, alpha_prod_t=a_t, alpha_prod_prev=a_s, last=False,
+                          noise=torch.ones(1, dtype=torch.float64))
+    x0 = (x - (1 - a_t) ** 0.5 * f) / a_t**0.5
+    c_skip, c_out = 0.25 / (100**2 + 0.25), 100 / (100**2 + 0.25) ** 0.5
+    assert torch.allclose(d, c_skip * x + c_out * x0) and torch.allclose(out, a_s**0.5 * d + (1 - a_s) ** 0.5)
+
+
+def reference_model(x, t):
+    """A smooth stand-in network: output depends on x and t."""
+    return torch.tanh(0.5 * x) + 1e-3 * t.to(x.dtype).reshape(-1, *(1,) * (x.dim() - 1))
+
+
+@pytest.mark.parametrize("case", ["cm", "lcm-v-clip", "lcm-sample-threshold"])
+def test_stochastic_trajectory_kernel_equals_reference(case, device):
+    """Whole 4-step runs through the scheduler with counter noise (seed, offset): the kernel's
+    trajectory follows the float64 reference's."""
+    g = torch.Generator().manual_seed(1)
+    x0 = rand_like_shape((2, 1, 4, 4), torch.float32, device, generator=g)
+    runs = {}
+    for backend in ("triton", "reference"):
+        s, x = made(case, backend), x0.clone()
+        x = x * s.init_noise_sigma
+        for t in s.timesteps:
+            x = s.step(reference_model(s.scale_model_input(x, t), t), t, x, seed=9, offset=4).prev_sample
+        runs[backend] = x
+    assert_close(runs["triton"], runs["reference"], dtype=torch.float32, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["cm", "lcm-sample-threshold"])
+def test_batch_invariance(case, device):
+    """Sample k stepped alone with offset=k equals sample k of the batch (counter noise per sample)."""
+    g = torch.Generator().manual_seed(2)
+    x0 = rand_like_shape((3, 1, 4, 4), torch.float32, device, generator=g)
+
+    def run(x, offset):
+        s = made(case, "triton", steps=2)
+        x = x * s.init_noise_sigma
+        for t in s.timesteps:
+            x = s.step(reference_model(s.scale_model_input(x, t), t), t, x, seed=3, offset=offset).prev_sample
+        return x
+
+    batch = run(x0, 0)
+    for k in range(3):
+        assert torch.equal(run(x0[k:k + 1], k), batch[k:k + 1])
+
+
+# --- step by step parity with diffusers' classes -----------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_step_by_step_parity_with_diffusers(case, backend):
+    """fastgen's class and diffusers' own, same config and generator: the same x after every step
+    (fp32 rounding), LCM's denoised output too."""
+    ours = made(case, backend)
+    make, changes = CASES[case]
+    theirs = getattr(diffusers, type(ours).__name__)(**dict(ours.config))
+    theirs.set_timesteps(4)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn((2, 3, 4, 4), generator=g) * ours.init_noise_sigma
+    y = x.clone()
+    g_ours, g_theirs = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    for t_ours, t_theirs in zip(ours.timesteps, theirs.timesteps):
+        a = ours.step(reference_model(ours.scale_model_input(x, t_ours), t_ours), t_ours, x, generator=g_ours)
+        b = theirs.step(reference_model(theirs.scale_model_input(y, t_theirs), t_theirs), t_theirs, y,
+                        generator=g_theirs)
+        assert type(a) is type(b)
+        scale = max(1.0, float(y.abs().max()))
+        assert_close(a.prev_sample, b.prev_sample, dtype=torch.float32, rtol=1e-5, atol=2e-6 * scale)
+        if hasattr(b, "denoised"):
+            assert_close(a.denoised, b.denoised, dtype=torch.float32, rtol=1e-5, atol=2e-6 * scale)
+        x, y = a.prev_sample, b.prev_sample
+
+
+def test_lcm_foreign_timestep_runs_diffusers_step():
+    """A timestep that is not the one at the step index (after set_begin_index) gets diffusers' step."""
+    ours, theirs = lcm(), diffusers.LCMScheduler(**LCM_CONFIG)
+    for s in (ours, theirs):
+        s.set_timesteps(4)
+        s.set_begin_index(0)
+    t = ours.timesteps[2]
+    x = ramp()
+    got = ours.step(0.1 * x, t, x, generator=torch.manual_seed(0)).prev_sample
+    want = theirs.step(0.1 * x, t, x, generator=torch.manual_seed(0)).prev_sample
+    assert torch.equal(got, want) and ours.step_index == 1
+    ours.set_timesteps(4)
+    ours.set_begin_index(0)
+    with pytest.raises(ValueError, match="not the timestep of step 0"):
+        ours.step(0.1 * x, t, x, seed=0)
+
+
+def test_tables_follow_the_conventions():
+    """streams[i] = i, init stream N, the model's timesteps and input scales diffusers' pipelines use,
+    diffusers' draws (CM: every step of a multistep run; LCM: all but the last)."""
+    s = cm()
+    s.set_timesteps(3)
+    table = step_table(s)
+    assert table.streams.tolist() == [0, 1, 2] and table.init_stream == 3 and table.init_noise_sigma == 80.0
+    assert torch.equal(table.model_timesteps, s.timesteps)
+    want = [1 / (sig**2 + 0.25) ** 0.5 for sig in s.sigmas[:3].double().tolist()]
+    assert torch.allclose(table.model_input_scales, torch.tensor(want, dtype=torch.float64))
+    assert table.generator_draws.tolist() == [True] * 3 and [table.draws(i) for i in range(3)] == [True, True, False]
+    s.set_timesteps(1)
+    assert step_table(s).generator_draws.tolist() == [False]
+    s = lcm()
+    s.set_timesteps(3)
+    table = step_table(s)
+    assert table.generator_draws.tolist() == [True, True, False] and table.model_input_scales.tolist() == [1.0] * 3
+    assert torch.equal(table.model_timesteps, s.timesteps)
+
+
+# --- fastgen.sample --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["cm", "lcm-epsilon"])
+def test_sample_runs_the_schedulers(case):
+    """fastgen.sample with either scheduler: the triton loop equals the reference loop; sample k alone
+    (offset=k) equals sample k of the batch; with a generator it follows diffusers' own loop."""
+    s = made(case)
+    shape = (3, 1, 4, 4)
+    kwargs = dict(num_inference_steps=3, seed=6)
+    fused = fastgen.sample(reference_model, shape, s, backend="triton", **kwargs)
+    want = fastgen.sample(reference_model, shape, s, backend="reference", **kwargs)
+    assert_close(fused, want, dtype=torch.float32, rtol=1e-4, atol=1e-4)
+    alone = fastgen.sample(reference_model, (1, 1, 4, 4), s, backend="triton", offset=2, **kwargs)
+    assert_close(alone, fused[2:], dtype=torch.float32, rtol=1e-6, atol=1e-6)
+    theirs = getattr(diffusers, type(s).__name__)(**dict(s.config))
+    theirs.set_timesteps(3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g) * theirs.init_noise_sigma
+    for t in theirs.timesteps:
+        x = theirs.step(reference_model(theirs.scale_model_input(x, t), t.expand(3)), t, x, generator=g).prev_sample
+    got = fastgen.sample(reference_model, shape, s, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    assert_close(got, x, dtype=torch.float32, rtol=1e-5, atol=1e-5)
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+def test_bad_input_is_named():
+    s = cm()
+    s.set_timesteps(2)
+    x = ramp()
+    with pytest.raises(ValueError, match="integer indices"):
+        s.step(x, 3, x)
+    with pytest.raises(ValueError, match="model_output must have shape"):
+        s.step(x[:1], s.timesteps[0], x)
+    with pytest.raises(ValueError, match="pass one noise source"):
+        s.step(x, s.timesteps[0], x, generator=torch.manual_seed(0), seed=1)
+    with pytest.raises(ValueError, match="timestep must be one of the scheduler's timesteps"):
+        s.step(x, 1.5, x)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        s.step(x, s.timesteps[0], x, backend="cuda")
+    with pytest.raises(TypeError, match="sample must be"):
+        s.step(x, s.timesteps[0], x.long())
+    with pytest.raises(ValueError, match="Number of inference steps is 'None'"):
+        lcm().step(x, 999, x)
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        step_table(_bad_lcm())
+    with pytest.raises(ValueError, match="offset only applies to seed"):
+        s = lcm()
+        s.set_timesteps(2)
+        s.step(x, s.timesteps[0], x, offset=1)
+
+
+def _bad_lcm():
+    """An LCMScheduler whose config was changed to a prediction type LCM does not know."""
+    s = lcm()
+    s.register_to_config(prediction_type="flow")
+    s.set_timesteps(2)
+    return s
