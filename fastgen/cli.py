@@ -46,72 +46,42 @@ def _bench(args) -> int:
 
 
 def _train_gan(args) -> int:
-    import torch
-
-    from fastgen import quality
     from fastgen.models import gan
 
     out = prepare_output(args.out or "gan_digits.pt", name="--out")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     steps = 8000 if args.steps is None else args.steps  # generator updates; ~3 min on one CPU core
-    torch.manual_seed(args.seed)
-    generator, discriminator = gan.build(args.architecture, latent_dim=args.latent_dim)
-    generator.to(args.device)
-    discriminator.to(args.device)
-    data = gan.digits_for_training(args.architecture)
-    history = gan.train(generator, discriminator, data, loss=args.loss, steps=steps,
-                        batch_size=args.batch_size, d_steps=args.d_steps, seed=args.seed,
-                        progress=not args.no_progress)
-    score = quality.digits_quality(generator.sample(1000, seed=args.seed + 1), value_range=(-1, 1))
-    gan.save_checkpoint(out, generator.cpu(), discriminator.cpu(), loss=args.loss, steps=steps,
-                        batch_size=args.batch_size, d_steps=args.d_steps, seed=args.seed,
-                        seconds=round(history["seconds"], 1), confidence=score.confidence, mmd=score.mmd)
-    print(f"trained {args.architecture} GAN ({args.loss}) for {steps} steps in {history['seconds']:.0f}s; "
-          f"1000 samples: {score}; saved {out}")
+    result = gan.train_gan(out, architecture=args.architecture, latent_dim=args.latent_dim, loss=args.loss, steps=steps,
+                           batch_size=args.batch_size, d_steps=args.d_steps, seed=args.seed, resume=args.resume,
+                           checkpoint_every=args.checkpoint_every, slim=args.slim, threads=args.threads,
+                           device=args.device, progress=not args.no_progress)
+    settings = result["history"]["settings"]
+    print(f"trained {type(result['generator']).__name__} ({settings['loss']}) for {settings['steps']} steps in "
+          f"{result['seconds']:.0f}s; 1000 samples: {result['quality']}; saved {out}")
     return 0
 
 
 def _train_ddpm(args) -> int:
-    import torch
-
     from fastgen.models import denoisers
-    from fastgen.schedules import NoiseSchedule
 
     out = prepare_output(args.out or "ddpm_digits.pt", name="--out")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    steps = 10000 if args.steps is None else args.steps  # ~2 min on two CPU threads for the MLP
-    torch.manual_seed(args.seed)
-    architecture = args.denoiser
-    model = denoisers.ARCHITECTURES[architecture]().to(args.device)
-    scheduler_config = dict(denoisers.DIGITS_SCHEDULER_CONFIG)
-    schedule = NoiseSchedule(**{k: scheduler_config[k] for k in ("beta_schedule", "num_train_timesteps",
-                                                                   "beta_start", "beta_end")})
-    data = denoisers.digits_for_training(architecture)
-    history = denoisers.train(model, data, schedule, steps=steps, batch_size=args.batch_size, seed=args.seed,
-                              progress=not args.no_progress)
-    model = model.cpu()
-    with torch.no_grad():  # score the weights as they are saved: rounded to fp16
-        for p in model.parameters():
-            p.copy_(p.half().float())
-    score = _ddpm_quality(model, scheduler_config, n=500, seed=args.seed + 1)
-    denoisers.save_checkpoint(out, model, scheduler_config, steps=steps, batch_size=args.batch_size,
-                              seed=args.seed, seconds=round(history["seconds"], 1), sampler="ddim-50",
-                              confidence=score.confidence, mmd=score.mmd)
-    print(f"trained {architecture} DDPM for {steps} steps in {history['seconds']:.0f}s; "
-          f"500 samples (50 DDIM steps): {score}; saved {out}")
+    scheduler_config = dict(denoisers.DIGITS_SCHEDULER_CONFIG, beta_schedule=args.beta_schedule,
+                            prediction_type=args.prediction_type)
+    width = {"mlp": "hidden", "unet": "channels"}[args.denoiser]
+    depth = {"mlp": "depth", "unet": "num_res_blocks"}[args.denoiser]
+    model_config = {k: v for k, v in ((width, args.width), (depth, args.depth)) if v is not None}
+    result = denoisers.train_ddpm(out, architecture=args.denoiser, model_config=model_config,
+                                  conditional=args.conditional, scheduler_config=scheduler_config,
+                                  steps=10000 if args.steps is None else args.steps, batch_size=args.batch_size,
+                                  lr=args.lr, ema_decay=args.ema_decay, label_dropout=args.label_dropout,
+                                  seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every,
+                                  slim=args.slim, threads=args.threads, device=args.device,
+                                  progress=not args.no_progress)
+    model = result["model"]
+    print(f"trained the digits denoiser ({type(model).__name__}, {model.scheduler_config['prediction_type']}"
+          f"{', conditional' if model.num_classes else ''}) in {result['seconds']:.0f}s; "
+          f"500 samples (50 DDIM steps{', null label' if model.num_classes else ''}): "
+          f"{result['quality']}; saved {out}")
     return 0
-
-
-def _ddpm_quality(model, scheduler_config, *, n, seed, steps=50):
-    """fastgen.quality of n samples of the digits denoiser, 50 DDIM steps on the torch backend."""
-    import fastgen
-    from fastgen import quality, sampling
-
-    scheduler = sampling.make_scheduler("ddim", **scheduler_config)
-    x = fastgen.sample(model, (n, 1, 8, 8), scheduler, num_inference_steps=steps, seed=seed, backend="torch")
-    return quality.digits_quality(x, value_range=(-1, 1))
 
 
 def _train_flow(args) -> int:
@@ -313,11 +283,28 @@ def _add_train(commands):
     p.add_argument("--d-steps", type=_int_at_least(1), default=1,
                    help="gan: discriminator updates per generator update")
     p.add_argument("--denoiser", default="mlp", choices=["mlp", "unet"], help="ddpm: the denoiser (fastgen.models)")
+    p.add_argument("--width", type=_int_at_least(1), default=None,
+                   help="ddpm: the MLP's hidden size or the UNet's base channels (default: the model's)")
+    p.add_argument("--depth", type=_int_at_least(1), default=None,
+                   help="ddpm: the MLP's blocks or the UNet's residual blocks per level (default: the model's)")
+    p.add_argument("--conditional", action="store_true",
+                   help="ddpm: class-conditional on the digit (label embedding with a null label)")
+    p.add_argument("--label-dropout", type=_unit_interval, default=0.15,
+                   help="ddpm --conditional: probability of training on the null label instead (default: 0.15)")
+    p.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction", "sample"],
+                   help="ddpm: what the denoiser predicts (default: epsilon)")
+    p.add_argument("--beta-schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2"],
+                   help="ddpm: the noise schedule (default: linear)")
+    p.add_argument("--lr", type=_positive_float, default=2e-3, help="ddpm: Adam's peak learning rate (default: 2e-3)")
+    p.add_argument("--ema-decay", type=_unit_interval, default=0.995,
+                   help="ddpm: decay of the weights' moving average that is saved (default: 0.995)")
     p.add_argument("--resume", action="store_true",
-                   help="flow: continue an interrupted run from the checkpoint at --out (with that run's settings)")
-    p.add_argument("--slim", action="store_true", help="flow: leave the optimizer state out of the final checkpoint")
+                   help="gan, ddpm, flow: continue an interrupted run from the checkpoint at --out (with that run's "
+                        "settings)")
+    p.add_argument("--slim", action="store_true",
+                   help="gan, ddpm, flow: leave the training state out of the final checkpoint (cannot be resumed)")
     p.add_argument("--checkpoint-every", type=_int_at_least(1), default=500,
-                   help="flow: save the checkpoint (atomically) every this many steps (default: 500)")
+                   help="gan, ddpm, flow: save the checkpoint (atomically) every this many steps (default: 500)")
     p.set_defaults(run=_train)
 
 

@@ -173,6 +173,35 @@ def test_train_and_sample_the_flow(tmp_path, capsys):
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(first) > 0
 
 
+def test_train_ddpm_conditional_resume_and_sample(tmp_path, capsys):
+    """train ddpm --conditional writes a checkpoint every --checkpoint-every steps that --resume continues
+    (a finished run stays finished) and that sample --checkpoint reads; --slim leaves weights only."""
+    import torch
+
+    from fastgen.cli import main
+    from fastgen.models import denoisers
+
+    out = tmp_path / "runs" / "ddpm.pt"
+    small = ["--denoiser", "mlp", "--width", "16", "--depth", "1", "--threads", "1", "--no-progress"]
+    assert main(["train", "ddpm", "--steps", "2", "--checkpoint-every", "1", "--conditional", "--label-dropout", "0.2",
+                 "--beta-schedule", "squaredcos_cap_v2", "--prediction-type", "v_prediction", "--out", str(out)]
+                + small) == 0
+    model = denoisers.load_checkpoint(out)
+    assert model.num_classes == 10 and model.metadata["label_dropout"] == 0.2
+    assert model.scheduler_config["beta_schedule"] == "squaredcos_cap_v2" and model.prediction_type == "v_prediction"
+    assert main(["train", "ddpm", "--resume", "--out", str(out)] + small) == 0
+    assert "conditional" in capsys.readouterr().out
+    assert torch.load(out, weights_only=True)["training"]["step"] == 2
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--n", "4", "--steps", "2", "--checkpoint", str(out), "--out", str(grid),
+                 "--no-reference", "--no-progress"]) == 0
+    assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["train", "ddpm", "--steps", "1", "--slim", "--out", str(out)] + small) == 0
+    assert "training" not in torch.load(out, weights_only=True)
+    assert main(["train", "ddpm", "--resume", "--out", str(out)] + small) == 2
+    assert "holds no training state" in capsys.readouterr().err
+
+
 def test_flow_arguments_are_one_line_errors(tmp_path, capsys):
     from fastgen.cli import main
 

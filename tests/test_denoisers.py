@@ -98,6 +98,139 @@ def test_training_smoke_lowers_the_loss_and_is_reproducible(tmp_path):
         denoisers.load_checkpoint(tmp_path / "bad.pt")
 
 
+@pytest.mark.parametrize("make", [lambda: MLPDenoiser(dim=64, hidden=32, depth=1, time_dim=16, num_classes=10),
+                                  lambda: UNetDenoiser(channels=8, num_classes=10)])
+def test_class_conditioning_with_a_null_label(make):
+    torch.manual_seed(0)
+    model = make()
+    for p in model.parameters():  # the UNet's output conv starts at zero: move it off
+        p.data.add_(0.05 * torch.randn_like(p))
+    assert model.num_classes == 10 and model.null_class_label == 10
+    assert model.class_embedding.num_embeddings == 11 and model.config()["num_classes"] == 10
+    x = torch.randn(3, 1, 8, 8)
+    null = model(x, 7)  # None: the null label for every sample
+    torch.testing.assert_close(model(x, 7, class_labels=10), null, rtol=0, atol=0)
+    torch.testing.assert_close(model(x, 7, class_labels=torch.full((3,), 10)), null, rtol=0, atol=0)
+    three = model(x, 7, class_labels=3)
+    assert (three - null).abs().max() > 1e-4 and (model(x, 7, class_labels=4) - three).abs().max() > 1e-4
+    mixed = model(x, 7, class_labels=torch.tensor([3, 10, 3]))  # per-sample labels, e.g. a guidance batch
+    torch.testing.assert_close(mixed[[0, 2]], three[[0, 2]])
+    torch.testing.assert_close(mixed[1], null[1])
+
+
+@pytest.mark.parametrize("labels,error,match", [
+    (11, ValueError, r"class_labels must be None, an int in \[0, 10\]"),
+    (-1, ValueError, r"an int in \[0, 10\]"),
+    (torch.tensor([0, 11]), ValueError, r"in \[0, 10\] \(10 = null_class_label\), got values from 0 to 11"),
+    (torch.tensor([1.0, 2.0]), TypeError, "integer tensor"),
+    (torch.tensor([1, 2, 3]), ValueError, r"shape \[\] or \[batch=2\]"),
+    (2.0, ValueError, "class_labels must be None, an int"),
+])
+def test_bad_class_labels_are_named(labels, error, match):
+    model = MLPDenoiser(dim=64, hidden=16, depth=1, time_dim=8, num_classes=10)
+    with pytest.raises(error, match=match):
+        model(torch.randn(2, 64), 3, class_labels=labels)
+
+
+def test_an_unconditional_denoiser_refuses_labels():
+    model = MLPDenoiser(dim=64, hidden=16, depth=1, time_dim=8)
+    assert model.num_classes == 0 and model.null_class_label is None and model.class_embedding is None
+    with pytest.raises(ValueError, match="class_labels must be None for an unconditional denoiser"):
+        model(torch.randn(2, 64), 3, class_labels=1)
+    with pytest.raises(ValueError, match="labels must be None for an unconditional model"):
+        denoisers.train(model, torch.randn(8, 64), NoiseSchedule(num_train_timesteps=10), labels=torch.zeros(8),
+                        steps=1, batch_size=4, progress=False)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_training_target_is_what_the_scheduler_reads(prediction_type):
+    """The target of each prediction type turns back into x_0 and eps the way the DDIM step reads it
+    (v: x_0 = sqrt(abar) x_t - sqrt(1 - abar) v, eps = sqrt(1 - abar) x_t + sqrt(abar) v)."""
+    schedule = NoiseSchedule(beta_schedule="squaredcos_cap_v2")
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(5, 1, 8, 8, generator=g, dtype=torch.float64), torch.randn(5, 1, 8, 8, generator=g,
+                                                                                    dtype=torch.float64)
+    t = torch.tensor([0, 10, 500, 900, 999])
+    target = denoisers.training_target(prediction_type, x0, eps, t, schedule)
+    a = schedule.sqrt_alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    s = schedule.sqrt_one_minus_alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    x_t = a * x0 + s * eps
+    if prediction_type == "v_prediction":
+        torch.testing.assert_close(a * x_t - s * target, x0)
+        torch.testing.assert_close(s * x_t + a * target, eps)
+    else:
+        torch.testing.assert_close(target, eps if prediction_type == "epsilon" else x0)
+
+
+TINY_RUN = dict(architecture="mlp", model_config=dict(hidden=16, depth=1, time_dim=8), batch_size=16,
+                progress=False, quality_samples=8, threads=1,
+                scheduler_config=dict(denoisers.DIGITS_SCHEDULER_CONFIG, num_train_timesteps=50,
+                                      beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"))
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    """A conditional run stopped after its checkpoint at step 3 and resumed ends with the weights (raw
+    and EMA), Adam state, data order, noise offset and RNG of the uninterrupted run, bit for bit (one
+    CPU thread: the same reduction order in both)."""
+    threads = torch.get_num_threads()
+    straight = denoisers.train_ddpm(tmp_path / "straight.pt", steps=7, checkpoint_every=3, **TINY_RUN)
+    interrupted = tmp_path / "interrupted.pt"
+    real_step, calls = torch.optim.Adam.step, []
+
+    def step_then_stop(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        denoisers.train_ddpm(interrupted, steps=7, checkpoint_every=3, **TINY_RUN)
+    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    saved = torch.load(interrupted, weights_only=True)
+    assert saved["training"]["step"] == 3 and saved["metadata"]["step"] == 3
+    assert denoisers.load_checkpoint(interrupted).num_classes == 10  # a periodic checkpoint samples too
+    resumed = denoisers.train_ddpm(interrupted, resume=True, progress=False, quality_samples=8)
+    assert resumed["loss"] == straight["loss"][3:]
+    final = [torch.load(p, weights_only=True) for p in (tmp_path / "straight.pt", interrupted)]
+    for a, b in zip(final[0]["state_dict"].values(), final[1]["state_dict"].values()):
+        assert torch.equal(a, b)
+    for name in ("model", "ema"):
+        for a, b in zip(final[0]["training"][name].values(), final[1]["training"][name].values()):
+            assert torch.equal(a, b)
+    for key in ("rng", "order"):
+        assert torch.equal(final[0]["training"][key], final[1]["training"][key])
+    assert final[0]["training"]["drawn"] == final[1]["training"]["drawn"] == 7 * 16
+    assert final[1]["metadata"]["confidence"] == final[0]["metadata"]["confidence"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["interrupted.pt", "straight.pt"]
+    torch.set_num_threads(threads)
+
+
+def test_slim_checkpoint_and_bad_training_arguments(tmp_path):
+    threads = torch.get_num_threads()
+    out = tmp_path / "slim.pt"
+    result = denoisers.train_ddpm(out, steps=2, slim=True, conditional=False, **TINY_RUN)
+    state = torch.load(out, weights_only=True)
+    assert "training" not in state and all(v.dtype == torch.float16 for v in state["state_dict"].values()
+                                           if v.is_floating_point())
+    loaded = denoisers.load_checkpoint(out)
+    assert loaded.config() == result["model"].config() and loaded.num_classes == 0
+    assert loaded.prediction_type == "v_prediction" == loaded.scheduler_config["prediction_type"]
+    with pytest.raises(ValueError, match="no training state"):
+        denoisers.train_ddpm(out, resume=True)
+    with pytest.raises(FileNotFoundError, match="resume=True needs"):
+        denoisers.train_ddpm(tmp_path / "missing.pt", resume=True)
+    with pytest.raises(IsADirectoryError, match="must be a file path"):  # checked before any training
+        denoisers.train_ddpm(tmp_path, steps=1)
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        denoisers.train_ddpm(tmp_path / "d.pt", architecture="vit")
+    with pytest.raises(ValueError, match="checkpoint_every must be >= 1"):
+        denoisers.train_ddpm(tmp_path / "d.pt", steps=1, checkpoint_every=0, **TINY_RUN)
+    with pytest.raises(ValueError, match="label_dropout must be in"):
+        denoisers.train_ddpm(tmp_path / "d.pt", steps=1, label_dropout=1.5, **TINY_RUN)
+    torch.set_num_threads(threads)
+
+
 def test_shipped_checkpoint_samples_look_like_digits():
     """300 samples, 50 DDIM steps (torch backend: the fast path on a CPU): confident classifier labels,
     most classes present, and an MMD to held-out digits far below that of noise."""

@@ -308,3 +308,40 @@ def test_mmd_by_hand():
 def test_quality_rejects_bad_samples(samples, kwargs, error, name):
     with pytest.raises(error, match=name):
         quality.digits_quality(samples, **kwargs)
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    """A run stopped after its checkpoint at step 2 and resumed ends with the weights, both Adam states,
+    data order, latent offset and RNG of the uninterrupted run, bit for bit (one CPU thread)."""
+    threads = torch.get_num_threads()
+    tiny = dict(architecture="mlp", steps=5, batch_size=16, d_steps=2, loss="wgan-gp", checkpoint_every=2,
+                threads=1, progress=False, quality_samples=8)
+    straight = gan.train_gan(tmp_path / "straight.pt", **tiny)
+    interrupted = tmp_path / "interrupted.pt"
+    real_step, calls = torch.optim.Adam.step, []
+
+    def step_then_stop(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:  # during the third generator step (two D updates and one G update per step)
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        gan.train_gan(interrupted, **tiny)
+    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    assert torch.load(interrupted, weights_only=True)["training"]["step"] == 2
+    resumed = gan.train_gan(interrupted, resume=True, progress=False, quality_samples=8)
+    assert resumed["history"]["g_loss"] == straight["history"]["g_loss"][2:]
+    final = [torch.load(p, weights_only=True) for p in (tmp_path / "straight.pt", interrupted)]
+    for net in ("generator", "discriminator"):
+        for a, b in zip(final[0][net]["state_dict"].values(), final[1][net]["state_dict"].values()):
+            assert torch.equal(a, b)
+    assert torch.equal(final[0]["training"]["rng"], final[1]["training"]["rng"])
+    assert final[0]["training"]["drawn"] == final[1]["training"]["drawn"]
+    assert final[1]["metadata"]["mmd"] == final[0]["metadata"]["mmd"]
+    gan.train_gan(tmp_path / "slim.pt", slim=True, **dict(tiny, steps=1))
+    assert "training" not in torch.load(tmp_path / "slim.pt", weights_only=True)
+    with pytest.raises(ValueError, match="no training state"):
+        gan.train_gan(tmp_path / "slim.pt", resume=True)
+    torch.set_num_threads(threads)

@@ -25,7 +25,6 @@ stream, x_t = ``fastgen.q_sample(x_0, t, schedule, noise=eps)``, minimise L_simp
 import copy
 import importlib.resources
 import math
-import time
 
 import torch
 from torch import nn
@@ -34,7 +33,8 @@ from torch.nn import functional as F
 import fastgen
 from fastgen import _checks
 from fastgen import data as datasets
-from fastgen.models import _checkpoint
+from fastgen.models import _checkpoint, _training
+from fastgen.schedules import NoiseSchedule
 from fastgen.step_spec import PREDICTION_TYPES
 
 CHECKPOINT_FORMAT = "fastgen-denoiser/1"
@@ -42,6 +42,9 @@ PRETRAINED = {"digits": "ddpm_digits.pt"}
 # The DDPMScheduler / DDIMScheduler arguments the digits denoiser is trained and sampled with (diffusers' defaults).
 DIGITS_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
                                prediction_type="epsilon", clip_sample=True)
+# The scheduler arguments that make the training noise schedule (fastgen.schedules.NoiseSchedule).
+SCHEDULE_KEYS = ("beta_schedule", "num_train_timesteps", "beta_start", "beta_end", "trained_betas",
+                 "rescale_betas_zero_snr")
 
 
 # --- time embedding --------------------------------------------------------------------------------
@@ -79,11 +82,56 @@ class TimeEmbedding(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """Base of the denoisers: ``forward(x, t)`` returns the ``prediction_type`` quantity, shaped like x."""
+    """Base of the denoisers: ``forward(x, t, class_labels=None)`` returns the ``prediction_type``
+    quantity, shaped like x.
+
+    Class conditioning (``num_classes`` > 0): a learned embedding of ``num_classes + 1`` entries is
+    added to the time embedding; entry ``null_class_label = num_classes`` is the null label, "no class",
+    which training puts in place of the true label with probability ``label_dropout`` so that one
+    network is both p(x | class) and p(x) (classifier-free guidance, Ho & Salimans 2022, Algorithm 1).
+    ``class_labels=None`` means the null label for every sample. An unconditional denoiser has
+    ``num_classes = 0`` and ``null_class_label = None`` and refuses labels."""
     prediction_type: str = "epsilon"
+    num_classes: int = 0
+    null_class_label = None
 
     def config(self) -> dict:
         raise NotImplementedError
+
+    def _init_classes(self, num_classes: int, embedding_dim: int):
+        self.num_classes = _checks.nonneg_int(num_classes, "num_classes")
+        self.null_class_label = self.num_classes if self.num_classes else None
+        self.class_embedding = nn.Embedding(self.num_classes + 1, embedding_dim) if self.num_classes else None
+
+    def _conditioning(self, t, class_labels, batch: int, device, dtype) -> torch.Tensor:
+        """The [B, d] embedding of the timesteps plus, when conditional, of the class labels."""
+        emb = self.time_embedding(_batch_timesteps(t, batch, device))
+        if self.class_embedding is not None:
+            emb = emb + self.class_embedding(self._batch_labels(class_labels, batch, device))
+        elif class_labels is not None:
+            raise ValueError("class_labels must be None for an unconditional denoiser (num_classes=0), got labels")
+        return emb.to(dtype)
+
+    def _batch_labels(self, labels, batch: int, device) -> torch.Tensor:
+        """class_labels (None, an int, or an integer tensor [] / [B]) as a [B] int64 tensor in
+        [0, num_classes] (num_classes being the null label). Values are checked on the CPU only: on
+        a GPU the check would synchronise (the embedding lookup asserts there instead)."""
+        allowed = f"in [0, {self.num_classes}] ({self.num_classes} = null_class_label)"
+        if labels is None:
+            return torch.full((batch,), self.null_class_label, dtype=torch.int64, device=device)
+        if not isinstance(labels, torch.Tensor):
+            if isinstance(labels, bool) or not isinstance(labels, int) or not 0 <= labels <= self.num_classes:
+                raise ValueError(f"class_labels must be None, an int {allowed} or an integer tensor, got {labels!r}")
+            labels = torch.tensor(labels)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"class_labels must be an integer tensor, got dtype {labels.dtype}")
+        if labels.dim() > 1 or (labels.dim() == 1 and labels.shape[0] != batch):
+            raise ValueError(f"class_labels must be None, an int or a tensor of shape [] or [batch={batch}], "
+                             f"got shape {tuple(labels.shape)}")
+        if labels.device.type == "cpu" and labels.numel() and not (0 <= labels.min() and labels.max() <= self.num_classes):
+            raise ValueError(f"class_labels must be {allowed}, got values from {labels.min().item()} to "
+                             f"{labels.max().item()}")
+        return labels.to(device=device, dtype=torch.int64).expand(batch)
 
 
 def _prediction_type(value):
@@ -110,7 +158,7 @@ class MLPDenoiser(Denoiser):
     """x [B, dim] (or [B, ...] with dim elements per sample, reshaped back), t -> prediction like x."""
 
     def __init__(self, dim: int = 64, hidden: int = 256, depth: int = 3, time_dim: int = 64,
-                 prediction_type: str = "epsilon"):
+                 prediction_type: str = "epsilon", num_classes: int = 0):
         super().__init__()
         for name, value in (("dim", dim), ("hidden", hidden), ("depth", depth), ("time_dim", time_dim)):
             if _checks.as_int(value, name) < 1:
@@ -118,18 +166,19 @@ class MLPDenoiser(Denoiser):
         self.dim, self.hidden, self.depth, self.time_dim = dim, hidden, depth, time_dim
         self.prediction_type = _prediction_type(prediction_type)
         self.time_embedding = TimeEmbedding(time_dim, time_dim)
+        self._init_classes(num_classes, time_dim)
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(_MLPBlock(hidden, time_dim) for _ in range(depth))
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, dim))
 
     def config(self):
         return dict(dim=self.dim, hidden=self.hidden, depth=self.depth, time_dim=self.time_dim,
-                    prediction_type=self.prediction_type)
+                    prediction_type=self.prediction_type, num_classes=self.num_classes)
 
-    def forward(self, x, t):
+    def forward(self, x, t, class_labels=None):
         if x.dim() < 1 or x[0].numel() != self.dim:
             raise ValueError(f"x must be [B, ...] with {self.dim} elements per sample, got shape {tuple(x.shape)}")
-        temb = self.time_embedding(_batch_timesteps(t, x.shape[0], x.device)).to(x.dtype)
+        temb = self._conditioning(t, class_labels, x.shape[0], x.device, x.dtype)
         h = self.inp(x.reshape(x.shape[0], self.dim))
         for block in self.blocks:
             h = block(h, temb)
@@ -184,7 +233,8 @@ class UNetDenoiser(Denoiser):
     block whose resolution (H at that level) is in ``attention_resolutions`` and in the middle."""
 
     def __init__(self, in_channels: int = 1, channels: int = 32, channel_mults=(1, 2), num_res_blocks: int = 1,
-                 attention_resolutions=(4,), image_size: int = 8, prediction_type: str = "epsilon"):
+                 attention_resolutions=(4,), image_size: int = 8, prediction_type: str = "epsilon",
+                 num_classes: int = 0):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("channels", channels),
                             ("num_res_blocks", num_res_blocks), ("image_size", image_size)):
@@ -200,6 +250,7 @@ class UNetDenoiser(Denoiser):
         self.prediction_type = _prediction_type(prediction_type)
         time_dim = 4 * channels
         self.time_embedding = TimeEmbedding(channels, time_dim)
+        self._init_classes(num_classes, time_dim)
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -234,14 +285,14 @@ class UNetDenoiser(Denoiser):
     def config(self):
         return dict(in_channels=self.in_channels, channels=self.channels, channel_mults=list(self.channel_mults),
                     num_res_blocks=self.num_res_blocks, attention_resolutions=list(self.attention_resolutions),
-                    image_size=self.image_size, prediction_type=self.prediction_type)
+                    image_size=self.image_size, prediction_type=self.prediction_type, num_classes=self.num_classes)
 
-    def forward(self, x, t):
+    def forward(self, x, t, class_labels=None):
         divisor = 1 << (len(self.channel_mults) - 1)
         if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] % divisor or x.shape[3] % divisor:
             raise ValueError(f"x must be [B, {self.in_channels}, H, W] with H and W divisible by {divisor}, "
                              f"got shape {tuple(x.shape)}")
-        temb = self.time_embedding(_batch_timesteps(t, x.shape[0], x.device)).to(x.dtype)
+        temb = self._conditioning(t, class_labels, x.shape[0], x.device, x.dtype)
         h = self.conv_in(x)
         hs = [h]
         for layer in self.down:
@@ -264,50 +315,115 @@ ARCHITECTURES = {"mlp": MLPDenoiser, "unet": UNetDenoiser}
 
 # --- training --------------------------------------------------------------------------------------
 
-def digits_for_training(architecture: str = "unet", split: str = "train") -> torch.Tensor:
-    """fastgen.data.digits with pixels mapped from [0, 1] to [-1, 1] (flat [N, 64] for the MLP)."""
-    x, _ = datasets.digits(split, flat=architecture == "mlp")
-    return 2.0 * x - 1.0
+def digits_for_training(architecture: str = "unet", split: str = "train", *, labels: bool = False):
+    """fastgen.data.digits with pixels mapped from [0, 1] to [-1, 1] (flat [N, 64] for the MLP);
+    with ``labels``, the pair (x, y) with y the int64 digit of each row."""
+    x, y = datasets.digits(split, flat=architecture == "mlp")
+    return (2.0 * x - 1.0, y) if labels else 2.0 * x - 1.0
 
 
-def train(model: Denoiser, data: torch.Tensor, schedule, *, steps: int = 4000, batch_size: int = 128,
-          lr: float = 2e-3, ema_decay: float = 0.995, seed: int = 0, progress: bool = True) -> dict:
-    """Ho et al. Algorithm 1 with Adam (lr warmed up over 200 steps, then cosine-decayed to 0):
-    the batch from a permutation seeded by ``seed``, t ~ U{0..T-1} from it too, eps from the counter-based
-    stream (``fastgen.randn(seed=seed)``, sample after sample), x_t by ``fastgen.q_sample``. After each
-    update the exponential moving average of the weights moves by ``1 - ema_decay``; the EMA is
-    copied into ``model`` at the end. Returns the loss history and the seconds taken."""
+def training_target(prediction_type: str, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
+                    schedule) -> torch.Tensor:
+    """What the denoiser learns to output at x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (t a CPU tensor [B]):
+    "epsilon": eps (Ho et al. eq. 14); "sample": x_0; "v_prediction": v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0
+    (Salimans & Ho 2022, sec. 4), the parameterisation whose target stays of unit scale at every t."""
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "sample":
+        return x0
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    signal = schedule.sqrt_alphas_cumprod[t].to(x0.device, x0.dtype).reshape(shape)
+    noise = schedule.sqrt_one_minus_alphas_cumprod[t].to(x0.device, x0.dtype).reshape(shape)
+    return signal * eps - noise * x0
+
+
+TRAIN_SETTINGS = ("steps", "batch_size", "lr", "ema_decay", "seed", "label_dropout")
+
+
+def train(model: Denoiser, data: torch.Tensor, schedule, *, labels: torch.Tensor = None, label_dropout: float = 0.1,
+          steps: int = 4000, batch_size: int = 128, lr: float = 2e-3, ema_decay: float = 0.995, seed: int = 0,
+          progress: bool = True, checkpoint=None, checkpoint_every: int = 500, resume_from: dict = None) -> dict:
+    """Ho et al. Algorithm 1 with Adam (lr warmed up over min(200, steps / 10) steps, then cosine-decayed
+    to 0): the batch from a permutation seeded by ``seed``, t ~ U{0..T-1} from it too, eps from the
+    counter-based stream (``fastgen.randn(seed=seed)``, sample after sample), x_t by ``fastgen.q_sample``,
+    the loss |target - model(x_t, t)|^2 with the target of ``model.prediction_type`` (``training_target``).
+    After each update the exponential moving average of the weights moves by ``1 - ema_decay``; the EMA
+    is copied into ``model`` at the end.
+
+    A class-conditional model (``model.num_classes`` > 0) needs ``labels`` [N], the class of each row of
+    ``data``; each is replaced by the null label with probability ``label_dropout`` (drawn from the
+    same generator), which teaches the unconditional model alongside the conditional one.
+
+    Resumable: after every ``checkpoint_every``-th step but the last, ``checkpoint(ema_model, training)``
+    is called with the EMA model and the run's state (``_training.state``: the raw weights, Adam's
+    moments, the data order and cursor, the noise offset, both generators, the settings).
+    ``resume_from=training`` continues such a run exactly, taking its settings from it (``model`` must
+    have the same config; its weights are replaced). Returns the loss of this sitting's steps, the
+    seconds of all sittings, the settings and ``training``, the state after the last step."""
+    if resume_from is not None:
+        steps, batch_size, lr, ema_decay, seed, label_dropout = (resume_from[k] for k in TRAIN_SETTINGS)
     steps = _checks.nonneg_int(steps, "steps")
     batch_size = _checks.as_int(batch_size, "batch_size")
+    checkpoint_every = _checks.as_int(checkpoint_every, "checkpoint_every")
     if batch_size < 1 or len(data) < batch_size:
         raise ValueError(f"batch_size must be in [1, len(data)={len(data)}], got {batch_size}")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    if not 0.0 <= label_dropout <= 1.0:
+        raise ValueError(f"label_dropout must be in [0, 1], got {label_dropout!r}")
+    if model.num_classes and (labels is None or labels.shape != (len(data),)):
+        raise ValueError(f"labels must be a [len(data)={len(data)}] tensor of classes for a class-conditional model, "
+                         f"got {None if labels is None else tuple(labels.shape)}")
+    if not model.num_classes and labels is not None:
+        raise ValueError("labels must be None for an unconditional model (num_classes=0)")
+    settings = dict(steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, seed=seed,
+                    label_dropout=label_dropout)
     device = next(model.parameters()).device
     data = data.to(device)
     rng = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     warmup = min(200, max(steps // 10, 1))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min((i + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(i / max(steps, 1), 1.0)))))
     ema = copy.deepcopy(model).requires_grad_(False)
-    order, cursor, drawn = torch.randperm(len(data), generator=rng), 0, 0
+    start, seconds, cursor, drawn = 0, 0.0, 0, 0
+    if resume_from is not None:
+        model.load_state_dict(resume_from["model"])
+        ema.load_state_dict(resume_from["ema"])
+        start, seconds = _training.restore(resume_from, {"optimizer": opt}, rng)
+        order, cursor, drawn = resume_from["order"], resume_from["cursor"], resume_from["drawn"]
+    else:
+        order = torch.randperm(len(data), generator=rng)
+
+    def state(step):
+        weights = {name: {k: v.detach().clone() for k, v in net.state_dict().items()}
+                   for name, net in (("model", model), ("ema", ema))}
+        return _training.state(step, clock.seconds(), settings, {"optimizer": opt}, rng, order=order.clone(),
+                               cursor=cursor, drawn=drawn, **weights)
+
     history = {"loss": []}
     model.train()
-    bar = _progress(steps, progress, "DDPM")
-    start = time.perf_counter()
-    for step in range(steps):
+    bar = _training.progress(steps - start, progress, "DDPM")
+    clock = _training.Stopwatch(seconds)
+    for step in range(start, steps):
         if cursor + batch_size > len(data):
             order, cursor = torch.randperm(len(data), generator=rng), 0
-        x0 = data[order[cursor:cursor + batch_size].to(device)]
+        rows = order[cursor:cursor + batch_size]
+        x0 = data[rows.to(device)]
         cursor += batch_size
-        t = torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=rng).to(device)
+        t = torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=rng)
+        class_labels = None
+        if model.num_classes:
+            dropped = torch.rand(batch_size, generator=rng) < label_dropout
+            class_labels = torch.where(dropped, model.null_class_label, labels[rows]).to(device)
         eps = fastgen.randn(x0.shape, seed=seed, offset=drawn, device=device)
         drawn += batch_size  # samples drawn so far: the offset of the next batch
-        x_t = fastgen.q_sample(x0, t, schedule, noise=eps)
-        loss = F.mse_loss(model(x_t, t), eps)                                         # L_simple, eq. (14)
+        x_t = fastgen.q_sample(x0, t.to(device), schedule, noise=eps)
+        target = training_target(model.prediction_type, x0, eps, t, schedule)
+        prediction = model(x_t, t.to(device)) if class_labels is None else model(x_t, t.to(device), class_labels)
+        loss = F.mse_loss(prediction, target)                                         # L_simple, eq. (14)
+        _training.set_learning_rate(opt, _training.learning_rate(step, steps, lr, warmup))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), model.parameters()):
                 p_ema.lerp_(p, 1.0 - ema_decay)
@@ -317,29 +433,104 @@ def train(model: Denoiser, data: torch.Tensor, schedule, *, steps: int = 4000, b
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(history['loss'][-50:]) / len(history['loss'][-50:]):.4f}", refresh=False)
         bar.update()
+        if checkpoint is not None and _training.checkpoint_due(step, steps, checkpoint_every):
+            checkpoint(ema, state(step + 1))
     bar.close()
+    history["training"] = state(steps)
+    history["seconds"], history["settings"] = history["training"]["seconds"], settings
     model.load_state_dict(ema.state_dict())
     model.eval()
-    history["seconds"] = time.perf_counter() - start
     return history
 
 
-def _progress(total, enabled, description):
-    from tqdm.auto import tqdm
+def sample_quality(model: Denoiser, *, n: int = 500, seed: int = 1, steps: int = 50, class_labels=None):
+    """``fastgen.quality.digits_quality`` of ``n`` samples of the digits denoiser: ``steps`` DDIM steps
+    (eta 0) with the scheduler of ``model.scheduler_config`` on the torch backend, seed ``seed``;
+    ``class_labels`` (an int or [n] tensor) samples a conditional model given those classes, no guidance."""
+    from fastgen import quality, sampling
 
-    return tqdm(total=total, desc=description, disable=not enabled, dynamic_ncols=True)
+    scheduler = sampling.make_scheduler("ddim", **model.scheduler_config)
+    shape = (n, 1, 8, 8)
+    denoise = model if class_labels is None else (lambda x, t: model(x, t, class_labels=class_labels))
+    with torch.no_grad():
+        x = fastgen.sample(denoise, shape, scheduler, num_inference_steps=steps, seed=seed, backend="torch",
+                           device=next(model.parameters()).device)
+    return quality.digits_quality(x, value_range=(-1, 1))
+
+
+def train_ddpm(out, *, architecture: str = "unet", model_config: dict = None, conditional: bool = True,
+               scheduler_config: dict = None, steps: int = 10000, batch_size: int = 64, lr: float = 2e-3,
+               ema_decay: float = 0.995, label_dropout: float = 0.1, seed: int = 0, resume: bool = False,
+               checkpoint_every: int = 500, slim: bool = False, threads: int = None, device="cpu",
+               progress: bool = True, quality_samples: int = 500) -> dict:
+    """Train a digits denoiser (``train``) and write its checkpoint to ``out``: every ``checkpoint_every``
+    steps (atomically, with the training state) and at the end, where the EMA weights, rounded to fp16
+    as saved, are scored by ``sample_quality`` (``quality_samples`` samples, seed + 1; the null label for a
+    conditional model) and the scores go into the metadata. ``slim=True`` leaves the training state out
+    of the final file (fp16 weights only: what is shipped; it cannot be resumed).
+
+    ``architecture`` ("mlp" / "unet") and ``model_config`` (constructor arguments) choose the network;
+    ``conditional`` makes it class-conditional on the 10 digits with ``label_dropout``;
+    ``scheduler_config`` (diffusers' DDPMScheduler arguments; default ``DIGITS_SCHEDULER_CONFIG``) sets
+    the noise schedule, and its ``prediction_type`` the model's. The initial weights come from
+    torch.manual_seed(seed). ``resume=True`` continues the run whose checkpoint is at ``out`` bit for
+    bit, with that run's architecture, schedule and settings. Returns dict(model, quality, seconds, loss)."""
+    out = _training.check_output(out, resume)
+    if threads:
+        torch.set_num_threads(_checks.as_int(threads, "threads"))
+    resume_from = None
+    if resume:
+        state = _checkpoint.load(out, CHECKPOINT_FORMAT)
+        resume_from = _training.training_of(state, out)
+        architecture, scheduler_config = state["architecture"], dict(state["scheduler_config"])
+        model = ARCHITECTURES[architecture](**state["config"])
+    else:
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, got {architecture!r}")
+        scheduler_config = dict(DIGITS_SCHEDULER_CONFIG if scheduler_config is None else scheduler_config)
+        torch.manual_seed(seed)
+        model = ARCHITECTURES[architecture](**dict(model_config or {}),
+                                            prediction_type=scheduler_config.get("prediction_type", "epsilon"),
+                                            num_classes=10 if conditional else 0)
+    schedule = NoiseSchedule(**{k: scheduler_config[k] for k in SCHEDULE_KEYS if k in scheduler_config})
+    data, labels = digits_for_training(architecture, labels=True)
+    model.to(device)
+
+    def checkpoint(ema, training):
+        save_checkpoint(out, ema, scheduler_config, training=training, step=training["step"],
+                        **{k: training[k] for k in TRAIN_SETTINGS})
+
+    history = train(model, data, schedule, labels=labels if model.num_classes else None, label_dropout=label_dropout,
+                    steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, seed=seed, progress=progress,
+                    checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume_from=resume_from)
+    settings = history["settings"]
+    model = model.cpu()
+    with torch.no_grad():  # score the weights as they are saved: rounded to fp16
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    model.scheduler_config = scheduler_config
+    score = sample_quality(model, n=quality_samples, seed=settings["seed"] + 1)
+    save_checkpoint(out, model, scheduler_config, training=None if slim else history["training"],
+                    **settings, seconds=round(history["seconds"], 1),
+                    sampler="ddim-50", quality_samples=quality_samples, confidence=score.confidence, mmd=score.mmd)
+    return dict(model=model, quality=score, seconds=history["seconds"], loss=history["loss"])
 
 
 # --- checkpoints -----------------------------------------------------------------------------------
 
-def save_checkpoint(path, model: Denoiser, scheduler_config: dict, *, half: bool = True, **metadata):
+def save_checkpoint(path, model: Denoiser, scheduler_config: dict, *, half: bool = True, training: dict = None,
+                    **metadata):
     """Write architecture, config, weights (fp16 when ``half``: half the file) and the noise
-    schedule's config (diffusers' DDPMScheduler arguments) plus ``metadata``, atomically: a write that
-    fails midway leaves the file that was at ``path`` as it was."""
+    schedule's config (diffusers' DDPMScheduler arguments) plus ``metadata`` and, when given, the
+    ``training`` state a resumed run needs, atomically: a write that fails midway leaves the file that
+    was at ``path`` as it was."""
     arch = next(name for name, cls in ARCHITECTURES.items() if isinstance(model, cls))
     weights = {k: (v.half() if half and v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    _checkpoint.save({"format": CHECKPOINT_FORMAT, "architecture": arch, "config": model.config(),
-                      "state_dict": weights, "scheduler_config": dict(scheduler_config), "metadata": metadata}, path)
+    state = {"format": CHECKPOINT_FORMAT, "architecture": arch, "config": model.config(), "state_dict": weights,
+             "scheduler_config": dict(scheduler_config), "metadata": metadata}
+    if training is not None:
+        state["training"] = training
+    _checkpoint.save(state, path)
 
 
 def load_checkpoint(path, *, device=None) -> Denoiser:

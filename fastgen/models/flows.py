@@ -34,7 +34,6 @@ one (weights, Adam's moments, the step, the RNG state).
 """
 import importlib.resources
 import math
-import os
 import time
 
 import torch
@@ -44,6 +43,7 @@ import fastgen
 from fastgen import _checks
 from fastgen import data as datasets
 from fastgen._files import atomic_write, prepare_output
+from fastgen.models import _training
 from fastgen.reference import flows as ref
 
 CHECKPOINT_FORMAT = "fastgen-flow/1"
@@ -345,17 +345,6 @@ def pretrained_flow(name: str = "digits", *, device=None, fused: bool = False, b
 
 # --- training ----------------------------------------------------------------------------------------
 
-def _learning_rate(step: int, steps: int, lr: float, warmup: int = 200) -> float:
-    """Linear warm-up over ``warmup`` steps, then a cosine decay to 0 at ``steps``."""
-    return lr * min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(step / max(steps, 1), 1.0))))
-
-
-def _check_out(out, resume: bool):
-    prepare_output(out, name="out")
-    if resume and not os.path.isfile(out):
-        raise FileNotFoundError(f"resume=True needs the checkpoint out={str(out)!r}, which does not exist")
-
-
 def train_flow(out, *, steps: int = 3000, seed: int = 0, resume: bool = False, batch_size: int = 64,
                threads: int = None, progress: bool = True, checkpoint_every: int = 500, lr: float = 1e-3,
                hidden: int = 64, checkerboard_steps: int = 4, glow_steps=(4, 4), mixture_components: int = 8,
@@ -365,7 +354,7 @@ def train_flow(out, *, steps: int = 3000, seed: int = 0, resume: bool = False, b
 
     Each step: a batch of ``batch_size`` train digits (indices drawn with replacement) dequantized
     with fresh noise u ~ U[0, 1), loss -log p(y) / 64 (nats per dimension), one Adam update at the
-    ``_learning_rate`` of the step. Indices and noise come from a torch.Generator(seed), the initial
+    ``_training.learning_rate`` of the step. Indices and noise come from a torch.Generator(seed), the initial
     weights and dropout masks from torch's default generator, seeded with ``seed``; both states are
     checkpointed, so ``resume=True`` continues exactly where the checkpoint at ``out`` stopped (the
     architecture, ``steps``, ``lr`` and ``batch_size`` then come from it). ActNorm layers are initialised from a first batch of
@@ -381,24 +370,19 @@ def train_flow(out, *, steps: int = 3000, seed: int = 0, resume: bool = False, b
     checkpoint_every = _checks.as_int(checkpoint_every, "checkpoint_every")
     if batch_size < 1 or checkpoint_every < 1:
         raise ValueError(f"batch_size and checkpoint_every must be >= 1, got {batch_size} and {checkpoint_every}")
-    _check_out(out, resume)
+    out = _training.check_output(out, resume)
     if threads:
         torch.set_num_threads(_checks.as_int(threads, "threads"))
     levels = digit_levels("train")
     rng = torch.Generator().manual_seed(seed)
     if resume:
         state = _load_state(out)
-        if "training" not in state:
-            raise ValueError(f"checkpoint {str(out)!r} holds no training state (saved with slim=True)")
-        training = state["training"]
+        training = _training.training_of(state, out)
         model = Flow(**state["config"], fused=fused, backend=backend)
         model.load_state_dict(state["state_dict"])
         opt = torch.optim.Adam(model.parameters(), lr=training["lr"])
-        opt.load_state_dict(training["optimizer"])
-        rng.set_state(training["rng"])
-        start, steps, seed, lr, batch_size = (training[k] for k in ("step", "steps", "seed", "lr", "batch_size"))
-        seconds = training["seconds"]
-        torch.set_rng_state(training["torch_rng"])
+        steps, seed, lr, batch_size = (training[k] for k in ("steps", "seed", "lr", "batch_size"))
+        start, seconds = _training.restore(training, {"optimizer": opt}, rng)
     else:
         torch.manual_seed(seed)  # the initial weights and the dropout masks
         model = Flow(hidden, checkerboard_steps, glow_steps, mixture_components, dropout, fused=fused,
@@ -410,24 +394,22 @@ def train_flow(out, *, steps: int = 3000, seed: int = 0, resume: bool = False, b
             first = levels[torch.randint(0, len(levels), (512,), generator=rng)]
             model(ref.dequantize(first, torch.rand(first.shape, generator=rng, dtype=torch.float64)).float())
 
-    def checkpoint(step, final=False, **metadata):
-        keep_optimizer = not (final and slim)
-        training = dict(step=step, steps=steps, seed=seed, lr=lr, batch_size=batch_size, seconds=seconds,
-                        rng=rng.get_state(), torch_rng=torch.get_rng_state(),
-                        optimizer=opt.state_dict()) if keep_optimizer else None
+    settings = dict(steps=steps, seed=seed, lr=lr, batch_size=batch_size)
+
+    def checkpoint(step, seconds, final=False, **metadata):
+        training = None if final and slim else _training.state(step, seconds, settings, {"optimizer": opt}, rng)
         save_checkpoint(out, model, training=training, steps=steps, seed=seed, batch_size=batch_size,
                         seconds=round(seconds, 1), **metadata)
 
     model.train()
     losses = []
-    bar = _progress(steps - start, progress)
-    began = time.perf_counter()
+    bar = _training.progress(steps - start, progress, "flow")
+    clock = _training.Stopwatch(seconds)
     for step in range(start, steps):
         batch = levels[torch.randint(0, len(levels), (batch_size,), generator=rng)]
         y = ref.dequantize(batch, torch.rand(batch.shape, generator=rng, dtype=torch.float64)).float()
         loss = -model.log_prob(y).mean() / DIMS
-        for group in opt.param_groups:
-            group["lr"] = _learning_rate(step, steps, lr)
+        _training.set_learning_rate(opt, _training.learning_rate(step, steps, lr))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -437,24 +419,16 @@ def train_flow(out, *, steps: int = 3000, seed: int = 0, resume: bool = False, b
         if step % 50 == 0:
             bar.set_postfix(nats_per_dim=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}", refresh=False)
         bar.update()
-        if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            seconds_now, began = time.perf_counter() - began, time.perf_counter()
-            seconds += seconds_now
-            checkpoint(step + 1)
+        if _training.checkpoint_due(step, steps, checkpoint_every):
+            checkpoint(step + 1, clock.seconds())
     bar.close()
-    seconds += time.perf_counter() - began
+    seconds = clock.seconds()
     model.eval()
     bits = held_out_bits_per_dim(model)
     test_bpd, baseline = bits["flow"], bits["categorical"]
-    checkpoint(steps, final=True, test_bits_per_dim=round(test_bpd, 4), categorical_bits_per_dim=round(baseline, 4))
+    checkpoint(steps, seconds, final=True, test_bits_per_dim=round(test_bpd, 4), categorical_bits_per_dim=round(baseline, 4))
     return dict(steps=steps, seconds=seconds, test_bits_per_dim=test_bpd, categorical_bits_per_dim=baseline,
                 loss=losses, model=model)
-
-
-def _progress(total, enabled):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="flow", disable=not enabled, dynamic_ncols=True)
 
 
 def sample_flow(out, *, n: int = 64, seed: int = 0, temperature: float = 1.0, checkpoint=None, device=None,

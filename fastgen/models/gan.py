@@ -14,7 +14,6 @@ DCGAN's lr = 2e-4, betas = (0.5, 0.999), and the losses of ``fastgen.reference.g
 """
 import importlib.resources
 import math
-import time
 
 import torch
 from torch import nn
@@ -22,7 +21,7 @@ from torch import nn
 import fastgen
 from fastgen import data as datasets
 from fastgen import _checks
-from fastgen.models import _checkpoint
+from fastgen.models import _checkpoint, _training
 from fastgen.reference import gan as losses
 
 CHECKPOINT_FORMAT = "fastgen-gan/1"
@@ -151,16 +150,31 @@ def digits_for_training(architecture: str = "dcgan", split: str = "train") -> to
     return 2.0 * x - 1.0
 
 
+TRAIN_SETTINGS = ("loss", "steps", "batch_size", "d_steps", "lr", "betas", "gp_weight", "seed")
+
+
 def train(generator: Generator, discriminator: nn.Module, data: torch.Tensor, *, loss: str = "nonsaturating",
           steps: int = 3000, batch_size: int = 64, d_steps: int = 1, lr: float = 2e-4, betas=(0.5, 0.999),
-          gp_weight: float = 10.0, seed: int = 0, progress: bool = True) -> dict:
+          gp_weight: float = 10.0, seed: int = 0, progress: bool = True, checkpoint=None, checkpoint_every: int = 500,
+          resume_from: dict = None) -> dict:
     """Alternate ``d_steps`` discriminator updates and one generator update, ``steps`` times.
 
     Each discriminator update: a batch of data x and of fresh samples G(z), minimise the game's D
     loss (+ gp_weight * gradient penalty for "wgan-gp"). Each generator update: fresh G(z), minimise
     the G loss. Latents come from ``fastgen.latents(seed=seed)``, sample after sample (so a run is
-    reproducible), batches from a permutation seeded by ``seed``. Returns the loss history.
+    reproducible), batches from a permutation seeded by ``seed``.
+
+    Resumable (``fastgen.models._training``): after every ``checkpoint_every``-th step but the last,
+    ``checkpoint(training)`` is called with the run's state (both Adam states, the data order and cursor,
+    the latent offset, the generators, the settings); ``resume_from=training``, with the networks holding
+    the weights saved beside it, continues the run exactly, with its settings. Returns the loss history
+    of this sitting, the seconds of all sittings, the settings and ``training``, the state at the end.
     """
+    if resume_from is not None:
+        loss, steps, batch_size, d_steps, lr, betas, gp_weight, seed = (resume_from[k] for k in TRAIN_SETTINGS)
+    checkpoint_every = _checks.as_int(checkpoint_every, "checkpoint_every")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     if loss not in losses.LOSSES:
         raise ValueError(f"loss must be one of {sorted(losses.LOSSES)}, got {loss!r}")
     game = losses.LOSSES[loss]
@@ -176,15 +190,20 @@ def train(generator: Generator, discriminator: nn.Module, data: torch.Tensor, *,
     rng = torch.Generator().manual_seed(seed)
     opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=betas)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=betas)
-    drawn = 0  # latents used so far: the offset of the next batch
+    optimizers = {"g_optimizer": opt_g, "d_optimizer": opt_d}
+    settings = dict(loss=loss, steps=steps, batch_size=batch_size, d_steps=d_steps, lr=lr, betas=tuple(betas),
+                    gp_weight=gp_weight, seed=seed)
+    start, seconds, drawn = 0, 0.0, 0  # drawn: latents used so far, the offset of the next batch
+    order, cursor = torch.randperm(len(data), generator=rng), 0
+    if resume_from is not None:
+        start, seconds = _training.restore(resume_from, optimizers, rng)
+        order, cursor, drawn = resume_from["order"], resume_from["cursor"], resume_from["drawn"]
 
     def latents(n):
         nonlocal drawn
         z = fastgen.latents(n, generator.latent_dim, seed=seed, offset=drawn, device=device)
         drawn += n
         return z
-
-    order, cursor = torch.randperm(len(data), generator=rng), 0
 
     def real_batch():
         nonlocal order, cursor
@@ -194,12 +213,16 @@ def train(generator: Generator, discriminator: nn.Module, data: torch.Tensor, *,
         cursor += batch_size
         return batch
 
+    def state(step):
+        return _training.state(step, clock.seconds(), settings, optimizers, rng, order=order.clone(), cursor=cursor,
+                               drawn=drawn)
+
     history = {"d_loss": [], "g_loss": []}
     generator.train()
     discriminator.train()
-    bar = _progress(steps, progress, f"GAN ({loss})")
-    start = time.perf_counter()
-    for _ in range(steps):
+    bar = _training.progress(steps - start, progress, f"GAN ({loss})")
+    clock = _training.Stopwatch(seconds)
+    for step in range(start, steps):
         for _ in range(d_steps):
             x = real_batch()
             with torch.no_grad():
@@ -218,32 +241,79 @@ def train(generator: Generator, discriminator: nn.Module, data: torch.Tensor, *,
         history["d_loss"].append(d_loss.item())
         history["g_loss"].append(g_loss.item())
         if not (math.isfinite(history["d_loss"][-1]) and math.isfinite(history["g_loss"][-1])):
-            raise FloatingPointError(f"GAN training diverged at step {len(history['g_loss'])}: "
+            raise FloatingPointError(f"GAN training diverged at step {step + 1}: "
                                      f"d_loss {history['d_loss'][-1]}, g_loss {history['g_loss'][-1]}")
         bar.set_postfix(d=f"{history['d_loss'][-1]:.3f}", g=f"{history['g_loss'][-1]:.3f}", refresh=False)
         bar.update()
+        if checkpoint is not None and _training.checkpoint_due(step, steps, checkpoint_every):
+            checkpoint(state(step + 1))
     bar.close()
-    history["seconds"] = time.perf_counter() - start
+    history["training"] = state(steps)
+    history["seconds"], history["settings"] = history["training"]["seconds"], settings
     return history
 
 
-def _progress(total, enabled, description):
-    from tqdm.auto import tqdm
+def train_gan(out, *, architecture: str = "dcgan", latent_dim: int = 32, loss: str = "nonsaturating",
+              steps: int = 8000, batch_size: int = 64, d_steps: int = 1, seed: int = 0, resume: bool = False,
+              checkpoint_every: int = 500, slim: bool = False, threads: int = None, device="cpu",
+              progress: bool = True, quality_samples: int = 1000) -> dict:
+    """Build (initial weights from torch.manual_seed(seed)) and ``train`` a GAN on the train digits,
+    writing its checkpoint to ``out`` every ``checkpoint_every`` steps (atomically, with the training
+    state) and at the end, with the classifier confidence and MMD^2 of ``quality_samples`` samples
+    (seed + 1) in the metadata. ``slim=True`` leaves the training state out of the final file.
+    ``resume=True`` continues the run whose checkpoint is at ``out``, bit for bit, with its settings.
+    Returns dict(generator, discriminator, quality, seconds, history)."""
+    from fastgen import quality
 
-    return tqdm(total=total, desc=description, disable=not enabled, dynamic_ncols=True)
+    out = _training.check_output(out, resume)
+    if threads:
+        torch.set_num_threads(_checks.as_int(threads, "threads"))
+    resume_from = None
+    if resume:
+        state = _checkpoint.load(out, CHECKPOINT_FORMAT)
+        resume_from = _training.training_of(state, out)
+        architecture = state["architecture"]
+        gen_cls, disc_cls = ARCHITECTURES[architecture]
+        generator, discriminator = gen_cls(**state["generator"]["config"]), disc_cls(**state["discriminator"]["config"])
+        generator.load_state_dict(state["generator"]["state_dict"])
+        discriminator.load_state_dict(state["discriminator"]["state_dict"])
+    else:
+        torch.manual_seed(seed)
+        generator, discriminator = build(architecture, latent_dim=latent_dim)
+    generator.to(device)
+    discriminator.to(device)
+
+    def checkpoint(training):
+        save_checkpoint(out, generator, discriminator, training=training, step=training["step"],
+                        **{k: training[k] for k in TRAIN_SETTINGS})
+
+    history = train(generator, discriminator, digits_for_training(architecture), loss=loss, steps=steps,
+                    batch_size=batch_size, d_steps=d_steps, seed=seed, progress=progress, checkpoint=checkpoint,
+                    checkpoint_every=checkpoint_every, resume_from=resume_from)
+    settings = history["settings"]
+    score = quality.digits_quality(generator.sample(quality_samples, seed=settings["seed"] + 1), value_range=(-1, 1))
+    generator, discriminator = generator.cpu(), discriminator.cpu()
+    save_checkpoint(out, generator, discriminator, training=None if slim else history["training"], **settings,
+                    seconds=round(history["seconds"], 1), confidence=score.confidence, mmd=score.mmd)
+    return dict(generator=generator, discriminator=discriminator, quality=score, seconds=history["seconds"],
+                history=history)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
 
-def save_checkpoint(path, generator: Generator, discriminator: nn.Module = None, **metadata):
-    """Write architecture, config and weights (generator; discriminator if given) and ``metadata``, atomically:
-    a write that fails midway leaves the file that was at ``path`` as it was."""
+def save_checkpoint(path, generator: Generator, discriminator: nn.Module = None, *, training: dict = None,
+                    **metadata):
+    """Write architecture, config and weights (generator; discriminator if given), ``metadata`` and, when
+    given, the ``training`` state a resumed run needs, atomically: a write that fails midway leaves the
+    file that was at ``path`` as it was."""
     arch = next(name for name, (g, _) in ARCHITECTURES.items() if isinstance(generator, g))
     state = {"format": CHECKPOINT_FORMAT, "architecture": arch,
              "generator": {"config": generator.config(), "state_dict": generator.state_dict()},
              "metadata": metadata}
     if discriminator is not None:
         state["discriminator"] = {"config": discriminator.config(), "state_dict": discriminator.state_dict()}
+    if training is not None:
+        state["training"] = training
     _checkpoint.save(state, path)
 
 
