@@ -296,3 +296,139 @@ def _bad_lcm():
     s.register_to_config(prediction_type="flow")
     s.set_timesteps(2)
     return s
+
+
+# --- consistency distillation (fastgen/models/consistency.py) -------------------------------------
+
+from fastgen.models import consistency as cd  # noqa: E402
+from fastgen.models import denoisers  # noqa: E402
+
+
+def tiny_teacher(prediction_type="epsilon", num_classes=0):
+    torch.manual_seed(0)
+    net = denoisers.MLPDenoiser(hidden=16, depth=1, time_dim=8, prediction_type=prediction_type,
+                                num_classes=num_classes)
+    with torch.no_grad():  # a teacher that is not zero (the MLP's init is), so x0 depends on its output
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    net.scheduler_config = dict(denoisers.DIGITS_SCHEDULER_CONFIG, prediction_type=prediction_type)
+    return net.eval().requires_grad_(False)
+
+
+def test_teacher_time_maps_sigmas_to_timesteps():
+    time = cd.TeacherTime(denoisers.DIGITS_SCHEDULER_CONFIG)
+    abar = fastgen.NoiseSchedule().alphas_cumprod.double()
+    t = torch.tensor([0, 1, 250, 998, 999])
+    sigma = ((1 - abar[t]) / abar[t]).sqrt()
+    assert torch.allclose(time.timestep(sigma), t.float(), atol=1e-3)
+    middle = (sigma[2] * sigma[2] * ((1 - abar[251]) / abar[251])).sqrt() ** 0.5  # log-midpoint of 250, 251
+    assert abs(time.timestep(middle.reshape(1)).item() - 250.5) < 1e-3
+    assert time.timestep(torch.tensor([1e-6, 1e6], dtype=torch.float64)).tolist() == [0.0, 999.0]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_student_starts_as_the_teacher(prediction_type):
+    """At initialisation c_skip^EDM x + c_out^EDM F is the teacher's x0; the consistency function
+    meets the boundary condition f(x, eps) = x; the teacher's DDIM step is DDIM's equation (12) in VP."""
+    teacher = tiny_teacher(prediction_type)
+    student = cd.ConsistencyModel(teacher, teacher.scheduler_config)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((3, 64), generator=g) * 2
+    sigma = torch.tensor([0.05, 1.3, 40.0], dtype=torch.float64)
+    with torch.no_grad():
+        f = student(x / (sigma**2 + 0.25).sqrt().float()[:, None], 250 * sigma.log())
+        x0 = cd.teacher_x0(teacher, x, sigma, time=student.time, clip=False)
+        edm = (0.25 / (sigma**2 + 0.25)).float()[:, None] * x + (0.5 * sigma / (sigma**2 + 0.25).sqrt()).float()[:, None] * f
+        assert_close(edm, x0, dtype=torch.float32, rtol=1e-4, atol=1e-4 * float(sigma.max()))
+        eps = student.time.sigma_min
+        assert torch.equal(student.denoise(x, torch.full((3,), eps, dtype=torch.float64), sigma_min=eps), x)
+    # DDIM (eta 0) from timestep 600 to 400 in VP terms, against the VE step
+    abar = fastgen.NoiseSchedule().alphas_cumprod.double()
+    a_t, a_s = abar[600], abar[400]
+    s_t, s_s = ((1 - a_t) / a_t).sqrt(), ((1 - a_s) / a_s).sqrt()
+    x_t = torch.randn((2, 64), generator=g, dtype=torch.float64).float()
+    with torch.no_grad():
+        m = teacher(x_t, torch.full((2,), 600.0))
+        x0 = denoisers_x0(m, x_t.double(), a_t, prediction_type)
+        want = a_s.sqrt() * x0 + (1 - a_s).sqrt() * (x_t.double() - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+        got = cd.ddim_step(teacher, x_t * (1 + s_t**2).sqrt().float(), s_t.expand(2), s_s.expand(2),
+                           time=student.time, clip=False)
+    assert_close(got / (1 + s_s**2).sqrt().float(), want.float(), dtype=torch.float32, rtol=1e-4, atol=1e-4)
+
+
+def denoisers_x0(m, x_t, a_t, prediction_type):
+    """x0 from a VP model output (hand-written, float64)."""
+    m = m.double()
+    if prediction_type == "epsilon":
+        return (x_t - (1 - a_t).sqrt() * m) / a_t.sqrt()
+    if prediction_type == "v_prediction":
+        return a_t.sqrt() * x_t - (1 - a_t).sqrt() * m
+    return m
+
+
+def test_distill_writes_resumes_and_samples(tmp_path, monkeypatch):
+    """A few distillation steps: the checkpoint loads as (model, scheduler) for fastgen.sample, whose
+    result equals the plain scheduler loop; a run interrupted after its periodic checkpoint and
+    resumed ends bit for bit where the uninterrupted run ends."""
+    teacher = tiny_teacher(num_classes=10)
+    settings = dict(steps=4, num_scales=6, batch_size=8, checkpoint_every=2, threads=None, progress=False,
+                    quality_samples=4)
+    whole = cd.distill(teacher, tmp_path / "whole.pt", **settings)
+    assert set(whole["quality"]) == {1, 2, 4} and len(whole["loss"]) == 4
+    saved = []
+    real_save = cd.save_checkpoint
+
+    def interrupted(path, model, config, **kwargs):
+        real_save(path, model, config, **kwargs)
+        saved.append(kwargs.get("step"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cd, "save_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cd.distill(teacher, tmp_path / "part.pt", **settings)
+    monkeypatch.setattr(cd, "save_checkpoint", real_save)
+    assert saved == [2]
+    resumed = cd.distill(teacher, tmp_path / "part.pt", resume=True, **{k: v for k, v in settings.items()
+                                                                        if k != "steps"})
+    assert resumed["loss"] == whole["loss"][2:]
+    a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("whole.pt", "part.pt"))
+    for name in ("student", "target", "ema"):
+        assert all(torch.equal(a["training"][name][k], b["training"][name][k]) for k in a["training"][name])
+    model, scheduler = cd.consistency_sampler(tmp_path / "whole.pt", backend="torch")
+    assert type(scheduler) is fs.CMStochasticIterativeScheduler and scheduler.config.num_train_timesteps == 6
+    assert scheduler.config.sigma_min == pytest.approx(cd.TeacherTime(teacher.scheduler_config).sigma_min)
+    x = fastgen.sample(model, (3, 1, 8, 8), scheduler, num_inference_steps=2, seed=4)
+    loop = cd.sample_loop(model, cd.make_scheduler(model.scheduler_config), 2, (3, 1, 8, 8), seed=4)
+    assert_close(x, loop, dtype=torch.float32, rtol=1e-5, atol=1e-5)
+    assert x.abs().max() <= 1.0  # clip_denoised
+
+
+def test_distill_bad_input(tmp_path):
+    teacher = tiny_teacher()
+    with pytest.raises(ValueError, match="distance_kind must be one of"):
+        cd.distill(teacher, tmp_path / "a.pt", steps=1, distance_kind="lpips")
+    with pytest.raises(ValueError, match="num_scales must be >= 2"):
+        cd.distill(teacher, tmp_path / "a.pt", steps=1, num_scales=1)
+    with pytest.raises(FileNotFoundError, match="resume=True needs the checkpoint"):
+        cd.distill(teacher, tmp_path / "missing.pt", resume=True)
+    with pytest.raises(ValueError, match="fastgen-consistency/1 checkpoint"):
+        cd.load_checkpoint(denoisers_checkpoint(teacher, tmp_path))
+
+
+def denoisers_checkpoint(teacher, tmp_path):
+    path = tmp_path / "teacher.pt"
+    denoisers.save_checkpoint(path, teacher, teacher.scheduler_config)
+    return path
+
+
+def test_cli_train_consistency(tmp_path, capsys):
+    from fastgen import cli
+
+    teacher = denoisers_checkpoint(tiny_teacher(), tmp_path)
+    out = tmp_path / "student.pt"
+    assert cli.main(["train", "consistency", "--teacher", str(teacher), "--steps", "2", "--num-scales", "4",
+                     "--batch-size", "4", "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    assert "consistency model" in capsys.readouterr().out and cd.load_checkpoint(out).scheduler_config
+    assert cli.main(["train", "consistency", "--teacher", str(tmp_path / "nope.pt"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m fastgen train: error:") and "\n" not in err

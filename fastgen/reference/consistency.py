@@ -54,9 +54,10 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 # --- consistency models (Song et al. 2023) ---------------------------------------------------------
 
 def boundary_scalings(sigma: float, sigma_min: float, sigma_data: float = SIGMA_DATA):
-    """(c_skip, c_out) of the consistency parameterisation at sigma, boundary at sigma_min   eq. (7), App. C"""
+    """(c_skip, c_out) of the consistency parameterisation at sigma (a float or a float64 tensor),
+    boundary at sigma_min                                                                   eq. (7), App. C"""
     c_skip = sigma_data**2 / ((sigma - sigma_min) ** 2 + sigma_data**2)
-    c_out = (sigma - sigma_min) * sigma_data / math.sqrt(sigma**2 + sigma_data**2)
+    c_out = (sigma - sigma_min) * sigma_data / (sigma**2 + sigma_data**2) ** 0.5
     return c_skip, c_out
 
 
@@ -130,7 +131,8 @@ def predicted_x0(model_output, sample, alpha_prod_t: float, prediction_type: str
         return model_output
     if prediction_type == "v_prediction":
         return alpha * sample - beta * model_output
-    raise ValueError(f"prediction_type must be one of {', '.join(map(repr, PREDICTION_TYPES))}, got {prediction_type!r}")
+    raise ValueError(f"prediction_type must be one of {', '.join(map(repr, PREDICTION_TYPES))}, "
+                     f"got {prediction_type!r}")
 
 
 def lcm_step(model_output, sample, timestep: float, *, alpha_prod_t: float, alpha_prod_prev: float,
@@ -188,7 +190,8 @@ def consistency_table(scheduler):
     for sigma, sigma_next in pairs:
         c_skip, c_out = boundary_scalings(sigma, smin, sdata)
         rows.append(dict(cx=c_skip, cf=c_out, d0=1.0, ad=1.0,
-                         noise=renoise_scale(sigma_next, sigma_min=smin, sigma_max=smax, s_noise=float(config.s_noise))))
+                         noise=renoise_scale(sigma_next, sigma_min=smin, sigma_max=smax,
+                                             s_noise=float(config.s_noise))))
 
     def reference(i, model_output, sample, prev_denoised, noise):
         return consistency_step(model_output, sample, *pairs[i], sigma_min=smin, sigma_max=smax, sigma_data=sdata,
@@ -225,8 +228,8 @@ def lcm_table(scheduler):
                   "sample": (0.0, 1.0),
                   "v_prediction": (a_t.sqrt(), -(1.0 - a_t).sqrt())}[prediction_type]
         c_skip, c_out = lcm_boundary_scalings(t, scaling)
-        rows.append(dict(cx=float(cx), cf=float(cf), dx=c_skip, d0=c_out, ad=1.0 if last else float(a_prev.sqrt()),
-                         noise=0.0 if last else float((1.0 - a_prev).sqrt())))
+        rows.append(dict(cx=float(cx), cf=float(cf), dx=c_skip, d0=c_out,
+                         ad=1.0 if last else float(a_prev.sqrt()), noise=0.0 if last else float((1.0 - a_prev).sqrt())))
     clip = dict(clip="threshold" if config.thresholding else "range" if config.clip_sample else "none",
                 clip_range=float(config.clip_sample_range),
                 dynamic_thresholding_ratio=float(config.dynamic_thresholding_ratio),

@@ -50,8 +50,9 @@ def step_table(scheduler, **step_settings) -> StepTable:
     """The StepTable of ``scheduler`` (fastgen's class or diffusers' own) after its ``set_timesteps``."""
     name = _diffusers_name(scheduler)
     if name is None:
-        raise TypeError(f"scheduler must be one of DDPMScheduler, DDIMScheduler{''.join(', ' + n for n in sorted(TABLES))}"
-                        f" (diffusers' or fastgen's), got {type(scheduler).__name__}")
+        names = "".join(", " + n for n in sorted(TABLES))
+        raise TypeError(f"scheduler must be one of DDPMScheduler, DDIMScheduler{names} (diffusers' or fastgen's), "
+                        f"got {type(scheduler).__name__}")
     check_ready(scheduler)
     return TABLES[name](scheduler, **step_settings)
 
