@@ -1,6 +1,9 @@
 """Benchmark of whole sampling loops: 1000 DDPM steps and 50 DDIM steps with a small MLP denoiser
 (flat [B, 64] data), a UNet ([B, 3, 32, 32] images) and no denoiser at all (a fixed output: what
-each loop costs on its own, the part of a step a sampler controls), per loop and per step.
+each loop costs on its own, the part of a step a sampler controls), per loop and per step; and the
+loops real pipelines run, with and without classifier-free guidance (the model on the doubled
+batch, the combination fused into the step): Euler 30 steps, DPM-Solver++ 2M 20 steps, flow-matching
+Euler 28 steps, with the MLP and the fixed output.
 
 Providers (each one call = one full sampling run from x_T to x_0):
     fastgen                 ``fastgen.sampling.Sampler`` as it runs by default: on CUDA the fused Triton
@@ -12,6 +15,8 @@ Providers (each one call = one full sampling run from x_T to x_0):
                             diffusers draws it, so it differs from "diffusers" only in the step
     reference               the loop with ``backend="reference"`` (every step through the float64 reference)
     diffusers               the loop diffusers' pipelines run: ``scheduler.step(model(x, t), t, x).prev_sample``
+                            (with ``scale_model_input`` first, and with guidance the doubled batch and
+                            ``u + w (c - u)`` before the step, as the pipelines write it)``
     model only              the model called once per timestep and nothing else: the floor for a
                             loop whose model dominates (the UNet); not run for the fixed output
 Per-step time = a call's time / the steps. Traffic (bytes): per step, x and the model output read
@@ -36,7 +41,6 @@ import torch
 if __name__ == "__main__" and not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # as the CLI does: the interpreter runs CPU tensors
 
-import fastgen
 from fastgen.bench import fastgen as fastgen_provider, harness, peer, pytest_benchmarks, reference, register
 from fastgen.bench.registry import Op
 from fastgen.models import MLPDenoiser, UNetDenoiser
@@ -51,8 +55,19 @@ class FixedOutput(torch.nn.Module):
         super().__init__()
         self.output = torch.nn.Parameter(torch.randn(shape), requires_grad=False)
 
-    def forward(self, x, t):
+    def forward(self, x, t, class_labels=None):
         return self.output
+
+
+class _Conditional(torch.nn.Module):
+    """A bench denoiser that takes class labels (and ignores them): what a guided loop calls."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, t, class_labels=None):
+        return self.model(x, t)
 
 
 QUICK_STEPS = 2
@@ -68,7 +83,12 @@ MODELS = {
                                                              attention_resolutions=(4,), image_size=8), [2])},
     "fixed": {"full": ((64,), FixedOutput, [64, 1024]), "quick": ((16,), FixedOutput, [4])},
 }
-SAMPLERS = {"ddpm1000": ("ddpm", 1000), "ddim50": ("ddim", 50)}
+# name: (scheduler kind of fastgen.sampling.SCHEDULERS, steps, guidance scale or None)
+SAMPLERS = {"ddpm1000": ("ddpm", 1000, None), "ddim50": ("ddim", 50, None),
+            "euler30": ("euler", 30, None), "euler30_cfg": ("euler", 30, 7.5),
+            "dpmpp2m20": ("dpmsolver++", 20, None), "dpmpp2m20_cfg": ("dpmsolver++", 20, 7.5),
+            "flowmatch28": ("flow_match", 28, None), "flowmatch28_cfg": ("flow_match", 28, 7.5)}
+GUIDED_LABEL, NULL_LABEL = 3, 10
 
 
 def _diffusers_scheduler(kind):
@@ -76,7 +96,10 @@ def _diffusers_scheduler(kind):
         import diffusers
     except ImportError:
         return None
-    return getattr(diffusers, {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler"}[kind])()
+    from fastgen.sampling import SCHEDULERS
+
+    name, overrides = SCHEDULERS[kind]
+    return getattr(diffusers, name)(**overrides)
 
 
 def _sizes(model_name, which):
@@ -85,7 +108,7 @@ def _sizes(model_name, which):
 
 
 def make_inputs_for(model_name, sampler_name):
-    kind, full_steps = SAMPLERS[sampler_name]
+    kind, full_steps, guidance = SAMPLERS[sampler_name]
 
     def make_inputs(size, dtype, device, generator):
         """A random-weight model (weights seeded from ``generator``) and the prepared loops."""
@@ -93,13 +116,17 @@ def make_inputs_for(model_name, sampler_name):
         sample_shape, build, _ = MODELS[model_name][which]
         steps = QUICK_STEPS if which == "quick" else full_steps
         shape = (size // torch.Size(sample_shape).numel(), *sample_shape)
+        model_batch = (2 if guidance else 1) * shape[0]
         seed = int(torch.randint(0, 1 << 62, (1,), generator=generator, device=generator.device).item())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = build(shape).to(device=device, dtype=dtype).eval().requires_grad_(False)
-        loops = _Loops(model, shape, kind, steps, seed, dtype)
+            model = build((model_batch, *sample_shape)).to(device=device, dtype=dtype).eval().requires_grad_(False)
+        if guidance:
+            model = _Conditional(model)
+        loops = _Loops(model, shape, kind, steps, seed, dtype, guidance)
         return {"shape": shape, "steps": steps, "dtype": dtype, "device": torch.device(device), "seed": seed,
-                "model": model, "loops": loops, "diffusers_scheduler": _diffusers_scheduler(kind)}
+                "model": model, "loops": loops, "diffusers_scheduler": _diffusers_scheduler(kind),
+                "guidance": guidance}
 
     return make_inputs
 
@@ -110,10 +137,12 @@ class _Loops(dict):
     SETTINGS = {"default": dict(), "eager": dict(cuda_graph=False, backend="triton"),
                 "reference": dict(cuda_graph=False, backend="reference")}
 
-    def __init__(self, model, shape, kind, steps, seed, dtype):
+    def __init__(self, model, shape, kind, steps, seed, dtype, guidance=None):
         super().__init__()
         self.args = dict(model=model, shape=shape, kind=kind, steps=steps, seed=seed, dtype=dtype,
                          model_device=next(model.parameters()).device)
+        self.guided = {} if guidance is None else dict(class_labels=GUIDED_LABEL, guidance_scale=guidance,
+                                                         null_class_label=NULL_LABEL)
 
     def __missing__(self, name):
         a = self.args
@@ -122,24 +151,33 @@ class _Loops(dict):
         else:
             noise = dict(seed=a["seed"], **self.SETTINGS[name])
         self[name] = Sampler(a["model"], a["shape"], make_scheduler(a["kind"]), num_inference_steps=a["steps"],
-                             dtype=a["dtype"], **noise)
+                             dtype=a["dtype"], **self.guided, **noise)
         return self[name]
 
 
-def diffusers_loop(*, shape, steps, dtype, device, seed, model, diffusers_scheduler, **_):
-    """The loop of diffusers' DDPMPipeline / DDIMPipeline (x_T from a seeded generator)."""
+def diffusers_loop(*, shape, steps, dtype, device, seed, model, diffusers_scheduler, guidance, **_):
+    """The loop of diffusers' pipelines (x_N from a seeded generator, scaled by init_noise_sigma; the
+    model input scaled by ``scale_model_input``; with guidance the doubled batch and the combination
+    before the step, as the pipelines write it)."""
     generator = torch.Generator(device).manual_seed(seed)
-    x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
     diffusers_scheduler.set_timesteps(steps, device=device)
+    x = torch.randn(shape, generator=generator, device=device, dtype=dtype) * diffusers_scheduler.init_noise_sigma
     with torch.no_grad():
         for t in diffusers_scheduler.timesteps:
-            x = diffusers_scheduler.step(model(x, t), t, x, generator=generator).prev_sample
+            if guidance:
+                x_in = diffusers_scheduler.scale_model_input(torch.cat([x] * 2), t)
+                uncond, cond = model(x_in, t).chunk(2)
+                out = uncond + guidance * (cond - uncond)
+            else:
+                out = model(diffusers_scheduler.scale_model_input(x, t), t)
+            x = diffusers_scheduler.step(out, t, x, generator=generator).prev_sample
     return x
 
 
-def model_only(*, shape, dtype, device, model, loops, **_):
-    """The model once per timestep on a fixed x: what a loop costs without its steps."""
-    x = torch.ones(shape, dtype=dtype, device=device)
+def model_only(*, shape, dtype, device, model, loops, guidance, **_):
+    """The model once per timestep on a fixed x (the doubled batch with guidance): what a loop costs
+    without its steps."""
+    x = torch.ones(((2 if guidance else 1) * shape[0], *shape[1:]), dtype=dtype, device=device)
     with torch.no_grad():
         for t in loops["default"].model_timesteps:
             out = model(x, t)
@@ -165,9 +203,10 @@ def _register(model_name, sampler_name):
         providers.append(peer("model only", model_only))
     if _diffusers_scheduler("ddpm") is not None:
         providers.append(peer("diffusers", diffusers_loop))
+    kind, steps, guidance = SAMPLERS[sampler_name]
     return register(Op(
         name=f"sample_{sampler_name}_{model_name}",
-        description=f"full sampling, {SAMPLERS[sampler_name][1]} {SAMPLERS[sampler_name][0].upper()} steps, "
+        description=f"full sampling, {steps} {kind} steps{f', guidance {guidance}' if guidance else ''}, "
                     + ("a fixed output for a denoiser (the loop's own cost)" if model_name == "fixed"
                        else f"{model_name} denoiser"),
         providers=providers,
@@ -186,6 +225,9 @@ SAMPLE_DDPM1000_UNET = _register("unet", "ddpm1000")
 SAMPLE_DDIM50_UNET = _register("unet", "ddim50")
 SAMPLE_DDPM1000_FIXED = _register("fixed", "ddpm1000")
 SAMPLE_DDIM50_FIXED = _register("fixed", "ddim50")
+# the pipelines' samplers, with and without guidance
+PIPELINE_LOOPS = [_register(model_name, sampler_name) for sampler_name in SAMPLERS if sampler_name[:4] not in ("ddpm", "ddim")
+                  for model_name in ("fixed", "mlp")]
 
 test_sample_ddpm1000_mlp = pytest_benchmarks(SAMPLE_DDPM1000_MLP)
 test_sample_ddim50_mlp = pytest_benchmarks(SAMPLE_DDIM50_MLP)
@@ -193,6 +235,8 @@ test_sample_ddpm1000_unet = pytest_benchmarks(SAMPLE_DDPM1000_UNET)
 test_sample_ddim50_unet = pytest_benchmarks(SAMPLE_DDIM50_UNET)
 test_sample_ddpm1000_fixed = pytest_benchmarks(SAMPLE_DDPM1000_FIXED)
 test_sample_ddim50_fixed = pytest_benchmarks(SAMPLE_DDIM50_FIXED)
+for _op in PIPELINE_LOOPS:
+    globals()[f"test_{_op.name}"] = pytest_benchmarks(_op)
 
 
 # --- this family alone: per-step table -------------------------------------------------------------
@@ -218,10 +262,10 @@ def main(argv=None):
     device = torch.device(args.device)
     from fastgen.bench.registry import _interpreting
 
-    print(f"| op | batch shape | steps | provider | total ms | per step us | diffusers / this | this / model only |")
+    print("| op | batch shape | steps | provider | total ms | per step us | diffusers / this | this / model only |")
     print("|---|---|---|---|---|---|---|---|")
     for op in (SAMPLE_DDPM1000_FIXED, SAMPLE_DDIM50_FIXED, SAMPLE_DDPM1000_MLP, SAMPLE_DDIM50_MLP,
-               SAMPLE_DDPM1000_UNET, SAMPLE_DDIM50_UNET):
+               SAMPLE_DDPM1000_UNET, SAMPLE_DDIM50_UNET, *PIPELINE_LOOPS):
         if args.ops and op.name not in args.ops:
             continue
         for size in op.quick_sizes if args.quick else op.sizes:

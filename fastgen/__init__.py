@@ -13,8 +13,9 @@ __version__ = "0.1.0"
 # does not import diffusers. They are attributes of the top-level package because diffusers' pipelines
 # record a component's library by its top-level module ("fastgen") and look up the class and its
 # loadable base (SchedulerMixin) there when they load a saved pipeline.
-_SCHEDULER_EXPORTS = ("DDPMScheduler", "DDIMScheduler", "CMStochasticIterativeScheduler", "LCMScheduler",
-                      "SchedulerMixin")
+_SCHEDULER_EXPORTS = ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                      "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler",
+                      "CMStochasticIterativeScheduler", "LCMScheduler", "SchedulerMixin")
 
 
 def __getattr__(name):

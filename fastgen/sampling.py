@@ -257,7 +257,7 @@ class _TritonSteps(_Steps):
         step = self.steps[index] if isinstance(index, int) else index.reshape(())
         denoised = self.denoised.reshape(x.shape) if self.denoised is not None else None
         x_next, _ = sampler_ops._fused_step(
-            plan.table, step, pred, x, denoised, noise=noise, seed=self.seed if noise is None else 0,
+            plan.table, step, pred, x, denoised, noise=noise, seed=self.seed if self.seed is not None else 0,
             offset=self.element_offset, guidance_scale=self.guidance_scale, return_denoised=denoised is not None,
             denoised_out=denoised)
         return x_next.reshape(shape)

@@ -172,6 +172,52 @@ def _check_flows(device, quick):
     return cases
 
 
+@check("samplers")
+def _check_samplers(device, quick):
+    """The sigma-space samplers' step (kernels/samplers.py): random affine rows against the map itself,
+    then every registered sampler (its diffusers default config) step by step against its own float64
+    reference, with counter noise and with fused classifier-free guidance."""
+    from fastgen.ops.samplers import COLUMNS, affine_table, sampler_step
+    from fastgen.sampling import SCHEDULERS, _sigma_tables, make_scheduler
+    from fastgen.schedulers._sigma import step_table
+
+    seed, offset, w = 0x9E3779B97F4A7C15, 2, 3.0
+    shape = (3, 2, 5, 7) if quick else (4, 3, 32, 32)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(3, len(COLUMNS), generator=g, dtype=torch.float64)
+    rows[0, COLUMNS.index("ap")] = 0.0
+    tables = {"affine rows": affine_table(rows)}
+    registered = _sigma_tables()
+    for kind, (name, _) in SCHEDULERS.items():
+        if name in registered:
+            scheduler = make_scheduler(kind)
+            scheduler.set_timesteps(4 if quick else 10)
+            tables[kind] = step_table(scheduler)
+    cases = []
+    for label, table in tables.items():
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            name = str(dtype).removeprefix("torch.")
+            rtol, atol = (1e-5, 1e-5) if dtype == torch.float32 else testing.tolerance(dtype)
+            x = (table.init_noise_sigma * torch.randn(shape, generator=g, dtype=torch.float64)).to(device, dtype)
+            prev = None
+            for i in range(table.num_steps):
+                guidance = w if i % 2 else None
+                m = torch.randn((2 * shape[0], *shape[1:]) if guidance else shape, generator=g, dtype=torch.float64)
+                m = m.to(device, dtype)
+                kwargs = dict(prev_denoised=prev, seed=seed, offset=offset, guidance_scale=guidance)
+                with poisoned_outputs():
+                    out, denoised = sampler_step(table, i, m, x, backend="triton", **kwargs)
+                want, want_denoised = sampler_step(table, i, m.cpu(), x.cpu(), backend="reference",
+                                                   **dict(kwargs, prev_denoised=None if prev is None else prev.cpu()))
+                case = f"{label} step {i}{' guided' if guidance else ''}"
+                cases.append(Case("sampler_step", case, name,
+                                  testing.compare(out, want.double(), dtype=dtype, rtol=rtol, atol=atol)))
+                cases.append(Case("sampler_step", f"{case} denoised", name,
+                                  testing.compare(denoised, want_denoised.double(), dtype=dtype, rtol=rtol, atol=atol)))
+                x, prev = out, denoised
+    return cases
+
+
 def run(device=None, quick=False, ops=None, out=print) -> bool:
     """Run the registered checks (all, or those named in ``ops``) and print one table; True if all pass."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

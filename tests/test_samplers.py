@@ -5,23 +5,12 @@ import pytest
 import torch
 
 from fastgen.ops import guidance
-from fastgen.ops.samplers import COLUMNS, StepTable, sampler_step, torch_step
+from fastgen.ops.samplers import COLUMNS, affine_table, sampler_step
 from tests.utils import FLOAT_DTYPES, assert_close, poison, rand_like_shape
 
 
-def _table(coefficients, *, clip="none", reads_previous=True, **clip_settings):
-    coefficients = torch.as_tensor(coefficients, dtype=torch.float64).reshape(-1, len(COLUMNS))
-    n = coefficients.shape[0]
-    holder = {}
-
-    def affine_reference(i, f, x, prev, z):  # the kernel's documented map, in float64
-        return torch_step(holder["table"], holder["table"].row(i), f, x, prev, z)
-
-    holder["table"] = table = StepTable(
-        kind="affine", coefficients=coefficients, streams=torch.arange(7, 7 + n), generator_draws=torch.ones(n, dtype=bool),
-        model_timesteps=torch.arange(n), model_input_scales=torch.ones(n, dtype=torch.float64), init_noise_sigma=1.0,
-        init_stream=0, reads_previous=reads_previous, reference=affine_reference, clip=clip, **clip_settings)
-    return table
+def _table(coefficients, *, clip="none", **clip_settings):
+    return affine_table(coefficients, clip=clip, **clip_settings)
 
 
 def _random_rows(n, generator, *, zero_columns=()):

@@ -4,7 +4,8 @@ with a generator; batch invariance of the counter-based noise; trajectory, progr
 Tiny shapes and few steps: on a CPU the fused steps run in the Triton interpreter."""
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, PNDMScheduler)
 from diffusers.utils.torch_utils import randn_tensor
 
 import fastgen
@@ -42,6 +43,19 @@ SCHEDULERS = [
                                        timestep_spacing="trailing", clip_sample=False), {"eta": 1.0},
                  id="ddim-eta1-sample-trailing"),
 ]
+SIGMA_SCHEDULERS = [  # the StepTable samplers (diffusers' classes: fastgen.sample reads their configs)
+    pytest.param(lambda: EulerDiscreteScheduler(num_train_timesteps=T), {}, id="euler"),
+    pytest.param(lambda: EulerDiscreteScheduler(num_train_timesteps=T, prediction_type="v_prediction",
+                                                use_karras_sigmas=True), {}, id="euler-v-karras"),
+    pytest.param(lambda: EulerAncestralDiscreteScheduler(num_train_timesteps=T), {}, id="euler_ancestral"),
+    pytest.param(lambda: DPMSolverMultistepScheduler(num_train_timesteps=T), {}, id="dpmsolver++2m"),
+    pytest.param(lambda: DPMSolverMultistepScheduler(num_train_timesteps=T, algorithm_type="sde-dpmsolver++",
+                                                     use_karras_sigmas=True), {}, id="sde-dpmsolver++2m-karras"),
+    pytest.param(lambda: DPMSolverMultistepScheduler(num_train_timesteps=T, thresholding=True, sample_max_value=2.0,
+                                                     solver_order=1, final_sigmas_type="sigma_min"),
+                 {}, id="dpmsolver++1-thresholding-sigma_min"),
+    pytest.param(lambda: FlowMatchEulerDiscreteScheduler(shift=3.0), {}, id="flow_match-shift3"),
+]
 MORE_SCHEDULERS = [  # the rest of the configurations the torch loop has its own code for
     pytest.param(lambda: DDPMScheduler(num_train_timesteps=T, variance_type="fixed_large", prediction_type="sample",
                                        thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.5),
@@ -76,7 +90,7 @@ def _model_for(scheduler):
     return Toy(channels_out=True if scheduler.config.get("variance_type") == "learned_range" else None)
 
 
-@pytest.mark.parametrize("make_scheduler,kwargs", SCHEDULERS)
+@pytest.mark.parametrize("make_scheduler,kwargs", SCHEDULERS + SIGMA_SCHEDULERS)
 def test_fused_loop_matches_reference_loop(make_scheduler, kwargs):
     scheduler = make_scheduler()
     model = _model_for(scheduler)
@@ -92,7 +106,7 @@ def test_fused_loop_matches_reference_loop(make_scheduler, kwargs):
     assert (other - reference).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("make_scheduler,kwargs", SCHEDULERS + MORE_SCHEDULERS)
+@pytest.mark.parametrize("make_scheduler,kwargs", SCHEDULERS + MORE_SCHEDULERS + SIGMA_SCHEDULERS)
 @pytest.mark.parametrize("noise", ["seed", "generator"])
 def test_torch_loop_matches_float64_reference_loop(make_scheduler, kwargs, noise):
     """The torch loop (fp32 ops, precomputed coefficients, chunked noise) against every step through
@@ -137,9 +151,14 @@ def test_reference_loop_is_the_float64_sample_loop():
 
 
 @pytest.mark.parametrize("backend,batch", [("triton", 8), ("torch", 64)])  # the interpreter runs a program per sample
-def test_sample_k_is_the_same_alone_in_a_batch_and_in_shards(backend, batch):
+@pytest.mark.parametrize("make_scheduler", [
+    pytest.param(lambda: DDPMScheduler(num_train_timesteps=T), id="ddpm"),
+    pytest.param(lambda: EulerAncestralDiscreteScheduler(num_train_timesteps=T), id="euler_ancestral"),
+    pytest.param(lambda: DPMSolverMultistepScheduler(num_train_timesteps=T, algorithm_type="sde-dpmsolver++"),
+                 id="sde-dpmsolver++2m")])
+def test_sample_k_is_the_same_alone_in_a_batch_and_in_shards(backend, batch, make_scheduler):
     model = Toy()
-    scheduler = DDPMScheduler(num_train_timesteps=T)
+    scheduler = make_scheduler()
     whole = fastgen.sample(model, (batch, 1, 2, 2), scheduler, num_inference_steps=3, seed=3, backend=backend)
     k = batch - 3
     alone = fastgen.sample(model, (1, 1, 2, 2), scheduler, num_inference_steps=3, seed=3, offset=k, backend=backend)
@@ -150,7 +169,7 @@ def test_sample_k_is_the_same_alone_in_a_batch_and_in_shards(backend, batch):
     torch.testing.assert_close(torch.cat(shards), whole, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("make_scheduler,kwargs", [SCHEDULERS[0], SCHEDULERS[3]])
+@pytest.mark.parametrize("make_scheduler,kwargs", [SCHEDULERS[0], SCHEDULERS[3], *SIGMA_SCHEDULERS])
 @pytest.mark.parametrize("per_sample_generators", [False, True])
 def test_generator_gives_the_diffusers_loop(make_scheduler, kwargs, per_sample_generators):
     """With generator=, the noise is diffusers': the result is a hand-written diffusers loop's."""
@@ -164,11 +183,12 @@ def test_generator_gives_the_diffusers_loop(make_scheduler, kwargs, per_sample_g
         return torch.Generator().manual_seed(100)
 
     g = generators()
-    x = randn_tensor(shape, generator=g)
     scheduler.set_timesteps(4)
+    x = randn_tensor(shape, generator=g) * getattr(scheduler, "init_noise_sigma", 1.0)
+    scale = getattr(scheduler, "scale_model_input", lambda x, t: x)  # the pipelines' loop, as they write it
     with torch.no_grad():
         for t in scheduler.timesteps:
-            x = scheduler.step(model(x, t), t, x, generator=g, **kwargs).prev_sample
+            x = scheduler.step(model(scale(x, t), t), t, x, generator=g, **kwargs).prev_sample
     for backend in ("triton", "torch"):
         got = fastgen.sample(model, shape, scheduler, num_inference_steps=4, generator=generators(), backend=backend,
                              **kwargs)
@@ -461,6 +481,11 @@ GUIDED_SCHEDULERS = [
     pytest.param(lambda: DDPMScheduler(num_train_timesteps=T), {}, id="ddpm"),
     pytest.param(lambda: DDIMScheduler(num_train_timesteps=T, thresholding=True, sample_max_value=2.0), {"eta": 0.6},
                  id="ddim-eta0.6-thresholding"),
+    pytest.param(lambda: EulerAncestralDiscreteScheduler(num_train_timesteps=T), {}, id="euler_ancestral"),
+    pytest.param(lambda: DPMSolverMultistepScheduler(num_train_timesteps=T, algorithm_type="sde-dpmsolver++",
+                                                     thresholding=True, sample_max_value=2.0), {},
+                 id="sde-dpmsolver++2m-thresholding"),
+    pytest.param(lambda: FlowMatchEulerDiscreteScheduler(), {}, id="flow_match"),
 ]
 
 

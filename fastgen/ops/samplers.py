@@ -96,6 +96,24 @@ class StepTable:
         return dict(zip(COLUMNS, self.coefficients[i].tolist()))
 
 
+def affine_table(coefficients, *, reads_previous=True, **clip_settings) -> StepTable:
+    """A StepTable of arbitrary coefficient rows (float64 [N, len(COLUMNS)]) whose reference is the
+    kernel's affine map itself in float64: what the kernel is validated on apart from any sampler.
+    Step i draws stream 7 + i; the model timesteps are the step indices."""
+    coefficients = torch.as_tensor(coefficients, dtype=torch.float64).reshape(-1, len(COLUMNS))
+    n = coefficients.shape[0]
+    tables = []
+
+    def affine_map(i, f, x, prev, z):
+        return torch_step(tables[0], tables[0].row(i), f, x, prev, z)
+
+    tables.append(StepTable(
+        kind="affine", coefficients=coefficients, streams=torch.arange(7, 7 + n), generator_draws=torch.ones(n, dtype=bool),
+        model_timesteps=torch.arange(n), model_input_scales=torch.ones(n, dtype=torch.float64), init_noise_sigma=1.0,
+        init_stream=0, reads_previous=reads_previous, reference=affine_map, **clip_settings))
+    return tables[0]
+
+
 def sampler_step(table: StepTable, i, model_output, sample, *, prev_denoised=None, seed=None, noise=None, offset=0,
                  guidance_scale=None, return_denoised=True, denoised_out=None, backend="auto"):
     """Step i of ``table``'s sampler: (x_next, denoised) from the model output at x (kernels/samplers.py).
@@ -214,7 +232,8 @@ def _fused_step(table, i, model_output, sample, prev_denoised, *, noise, seed, o
         return out, denoised
     coefficients, streams, steps = table.on(sample.device)
     step = steps[i] if isinstance(i, int) else i.reshape(())
-    noise_mode = NOISE_TENSOR if noise is not None else NOISE_PHILOX if table.any_draws else NOISE_NONE
+    draws = table.draws(i) if isinstance(i, int) else table.any_draws  # a device index: any step may draw
+    noise_mode = NOISE_TENSOR if noise is not None else NOISE_PHILOX if draws else NOISE_NONE
     model_output, sample = model_output.contiguous(), sample.contiguous()
     scale = None
     if table.clip == "threshold":  # s per sample: the reference's quantile rule on the unclipped x0 (fp32)

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from fastgen.reference.diffusion import clip_x0
-from fastgen.schedulers._sigma import table_builder
+from fastgen.schedulers._sigma import host_sigmas, require_timesteps, scheduler_table, table_builder
 
 SIGMA_DATA = 0.5
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -161,35 +161,20 @@ def _host(values) -> list:
     return torch.as_tensor(values).detach().to("cpu", torch.float64).reshape(-1).tolist()
 
 
-def _table(kind, rows, *, generator_draws, model_timesteps, model_input_scales, init_noise_sigma, reference,
-           **clip):
-    from fastgen.ops.samplers import COLUMNS, StepTable
-
-    n = len(rows)
-    coefficients = torch.tensor([[row.get(name, 0.0) for name in COLUMNS] for row in rows], dtype=torch.float64)
-    return StepTable(kind=kind, coefficients=coefficients, streams=torch.arange(n, dtype=torch.int64),
-                     generator_draws=torch.tensor(generator_draws, dtype=torch.bool),
-                     model_timesteps=torch.as_tensor(model_timesteps).detach().cpu().reshape(-1).clone(),
-                     model_input_scales=torch.tensor(model_input_scales, dtype=torch.float64),
-                     init_noise_sigma=float(init_noise_sigma), init_stream=n, reads_previous=False,
-                     reference=reference, **clip)
-
-
-@table_builder("CMStochasticIterativeScheduler", needs_set_timesteps=False)
+@table_builder("CMStochasticIterativeScheduler")
 def consistency_table(scheduler):
     """The StepTable of a CMStochasticIterativeScheduler's run, from its own sigmas and timesteps
     (those of ``set_timesteps``, or of its constructor before it): step i goes from sigmas[i] to
     diffusers' next sigma (sigmas[i + 1] while i + 1 < num_train_timesteps, else sigmas[-1]).
     diffusers draws generator noise at every step of a run of more than one step."""
     config = scheduler.config
-    sigmas, timesteps = _host(scheduler.sigmas), scheduler.timesteps
-    n = len(timesteps)
+    sigmas, n = host_sigmas(scheduler).tolist(), len(scheduler.timesteps)
     smin, smax, sdata = float(config.sigma_min), float(config.sigma_max), float(config.sigma_data)
     pairs = [(sigmas[i], sigmas[i + 1] if i + 1 < config.num_train_timesteps else sigmas[-1]) for i in range(n)]
     rows = []
     for sigma, sigma_next in pairs:
         c_skip, c_out = boundary_scalings(sigma, smin, sdata)
-        rows.append(dict(cx=c_skip, cf=c_out, d0=1.0, ad=1.0,
+        rows.append(dict(cx=c_skip, cf=c_out, ad=1.0,
                          noise=renoise_scale(sigma_next, sigma_min=smin, sigma_max=smax,
                                              s_noise=float(config.s_noise))))
 
@@ -197,10 +182,10 @@ def consistency_table(scheduler):
         return consistency_step(model_output, sample, *pairs[i], sigma_min=smin, sigma_max=smax, sigma_data=sdata,
                                 s_noise=float(config.s_noise), clip_denoised=bool(config.clip_denoised), noise=noise)
 
-    return _table("consistency", rows, generator_draws=[n > 1] * n, model_timesteps=timesteps,
-                  model_input_scales=[input_scaling(sigma, sdata) for sigma, _ in pairs],
-                  init_noise_sigma=scheduler.init_noise_sigma, reference=reference,
-                  clip="range" if config.clip_denoised else "none", clip_range=1.0)
+    return scheduler_table(scheduler, "consistency", rows, reference, generator_draws=[n > 1] * n,
+                           model_input_scales=[input_scaling(sigma, sdata) for sigma, _ in pairs],
+                           init_noise_sigma=scheduler.init_noise_sigma,
+                           clip="range" if config.clip_denoised else "none", clip_range=1.0)
 
 
 @table_builder("LCMScheduler")
@@ -208,6 +193,7 @@ def lcm_table(scheduler):
     """The StepTable of an LCMScheduler's run, from its own timesteps and float32 ``alphas_cumprod``:
     step i re-noises to the next timestep of the run (diffusers: the step's own timestep after the
     last one) unless it is step num_inference_steps - 1, which returns D and draws nothing."""
+    require_timesteps(scheduler)
     config = scheduler.config
     prediction_type = config.prediction_type
     if prediction_type not in PREDICTION_TYPES:
@@ -243,6 +229,5 @@ def lcm_table(scheduler):
                         thresholding=bool(config.thresholding), dynamic_thresholding_ratio=clip[
                             "dynamic_thresholding_ratio"], sample_max_value=clip["sample_max_value"], noise=noise)
 
-    return _table("lcm", rows, generator_draws=[not last for *_, last in steps],
-                  model_timesteps=scheduler.timesteps, model_input_scales=[1.0] * n,
-                  init_noise_sigma=scheduler.init_noise_sigma, reference=reference, **clip)
+    return scheduler_table(scheduler, "lcm", rows, reference, generator_draws=[not last for *_, last in steps],
+                           init_noise_sigma=scheduler.init_noise_sigma, **clip)

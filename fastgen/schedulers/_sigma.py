@@ -12,53 +12,65 @@ solver's previous denoised output stays on the device between steps.
 import numpy as np
 import torch
 
-from fastgen.ops.samplers import StepTable, sampler_step
+from fastgen.ops.samplers import COLUMNS, StepTable, sampler_step
 from fastgen.schedulers._common import FastgenMixin
 
 TABLES = {}  # diffusers class name -> builder(scheduler, **step_settings) -> StepTable
-# diffusers classes whose constructor already makes a run (timesteps, sigmas) that their step accepts
-STEPS_WITHOUT_SET_TIMESTEPS = set()
 
 
-def table_builder(diffusers_name: str, *, needs_set_timesteps: bool = True):
-    """Registers ``builder(scheduler, **step_settings) -> StepTable`` for a diffusers scheduler class;
-    ``needs_set_timesteps=False`` where diffusers' step runs on the constructor's timesteps too."""
+def table_builder(diffusers_name: str):
+    """Registers ``builder(scheduler, **step_settings) -> StepTable`` for a diffusers scheduler class."""
     def register(builder):
         TABLES[diffusers_name] = builder
-        if not needs_set_timesteps:
-            STEPS_WITHOUT_SET_TIMESTEPS.add(diffusers_name)
         return builder
     return register
 
 
-def _diffusers_name(scheduler):
-    for cls in type(scheduler).__mro__:
-        if cls.__module__.startswith("diffusers.") and cls.__name__ in TABLES:
-            return cls.__name__
-    return None
+def scheduler_table(scheduler, kind: str, rows, reference, *, generator_draws, model_input_scales=None,
+                    init_noise_sigma=1.0, reads_previous=False, **clip_settings) -> StepTable:
+    """A StepTable on ``scheduler``'s run under the conventions every sampling loop relies on:
+    step i draws counter stream i, the initial noise stream N; the model sees diffusers' timesteps.
+
+    rows: one dict per step of the affine coefficients by column name (kernels/samplers.py);
+        a column not given is 0, except d0 (the denoised output D = x0) which is 1.
+    generator_draws: [N] bools, where diffusers' step draws from its generator.
+    model_input_scales: [N] floats, diffusers' ``scale_model_input`` factors (None: 1).
+    """
+    unknown = {name for row in rows for name in row} - set(COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown coefficient columns {sorted(unknown)}; the columns are {COLUMNS}")
+    coefficients = torch.tensor([[row.get(name, 1.0 if name == "d0" else 0.0) for name in COLUMNS] for row in rows],
+                                dtype=torch.float64)
+    n = coefficients.shape[0]
+    timesteps = torch.as_tensor(scheduler.timesteps).detach().cpu().clone()
+    scales = torch.ones(n, dtype=torch.float64) if model_input_scales is None else \
+        torch.as_tensor(model_input_scales, dtype=torch.float64)
+    return StepTable(kind=kind, coefficients=coefficients, streams=torch.arange(n, dtype=torch.int64),
+                     generator_draws=torch.as_tensor(generator_draws, dtype=torch.bool).reshape(n),
+                     model_timesteps=timesteps[:n], model_input_scales=scales, init_noise_sigma=float(init_noise_sigma),
+                     init_stream=n, reads_previous=reads_previous, reference=reference, **clip_settings)
 
 
-def check_ready(scheduler):
-    """diffusers' error for a step before ``set_timesteps``, where diffusers' step needs it."""
-    if (getattr(scheduler, "num_inference_steps", None) is None
-            and _diffusers_name(scheduler) not in STEPS_WITHOUT_SET_TIMESTEPS):
-        raise ValueError(
-            "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
+def host_sigmas(scheduler) -> torch.Tensor:
+    """The scheduler's sigmas (diffusers' float32 values, N + 1 of them) in float64 on the host."""
+    return torch.as_tensor(scheduler.sigmas).detach().cpu().double()
 
 
 def step_table(scheduler, **step_settings) -> StepTable:
-    """The StepTable of ``scheduler`` (fastgen's class or diffusers' own) after its ``set_timesteps``."""
-    name = _diffusers_name(scheduler)
-    if name is None:
-        names = "".join(", " + n for n in sorted(TABLES))
-        raise TypeError(f"scheduler must be one of DDPMScheduler, DDIMScheduler{names} (diffusers' or fastgen's), "
-                        f"got {type(scheduler).__name__}")
-    check_ready(scheduler)
-    return TABLES[name](scheduler, **step_settings)
+    """The StepTable of ``scheduler`` (fastgen's class or diffusers' own) on its current sigmas (after
+    ``set_timesteps``; the Euler schedulers also step on their training schedule before it, as diffusers')."""
+    for cls in type(scheduler).__mro__:
+        if cls.__module__.startswith("diffusers.") and cls.__name__ in TABLES:
+            return TABLES[cls.__name__](scheduler, **step_settings)
+    raise TypeError(f"scheduler must be one of DDPMScheduler, DDIMScheduler{''.join(', ' + n for n in sorted(TABLES))}"
+                    f" (diffusers' or fastgen's), got {type(scheduler).__name__}")
 
 
 class SigmaStepMixin(FastgenMixin):
     """The step of a sigma-space scheduler on its StepTable (module docstring)."""
+
+    _noise_dtype = None  # the dtype diffusers' step draws its noise in; None: the model output's
+    _needs_set_timesteps = True  # False where diffusers' step also runs on the training schedule (Euler)
 
     def _setup_fused(self):
         self._tables = {}
@@ -116,9 +128,11 @@ class SigmaStepMixin(FastgenMixin):
     def _fused_step(self, model_output, timestep, sample, *, generator=None, variance_noise=None, seed=None,
                     offset=0, backend=None, **step_settings):
         """(x_next, denoised) of the step at ``timestep``; advances the step index."""
-        check_ready(self)
+        if self._needs_set_timesteps:
+            require_timesteps(self)
         backend = self._backend_arg(backend)
         offset = self._noise_source(generator, seed, offset, variance_noise)
+        noise_dtype = self._noise_dtype or getattr(model_output, "dtype", None)  # what diffusers draws in
         model_output = self._tensors(model_output, sample, sample.shape, "the sample's shape")
         if self.step_index is None:
             self._init_step_index(timestep)
@@ -130,7 +144,7 @@ class SigmaStepMixin(FastgenMixin):
             if variance_noise is not None:
                 noise = self._checked_noise(variance_noise, sample)
             elif bool(table.generator_draws[i]):
-                noise = self._draw(sample.shape, generator, sample, model_output.dtype)
+                noise = self._draw(sample.shape, generator, sample, noise_dtype)
         prev = self._denoised if table.reads_previous else None
         out, denoised = sampler_step(table, i, model_output, sample, prev_denoised=prev, seed=seed, noise=noise,
                                      offset=offset, backend=backend)
@@ -145,3 +159,19 @@ class SigmaStepMixin(FastgenMixin):
 
         _checks.float_tensor(noise, "variance_noise")
         return _checks.like(noise.to(sample.dtype), "variance_noise", sample, "sample")
+
+
+def require_timesteps(scheduler):
+    """diffusers' error for a step before ``set_timesteps``."""
+    if getattr(scheduler, "num_inference_steps", None) is None:
+        raise ValueError(
+            "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
+
+
+def refuse_step_index(timestep, class_name: str):
+    """diffusers' Euler-family steps take one of ``scheduler.timesteps``, never an integer index."""
+    if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+        raise ValueError(
+            "Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to"
+            f" `{class_name}.step()` is not supported. Make sure to pass"
+            " one of the `scheduler.timesteps` as a timestep.")

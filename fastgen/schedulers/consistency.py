@@ -22,7 +22,7 @@ from diffusers.schedulers.scheduling_consistency_models import logger as _diffus
 
 from fastgen.reference import consistency as _reference  # noqa: F401  (registers the StepTable builder)
 from fastgen.schedulers._common import with_backend
-from fastgen.schedulers._sigma import SigmaStepMixin
+from fastgen.schedulers._sigma import SigmaStepMixin, refuse_step_index
 
 
 class CMStochasticIterativeScheduler(SigmaStepMixin, diffusers.CMStochasticIterativeScheduler):
@@ -32,6 +32,7 @@ class CMStochasticIterativeScheduler(SigmaStepMixin, diffusers.CMStochasticItera
 
     __init__ = with_backend(diffusers.CMStochasticIterativeScheduler)
     __module__ = "fastgen"  # what a saved pipeline records: ["fastgen", "CMStochasticIterativeScheduler"]
+    _needs_set_timesteps = False  # diffusers' step also runs on the constructor's sigmas
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True, *, variance_noise=None, seed=None, offset: int = 0, backend=None):
@@ -46,11 +47,7 @@ class CMStochasticIterativeScheduler(SigmaStepMixin, diffusers.CMStochasticItera
             backend: this step's backend (default: the scheduler's).
         Returns CMStochasticIterativeSchedulerOutput(prev_sample), or (prev_sample,).
         """
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
-            raise ValueError(
-                "Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to"
-                f" `{self.__class__}.step()` is not supported. Make sure to pass"
-                " one of the `scheduler.timesteps` as a timestep.")
+        refuse_step_index(timestep, type(self).__name__)
         if not self.is_scale_input_called:
             _diffusers_logger.warning(
                 "The `scale_model_input` function should be called before `step` to ensure correct denoising. "

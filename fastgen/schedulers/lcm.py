@@ -22,7 +22,7 @@ from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 
 from fastgen.reference import consistency as _reference  # noqa: F401  (registers the StepTable builder)
 from fastgen.schedulers._common import with_backend
-from fastgen.schedulers._sigma import SigmaStepMixin, check_ready
+from fastgen.schedulers._sigma import SigmaStepMixin, require_timesteps
 
 
 class LCMScheduler(SigmaStepMixin, diffusers.LCMScheduler):
@@ -46,7 +46,7 @@ class LCMScheduler(SigmaStepMixin, diffusers.LCMScheduler):
             backend: this step's backend (default: the scheduler's).
         Returns LCMSchedulerOutput(prev_sample, denoised), or (prev_sample, denoised).
         """
-        check_ready(self)
+        require_timesteps(self)
         self._noise_source(generator, seed, offset, variance_noise)  # checked before the step index moves
         if self.step_index is None:
             self._init_step_index(timestep)

@@ -1,0 +1,187 @@
+"""Euler and Euler ancestral sampling in sigma space (float64), written to be read beside the papers,
+and the StepTable builders of diffusers' EulerDiscreteScheduler and EulerAncestralDiscreteScheduler.
+
+    [Karras] Karras, Aittala, Aila, Laine 2022, "Elucidating the Design Space of Diffusion-Based
+             Generative Models", arXiv 2206.00364 (Algorithms 1 and 2, Table 1)
+    [Song]   Song et al. 2021, "Score-Based Generative Modeling through SDEs", arXiv 2011.13456
+             (ancestral sampling, eq. 47)
+
+Notation: x is the sample in sigma space, x = x0 + sigma eps (the variance-exploding form of a
+variance-preserving model: x = x_t / sqrt(abar_t), sigma = sqrt((1 - abar_t) / abar_t)); a step goes
+from sigma_i to sigma_{i+1} of the scheduler's own sigmas (diffusers' float32 values, N + 1 of them,
+the last one 0 or sigma_min). The model is called on c_in x = x / sqrt(sigma^2 + 1) at diffusers'
+timestep t_i; its output F becomes the denoiser D(x; sigma) of [Karras] Table 1:
+
+    epsilon        D = x - sigma F                              c_skip = 1,  c_out = -sigma
+    v_prediction   D = x / (sigma^2 + 1) - sigma / sqrt(sigma^2 + 1) F
+    sample         D = F
+
+Each step is affine in (x, F, z) once D is known, which is what the builders below write down: a row
+of the fused step's coefficients per step (kernels/samplers.py: x^ = x + CHURN z, x0 = CX x^ + CF F,
+D = x0, out = AX x^ + AD D + AF F + NOISE z).
+"""
+import math
+
+from fastgen import _checks
+from fastgen.schedulers._sigma import host_sigmas, scheduler_table, table_builder
+
+EULER_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "original_sample")  # "original_sample": "sample"
+ANCESTRAL_PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers has no "sample" for Euler ancestral
+
+
+def denoised(model_output, x, sigma, prediction_type, sigma_hat=None):
+    """D(x; sigma) from the model output ([Karras] Table 1, module docstring). ``sigma_hat``: the noise
+    level x is at after churn (epsilon scales by it; v_prediction keeps diffusers' sigma_i)."""
+    sigma_hat = sigma if sigma_hat is None else sigma_hat
+    if prediction_type == "epsilon":
+        return x - sigma_hat * model_output
+    if prediction_type == "v_prediction":
+        return x / (sigma ** 2 + 1) - sigma / math.sqrt(sigma ** 2 + 1) * model_output
+    return model_output  # "sample" / "original_sample"
+
+
+def churn_gamma(sigma, num_steps, s_churn, s_tmin, s_tmax):
+    """gamma_i = min(S_churn / N, sqrt(2) - 1) if sigma_i in [S_tmin, S_tmax] else 0   [Karras] Alg. 2 l. 4"""
+    return min(s_churn / num_steps, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
+
+
+def euler_step(model_output, x, sigma, sigma_next, *, prediction_type, gamma=0.0, s_noise=1.0, noise=None):
+    """One Euler step with churn, [Karras] Alg. 2 without the second-order correction (lines 9-11):
+
+        eps ~ N(0, S_noise^2 I)                                                       l. 4
+        sigma^ = sigma_i + gamma_i sigma_i                                             l. 5
+        x^     = x_i + sqrt(sigma^^2 - sigma_i^2) eps                                  l. 6
+        d      = (x^ - D(x^; sigma^)) / sigma^                                         l. 7
+        x_i+1  = x^ + (sigma_i+1 - sigma^) d                                           l. 8
+
+    gamma = 0 is [Karras] Alg. 1's Euler step. Returns (x_i+1, D)."""
+    sigma_hat = sigma * (1 + gamma)
+    if gamma > 0:
+        x = x + math.sqrt(sigma_hat ** 2 - sigma ** 2) * (s_noise * noise)
+    d0 = denoised(model_output, x, sigma, prediction_type, sigma_hat)
+    d = (x - d0) / sigma_hat
+    return x + (sigma_next - sigma_hat) * d, d0
+
+
+def euler_ancestral_step(model_output, x, sigma, sigma_next, *, prediction_type, noise):
+    """One ancestral Euler step: the deterministic step to sigma_down, then fresh noise of sigma_up, so
+    that x_i+1 has the marginal noise level sigma_i+1 ([Song] eq. 47 in sigma space, k-diffusion's
+    sample_euler_ancestral with eta = 1):
+
+        sigma_up   = sqrt(sigma_i+1^2 (sigma_i^2 - sigma_i+1^2) / sigma_i^2)
+        sigma_down = sqrt(sigma_i+1^2 - sigma_up^2)                    (sigma_down^2 + sigma_up^2 = sigma_i+1^2)
+        d          = (x_i - D(x_i; sigma_i)) / sigma_i                  [Karras] Alg. 1 l. 4
+        x_i+1      = x_i + (sigma_down - sigma_i) d + sigma_up z,   z ~ N(0, I)
+
+    Returns (x_i+1, D)."""
+    sigma_up = math.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2)
+    sigma_down = math.sqrt(max(sigma_next ** 2 - sigma_up ** 2, 0.0))  # a difference of rounded squares
+    d0 = denoised(model_output, x, sigma, prediction_type)
+    d = (x - d0) / sigma
+    x_next = x + (sigma_down - sigma) * d
+    if sigma_up:
+        x_next = x_next + sigma_up * noise
+    return x_next, d0
+
+
+def _run_sigmas(scheduler):
+    """The N + 1 sigmas N steps read (Python floats, float64). diffusers' "log_linear" interpolation
+    keeps one more, which its step never reads."""
+    sigmas, n = host_sigmas(scheduler).tolist(), len(scheduler.timesteps)
+    if len(sigmas) < n + 1:
+        raise ValueError(f"the scheduler must have one sigma more than timesteps, got {len(sigmas)} sigmas for "
+                         f"{n} timesteps")
+    return sigmas[:n + 1]
+
+
+def _input_scales(sigmas):
+    """diffusers' scale_model_input: the model sees x / sqrt(sigma_i^2 + 1)   (c_in, [Karras] Table 1)."""
+    return [1.0 / math.sqrt(s ** 2 + 1) for s in sigmas[:-1]]
+
+
+def _x0_columns(prediction_type, sigma, sigma_hat):
+    """x0 = CX x^ + CF F: D(x^; sigma^) of the module docstring as coefficients."""
+    if prediction_type == "epsilon":
+        return dict(cx=1.0, cf=-sigma_hat)
+    if prediction_type == "v_prediction":
+        return dict(cx=1.0 / (sigma ** 2 + 1), cf=-sigma / math.sqrt(sigma ** 2 + 1))
+    return dict(cx=0.0, cf=1.0)
+
+
+def _euler_move(prediction_type, sigma_from, sigma_to):
+    """x^ + (sigma_to - sigma_from) d with d = (x^ - D) / sigma_from, as (AX, AD, AF): for epsilon
+    d = F exactly (D = x^ - sigma_from F), so x_i+1 = x^ + dt F, diffusers' own sum; otherwise
+    x_i+1 = (sigma_to / sigma_from) x^ + (1 - sigma_to / sigma_from) D."""
+    if prediction_type == "epsilon":
+        return dict(ax=1.0, af=sigma_to - sigma_from)
+    ratio = sigma_to / sigma_from
+    return dict(ax=ratio, ad=1.0 - ratio)
+
+
+@table_builder("EulerDiscreteScheduler")
+def euler_table(scheduler, *, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """The StepTable of diffusers' EulerDiscreteScheduler after ``set_timesteps`` (any sigma schedule:
+    Karras, exponential, beta, log-linear, custom sigmas or timesteps; final sigma 0 or sigma_min),
+    with step()'s churn settings. Derivation from ``euler_step``, per step i (sigma^ = sigma_i (1 + gamma_i)):
+
+        CHURN = S_noise sqrt(sigma^^2 - sigma_i^2)         x^ = x + CHURN z            (l. 6; 0 if gamma_i = 0)
+        CX, CF                                             D = CX x^ + CF F            (Table 1 at sigma^)
+        x_i+1 = x^ + (sigma_i+1 - sigma^)(x^ - D) / sigma^ = AX x^ + AD D + AF F       (l. 7-8, ``_euler_move``)
+
+    diffusers' step draws from its generator where gamma_i > 0; its model input is scaled by
+    1 / sqrt(sigma_i^2 + 1)."""
+    prediction_type = _checks.choice(scheduler.config.prediction_type, "prediction_type", EULER_PREDICTION_TYPES)
+    s_churn = _checks.finite_float(s_churn, "s_churn")
+    if s_churn < 0:
+        raise ValueError(f"s_churn must be >= 0, got {s_churn}")
+    s_noise = _checks.finite_float(s_noise, "s_noise")
+    s_tmin, s_tmax = float(s_tmin), float(s_tmax)
+    sigmas = _run_sigmas(scheduler)
+    n = len(sigmas) - 1
+    gammas = [churn_gamma(sigmas[i], n, s_churn, s_tmin, s_tmax) for i in range(n)]
+    rows = []
+    for i in range(n):
+        sigma, sigma_hat = sigmas[i], sigmas[i] * (1 + gammas[i])
+        churn = s_noise * math.sqrt(sigma_hat ** 2 - sigma ** 2) if gammas[i] > 0 else 0.0
+        rows.append(dict(churn=churn, **_x0_columns(prediction_type, sigma, sigma_hat),
+                         **_euler_move(prediction_type, sigma_hat, sigmas[i + 1])))
+
+    def reference(i, f, x, prev, z):
+        return euler_step(f, x, sigmas[i], sigmas[i + 1], prediction_type=prediction_type, gamma=gammas[i],
+                          s_noise=s_noise, noise=z)
+
+    return scheduler_table(scheduler, "euler", rows, reference, generator_draws=[g > 0 for g in gammas],
+                           model_input_scales=_input_scales(sigmas), init_noise_sigma=float(scheduler.init_noise_sigma))
+
+
+@table_builder("EulerAncestralDiscreteScheduler")
+def euler_ancestral_table(scheduler):
+    """The StepTable of diffusers' EulerAncestralDiscreteScheduler after ``set_timesteps``. Derivation
+    from ``euler_ancestral_step``, per step i:
+
+        sigma_up = sigma_i+1 sqrt(sigma_i^2 - sigma_i+1^2) / sigma_i,   sigma_down = sigma_i+1^2 / sigma_i
+            (sigma_i+1^2 - sigma_up^2 = sigma_i+1^4 / sigma_i^2: no cancellation)
+        CX, CF                              D = CX x + CF F                  (Table 1 at sigma_i)
+        x_i+1 = AX x + AD D + AF F + NOISE z,  ``_euler_move`` from sigma_i to sigma_down, NOISE = sigma_up
+
+    diffusers' step draws from its generator at every step (the last one too, where sigma_up = 0)."""
+    prediction_type = _checks.choice(scheduler.config.prediction_type, "prediction_type", ANCESTRAL_PREDICTION_TYPES)
+    sigmas = _run_sigmas(scheduler)
+    n = len(sigmas) - 1
+    rows = []
+    for i in range(n):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        sigma_up = sigma_next * math.sqrt(max(sigma ** 2 - sigma_next ** 2, 0.0)) / sigma
+        sigma_down = sigma_next ** 2 / sigma
+        rows.append(dict(noise=sigma_up, **_x0_columns(prediction_type, sigma, sigma),
+                         **_euler_move(prediction_type, sigma, sigma_down)))
+
+    def reference(i, f, x, prev, z):
+        return euler_ancestral_step(f, x, sigmas[i], sigmas[i + 1], prediction_type=prediction_type, noise=z)
+
+    return scheduler_table(scheduler, "euler_ancestral", rows, reference, generator_draws=[True] * n,
+                           model_input_scales=_input_scales(sigmas), init_noise_sigma=float(scheduler.init_noise_sigma))
+
+
+__all__ = ["denoised", "churn_gamma", "euler_step", "euler_ancestral_step", "euler_table", "euler_ancestral_table",
+           "EULER_PREDICTION_TYPES", "ANCESTRAL_PREDICTION_TYPES"]

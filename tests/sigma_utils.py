@@ -1,0 +1,103 @@
+"""Helpers for the sigma-space samplers' tests (test_karras.py, test_dpm_solver.py, test_flow_matching.py):
+whole trajectories on a StepTable (fused step or float64 reference, with the same counter noise) and
+fastgen's scheduler against diffusers' own, step by step, from the same generator."""
+import math
+
+import torch
+
+from fastgen.ops.samplers import sampler_step, step_noise
+from tests.utils import assert_close
+
+SHAPE = (2, 3, 8, 8)
+
+
+def toy_model(x, t):
+    """A smooth, bounded stand-in for a denoiser: F = 0.9 x + 0.1 sin(3 x + t / 1000) (any dtype)."""
+    t = float(t)
+    return 0.9 * x + 0.1 * torch.sin(3 * x + t / 1000)
+
+
+def fresh_sample(table, generator, shape=SHAPE):
+    """x_N = init_noise_sigma z, z a fresh normal draw (float32)."""
+    return (torch.randn(shape, generator=generator, dtype=torch.float64) * table.init_noise_sigma).float()
+
+
+def fused_trajectory(table, x, *, seed=0, offset=0, backend="triton", model=toy_model):
+    """All of ``table``'s steps from x through ``sampler_step`` (the model sees scale_i x at t_i)."""
+    prev = None
+    for i in range(table.num_steps):
+        m = model(x * float(table.model_input_scales[i]), table.model_timesteps[i]).to(x.dtype)
+        x, denoised = sampler_step(table, i, m, x, prev_denoised=prev if table.reads_previous and i else None,
+                                   seed=seed, offset=offset, backend=backend)
+        prev = denoised
+    return x
+
+
+def reference_trajectory(table, x, *, seed=0, offset=0, model=toy_model):
+    """The same trajectory in float64 through the sampler's own equations (``table.reference``), with
+    the counter noise the kernel draws (stream i, sample b's element g at counter (offset + b) n + g)."""
+    x, prev = x.double(), None
+    n = math.prod(x.shape[1:])
+    for i in range(table.num_steps):
+        m = model(x * float(table.model_input_scales[i]), table.model_timesteps[i])
+        z = (step_noise(table, i, x.shape, seed=seed, offset=offset * n, device=x.device) if table.draws(i)
+             else None)
+        x, prev = table.reference(i, m, x, prev, z)
+    return x
+
+
+def assert_trajectories_agree(table, x, *, seed, rtol=2e-5, atol=2e-5):
+    """The fused kernel's fp32 trajectory equals the float64 reference's to fp32 rounding accumulated
+    over the steps (atol relative to the trajectory's scale)."""
+    got = fused_trajectory(table, x, seed=seed)
+    want = reference_trajectory(table, x, seed=seed)
+    assert torch.isfinite(want).all()
+    scale = max(1.0, float(want.abs().max()))
+    assert_close(got, want.float(), rtol=rtol, atol=atol * scale)
+
+
+def model_input(scheduler, x, t):
+    """What a pipeline feeds the model: ``scale_model_input`` where the scheduler has one (flow matching
+    has none: the model sees x)."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    return x if scale is None else scale(x, t)
+
+
+def step_by_step(ours, theirs, x, *, steps=None, step_kwargs=None, rtol=1e-5, atol=1e-5, seed=0, noise_key=None,
+                 model=toy_model):
+    """fastgen's scheduler and diffusers' on the same inputs at every step, with generators seeded alike:
+    prev_sample (and pred_original_sample where diffusers returns it) agree to fp32 rounding of the
+    largest operand (diffusers' own fp32 sums cancel where x is large and x_i+1 small). Both go
+    on from diffusers' output, so errors do not compound. Returns diffusers' final sample."""
+    step_kwargs = step_kwargs or {}
+    g_ours, g_theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    timesteps = list(theirs.timesteps) if steps is None else list(theirs.timesteps)[:steps]
+    for t_ours, t_theirs in zip(ours.timesteps, timesteps):
+        m = model(model_input(theirs, x, t_theirs), t_theirs)
+        assert_close(model_input(ours, x, t_ours), model_input(theirs, x, t_theirs), rtol=1e-6, atol=1e-6)
+        got = ours.step(m, t_ours, x, generator=g_ours, **step_kwargs)
+        want = theirs.step(m, t_theirs, x, generator=g_theirs, **step_kwargs)
+        scale = max(1.0, float(want.prev_sample.abs().max()), float(x.abs().max()))  # fp32 rounding of the operands
+        assert_close(got.prev_sample, want.prev_sample, rtol=rtol, atol=atol * scale)
+        if getattr(want, "pred_original_sample", None) is not None:
+            assert_close(got.pred_original_sample, want.pred_original_sample.to(got.pred_original_sample.dtype),
+                         rtol=rtol, atol=atol * scale)
+        x = want.prev_sample
+    return x
+
+
+def seeded_loop(scheduler, x, *, seed, offset=0, step_kwargs=None, model=toy_model):
+    """A pipeline's loop on ``scheduler`` with fastgen's counter noise (``step(..., seed=, offset=)``)."""
+    for t in scheduler.timesteps:
+        m = model(model_input(scheduler, x, t), t)
+        x = scheduler.step(m, t, x, seed=seed, offset=offset, **(step_kwargs or {})).prev_sample
+    return x
+
+
+def assert_batch_invariant(make_scheduler, x, *, seed, step_kwargs=None):
+    """Sample k stepped alone with offset=k equals sample k of the whole batch, for every k."""
+    whole = seeded_loop(make_scheduler(), x, seed=seed, step_kwargs=step_kwargs)
+    assert torch.isfinite(whole).all()
+    for k in range(x.shape[0]):
+        alone = seeded_loop(make_scheduler(), x[k:k + 1], seed=seed, offset=k, step_kwargs=step_kwargs)
+        torch.testing.assert_close(alone, whole[k:k + 1], rtol=0, atol=0)

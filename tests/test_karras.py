@@ -1,0 +1,259 @@
+"""Euler and Euler ancestral (fastgen/reference/karras.py, fastgen/schedulers/euler*.py): the fused step
+against the float64 reference over whole trajectories (churn and ancestral noise from the same counter
+stream), fastgen's classes against diffusers' step by step from the same generator, batch invariance
+with seed=, the values diffusers' own tests assert, bad input, and save/load in a pipeline."""
+import json
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+import fastgen
+import fastgen.schedulers as fs
+from fastgen.reference import karras
+from fastgen.schedulers._sigma import step_table
+from tests.sigma_utils import SHAPE, assert_batch_invariant, assert_trajectories_agree, fresh_sample, step_by_step
+
+SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+CHURN = dict(s_churn=2.0, s_tmin=0.05, s_tmax=8.0, s_noise=1.003)
+
+# (class name, scheduler config, step settings, inference steps)
+KERNEL_SWEEP = {
+    "euler epsilon": ("EulerDiscreteScheduler", {}, {}, 5),
+    "euler v karras": ("EulerDiscreteScheduler", dict(SD, prediction_type="v_prediction", use_karras_sigmas=True),
+                       {}, 5),
+    "euler sample exponential sigma_min": ("EulerDiscreteScheduler", dict(prediction_type="sample",
+                                           use_exponential_sigmas=True, final_sigmas_type="sigma_min"), {}, 4),
+    "euler churn": ("EulerDiscreteScheduler", SD, CHURN, 6),
+    "euler v churn beta trailing": ("EulerDiscreteScheduler", dict(prediction_type="v_prediction",
+                                    use_beta_sigmas=True, timestep_spacing="trailing"), CHURN, 5),
+    "euler log_linear": ("EulerDiscreteScheduler", dict(interpolation_type="log_linear"), {}, 4),
+    "ancestral epsilon": ("EulerAncestralDiscreteScheduler", SD, {}, 6),
+    "ancestral v zero snr trailing": ("EulerAncestralDiscreteScheduler", dict(
+        prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing"), {}, 5),
+}
+
+
+def _diffusers_scheduler(name, config, steps):
+    scheduler = getattr(diffusers, name)(**config)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+@pytest.mark.parametrize("case", KERNEL_SWEEP)
+def test_kernel_trajectory_matches_float64_reference(case):
+    """The fused kernel (Triton, interpreter on a CPU) over a whole run equals the sampler's float64
+    equations, the churn / ancestral noise drawn from the same counter streams on both sides."""
+    name, config, settings, steps = KERNEL_SWEEP[case]
+    table = step_table(_diffusers_scheduler(name, config, steps), **settings)
+    assert table.any_draws == (name.startswith("EulerAncestral") or bool(settings))
+    x = fresh_sample(table, torch.Generator().manual_seed(len(case)))
+    assert_trajectories_agree(table, x, seed=17)
+
+
+DIFFUSERS_SWEEP = {  # (class name, config, step kwargs)
+    "euler epsilon": ("EulerDiscreteScheduler", {}, {}),
+    "euler sample leading": ("EulerDiscreteScheduler", dict(prediction_type="sample", timestep_spacing="leading",
+                                                            steps_offset=1), {}),
+    "euler v continuous": ("EulerDiscreteScheduler", dict(prediction_type="v_prediction", timestep_type="continuous"),
+                           {}),
+    "euler karras sigma_min": ("EulerDiscreteScheduler", dict(SD, use_karras_sigmas=True,
+                                                               final_sigmas_type="sigma_min"), {}),
+    "euler exponential trailing": ("EulerDiscreteScheduler", dict(use_exponential_sigmas=True,
+                                                                   timestep_spacing="trailing"), {}),
+    "euler beta": ("EulerDiscreteScheduler", dict(use_beta_sigmas=True), {}),
+    "euler log_linear": ("EulerDiscreteScheduler", dict(interpolation_type="log_linear"), {}),
+    "euler churn": ("EulerDiscreteScheduler", SD, CHURN),
+    "euler v churn zero snr": ("EulerDiscreteScheduler", dict(prediction_type="v_prediction",
+                                                              rescale_betas_zero_snr=True), dict(s_churn=1.0)),
+    "ancestral epsilon": ("EulerAncestralDiscreteScheduler", {}, {}),
+    "ancestral v leading": ("EulerAncestralDiscreteScheduler", dict(prediction_type="v_prediction",
+                                                                    timestep_spacing="leading"), {}),
+    "ancestral sd trailing": ("EulerAncestralDiscreteScheduler", dict(SD, timestep_spacing="trailing"), {}),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", DIFFUSERS_SWEEP)
+def test_step_matches_diffusers(case, backend):
+    name, config, step_kwargs = DIFFUSERS_SWEEP[case]
+    ours = getattr(fs, name)(**config, backend=backend)
+    theirs = getattr(diffusers, name)(**config)
+    ours.set_timesteps(5)
+    theirs.set_timesteps(5)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3)) * theirs.init_noise_sigma
+    step_by_step(ours, theirs, x, step_kwargs=step_kwargs)
+
+
+def test_custom_sigmas_and_half_precision_match_diffusers():
+    """Custom sigmas (set_timesteps(sigmas=)) and an fp16 loop, as diffusers steps them."""
+    sigmas = [14.0, 7.5, 3.0, 1.1, 0.3, 0.0]
+    ours, theirs = fs.EulerDiscreteScheduler(backend="triton"), diffusers.EulerDiscreteScheduler()
+    ours.set_timesteps(sigmas=sigmas)
+    theirs.set_timesteps(sigmas=sigmas)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4)) * 14.0
+    step_by_step(ours, theirs, x)
+    ours.set_timesteps(4)
+    theirs.set_timesteps(4)
+    step_by_step(ours, theirs, x.half(), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("name, settings", [("EulerAncestralDiscreteScheduler", {}),
+                                            ("EulerDiscreteScheduler", CHURN)])
+def test_seed_is_batch_invariant(name, settings):
+    """With seed=, sample k is the same alone (offset=k) as in the batch: the same seed, the same image."""
+    def make():
+        s = getattr(fs, name)(**SD, backend="triton")
+        s.set_timesteps(4)
+        return s
+
+    x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(5)) * make().init_noise_sigma
+    assert_batch_invariant(make, x, seed=123, step_kwargs=settings)
+
+
+def test_seed_step_equals_reference_with_counter_noise():
+    """The class's seeded step is the table's step: the kernel and the float64 reference agree, and
+    the noise is not torch's global generator's (changing torch.manual_seed changes nothing)."""
+    ours = fs.EulerAncestralDiscreteScheduler(backend="triton")
+    ours.set_timesteps(4)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6)) * ours.init_noise_sigma
+    outs = []
+    for backend, torch_seed in (("triton", 0), ("triton", 1), ("reference", 0)):
+        ours.set_timesteps(4)
+        torch.manual_seed(torch_seed)
+        t = ours.timesteps[0]
+        outs.append(ours.step(0.5 * x, t, x, seed=9, offset=2, backend=backend).prev_sample)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    torch.testing.assert_close(outs[0], outs[2], rtol=1e-5, atol=1e-5)
+
+
+# --- diffusers' own asserted values (tests/schedulers/test_scheduler_euler*.py), ported -------------------
+
+def _deter(reverse=False):
+    """diffusers' dummy_sample_deter (reverse: dummy_noise_deter): a ramp laid out [C, H, W, B]."""
+    values = torch.arange(4 * 3 * 8 * 8)
+    values = values.flip(-1) if reverse else values
+    return (values.reshape(3, 8, 8, 4) / values.numel()).permute(3, 0, 1, 2)
+
+
+def _diffusers_model(sample, t):
+    t = t.reshape(-1, 1, 1, 1).to(sample.dtype)
+    return sample * t / (t + 1)
+
+
+def _full_loop(scheduler, t_start=None):
+    scheduler.set_timesteps(10)
+    generator = torch.manual_seed(0)
+    sample = _deter() * scheduler.init_noise_sigma
+    timesteps = scheduler.timesteps
+    if t_start is not None:
+        timesteps = timesteps[t_start:]
+        sample = scheduler.add_noise(sample, _deter(reverse=True), timesteps[:1])
+    for t in timesteps:
+        sample = scheduler.scale_model_input(sample, t)
+        sample = scheduler.step(_diffusers_model(sample, t), t, sample, generator=generator).prev_sample
+    return sample
+
+
+DIFFUSERS_VALUES = {  # diffusers' test name: (class, config, t_start, |x| sum, |x| mean)
+    "euler no noise": ("EulerDiscreteScheduler", {}, None, 10.0807, 0.0131),
+    "euler v_prediction": ("EulerDiscreteScheduler", dict(prediction_type="v_prediction"), None, 0.0002, 2.2676e-06),
+    "euler karras": ("EulerDiscreteScheduler", dict(use_karras_sigmas=True), None, 124.52299499511719,
+                     0.16213932633399963),
+    "euler with noise": ("EulerDiscreteScheduler", {}, 8, 57062.9297, 74.3007),
+    "ancestral no noise": ("EulerAncestralDiscreteScheduler", {}, None, 152.3192, 0.1983),
+    "ancestral v_prediction": ("EulerAncestralDiscreteScheduler", dict(prediction_type="v_prediction"), None,
+                               108.4439, 0.1412),
+    "ancestral with noise": ("EulerAncestralDiscreteScheduler", {}, 8, 56163.0508, 73.1290),
+}
+
+
+KERNEL_LOOPS = ("euler karras", "ancestral with noise")  # the interpreter is slow: the kernel on two of them
+
+
+@pytest.mark.parametrize("case, backend", [(case, "torch") for case in DIFFUSERS_VALUES] +
+                         [(case, "triton") for case in KERNEL_LOOPS])
+def test_diffusers_asserted_full_loops(case, backend):
+    name, config, t_start, total, mean = DIFFUSERS_VALUES[case]
+    config = dict(num_train_timesteps=1100, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", **config)
+    sample = _full_loop(getattr(fs, name)(**config, backend=backend), t_start)
+    assert abs(sample.abs().sum().item() - total) < 1e-2
+    assert abs(sample.abs().mean().item() - mean) < 1e-3
+
+
+# --- bad input ---------------------------------------------------------------------------------------------
+
+def _stepped(name, config=None, **step_kwargs):
+    s = getattr(fs, name)(**(config or {}))
+    s.set_timesteps(3)
+    x = torch.randn(SHAPE)
+    return s.step(x, s.timesteps[0], x, **step_kwargs)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: _stepped("EulerDiscreteScheduler", dict(prediction_type="noise")), ValueError,
+     "prediction_type must be one of 'epsilon', 'v_prediction', 'sample'"),
+    (lambda: _stepped("EulerAncestralDiscreteScheduler", dict(prediction_type="sample")), ValueError,
+     "prediction_type must be one of 'epsilon', 'v_prediction', got 'sample'"),
+    (lambda: _stepped("EulerDiscreteScheduler", s_churn=-1.0), ValueError, "s_churn must be >= 0"),
+    (lambda: _stepped("EulerDiscreteScheduler", s_noise=float("nan")), ValueError, "s_noise"),
+    (lambda: _stepped("EulerDiscreteScheduler", s_churn=1.0, seed=1, generator=torch.Generator()), ValueError,
+     "pass one noise source"),
+    (lambda: _stepped("EulerAncestralDiscreteScheduler", offset=2), ValueError, "offset only applies to seed"),
+    (lambda: fs.EulerDiscreteScheduler(final_sigmas_type="one").set_timesteps(4), ValueError, "'zero', or 'sigma_min'"),
+    (lambda: fs.EulerDiscreteScheduler(interpolation_type="cubic").set_timesteps(4), ValueError,
+     "'linear' or 'log_linear'"),
+    (lambda: fs.EulerAncestralDiscreteScheduler(timestep_spacing="even").set_timesteps(4), ValueError,
+     "'linspace', 'leading' or 'trailing'"),
+    (lambda: fs.EulerDiscreteScheduler(use_karras_sigmas=True, use_beta_sigmas=True), ValueError, "Only one of"),
+    (lambda: fs.EulerDiscreteScheduler(backend="cuda"), ValueError, "backend must be one of"),
+])
+def test_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_integer_timestep_and_wrong_shape_are_refused():
+    s = fs.EulerDiscreteScheduler()
+    s.set_timesteps(3)
+    x = torch.randn(SHAPE)
+    with pytest.raises(ValueError, match="Passing integer indices"):
+        s.step(x, 3, x)
+    with pytest.raises(ValueError, match="model_output must have shape"):
+        s.step(x[:1], s.timesteps[0], x)
+
+
+# --- the drop-in: outputs, save/load, pipelines ----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"])
+def test_saved_pipeline_reloads_fastgen_scheduler(name, tmp_path):
+    """A pipeline holding fastgen's scheduler records ["fastgen", "<Class>"] and loads it back; the
+    top-level package exports the class."""
+    from tests.test_diffusers_parity import tiny_unet
+
+    pipe = diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=getattr(fs, name)(**SD, backend="torch"))
+    pipe.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["scheduler"] == ["fastgen", name]
+    loaded = diffusers.DDPMPipeline.from_pretrained(tmp_path)
+    assert type(loaded.scheduler) is getattr(fastgen, name) is getattr(fs, name)
+    assert loaded.scheduler.config.beta_schedule == "scaled_linear"
+    out = loaded.scheduler.step  # diffusers' output class
+    loaded.scheduler.set_timesteps(2)
+    x = torch.randn(SHAPE)
+    result = out(x, loaded.scheduler.timesteps[0], x, generator=torch.Generator().manual_seed(0))
+    assert type(result).__module__.startswith("diffusers.") and np.isfinite(result.prev_sample.numpy()).all()
+
+
+def test_reference_module_builders_are_registered_for_diffusers_classes():
+    """The table of diffusers' own class and of fastgen's subclass is the same builder's."""
+    for name, builder in (("EulerDiscreteScheduler", karras.euler_table),
+                          ("EulerAncestralDiscreteScheduler", karras.euler_ancestral_table)):
+        theirs, ours = getattr(diffusers, name)(), getattr(fs, name)()
+        theirs.set_timesteps(3)
+        ours.set_timesteps(3)
+        a, b = step_table(theirs), step_table(ours)
+        assert torch.equal(a.coefficients, b.coefficients) and torch.equal(a.coefficients, builder(theirs).coefficients)
+        assert a.streams.tolist() == [0, 1, 2] and a.init_stream == 3
+        assert torch.equal(a.model_timesteps, theirs.timesteps)
+        assert a.init_noise_sigma == pytest.approx(float(theirs.init_noise_sigma))
