@@ -13,7 +13,7 @@ import fastgen.schedulers as fs
 from fastgen.ops.samplers import sampler_step
 from fastgen.reference import consistency as ref
 from fastgen.schedulers._sigma import step_table
-from tests.test_diffusers_parity import assert_abs_stats, ramp, toy_model
+from tests.test_diffusers_parity import assert_abs_stats, plain_config, ramp, toy_model
 from tests.utils import FLOAT_DTYPES, assert_close, rand_like_shape
 
 CM_CONFIG = dict(num_train_timesteps=201, sigma_min=0.002, sigma_max=80.0)  # diffusers' test configuration
@@ -260,6 +260,16 @@ def test_sample_runs_the_schedulers(case):
         x = theirs.step(reference_model(theirs.scale_model_input(x, t), t.expand(3)), t, x, generator=g).prev_sample
     got = fastgen.sample(reference_model, shape, s, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
     assert_close(got, x, dtype=torch.float32, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [cm, lcm])
+def test_exported_saved_and_reloaded_as_fastgen(make, tmp_path):
+    """fastgen.<Class> is fastgen.schedulers' class; a saved config reloads it with the same config."""
+    s = make(clip_denoised=False) if make is cm else make(prediction_type="v_prediction")
+    assert getattr(fastgen, type(s).__name__) is type(s) and type(s).__module__ == "fastgen"
+    s.save_pretrained(tmp_path)
+    loaded = type(s).from_pretrained(tmp_path)
+    assert type(loaded) is type(s) and plain_config(loaded.config) == plain_config(s.config)
 
 
 # --- bad input -------------------------------------------------------------------------------------
