@@ -413,6 +413,17 @@ def test_distill_writes_resumes_and_samples(tmp_path, monkeypatch):
     assert x.abs().max() <= 1.0  # clip_denoised
 
 
+def test_quality_table_lists_student_and_teacher(tmp_path):
+    teacher = tiny_teacher()
+    student = cd.ConsistencyModel(teacher, teacher.scheduler_config)
+    student.scheduler_config = cd.scheduler_config(teacher.scheduler_config, 6)
+    rows = cd.quality_table(student, teacher, n=4, steps=(1, 2), teacher_samplers=(("ddim", 3), ("ddpm", 5)))
+    assert [r["sampler"] for r in rows] == ["consistency 1 step", "consistency 2 steps", "teacher DDIM-3",
+                                            "teacher DDPM-5"]
+    table = cd.markdown_table(rows).splitlines()
+    assert len(table) == 6 and all(r["seconds"] > 0 and sum(r["quality"].class_counts) == 4 for r in rows)
+
+
 def test_distill_bad_input(tmp_path):
     teacher = tiny_teacher()
     with pytest.raises(ValueError, match="distance_kind must be one of"):
