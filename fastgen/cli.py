@@ -102,7 +102,7 @@ def _train_consistency(args) -> int:
     teacher = denoisers.load_checkpoint(args.teacher) if args.teacher else denoisers.pretrained_denoiser()
     result = consistency.distill(teacher, out, steps=4000 if args.steps is None else args.steps,
                                  num_scales=args.num_scales, batch_size=args.batch_size,
-                                 lr=2e-4 if args.lr is None else args.lr, distance_kind=args.distance,
+                                 lr=4e-4 if args.lr is None else args.lr, distance_kind=args.distance,
                                  seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every,
                                  slim=args.slim, threads=args.threads, progress=not args.no_progress)
     scores = "; ".join(f"{k} step{'s' if k > 1 else ''}: {q}" for k, (q, _) in result["quality"].items())
@@ -312,7 +312,7 @@ def _add_train(commands):
     p.add_argument("--beta-schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2"],
                    help="ddpm: the noise schedule (default: linear)")
     p.add_argument("--lr", type=_positive_float, default=None,
-                   help="ddpm, consistency: Adam's peak learning rate (default: ddpm 2e-3, consistency 2e-4)")
+                   help="ddpm, consistency: Adam's peak learning rate (default: ddpm 2e-3, consistency 4e-4)")
     p.add_argument("--ema-decay", type=_unit_interval, default=0.995,
                    help="ddpm: decay of the weights' moving average that is saved (default: 0.995)")
     p.add_argument("--teacher", default=None,
