@@ -224,10 +224,11 @@ def lcm_table(scheduler):
     def reference(i, model_output, sample, prev_denoised, noise):
         t, a_t, a_prev, last = steps[i]
         return lcm_step(model_output, sample, t, alpha_prod_t=a_t, alpha_prod_prev=a_prev, last=last,
-                        prediction_type=prediction_type, timestep_scaling=scaling,
+                        prediction_type=prediction_type, timestep_scaling=scaling, noise=noise,
                         clip_sample=bool(config.clip_sample), clip_sample_range=clip["clip_range"],
-                        thresholding=bool(config.thresholding), dynamic_thresholding_ratio=clip[
-                            "dynamic_thresholding_ratio"], sample_max_value=clip["sample_max_value"], noise=noise)
+                        thresholding=bool(config.thresholding),
+                        dynamic_thresholding_ratio=clip["dynamic_thresholding_ratio"],
+                        sample_max_value=clip["sample_max_value"])
 
     return scheduler_table(scheduler, "lcm", rows, reference, generator_draws=[not last for *_, last in steps],
                            init_noise_sigma=scheduler.init_noise_sigma, **clip)
