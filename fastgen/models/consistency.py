@@ -401,7 +401,8 @@ def sample_quality(model, *, steps=(1, 2, 4), n: int = 500, seed: int = 1, backe
         scheduler = make_scheduler(model.scheduler_config, backend=backend)
         began = time.perf_counter()
         x = sample_loop(model, scheduler, k, (n, 1, 8, 8), seed=seed, class_labels=class_labels)
-        scores[k] = (quality.digits_quality(x, value_range=(-1, 1)), time.perf_counter() - began)
+        seconds = time.perf_counter() - began
+        scores[k] = (quality.digits_quality(x, value_range=(-1, 1)), seconds)
     return scores
 
 
