@@ -434,6 +434,9 @@ def test_distill_bad_input(tmp_path):
         cd.distill(teacher, tmp_path / "missing.pt", resume=True)
     with pytest.raises(ValueError, match="fastgen-consistency/1 checkpoint"):
         cd.load_checkpoint(denoisers_checkpoint(teacher, tmp_path))
+    if not cd.pretrained_path().is_file():  # until a distilled model is shipped, the default says so
+        with pytest.raises(FileNotFoundError, match="pass checkpoint="):
+            cd.consistency_sampler()
 
 
 def denoisers_checkpoint(teacher, tmp_path):
