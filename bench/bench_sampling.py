@@ -163,15 +163,18 @@ def diffusers_loop(*, shape, steps, dtype, device, seed, model, diffusers_schedu
     before the step, as the pipelines write it)."""
     generator = torch.Generator(device).manual_seed(seed)
     diffusers_scheduler.set_timesteps(steps, device=device)
-    x = torch.randn(shape, generator=generator, device=device, dtype=dtype) * diffusers_scheduler.init_noise_sigma
+    # flow matching's scheduler has no input scale and no init_noise_sigma (its x_N is z)
+    scale = getattr(diffusers_scheduler, "scale_model_input", lambda x, t: x)
+    x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    x = x * getattr(diffusers_scheduler, "init_noise_sigma", 1.0)
     with torch.no_grad():
         for t in diffusers_scheduler.timesteps:
             if guidance:
-                x_in = diffusers_scheduler.scale_model_input(torch.cat([x] * 2), t)
+                x_in = scale(torch.cat([x] * 2), t)
                 uncond, cond = model(x_in, t).chunk(2)
                 out = uncond + guidance * (cond - uncond)
             else:
-                out = model(diffusers_scheduler.scale_model_input(x, t), t)
+                out = model(scale(x, t), t)
             x = diffusers_scheduler.step(out, t, x, generator=generator).prev_sample
     return x
 
