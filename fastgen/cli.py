@@ -65,14 +65,15 @@ def _train_ddpm(args) -> int:
 
     out = prepare_output(args.out or "ddpm_digits.pt", name="--out")
     scheduler_config = dict(denoisers.DIGITS_SCHEDULER_CONFIG, beta_schedule=args.beta_schedule,
-                            prediction_type=args.prediction_type)
+                            prediction_type=args.prediction_type, clip_sample=args.clip_sample)
     width = {"mlp": "hidden", "unet": "channels"}[args.denoiser]
     depth = {"mlp": "depth", "unet": "num_res_blocks"}[args.denoiser]
     model_config = {k: v for k, v in ((width, args.width), (depth, args.depth)) if v is not None}
     result = denoisers.train_ddpm(out, architecture=args.denoiser, model_config=model_config,
                                   conditional=args.conditional, scheduler_config=scheduler_config,
                                   steps=10000 if args.steps is None else args.steps, batch_size=args.batch_size,
-                                  lr=2e-3 if args.lr is None else args.lr, ema_decay=args.ema_decay, label_dropout=args.label_dropout,
+                                  lr=2e-3 if args.lr is None else args.lr, ema_decay=args.ema_decay,
+                                  label_dropout=args.label_dropout,
                                   seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every,
                                   slim=args.slim, threads=args.threads, device=args.device,
                                   progress=not args.no_progress)
@@ -311,6 +312,8 @@ def _add_train(commands):
                    help="ddpm: what the denoiser predicts (default: epsilon)")
     p.add_argument("--beta-schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2"],
                    help="ddpm: the noise schedule (default: linear)")
+    p.add_argument("--no-clip-sample", dest="clip_sample", action="store_false",
+                   help="ddpm: the checkpoint's scheduler does not clip the predicted x_0 to [-1, 1]")
     p.add_argument("--lr", type=_positive_float, default=None,
                    help="ddpm, consistency: Adam's peak learning rate (default: ddpm 2e-3, consistency 4e-4)")
     p.add_argument("--ema-decay", type=_unit_interval, default=0.995,

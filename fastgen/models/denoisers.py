@@ -1,12 +1,14 @@
-"""Denoisers eps_theta(x_t, t) for DDPM/DDIM in plain torch, their training loop, checkpoints, and a
-UNet trained on the built-in 8x8 digits shipped with the package.
+"""Denoisers for DDPM/DDIM in plain torch, optionally class-conditional, their resumable training,
+checkpoints, and a conditional MLP denoiser trained on the built-in 8x8 digits shipped with the package.
 
     from fastgen.models import denoisers
-    model = denoisers.pretrained_denoiser()          # UNet, eps-prediction, trained on digits("train")
-    x = fastgen.sample(model, (16, 1, 8, 8), DDIMScheduler(**model.scheduler_config), num_inference_steps=50)
+    model = denoisers.pretrained_denoiser()          # v-prediction, cosine schedule, 10 classes + null
+    scheduler = DDIMScheduler(**model.scheduler_config)
+    x = fastgen.sample(model, (16, 1, 8, 8), scheduler, num_inference_steps=50)           # the null label
+    sevens = fastgen.sample(lambda x, t: model(x, t, class_labels=7), (16, 1, 8, 8), scheduler)
 
-Models (``forward(x, t) -> prediction`` with x [B, ...] and t an int or an integer tensor [] / [B];
-``prediction_type`` says what the output means, "epsilon" by default):
+Models (``forward(x, t, class_labels=None) -> prediction`` with x [B, ...], t an int or an integer
+tensor [] / [B]; ``prediction_type`` says what the output means, "epsilon" by default):
 
 - ``MLPDenoiser`` for flat data [B, dim]: residual MLP blocks, each conditioned on the time embedding.
 - ``UNetDenoiser`` for images [B, C, H, W]: the DDPM UNet (Ho et al. 2020, appendix B) in small:
@@ -16,11 +18,15 @@ Models (``forward(x, t) -> prediction`` with x [B, ...] and t an int or an integ
 
 Time embedding (Vaswani et al. 2017, sec. 3.5, as DDPM uses it): for d channels,
     emb(t)_i = sin(t / 10000^(i / (d/2))),  emb(t)_{d/2 + i} = cos(t / 10000^(i / (d/2))),  i < d/2,
-followed by Linear -> SiLU -> Linear.
+followed by Linear -> SiLU -> Linear. A class-conditional model (``num_classes`` > 0) adds a learned
+embedding of the label, one of ``num_classes`` classes or the null label ``num_classes`` (``Denoiser``).
 
 Training (Ho et al. Algorithm 1): x_0 from the data, t ~ U{0..T-1}, eps ~ N(0, I) from the counter-based
-stream, x_t = ``fastgen.q_sample(x_0, t, schedule, noise=eps)``, minimise L_simple = |eps - eps_theta(x_t, t)|^2
-(eq. 14). The weights saved are an exponential moving average of the trained ones.
+stream, x_t = ``fastgen.q_sample(x_0, t, schedule, noise=eps)``, minimise |target - model(x_t, t)|^2 with
+the target of the prediction type (eps: L_simple, eq. 14; v: Salimans & Ho 2022); a conditional model
+sees the null label in place of the true one with probability ``label_dropout`` (Ho & Salimans 2022).
+The weights saved are an exponential moving average of the trained ones. ``train_ddpm`` writes
+checkpoints as it goes and resumes an interrupted run exactly (``fastgen.models._training``).
 """
 import copy
 import importlib.resources
@@ -458,6 +464,16 @@ def sample_quality(model: Denoiser, *, n: int = 500, seed: int = 1, steps: int =
     return quality.digits_quality(x, value_range=(-1, 1))
 
 
+def class_shares(model: Denoiser, *, n: int = 200, seed: int = 1, steps: int = 50) -> list:
+    """For each class K of a conditional model: the share of ``n`` samples drawn given K (no guidance,
+    ``sample_quality``) that the digit classifier of ``fastgen.quality`` labels K: how well the
+    conditioning works."""
+    if not model.num_classes:
+        raise ValueError("model must be class-conditional (num_classes > 0), got an unconditional denoiser")
+    return [sample_quality(model, n=n, seed=seed, steps=steps, class_labels=k).class_counts[k] / n
+            for k in range(model.num_classes)]
+
+
 def train_ddpm(out, *, architecture: str = "unet", model_config: dict = None, conditional: bool = True,
                scheduler_config: dict = None, steps: int = 10000, batch_size: int = 64, lr: float = 2e-3,
                ema_decay: float = 0.995, label_dropout: float = 0.1, seed: int = 0, resume: bool = False,
@@ -555,10 +571,15 @@ def pretrained_path(name: str = "digits"):
 def pretrained_denoiser(name: str = "digits", *, device=None) -> Denoiser:
     """The denoiser shipped with the package (eval mode, no gradients): digits [B, 1, 8, 8] in [-1, 1].
     ``model.scheduler_config`` holds the DDPMScheduler/DDIMScheduler arguments it was trained with,
-    ``model.metadata`` how it was made and its scores. "digits" was made by
-    ``python -m fastgen train ddpm --threads 2 --out fastgen/checkpoints/ddpm_digits.pt`` (MLPDenoiser,
-    eps-prediction, 10000 steps of batch 64, seed 0, EMA weights stored as fp16; 1323 s on two CPU cores
-    shared with other jobs): 500 samples of 50 DDIM steps get a digit-classifier confidence of 0.88 and
-    an MMD^2 to held-out digits of 0.009 (uniform noise: 0.36; real digits: 0.0003)."""
+    ``model.metadata`` how it was made and its scores. "digits" is class-conditional (10 digits + the
+    null label, ``class_labels=None`` by default), an MLPDenoiser 512 x 4 predicting v on the cosine
+    schedule, made by ``python -m fastgen train ddpm --denoiser mlp --width 512 --depth 4 --conditional
+    --label-dropout 0.2 --beta-schedule squaredcos_cap_v2 --prediction-type v_prediction --no-clip-sample
+    --lr 1e-3 --ema-decay 0.9995 --batch-size 128 --steps 28000 --checkpoint-every 2000 --slim --threads 1
+    --out fastgen/checkpoints/ddpm_digits.pt`` (seed 0, EMA weights stored as fp16; 2066 s on one thread
+    of a CPU shared with other jobs). 1000 samples of 50 DDIM steps with the null label
+    (``sample_quality(model, n=1000, seed=1)``) get a digit-classifier confidence of 0.973 and an MMD^2
+    to held-out digits of 0.0004 (real held-out digits: 0.980 and ~0); given class K without guidance,
+    99.8% of samples are labelled K (``class_shares``)."""
     with importlib.resources.as_file(pretrained_path(name)) as path:
         return load_checkpoint(path, device=device)
