@@ -3,7 +3,8 @@
 each loop costs on its own, the part of a step a sampler controls), per loop and per step; and the
 loops real pipelines run, with and without classifier-free guidance (the model on the doubled
 batch, the combination fused into the step): Euler 30 steps, DPM-Solver++ 2M 20 steps, flow-matching
-Euler 28 steps, with the MLP and the fixed output.
+Euler 28 steps, with the MLP and the fixed output; and the few-step samplers: multistep consistency
+sampling 2 steps (CMStochasticIterativeScheduler) and LCM 4 steps, unguided.
 
 Providers (each one call = one full sampling run from x_T to x_0):
     fastgen                 ``fastgen.sampling.Sampler`` as it runs by default: on CUDA the fused Triton
@@ -87,7 +88,8 @@ MODELS = {
 SAMPLERS = {"ddpm1000": ("ddpm", 1000, None), "ddim50": ("ddim", 50, None),
             "euler30": ("euler", 30, None), "euler30_cfg": ("euler", 30, 7.5),
             "dpmpp2m20": ("dpmsolver++", 20, None), "dpmpp2m20_cfg": ("dpmsolver++", 20, 7.5),
-            "flowmatch28": ("flow_match", 28, None), "flowmatch28_cfg": ("flow_match", 28, 7.5)}
+            "flowmatch28": ("flow_match", 28, None), "flowmatch28_cfg": ("flow_match", 28, 7.5),
+            "consistency2": ("consistency", 2, None), "lcm4": ("lcm", 4, None)}
 GUIDED_LABEL, NULL_LABEL = 3, 10
 
 

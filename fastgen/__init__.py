@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 # record a component's library by its top-level module ("fastgen") and look up the class and its
 # loadable base (SchedulerMixin) there when they load a saved pipeline.
 _SCHEDULER_EXPORTS = ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                      "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "SchedulerMixin")
+                      "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler",
+                      "CMStochasticIterativeScheduler", "LCMScheduler", "SchedulerMixin")
 
 
 def __getattr__(name):

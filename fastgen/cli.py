@@ -2,7 +2,7 @@
 
     validate   check every Triton kernel against its torch reference on this device, print a table
     bench      time every op against its peers and the copy bandwidth: table, results.json, plots
-    train      train a reference model on the built-in data and save a checkpoint (train gan, train ddpm)
+    train      train a reference model on the built-in data and save a checkpoint (gan, ddpm, flow, consistency)
     sample     sample digits with the shipped DDPM: a PNG grid or a .npz array, time per step of the fused and
                reference loops; in batches, resumable (--shard-dir) and on many processes (torchrun)
 """
@@ -86,7 +86,8 @@ def _train_ddpm(args) -> int:
     result = denoisers.train_ddpm(out, architecture=args.denoiser, model_config=model_config,
                                   conditional=args.conditional, scheduler_config=scheduler_config,
                                   steps=10000 if args.steps is None else args.steps, batch_size=args.batch_size,
-                                  lr=args.lr, ema_decay=args.ema_decay, label_dropout=args.label_dropout,
+                                  lr=2e-3 if args.lr is None else args.lr, ema_decay=args.ema_decay,
+                                  label_dropout=args.label_dropout,
                                   seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every,
                                   slim=args.slim, threads=args.threads, device=args.device,
                                   progress=not args.no_progress)
@@ -109,7 +110,23 @@ def _train_flow(args) -> int:
     return 0
 
 
-TRAIN_TARGETS = {"gan": _train_gan, "ddpm": _train_ddpm, "flow": _train_flow}
+def _train_consistency(args) -> int:
+    from fastgen.models import consistency, denoisers
+
+    out = args.out or "consistency_digits.pt"
+    teacher = denoisers.load_checkpoint(args.teacher) if args.teacher else denoisers.pretrained_denoiser()
+    result = consistency.distill(teacher, out, steps=4000 if args.steps is None else args.steps,
+                                 num_scales=args.num_scales, batch_size=args.batch_size,
+                                 lr=4e-4 if args.lr is None else args.lr, distance_kind=args.distance,
+                                 seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every,
+                                 slim=args.slim, threads=args.threads, progress=not args.no_progress)
+    scores = "; ".join(f"{k} step{'s' if k > 1 else ''}: {q}" for k, (q, _) in result["quality"].items())
+    print(f"distilled {args.teacher or 'the shipped digits denoiser'} into a consistency model in "
+          f"{result['seconds']:.0f}s; 500 samples: {scores}; saved {out}")
+    return 0
+
+
+TRAIN_TARGETS = {"gan": _train_gan, "ddpm": _train_ddpm, "flow": _train_flow, "consistency": _train_consistency}
 # sample --sampler: the schedulers of fastgen.sampling.make_scheduler that run on the digits denoiser
 SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral", "dpmsolver++", "sde-dpmsolver++", "flow_match")
 
@@ -417,16 +434,25 @@ def _add_train(commands):
                    help="ddpm: the noise schedule (default: linear)")
     p.add_argument("--no-clip-sample", dest="clip_sample", action="store_false",
                    help="ddpm: the checkpoint's scheduler does not clip the predicted x_0 to [-1, 1]")
-    p.add_argument("--lr", type=_positive_float, default=2e-3, help="ddpm: Adam's peak learning rate (default: 2e-3)")
+    p.add_argument("--lr", type=_positive_float, default=None,
+                   help="ddpm, consistency: Adam's peak learning rate (default: ddpm 2e-3, consistency 4e-4)")
     p.add_argument("--ema-decay", type=_unit_interval, default=0.995,
                    help="ddpm: decay of the weights' moving average that is saved (default: 0.995)")
+    p.add_argument("--teacher", default=None,
+                   help="consistency: the denoiser checkpoint to distil (default: the shipped digits denoiser)")
+    p.add_argument("--num-scales", type=_int_at_least(2), default=18,
+                   help="consistency: N, the Karras sigmas of the distillation (default: 18)")
+    p.add_argument("--distance", default="pseudo-huber", choices=["pseudo-huber", "l2"],
+                   help="consistency: the distance between student and target outputs (default: pseudo-huber)")
     p.add_argument("--resume", action="store_true",
-                   help="gan, ddpm, flow: continue an interrupted run from the checkpoint at --out (with that run's "
-                        "settings)")
+                   help="gan, ddpm, flow, consistency: continue an interrupted run from the checkpoint at --out "
+                        "(with that run's settings)")
     p.add_argument("--slim", action="store_true",
-                   help="gan, ddpm, flow: leave the training state out of the final checkpoint (cannot be resumed)")
+                   help="gan, ddpm, flow, consistency: leave the training state out of the final checkpoint "
+                        "(cannot be resumed)")
     p.add_argument("--checkpoint-every", type=_int_at_least(1), default=500,
-                   help="gan, ddpm, flow: save the checkpoint (atomically) every this many steps (default: 500)")
+                   help="gan, ddpm, flow, consistency: save the checkpoint (atomically) every this many steps "
+                        "(default: 500)")
     p.set_defaults(run=_train)
 
 

@@ -1,6 +1,7 @@
 """Drop-in replacements for diffusers' schedulers whose step is one fused kernel: DDPMScheduler,
 DDIMScheduler, and the sigma-space EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
-DPMSolverMultistepScheduler and FlowMatchEulerDiscreteScheduler.
+DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler and the consistency samplers
+CMStochasticIterativeScheduler and LCMScheduler.
 
 They are subclasses of diffusers' own classes: change one import::
 
@@ -11,22 +12,27 @@ Config, ``from_config``, ``save_pretrained`` / ``from_pretrained``, ``set_timest
 scheduler's own tables, so the same generator gives diffusers' trajectory to fp32 rounding.
 ``step(..., seed=)`` draws the noise in the kernel instead (batch-invariant, no noise tensor).
 """
+from diffusers.schedulers.scheduling_consistency_models import CMStochasticIterativeSchedulerOutput
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
+from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from fastgen.schedulers.consistency import CMStochasticIterativeScheduler
 from fastgen.schedulers.ddim import DDIMScheduler
 from fastgen.schedulers.ddpm import DDPMScheduler
 from fastgen.schedulers.dpm_solver import DPMSolverMultistepScheduler
 from fastgen.schedulers.euler import EulerDiscreteScheduler
 from fastgen.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
 from fastgen.schedulers.flow_match import FlowMatchEulerDiscreteScheduler
+from fastgen.schedulers.lcm import LCMScheduler
 
 __all__ = ["DDPMScheduler", "DDPMSchedulerOutput", "DDIMScheduler", "DDIMSchedulerOutput",
            "EulerDiscreteScheduler", "EulerDiscreteSchedulerOutput",
            "EulerAncestralDiscreteScheduler", "EulerAncestralDiscreteSchedulerOutput",
            "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteSchedulerOutput",
-           "SchedulerMixin"]
+           "CMStochasticIterativeScheduler", "CMStochasticIterativeSchedulerOutput", "LCMScheduler",
+           "LCMSchedulerOutput", "SchedulerMixin"]

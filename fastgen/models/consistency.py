@@ -1,0 +1,439 @@
+"""Consistency distillation (Song, Dhariwal, Chen, Sutskever 2023, "Consistency Models", Algorithm 2)
+of a DDPM denoiser into a one- and few-step sampler for ``CMStochasticIterativeScheduler``.
+
+Two descriptions of the same noisy sample. The teacher is a DDPM denoiser on ``alphas_cumprod``
+(variance preserving: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps at integer t); the consistency
+model lives in the variance-exploding (EDM) time sigma, x_sigma = x_0 + sigma eps. They are one
+sample up to a scale:
+
+    sigma(t) = sqrt((1 - abar_t) / abar_t),   x_sigma = x_t / sqrt(abar_t) = sqrt(1 + sigma^2) x_t
+
+and a sigma between two training timesteps gets the teacher timestep interpolated linearly in
+log sigma (what diffusers' Euler schedulers feed such models). The teacher's data prediction at
+(x_sigma, sigma) is x0 = a(sigma) x_sigma + b(sigma) m, m = teacher(x_sigma / sqrt(1 + sigma^2), t(sigma)):
+epsilon a = 1, b = -sigma; v_prediction a = 1 / (1 + sigma^2), b = -sigma / sqrt(1 + sigma^2);
+sample a = 0, b = 1.
+
+The student, in the parameterisation CMStochasticIterativeScheduler steps with (eq. 7, App. C;
+fastgen/reference/consistency.py), epsilon = sigma_min, sigma_data = 0.5:
+
+    f_theta(x, sigma) = c_skip(sigma) x + c_out(sigma) F_theta(c_in(sigma) x, 250 log sigma)
+
+``ConsistencyModel`` is F_theta as the scheduler calls it: ``model(x_in, t)`` with x_in =
+``scale_model_input(x, t)`` = c_in(sigma) x = x / sqrt(sigma^2 + sigma_data^2) and t exactly what
+``scheduler.timesteps`` holds, 250 log sigma (``sigma_to_t``); it returns F. Its network is a copy of
+the teacher's, read in EDM's parameterisation: F = (x0_net - c_skip^EDM x) / c_out^EDM with
+c_skip^EDM = sigma_data^2 / (sigma^2 + sigma_data^2), c_out^EDM = sigma sigma_data / sqrt(sigma^2 +
+sigma_data^2) (Karras et al. 2022, Table 1), formed as (a - c_skip^EDM) / c_out^EDM x + b / c_out^EDM m
+in float64 coefficients (no division by a vanishing c_out). EDM's scalings are the consistency ones
+with sigma for sigma - epsilon, so at initialisation f_theta is the teacher's x0 away from the
+boundary, and f_theta(x, epsilon) = x exactly, as Song et al. initialise from an EDM teacher.
+
+Distillation (Algorithm 2) on the N Karras sigmas sigma_0 > ... > sigma_{N-1} = epsilon of the
+scheduler's ``num_train_timesteps`` = N, ``sigma_max``, ``rho`` = 7: per sample, k ~ U{0..N-2},
+z ~ N(0, I) (counter-based), x = x_0 + sigma_k z, one step of the teacher's ODE solver to sigma_{k+1}
+(DDIM, which on the VE ODE is Euler: x^ = x0 + sigma_{k+1} (x - x0) / sigma_k, x0 the teacher's,
+clipped as its DDIM clips it), and the loss
+
+    d(f_theta(x, sigma_k), f_theta-(x^, sigma_{k+1}))       d: pseudo-Huber sqrt(|a - b|^2 + c^2) - c,
+                                                           c = 0.00054 sqrt(dim) (Song & Dhariwal 2023), or L2
+
+with the target network theta- <- stopgrad(mu theta- + (1 - mu) theta) after each step (mu = 0.95 in
+the paper's CD runs; ``target_decay`` defaults to mu = 0, the target being the student itself without
+gradient, as Song & Dhariwal 2023 recommend: in 5000-step pilots on the digits it reached a 1-step
+MMD^2 of 0.105 against 0.124 with mu = 0.95, the 2- and 4-step samplers alike), and a slower moving
+average of theta (``ema_decay``) saved as the model.
+A class-conditional teacher is distilled on the digits' labels, each replaced by the null label with
+probability ``label_dropout``, so the student samples with and without labels as the teacher does.
+
+    from fastgen.models.consistency import consistency_sampler
+    model, scheduler = consistency_sampler()      # the shipped distilled model, if any, or a checkpoint
+    x = fastgen.sample(model, (64, 1, 8, 8), scheduler, num_inference_steps=2, seed=0)
+"""
+import copy
+import importlib.resources
+import math
+import time
+
+import torch
+from torch.nn import functional as F
+
+import fastgen
+from fastgen import _checks
+from fastgen.models import _checkpoint, _training, denoisers
+from fastgen.reference.consistency import SIGMA_DATA, boundary_scalings, karras_sigmas
+from fastgen.schedules import NoiseSchedule
+
+CHECKPOINT_FORMAT = "fastgen-consistency/1"
+PRETRAINED = {"digits": "consistency_digits.pt"}
+DISTANCES = ("pseudo-huber", "l2")
+SIGMA_MAX = 80.0  # Karras et al.'s and the paper's; capped by the teacher's largest sigma
+TRAIN_SETTINGS = ("steps", "num_scales", "batch_size", "lr", "target_decay", "ema_decay", "distance", "seed",
+                  "label_dropout")
+
+
+# --- the two times ---------------------------------------------------------------------------------
+
+class TeacherTime:
+    """sigma <-> the teacher's timestep: the sigmas sqrt((1 - abar_t) / abar_t) of its training
+    timesteps (float64, increasing) and the timestep of any sigma, interpolated in log sigma."""
+
+    def __init__(self, scheduler_config: dict):
+        keys = {k: scheduler_config[k] for k in denoisers.SCHEDULE_KEYS if k in scheduler_config}
+        abar = NoiseSchedule(**keys).alphas_cumprod.double()
+        self.log_sigmas = (0.5 * (torch.log1p(-abar) - torch.log(abar)))  # log sqrt((1 - abar) / abar)
+        finite = torch.isfinite(self.log_sigmas)  # a zero-SNR schedule's last sigma is infinite
+        self.sigma_min = float(self.log_sigmas[0].exp())
+        self.sigma_max = float(self.log_sigmas[finite][-1].exp())
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The teacher's (fractional) timestep of each sigma, clamped to [0, T - 1]; float32 on sigma's device."""
+        table = self.log_sigmas.to(sigma.device)
+        log_sigma = sigma.double().log().clamp(float(table[0]), float(table[torch.isfinite(table)][-1]))
+        high = torch.searchsorted(table, log_sigma).clamp(1, len(table) - 1)
+        low = high - 1
+        w = (log_sigma - table[low]) / (table[high] - table[low])
+        return (low + w.clamp(0, 1)).float()
+
+
+def x0_coefficients(prediction_type: str, sigma: torch.Tensor):
+    """(a, b) with the teacher's x0 = a x_sigma + b m (module docstring), float64 like sigma."""
+    if prediction_type == "epsilon":
+        return torch.ones_like(sigma), -sigma
+    if prediction_type == "v_prediction":
+        return 1.0 / (1.0 + sigma**2), -sigma / torch.sqrt(1.0 + sigma**2)
+    if prediction_type == "sample":
+        return torch.zeros_like(sigma), torch.ones_like(sigma)
+    raise ValueError(f"prediction_type must be one of 'epsilon', 'v_prediction', 'sample', got {prediction_type!r}")
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.to(like.dtype).reshape(-1, *(1,) * (like.dim() - 1))
+
+
+def teacher_x0(teacher, x, sigma, class_labels=None, *, time: TeacherTime, clip: bool):
+    """The teacher's data prediction at the VE sample x [B, ...] and sigma [B] (float64)."""
+    t = time.timestep(sigma)
+    x_vp = x * _per_sample(1.0 / torch.sqrt(1.0 + sigma**2), x)
+    m = teacher(x_vp, t) if class_labels is None else teacher(x_vp, t, class_labels)
+    a, b = x0_coefficients(teacher.prediction_type, sigma)
+    x0 = _per_sample(a, x) * x + _per_sample(b, x) * m
+    return x0.clamp(-1.0, 1.0) if clip else x0
+
+
+def ddim_step(teacher, x, sigma, sigma_next, class_labels=None, *, time: TeacherTime, clip: bool):
+    """One DDIM step of the teacher from sigma to sigma_next (VE): x0 + sigma_next (x - x0) / sigma."""
+    x0 = teacher_x0(teacher, x, sigma, class_labels, time=time, clip=clip)
+    return x0 + _per_sample(sigma_next / sigma, x) * (x - x0)
+
+
+# --- the student -----------------------------------------------------------------------------------
+
+class ConsistencyModel(torch.nn.Module):
+    """F_theta as CMStochasticIterativeScheduler calls it (module docstring): ``forward(x_in, t,
+    class_labels=None)`` with x_in = c_in(sigma) x and t = 250 log sigma, both as the scheduler's
+    ``scale_model_input`` and ``timesteps`` give them. ``net`` is a denoiser of the teacher's
+    architecture; ``teacher_scheduler_config`` its noise schedule (diffusers' DDPMScheduler arguments)."""
+
+    def __init__(self, net, teacher_scheduler_config: dict, sigma_data: float = SIGMA_DATA):
+        super().__init__()
+        self.net = net
+        self.teacher_scheduler_config = dict(teacher_scheduler_config)
+        self.time = TeacherTime(self.teacher_scheduler_config)
+        self.sigma_data = float(sigma_data)
+        self.prediction_type = net.prediction_type
+        self.num_classes, self.null_class_label = net.num_classes, net.null_class_label
+
+    def forward(self, x_in, t, class_labels=None):
+        if not isinstance(t, torch.Tensor):
+            t = torch.tensor(t, dtype=torch.float64, device=x_in.device)
+        sigma = torch.exp(t.to(x_in.device, torch.float64) / 250.0).reshape(-1).expand(x_in.shape[0])
+        x = x_in * _per_sample(torch.sqrt(sigma**2 + self.sigma_data**2), x_in)
+        x_vp = x * _per_sample(1.0 / torch.sqrt(1.0 + sigma**2), x)
+        m = self.net(x_vp, self.time.timestep(sigma), class_labels)
+        a, b = x0_coefficients(self.prediction_type, sigma)
+        sd2 = self.sigma_data**2
+        c_skip, c_out = sd2 / (sigma**2 + sd2), sigma * self.sigma_data / torch.sqrt(sigma**2 + sd2)
+        return _per_sample((a - c_skip) / c_out, x) * x + _per_sample(b / c_out, x) * m
+
+    def denoise(self, x, sigma, class_labels=None, *, sigma_min: float):
+        """f_theta(x, sigma) = c_skip x + c_out F(c_in x, 250 log sigma): the consistency function (unclipped)."""
+        c_skip, c_out = boundary_scalings(sigma, sigma_min, self.sigma_data)
+        x_in = x * _per_sample(1.0 / torch.sqrt(sigma**2 + self.sigma_data**2), x)
+        f = self(x_in, 250.0 * torch.log(sigma), class_labels)
+        return _per_sample(c_skip, x) * x + _per_sample(c_out, x) * f
+
+
+def scheduler_config(teacher_scheduler_config: dict, num_scales: int = 18, sigma_max: float = SIGMA_MAX) -> dict:
+    """The CMStochasticIterativeScheduler arguments of a student of this teacher: N = ``num_scales``
+    Karras sigmas from sigma_max (capped at the teacher's largest) to the teacher's smallest sigma
+    (epsilon, the boundary), sigma_data 0.5, rho 7, denoised outputs clipped to [-1, 1]."""
+    num_scales = _checks.as_int(num_scales, "num_scales")
+    if num_scales < 2:
+        raise ValueError(f"num_scales must be >= 2 (the boundary and one more sigma), got {num_scales}")
+    time = TeacherTime(teacher_scheduler_config)
+    return dict(num_train_timesteps=num_scales, sigma_min=time.sigma_min, sigma_max=min(sigma_max, time.sigma_max),
+                sigma_data=SIGMA_DATA, s_noise=1.0, rho=7.0, clip_denoised=True)
+
+
+def make_scheduler(config: dict, **kwargs):
+    """fastgen's CMStochasticIterativeScheduler with ``config`` (``kwargs``: e.g. backend)."""
+    from fastgen.schedulers import CMStochasticIterativeScheduler
+
+    return CMStochasticIterativeScheduler(**config, **kwargs)
+
+
+# --- distillation ----------------------------------------------------------------------------------
+
+def distance(a, b, kind: str):
+    """Per-sample distance: pseudo-Huber sqrt(|a - b|^2 + c^2) - c with c = 0.00054 sqrt(dim), or the
+    mean squared error."""
+    diff = (a - b).reshape(a.shape[0], -1)
+    if kind == "l2":
+        return diff.square().mean(dim=1)
+    c = 0.00054 * math.sqrt(diff.shape[1])
+    return torch.sqrt(diff.square().sum(dim=1) + c * c) - c
+
+
+def distill(teacher, out, *, steps: int = 4000, num_scales: int = 18, batch_size: int = 128, lr: float = 4e-4,
+            target_decay: float = 0.0, ema_decay: float = 0.999, distance_kind: str = "pseudo-huber",
+            label_dropout: float = 0.15, seed: int = 0, resume: bool = False, checkpoint_every: int = 500,
+            slim: bool = False, threads: int = None, progress: bool = True, quality_samples: int = 500) -> dict:
+    """Consistency distillation of ``teacher`` (a fastgen denoiser with ``scheduler_config``) into a
+    student saved at ``out`` (module docstring). Adam at ``lr`` (warm-up, cosine decay), batches from a
+    permutation of the train digits seeded by ``seed``, k and label dropout from the same generator,
+    z from the counter-based stream (``fastgen.randn(seed=seed)``, sample after sample).
+
+    Resumable (fastgen.models._training): every ``checkpoint_every`` steps the checkpoint at ``out`` is
+    replaced atomically with the EMA student and the run's state (student, target and EMA weights,
+    Adam, data order and cursor, noise offset, generators, settings); ``resume=True`` continues it bit
+    for bit with its own settings (and the teacher given). At the end the EMA student, rounded to fp16
+    as saved, is scored with 1, 2 and 4 steps (``sample_quality``, ``quality_samples`` samples, seed
+    + 1) and the scores go into the metadata; ``slim`` leaves the training state out.
+    Returns dict(model, scheduler_config, quality, seconds, loss)."""
+    out = _training.check_output(out, resume)
+    if threads:
+        torch.set_num_threads(_checks.as_int(threads, "threads"))
+    teacher_config = dict(teacher.scheduler_config)
+    resume_from = None
+    if resume:
+        state = _checkpoint.load(out, CHECKPOINT_FORMAT)
+        resume_from = _training.training_of(state, out)
+        steps, num_scales, batch_size, lr, target_decay, ema_decay, distance_kind, seed, label_dropout = (
+            resume_from[k] for k in TRAIN_SETTINGS)
+        if dict(state["teacher_scheduler_config"]) != teacher_config:
+            raise ValueError("teacher must be the run's teacher: its scheduler_config differs from the checkpoint's")
+    steps = _checks.nonneg_int(steps, "steps")
+    batch_size = _checks.as_int(batch_size, "batch_size")
+    checkpoint_every = _checks.as_int(checkpoint_every, "checkpoint_every")
+    if batch_size < 1 or checkpoint_every < 1:
+        raise ValueError(f"batch_size and checkpoint_every must be >= 1, got {batch_size} and {checkpoint_every}")
+    _checks.choice(distance_kind, "distance_kind", DISTANCES)
+    for name, value in (("target_decay", target_decay), ("ema_decay", ema_decay), ("label_dropout", label_dropout)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    settings = dict(steps=steps, num_scales=num_scales, batch_size=batch_size, lr=lr, target_decay=target_decay,
+                    ema_decay=ema_decay, distance=distance_kind, seed=seed, label_dropout=label_dropout)
+    cm_config = scheduler_config(teacher_config, num_scales)
+    sigma_min = cm_config["sigma_min"]
+    sigmas = karras_sigmas(num_scales, sigma_min, cm_config["sigma_max"], cm_config["rho"])  # decreasing
+    time_map = TeacherTime(teacher_config)
+    clip = bool(teacher_config.get("clip_sample", True))
+    teacher = teacher.eval().requires_grad_(False)
+    architecture = next(name for name, cls in denoisers.ARCHITECTURES.items() if isinstance(teacher, cls))
+    student = ConsistencyModel(copy.deepcopy(teacher).requires_grad_(True), teacher_config)
+    target = copy.deepcopy(student).requires_grad_(False)
+    ema = copy.deepcopy(student).requires_grad_(False)
+    data, labels = denoisers.digits_for_training(architecture, labels=True)
+    rng = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    start, seconds, cursor, drawn = 0, 0.0, 0, 0
+    if resume_from is not None:
+        for name, net in (("student", student), ("target", target), ("ema", ema)):
+            net.net.load_state_dict(resume_from[name])
+        start, seconds = _training.restore(resume_from, {"optimizer": opt}, rng)
+        order, cursor, drawn = resume_from["order"], resume_from["cursor"], resume_from["drawn"]
+    else:
+        order = torch.randperm(len(data), generator=rng)
+    warmup = min(200, max(steps // 10, 1))
+
+    def state(step):
+        weights = {name: {k: v.detach().clone() for k, v in net.net.state_dict().items()}
+                   for name, net in (("student", student), ("target", target), ("ema", ema))}
+        return _training.state(step, clock.seconds(), settings, {"optimizer": opt}, rng, order=order.clone(),
+                               cursor=cursor, drawn=drawn, **weights)
+
+    def save(model, training, **metadata):
+        save_checkpoint(out, model, cm_config, training=training, **settings, **metadata)
+
+    losses = []
+    student.train()
+    bar = _training.progress(steps - start, progress, "consistency distillation")
+    clock = _training.Stopwatch(seconds)
+    for step in range(start, steps):
+        if cursor + batch_size > len(data):
+            order, cursor = torch.randperm(len(data), generator=rng), 0
+        rows = order[cursor:cursor + batch_size]
+        cursor += batch_size
+        x0 = data[rows]
+        k = torch.randint(0, num_scales - 1, (batch_size,), generator=rng)
+        class_labels = None
+        if teacher.num_classes:
+            dropped = torch.rand(batch_size, generator=rng) < label_dropout
+            class_labels = torch.where(dropped, teacher.null_class_label, labels[rows])
+        z = fastgen.randn(x0.shape, seed=seed, offset=drawn)
+        drawn += batch_size
+        sigma, sigma_next = sigmas[k], sigmas[k + 1]
+        x = x0 + _per_sample(sigma, x0) * z                                        # x_{t_{n+1}}
+        with torch.no_grad():
+            x_hat = ddim_step(teacher, x, sigma, sigma_next, class_labels, time=time_map, clip=clip)
+            want = target.denoise(x_hat, sigma_next, class_labels, sigma_min=sigma_min)
+        got = student.denoise(x, sigma, class_labels, sigma_min=sigma_min)
+        loss = distance(got, want, distance_kind).mean()
+        _training.set_learning_rate(opt, _training.learning_rate(step, steps, lr, warmup))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for p_target, p_ema, p in zip(target.parameters(), ema.parameters(), student.parameters()):
+                p_target.lerp_(p, 1.0 - target_decay)
+                p_ema.lerp_(p, 1.0 - ema_decay)
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"consistency distillation diverged at step {step + 1}: loss {losses[-1]}")
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", refresh=False)
+        bar.update()
+        if _training.checkpoint_due(step, steps, checkpoint_every):
+            save(ema, state(step + 1), step=step + 1)
+    bar.close()
+    training = state(steps)
+    model = ema.eval().requires_grad_(False)
+    with torch.no_grad():  # score the weights as they are saved: rounded to fp16
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    model.scheduler_config = cm_config
+    scores = sample_quality(model, n=quality_samples, seed=seed + 1)
+    save(model, None if slim else training, seconds=round(training["seconds"], 1), quality_samples=quality_samples,
+         **{f"{n}-step": dict(confidence=q.confidence, mmd=q.mmd) for n, (q, _) in scores.items()})
+    return dict(model=model, scheduler_config=cm_config, quality=scores, seconds=training["seconds"], loss=losses)
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+
+def save_checkpoint(path, model: ConsistencyModel, cm_config: dict, *, training: dict = None, **metadata):
+    """Write the student (network architecture, config, fp16 weights), the teacher's noise schedule,
+    the CMStochasticIterativeScheduler config and ``metadata`` (and ``training`` when given), atomically."""
+    net = model.net
+    arch = next(name for name, cls in denoisers.ARCHITECTURES.items() if isinstance(net, cls))
+    weights = {k: (v.half() if v.is_floating_point() else v) for k, v in net.state_dict().items()}
+    state = {"format": CHECKPOINT_FORMAT, "architecture": arch, "config": net.config(), "state_dict": weights,
+             "teacher_scheduler_config": dict(model.teacher_scheduler_config), "scheduler_config": dict(cm_config),
+             "metadata": metadata}
+    if training is not None:
+        state["training"] = training
+    _checkpoint.save(state, path)
+
+
+def load_checkpoint(path, *, device=None) -> ConsistencyModel:
+    """The student of a checkpoint (eval mode, fp32, no gradients) with ``scheduler_config`` (the
+    CMStochasticIterativeScheduler arguments) and ``metadata`` attributes; read as plain tensors."""
+    state = _checkpoint.load(path, CHECKPOINT_FORMAT)
+    net = denoisers.ARCHITECTURES[state["architecture"]](**state["config"])
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["state_dict"].items()})
+    model = ConsistencyModel(net, state["teacher_scheduler_config"])
+    model.scheduler_config = dict(state["scheduler_config"])
+    model.metadata = dict(state["metadata"])
+    return model.to(device or "cpu").eval().requires_grad_(False)
+
+
+def pretrained_path(name: str = "digits"):
+    """Path of a checkpoint shipped in fastgen/checkpoints."""
+    if name not in PRETRAINED:
+        raise ValueError(f"name must be one of {sorted(PRETRAINED)}, got {name!r}")
+    return importlib.resources.files("fastgen") / "checkpoints" / PRETRAINED[name]
+
+
+def consistency_sampler(checkpoint=None, *, device=None, backend: str = "auto"):
+    """(model, scheduler) ready for ``fastgen.sample(model, shape, scheduler, num_inference_steps=1|2|4)``:
+    the student of ``checkpoint`` (default: the shipped digits one) and fastgen's
+    CMStochasticIterativeScheduler with its config. The model is called as the scheduler's pipelines
+    call it: model(scale_model_input(x, t), t), t from ``scheduler.timesteps`` (250 log sigma)."""
+    if checkpoint is None:
+        path = pretrained_path("digits")
+        if not path.is_file():
+            raise FileNotFoundError(f"no distilled consistency model is shipped at {path}; pass checkpoint= (made by "
+                                    "python -m fastgen train consistency)")
+        with importlib.resources.as_file(path) as file:
+            model = load_checkpoint(file, device=device)
+    else:
+        model = load_checkpoint(checkpoint, device=device)
+    return model, make_scheduler(model.scheduler_config, backend=backend)
+
+
+# --- quality ---------------------------------------------------------------------------------------
+
+def sample_loop(model, scheduler, num_inference_steps: int, shape, *, seed: int = 0, class_labels=None):
+    """The multistep consistency sampler as diffusers' pipeline runs it, in a plain loop: x_N =
+    sigma_max z, then per timestep F = model(scale_model_input(x, t), t) and ``scheduler.step`` with
+    counter-based noise (``seed``; the noise of x_N from stream N, as ``fastgen.sample`` draws it)."""
+    scheduler.set_timesteps(num_inference_steps)
+    n = len(scheduler.timesteps)
+    device = next(model.parameters()).device
+    x = fastgen.randn(shape, seed=seed, stream=n, device=device) * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            f = model(scheduler.scale_model_input(x, t), t.to(device).expand(shape[0]), class_labels)
+            x = scheduler.step(f, t, x, seed=seed).prev_sample
+    return x
+
+
+def sample_quality(model, *, steps=(1, 2, 4), n: int = 500, seed: int = 1, backend: str = "torch",
+                   class_labels=None) -> dict:
+    """``fastgen.quality.digits_quality`` of ``n`` samples with each number of steps in ``steps``
+    (``sample_loop`` through the model's CMStochasticIterativeScheduler on ``backend``):
+    {steps: (Quality, seconds of the sampling loop)}."""
+    from fastgen import quality
+
+    scores = {}
+    sample_loop(model, make_scheduler(model.scheduler_config, backend=backend), 1, (2, 1, 8, 8), seed=seed)  # warm-up
+    for k in steps:
+        scheduler = make_scheduler(model.scheduler_config, backend=backend)
+        began = time.perf_counter()
+        x = sample_loop(model, scheduler, k, (n, 1, 8, 8), seed=seed, class_labels=class_labels)
+        seconds = time.perf_counter() - began
+        scores[k] = (quality.digits_quality(x, value_range=(-1, 1)), seconds)
+    return scores
+
+
+TEACHER_SAMPLERS = (("ddim", 10), ("ddim", 50), ("ddpm", 1000))
+
+
+def quality_table(model, teacher, *, n: int = 1000, seed: int = 1, steps=(1, 2, 4),
+                  teacher_samplers=TEACHER_SAMPLERS) -> list:
+    """The student's 1/2/4-step sampler against the teacher's samplers (default DDIM-10, DDIM-50 and
+    DDPM-1000; torch backend, ``n`` samples each, seed ``seed``): one dict per sampler with its confidence, MMD^2, class
+    counts and seconds per 1000 samples on this machine. ``markdown_table`` prints it."""
+    from fastgen import quality, sampling
+
+    rows = [dict(sampler=f"consistency {k} step{'s' if k > 1 else ''}", quality=q, seconds=s * 1000 / n)
+            for k, (q, s) in sample_quality(model, steps=steps, n=n, seed=seed).items()]
+    for kind, k in teacher_samplers:
+        scheduler = sampling.make_scheduler(kind, **teacher.scheduler_config)
+        began = time.perf_counter()
+        with torch.no_grad():
+            x = fastgen.sample(teacher, (n, 1, 8, 8), scheduler, num_inference_steps=k, seed=seed, backend="torch")
+        seconds = time.perf_counter() - began
+        rows.append(dict(sampler=f"teacher {kind.upper()}-{k}", quality=quality.digits_quality(x, value_range=(-1, 1)),
+                         seconds=seconds * 1000 / n))
+    return rows
+
+
+def markdown_table(rows) -> str:
+    """``quality_table``'s rows as a markdown table."""
+    lines = ["| sampler | confidence | MMD^2 | class counts 0-9 | s / 1000 samples |", "|---|---|---|---|---|"]
+    for r in rows:
+        q = r["quality"]
+        lines.append(f"| {r['sampler']} | {q.confidence:.3f} | {q.mmd:.4f} | {' '.join(map(str, q.class_counts))} "
+                     f"| {r['seconds']:.2f} |")
+    return "\n".join(lines)
