@@ -104,8 +104,9 @@ def _train_consistency(args) -> int:
     result = consistency.distill(teacher, out, steps=4000 if args.steps is None else args.steps,
                                  num_scales=args.num_scales, batch_size=args.batch_size,
                                  lr=4e-4 if args.lr is None else args.lr, distance_kind=args.distance,
-                                 seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every,
-                                 slim=args.slim, threads=args.threads, progress=not args.no_progress)
+                                 label_dropout=args.label_dropout, seed=args.seed, resume=args.resume,
+                                 checkpoint_every=args.checkpoint_every, slim=args.slim, threads=args.threads,
+                                 progress=not args.no_progress)
     scores = "; ".join(f"{k} step{'s' if k > 1 else ''}: {q}" for k, (q, _) in result["quality"].items())
     print(f"distilled {args.teacher or 'the shipped digits denoiser'} into a consistency model in "
           f"{result['seconds']:.0f}s; 500 samples: {scores}; saved {out}")
@@ -307,7 +308,8 @@ def _add_train(commands):
     p.add_argument("--conditional", action="store_true",
                    help="ddpm: class-conditional on the digit (label embedding with a null label)")
     p.add_argument("--label-dropout", type=_unit_interval, default=0.15,
-                   help="ddpm --conditional: probability of training on the null label instead (default: 0.15)")
+                   help="ddpm --conditional, consistency (a conditional teacher): probability of training on "
+                        "the null label instead (default: 0.15)")
     p.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction", "sample"],
                    help="ddpm: what the denoiser predicts (default: epsilon)")
     p.add_argument("--beta-schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2"],
