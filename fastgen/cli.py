@@ -118,8 +118,9 @@ def _train_consistency(args) -> int:
     result = consistency.distill(teacher, out, steps=4000 if args.steps is None else args.steps,
                                  num_scales=args.num_scales, batch_size=args.batch_size,
                                  lr=4e-4 if args.lr is None else args.lr, distance_kind=args.distance,
-                                 seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every,
-                                 slim=args.slim, threads=args.threads, progress=not args.no_progress)
+                                 label_dropout=args.label_dropout, seed=args.seed, resume=args.resume,
+                                 checkpoint_every=args.checkpoint_every, slim=args.slim, threads=args.threads,
+                                 progress=not args.no_progress)
     scores = "; ".join(f"{k} step{'s' if k > 1 else ''}: {q}" for k, (q, _) in result["quality"].items())
     print(f"distilled {args.teacher or 'the shipped digits denoiser'} into a consistency model in "
           f"{result['seconds']:.0f}s; 500 samples: {scores}; saved {out}")
@@ -128,7 +129,8 @@ def _train_consistency(args) -> int:
 
 TRAIN_TARGETS = {"gan": _train_gan, "ddpm": _train_ddpm, "flow": _train_flow, "consistency": _train_consistency}
 # sample --sampler: the schedulers of fastgen.sampling.make_scheduler that run on the digits denoiser
-SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral", "dpmsolver++", "sde-dpmsolver++", "flow_match")
+SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral", "dpmsolver++", "sde-dpmsolver++", "flow_match",
+            "consistency")
 
 
 def _train(args) -> int:
@@ -179,6 +181,12 @@ def _denoiser_run(args, device):
     from fastgen import sampling
     from fastgen.models import denoisers
 
+    if args.sampler == "consistency":  # the distilled student (--checkpoint: another one) and its scheduler
+        from fastgen.models import consistency
+
+        model, scheduler = consistency.consistency_sampler(args.checkpoint, device=device)
+        steps = args.steps if args.steps is not None else 2
+        return model, scheduler, steps, (args.n, 1, 8, 8), _guidance_arguments(args, model)
     model = (denoisers.load_checkpoint(args.checkpoint, device=device) if args.checkpoint
              else denoisers.pretrained_denoiser(device=device))
     guidance = _guidance_arguments(args, model)
@@ -427,7 +435,8 @@ def _add_train(commands):
     p.add_argument("--conditional", action="store_true",
                    help="ddpm: class-conditional on the digit (label embedding with a null label)")
     p.add_argument("--label-dropout", type=_unit_interval, default=0.15,
-                   help="ddpm --conditional: probability of training on the null label instead (default: 0.15)")
+                   help="ddpm --conditional, consistency (a conditional teacher): probability of training on "
+                        "the null label instead (default: 0.15)")
     p.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction", "sample"],
                    help="ddpm: what the denoiser predicts (default: epsilon)")
     p.add_argument("--beta-schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2"],
@@ -462,7 +471,8 @@ def _add_sample(commands):
                    help="the shipped model to sample (default: ddpm; flow: the normalizing flow)")
     p.add_argument("--temperature", type=_positive_float, default=1.0, help="flow: the latent's scale (default: 1)")
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS,
-                   help="the scheduler (default: ddim); flow_match samples the denoiser as a velocity model")
+                   help="the scheduler (default: ddim); flow_match samples the denoiser as a velocity model; "
+                        "consistency the distilled student (default 2 steps)")
     p.add_argument("--label", type=_int_at_least(0), default=None,
                    help="the digit to sample (a class-conditional denoiser, train ddpm --conditional)")
     p.add_argument("--guidance-scale", type=_finite_float, default=None,

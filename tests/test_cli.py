@@ -165,7 +165,8 @@ def test_the_command_line_prints_one_line_without_a_traceback(tmp_path):
                                         f"got the directory {str(tmp_path)!r}"]
 
 
-@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "dpmsolver++", "sde-dpmsolver++", "flow_match"])
+@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "dpmsolver++", "sde-dpmsolver++", "flow_match",
+                                     "consistency"])
 def test_sample_runs_every_sampler_into_npz(tmp_path, capsys, sampler):
     import numpy as np
 

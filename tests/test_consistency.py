@@ -456,3 +456,17 @@ def test_cli_train_consistency(tmp_path, capsys):
     assert cli.main(["train", "consistency", "--teacher", str(tmp_path / "nope.pt"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("python -m fastgen train: error:") and "\n" not in err
+
+
+def test_shipped_consistency_model():
+    """The shipped student: distilled from the shipped teacher (same schedule), and its 2-step samples
+    (null label) score as its metadata records, within sampling noise of 200 samples."""
+    from fastgen import quality
+
+    model, scheduler = cd.consistency_sampler(backend="torch")
+    assert model.teacher_scheduler_config == denoisers.pretrained_denoiser().scheduler_config
+    assert scheduler.config.sigma_min == pytest.approx(cd.TeacherTime(model.teacher_scheduler_config).sigma_min)
+    x = fastgen.sample(model, (200, 1, 8, 8), scheduler, num_inference_steps=2, seed=0)
+    score = quality.digits_quality(x, value_range=(-1, 1))
+    assert score.confidence > model.metadata["2-step"]["confidence"] - 0.05
+    assert score.mmd < model.metadata["2-step"]["mmd"] + 0.01

@@ -356,7 +356,9 @@ def pretrained_path(name: str = "digits"):
 
 def consistency_sampler(checkpoint=None, *, device=None, backend: str = "auto"):
     """(model, scheduler) ready for ``fastgen.sample(model, shape, scheduler, num_inference_steps=1|2|4)``:
-    the student of ``checkpoint`` (default: the shipped digits one) and fastgen's
+    the student of ``checkpoint`` (default: the shipped digits one, distilled from the shipped digits
+    denoiser by ``python -m fastgen train consistency --steps 14000 --batch-size 128 --label-dropout
+    0.5 --threads 1 --slim``; its ``metadata`` holds its 1/2/4-step scores) and fastgen's
     CMStochasticIterativeScheduler with its config. The model is called as the scheduler's pipelines
     call it: model(scale_model_input(x, t), t), t from ``scheduler.timesteps`` (250 log sigma)."""
     if checkpoint is None:
