@@ -3,6 +3,7 @@
 Reading uses ``torch.load(weights_only=True)``: tensors, numbers, strings and containers load; a file
 that would run pickled code is refused. Every refusal says why.
 """
+import importlib.resources
 import os
 import pickle
 import re
@@ -56,3 +57,10 @@ def load(path, fmt: str, *, map_location="cpu") -> dict:
     if state["format"] != fmt:
         raise ValueError(f"path must be a {fmt} checkpoint, got {path!r}: its format is {state['format']!r}")
     return state
+
+
+def shipped_path(shipped: dict, name: str):
+    """Path of the checkpoint ``shipped[name]`` (a file name) shipped in fastgen/checkpoints."""
+    if name not in shipped:
+        raise ValueError(f"name must be one of {sorted(shipped)}, got {name!r}")
+    return importlib.resources.files("fastgen") / "checkpoints" / shipped[name]

@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from fastgen import _checks
 from fastgen._files import prepare_output
 
 
@@ -37,6 +38,19 @@ def check_output(out, resume: bool, *, name: str = "out") -> str:
     if resume and not os.path.isfile(out):
         raise FileNotFoundError(f"resume=True needs the checkpoint {name}={out!r}, which does not exist")
     return out
+
+
+def start(out, resume: bool, threads, load):
+    """What every trainer does first: (out, checkpoint, training) with ``out`` checked for writing
+    (``check_output``), torch's CPU threads set when ``threads`` is given, and for a resumed run the
+    checkpoint at ``out`` (``load(out)``) and its training entry; (out, None, None) otherwise."""
+    out = check_output(out, resume)
+    if threads:
+        torch.set_num_threads(_checks.as_int(threads, "threads"))
+    if not resume:
+        return out, None, None
+    checkpoint = load(out)
+    return out, checkpoint, training_of(checkpoint, out)
 
 
 def state(step: int, seconds: float, settings: dict, optimizers: dict, generator: torch.Generator, **extra) -> dict:

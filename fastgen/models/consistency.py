@@ -56,7 +56,6 @@ import math
 import time
 
 import torch
-from torch.nn import functional as F
 
 import fastgen
 from fastgen import _checks
@@ -211,14 +210,10 @@ def distill(teacher, out, *, steps: int = 4000, num_scales: int = 18, batch_size
     as saved, is scored with 1, 2 and 4 steps (``sample_quality``, ``quality_samples`` samples, seed
     + 1) and the scores go into the metadata; ``slim`` leaves the training state out.
     Returns dict(model, scheduler_config, quality, seconds, loss)."""
-    out = _training.check_output(out, resume)
-    if threads:
-        torch.set_num_threads(_checks.as_int(threads, "threads"))
+    out, state, resume_from = _training.start(out, resume, threads,
+                                              lambda path: _checkpoint.load(path, CHECKPOINT_FORMAT))
     teacher_config = dict(teacher.scheduler_config)
-    resume_from = None
     if resume:
-        state = _checkpoint.load(out, CHECKPOINT_FORMAT)
-        resume_from = _training.training_of(state, out)
         steps, num_scales, batch_size, lr, target_decay, ema_decay, distance_kind, seed, label_dropout = (
             resume_from[k] for k in TRAIN_SETTINGS)
         if dict(state["teacher_scheduler_config"]) != teacher_config:
@@ -339,9 +334,7 @@ def load_checkpoint(path, *, device=None) -> ConsistencyModel:
     """The student of a checkpoint (eval mode, fp32, no gradients) with ``scheduler_config`` (the
     CMStochasticIterativeScheduler arguments) and ``metadata`` attributes; read as plain tensors."""
     state = _checkpoint.load(path, CHECKPOINT_FORMAT)
-    net = denoisers.ARCHITECTURES[state["architecture"]](**state["config"])
-    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["state_dict"].items()})
-    model = ConsistencyModel(net, state["teacher_scheduler_config"])
+    model = ConsistencyModel(denoisers.network(state), state["teacher_scheduler_config"])
     model.scheduler_config = dict(state["scheduler_config"])
     model.metadata = dict(state["metadata"])
     return model.to(device or "cpu").eval().requires_grad_(False)
@@ -349,9 +342,7 @@ def load_checkpoint(path, *, device=None) -> ConsistencyModel:
 
 def pretrained_path(name: str = "digits"):
     """Path of a checkpoint shipped in fastgen/checkpoints."""
-    if name not in PRETRAINED:
-        raise ValueError(f"name must be one of {sorted(PRETRAINED)}, got {name!r}")
-    return importlib.resources.files("fastgen") / "checkpoints" / PRETRAINED[name]
+    return _checkpoint.shipped_path(PRETRAINED, name)
 
 
 def consistency_sampler(checkpoint=None, *, device=None, backend: str = "auto"):

@@ -506,13 +506,9 @@ def train_ddpm(out, *, architecture: str = "unet", model_config: dict = None, co
     the noise schedule, and its ``prediction_type`` the model's. The initial weights come from
     torch.manual_seed(seed). ``resume=True`` continues the run whose checkpoint is at ``out`` bit for
     bit, with that run's architecture, schedule and settings. Returns dict(model, quality, seconds, loss)."""
-    out = _training.check_output(out, resume)
-    if threads:
-        torch.set_num_threads(_checks.as_int(threads, "threads"))
-    resume_from = None
+    out, state, resume_from = _training.start(out, resume, threads,
+                                              lambda path: _checkpoint.load(path, CHECKPOINT_FORMAT))
     if resume:
-        state = _checkpoint.load(out, CHECKPOINT_FORMAT)
-        resume_from = _training.training_of(state, out)
         architecture, scheduler_config = state["architecture"], dict(state["scheduler_config"])
         model = ARCHITECTURES[architecture](**state["config"])
     else:
@@ -569,18 +565,22 @@ def load_checkpoint(path, *, device=None) -> Denoiser:
     The file is read as plain tensors (``torch.load(weights_only=True)``); one that is not a
     fastgen-denoiser checkpoint or would run pickled code is refused with a ValueError saying why."""
     state = _checkpoint.load(path, CHECKPOINT_FORMAT)
-    model = ARCHITECTURES[state["architecture"]](**state["config"])
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["state_dict"].items()})
+    model = network(state)
     model.scheduler_config = dict(state["scheduler_config"])
     model.metadata = dict(state["metadata"])
     return model.to(device or "cpu").eval().requires_grad_(False)
 
 
+def network(state: dict) -> Denoiser:
+    """The network of a loaded checkpoint (its architecture, config and weights in fp32)."""
+    model = ARCHITECTURES[state["architecture"]](**state["config"])
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["state_dict"].items()})
+    return model
+
+
 def pretrained_path(name: str = "digits"):
     """Path of a checkpoint shipped in fastgen/checkpoints."""
-    if name not in PRETRAINED:
-        raise ValueError(f"name must be one of {sorted(PRETRAINED)}, got {name!r}")
-    return importlib.resources.files("fastgen") / "checkpoints" / PRETRAINED[name]
+    return _checkpoint.shipped_path(PRETRAINED, name)
 
 
 def pretrained_denoiser(name: str = "digits", *, device=None) -> Denoiser:

@@ -370,14 +370,10 @@ def train_flow(out, *, steps: int = 3000, seed: int = 0, resume: bool = False, b
     checkpoint_every = _checks.as_int(checkpoint_every, "checkpoint_every")
     if batch_size < 1 or checkpoint_every < 1:
         raise ValueError(f"batch_size and checkpoint_every must be >= 1, got {batch_size} and {checkpoint_every}")
-    out = _training.check_output(out, resume)
-    if threads:
-        torch.set_num_threads(_checks.as_int(threads, "threads"))
+    out, state, training = _training.start(out, resume, threads, _load_state)
     levels = digit_levels("train")
     rng = torch.Generator().manual_seed(seed)
     if resume:
-        state = _load_state(out)
-        training = _training.training_of(state, out)
         model = Flow(**state["config"], fused=fused, backend=backend)
         model.load_state_dict(state["state_dict"])
         opt = torch.optim.Adam(model.parameters(), lr=training["lr"])

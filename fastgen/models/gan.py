@@ -265,13 +265,9 @@ def train_gan(out, *, architecture: str = "dcgan", latent_dim: int = 32, loss: s
     Returns dict(generator, discriminator, quality, seconds, history)."""
     from fastgen import quality
 
-    out = _training.check_output(out, resume)
-    if threads:
-        torch.set_num_threads(_checks.as_int(threads, "threads"))
-    resume_from = None
+    out, state, resume_from = _training.start(out, resume, threads,
+                                              lambda path: _checkpoint.load(path, CHECKPOINT_FORMAT))
     if resume:
-        state = _checkpoint.load(out, CHECKPOINT_FORMAT)
-        resume_from = _training.training_of(state, out)
         architecture = state["architecture"]
         gen_cls, disc_cls = ARCHITECTURES[architecture]
         generator, discriminator = gen_cls(**state["generator"]["config"]), disc_cls(**state["discriminator"]["config"])
