@@ -9,6 +9,7 @@ import fastgen
 from fastgen import quality
 from fastgen.models import MLPDenoiser, UNetDenoiser, denoisers, pretrained_denoiser
 from fastgen.schedules import NoiseSchedule
+from tests.utils import interrupted_at_adam_step
 
 
 def test_timestep_embedding_is_sin_then_cos_of_geometric_frequencies():
@@ -175,18 +176,8 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     straight = denoisers.train_ddpm(tmp_path / "straight.pt", steps=7, checkpoint_every=3, **TINY_RUN)
     interrupted = tmp_path / "interrupted.pt"
-    real_step, calls = torch.optim.Adam.step, []
-
-    def step_then_stop(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", step_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        denoisers.train_ddpm(interrupted, steps=7, checkpoint_every=3, **TINY_RUN)
-    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    interrupted_at_adam_step(monkeypatch, 5, lambda: denoisers.train_ddpm(interrupted, steps=7, checkpoint_every=3,
+                                                                          **TINY_RUN))
     saved = torch.load(interrupted, weights_only=True)
     assert saved["training"]["step"] == 3 and saved["metadata"]["step"] == 3
     assert denoisers.load_checkpoint(interrupted).num_classes == 10  # a periodic checkpoint samples too

@@ -15,7 +15,7 @@ from fastgen.ops import flows
 from fastgen.models import flows as flow_models
 from fastgen.kernels import flows as k_flows
 from fastgen.reference import flows as ref
-from tests.utils import FLOAT_DTYPES, assert_close, rand_like_shape
+from tests.utils import FLOAT_DTYPES, assert_close, interrupted_at_adam_step, rand_like_shape
 from tests.utils import noncontiguous as _noncontiguous
 
 # Odd sizes: one element, one sample of one element, rows that are no multiple of any block, 4-d.
@@ -370,18 +370,8 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     RNG of the uninterrupted run, bit for bit."""
     straight = flow_models.train_flow(tmp_path / "straight.pt", steps=6, checkpoint_every=3, **TINY)
     interrupted = tmp_path / "interrupted.pt"
-    real_step, calls = torch.optim.Adam.step, []
-
-    def step_then_stop(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", step_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        flow_models.train_flow(interrupted, steps=6, checkpoint_every=3, **TINY)
-    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    interrupted_at_adam_step(monkeypatch, 5, lambda: flow_models.train_flow(interrupted, steps=6, checkpoint_every=3,
+                                                                             **TINY))
     assert torch.load(interrupted, weights_only=True)["training"]["step"] == 3
     resumed = flow_models.train_flow(interrupted, resume=True, progress=False)
     assert len(resumed["loss"]) == 3 and resumed["loss"] == straight["loss"][3:]

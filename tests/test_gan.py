@@ -10,6 +10,7 @@ import fastgen
 from fastgen import cli, quality
 from fastgen.models import gan
 from fastgen.reference import gan as L
+from tests.utils import interrupted_at_adam_step
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
@@ -318,18 +319,8 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
                 threads=1, progress=False, quality_samples=8)
     straight = gan.train_gan(tmp_path / "straight.pt", **tiny)
     interrupted = tmp_path / "interrupted.pt"
-    real_step, calls = torch.optim.Adam.step, []
-
-    def step_then_stop(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 8:  # during the third generator step (two D updates and one G update per step)
-            raise KeyboardInterrupt
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", step_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        gan.train_gan(interrupted, **tiny)
-    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    # the 8th Adam step: during the third generator step (two D updates and one G update per step)
+    interrupted_at_adam_step(monkeypatch, 8, lambda: gan.train_gan(interrupted, **tiny))
     assert torch.load(interrupted, weights_only=True)["training"]["step"] == 2
     resumed = gan.train_gan(interrupted, resume=True, progress=False, quality_samples=8)
     assert resumed["history"]["g_loss"] == straight["history"]["g_loss"][2:]

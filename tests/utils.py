@@ -53,3 +53,22 @@ def transposed(t: torch.Tensor) -> torch.Tensor:
 def rand_like_shape(shape, dtype=torch.float32, device="cpu", *, scale=1.0, generator=None) -> torch.Tensor:
     """Fresh random normal data (never zeros) of ``shape`` in ``dtype``."""
     return (torch.randn(shape, dtype=torch.float64, generator=generator) * scale).to(device=device, dtype=dtype)
+
+
+def interrupted_at_adam_step(monkeypatch, calls: int, train):
+    """Run ``train()`` with torch.optim.Adam.step raising KeyboardInterrupt at its ``calls``-th call
+    (Ctrl-C during training), then restore Adam: what a resume test interrupts a run with."""
+    import pytest
+
+    real_step, counted = torch.optim.Adam.step, []
+
+    def step_then_stop(self, *args, **kwargs):
+        counted.append(1)
+        if len(counted) == calls:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train()
+    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
