@@ -115,13 +115,15 @@ def _train_consistency(args) -> int:
 
     out = args.out or "consistency_digits.pt"
     teacher = denoisers.load_checkpoint(args.teacher) if args.teacher else denoisers.pretrained_denoiser()
-    result = consistency.distill(teacher, out, steps=4000 if args.steps is None else args.steps,
-                                 num_scales=args.num_scales, batch_size=args.batch_size,
-                                 lr=4e-4 if args.lr is None else args.lr, distance_kind=args.distance,
+    result = consistency.distill(teacher, out, objective=args.objective,
+                                 steps=4000 if args.steps is None else args.steps, num_scales=args.num_scales,
+                                 batch_size=args.batch_size, lr=args.lr, distance_kind=args.distance,
+                                 trajectories=args.trajectories,
+                                 first_sigma_share=args.first_sigma_share,
                                  label_dropout=args.label_dropout, seed=args.seed, resume=args.resume,
                                  checkpoint_every=args.checkpoint_every, slim=args.slim, threads=args.threads,
                                  progress=not args.no_progress)
-    scores = "; ".join(f"{k} step{'s' if k > 1 else ''}: {q}" for k, (q, _) in result["quality"].items())
+    scores = "; ".join(f"{consistency.schedule_name(k)}: {q}" for k, (q, _) in result["quality"].items())
     print(f"distilled {args.teacher or 'the shipped digits denoiser'} into a consistency model in "
           f"{result['seconds']:.0f}s; 500 samples: {scores}; saved {out}")
     return 0
@@ -175,9 +177,10 @@ def _sample_flow(args) -> int:
 
 
 def _denoiser_run(args, device):
-    """(model, scheduler, steps, shape, guidance) of ``sample --model ddpm``'s arguments; guidance: the
-    sampling arguments of --label / --guidance-scale. Flow matching samples the denoiser as a velocity
-    model (fastgen.models.velocity)."""
+    """(model, scheduler, steps, shape, run) of ``sample --model ddpm``'s arguments; run: the sampling
+    arguments of --steps (num_inference_steps, or the distilled model's searched 2-step timesteps),
+    --label and --guidance-scale. Flow matching samples the denoiser as a velocity model
+    (fastgen.models.velocity)."""
     from fastgen import sampling
     from fastgen.models import denoisers
 
@@ -186,7 +189,9 @@ def _denoiser_run(args, device):
 
         model, scheduler = consistency.consistency_sampler(args.checkpoint, device=device)
         steps = args.steps if args.steps is not None else 2
-        return model, scheduler, steps, (args.n, 1, 8, 8), _guidance_arguments(args, model)
+        schedule = tuple(model.metadata.get("two_step_timesteps", ())) if steps == 2 else steps
+        run = consistency.sampling_arguments(schedule or steps)
+        return model, scheduler, steps, (args.n, 1, 8, 8), {**run, **_guidance_arguments(args, model)}
     model = (denoisers.load_checkpoint(args.checkpoint, device=device) if args.checkpoint
              else denoisers.pretrained_denoiser(device=device))
     guidance = _guidance_arguments(args, model)
@@ -202,7 +207,13 @@ def _denoiser_run(args, device):
     else:
         scheduler = sampling.make_scheduler(args.sampler, **model.scheduler_config)
     steps = args.steps if args.steps is not None else (1000 if args.sampler == "ddpm" else 50)
-    return model, scheduler, steps, shape, guidance
+    return model, scheduler, steps, shape, {"num_inference_steps": steps, **guidance}
+
+
+def _steps_text(args, steps, run) -> str:
+    """"2 CONSISTENCY steps (timesteps [12, 0])": what the run steps with, for the report line."""
+    custom = f" (timesteps {run['timesteps']})" if "timesteps" in run else ""
+    return f"{steps} {args.sampler.upper()} steps{custom}"
 
 
 def _guidance_arguments(args, model) -> dict:
@@ -244,18 +255,17 @@ def _sample_distributed(args) -> int:
     initialised = distributed.init_from_env(device, timeout_s=args.dist_timeout)
     try:
         world = dist.get_world_size() if dist.is_initialized() else 1
-        model, scheduler, steps, shape, guidance = _denoiser_run(args, device)
+        model, scheduler, steps, shape, run = _denoiser_run(args, device)
         began = time.perf_counter()
         x = distributed.sample(model, shape[1:], scheduler, n=args.n, seed=args.seed,
                                batch_size=args.batch_size or distributed.DEFAULT_BATCH_SIZE, shard_dir=args.shard_dir,
                                shard_size=args.shard_size, gather=args.shard_dir is None,
-                               progress=rank == 0 and not args.no_progress, num_inference_steps=steps, eta=args.eta,
-                               device=device, **guidance)
+                               progress=rank == 0 and not args.no_progress, eta=args.eta, device=device, **run)
         seconds = time.perf_counter() - began
         if rank == 0:
             samples = x if args.shard_dir is None else distributed.iter_shards(args.shard_dir)
             images.save_samples(samples, out, value_range=(-1, 1), scale=args.scale, shape=shape)
-            print(f"{args.n} samples, {steps} {args.sampler.upper()} steps, seed {args.seed}, batches of "
+            print(f"{args.n} samples, {_steps_text(args, steps, run)}, seed {args.seed}, batches of "
                   f"{min(args.batch_size or distributed.DEFAULT_BATCH_SIZE, args.n)}, {world} process"
                   f"{'es' if world > 1 else ''} on {device.type}: wrote {out}; {seconds:.2f} s, "
                   f"{args.n / seconds:.1f} samples/s{' (shards finished earlier included)' if args.shard_dir else ''}")
@@ -283,8 +293,8 @@ def _sample(args) -> int:
         return _sample_distributed(args)
     out = prepare_output(args.out, name="--out")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, scheduler, steps, shape, guidance = _denoiser_run(args, device)
-    common = dict(num_inference_steps=steps, seed=args.seed, eta=args.eta, device=device, **guidance)
+    model, scheduler, steps, shape, run = _denoiser_run(args, device)
+    common = dict(seed=args.seed, eta=args.eta, device=device, **run)
     fast = sampling.Sampler(model, shape, scheduler, **common)  # what fastgen.sample runs on this device
     x, seconds = _timed_sample(fast, device, not args.no_progress, args.repeats)
     label = ("fastgen (fused Triton, " + ("CUDA graph)" if fast.captured else "eager)")
@@ -295,7 +305,7 @@ def _sample(args) -> int:
         x_ref, seconds = _timed_sample(reference, device, not args.no_progress, args.repeats)
         paths.append(("reference (float64 steps)", seconds, x_ref))
     images.save_samples(paths[0][2].reshape(shape), out, value_range=(-1, 1), scale=args.scale)
-    print(f"{args.n} samples, {steps} {args.sampler.upper()} steps, seed {args.seed}, on {device}"
+    print(f"{args.n} samples, {_steps_text(args, steps, run)}, seed {args.seed}, on {device}"
           + (f" ({torch.get_num_threads()} CPU threads)" if device.type == "cpu" else "") + f": wrote {out}")
     print(f"after a warm-up call, {args.repeats} timed call{'s' * (args.repeats > 1)} each: median (min - max)")
     print(f"{'path':<40} {'per step':<28} {'total'}")
@@ -444,13 +454,22 @@ def _add_train(commands):
     p.add_argument("--no-clip-sample", dest="clip_sample", action="store_false",
                    help="ddpm: the checkpoint's scheduler does not clip the predicted x_0 to [-1, 1]")
     p.add_argument("--lr", type=_positive_float, default=None,
-                   help="ddpm, consistency: Adam's peak learning rate (default: ddpm 2e-3, consistency 4e-4)")
+                   help="ddpm, consistency: Adam's peak learning rate (default: ddpm 2e-3, consistency "
+                        "2e-4 with --objective trajectory, 4e-4 with --objective consistency)")
     p.add_argument("--ema-decay", type=_unit_interval, default=0.995,
                    help="ddpm: decay of the weights' moving average that is saved (default: 0.995)")
     p.add_argument("--teacher", default=None,
                    help="consistency: the denoiser checkpoint to distil (default: the shipped digits denoiser)")
     p.add_argument("--num-scales", type=_int_at_least(2), default=18,
                    help="consistency: N, the Karras sigmas of the distillation (default: 18)")
+    p.add_argument("--objective", default="trajectory", choices=["trajectory", "consistency"],
+                   help="consistency: regress on the teacher's ODE trajectories, or Algorithm 2 of Song et al. "
+                        "(default: trajectory)")
+    p.add_argument("--trajectories", type=_int_at_least(1), default=122880,
+                   help="consistency --objective trajectory: teacher trajectories to distil from (default: 122880)")
+    p.add_argument("--first-sigma-share", type=_unit_interval, default=None,
+                   help="consistency: share of the samples drawn at the largest sigma, where every sampler starts "
+                        "(default: 0.3 with --objective trajectory, 0 with --objective consistency)")
     p.add_argument("--distance", default="pseudo-huber", choices=["pseudo-huber", "l2"],
                    help="consistency: the distance between student and target outputs (default: pseudo-huber)")
     p.add_argument("--resume", action="store_true",

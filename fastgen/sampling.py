@@ -104,7 +104,7 @@ class _Plan:
     and input scales, initial noise, which steps draw diffusers' noise; DDPM/DDIM: the StepSpec,
     schedule, timesteps and previous timesteps; the other samplers: the StepTable."""
 
-    def __init__(self, scheduler, num_inference_steps, eta):
+    def __init__(self, scheduler, num_inference_steps, eta, timesteps=None):
         if not hasattr(scheduler, "set_timesteps") or getattr(scheduler, "config", None) is None:
             raise TypeError(f"scheduler must be a diffusers or fastgen.schedulers scheduler (with config and "
                             f"set_timesteps), got {type(scheduler).__name__}")
@@ -114,9 +114,11 @@ class _Plan:
         name = type(scheduler).__name__
         self.spec = self.table = None
         if name in DIFFUSION_KINDS or (config.get("_class_name") in DIFFUSION_KINDS and name not in _sigma_tables()):
+            if timesteps is not None:
+                raise ValueError(f"timesteps= sets a sigma-space scheduler's steps; {name} takes num_inference_steps")
             self._diffusion(scheduler, config, num_inference_steps, eta)
         else:
-            self._sigma(scheduler, num_inference_steps, eta)
+            self._sigma(scheduler, num_inference_steps, eta, timesteps)
         self.model_timesteps = self.model_timesteps.reshape(-1)
 
     def _diffusion(self, scheduler, config, num_inference_steps, eta):
@@ -147,13 +149,24 @@ class _Plan:
         self.counter_draws = (timesteps > 0) & spec.adds_noise  # no step adds noise at t = 0
         self.generator_draws = torch.tensor([spec.generator_draws(int(t)) for t in timesteps])
 
-    def _sigma(self, scheduler, num_inference_steps, eta):
+    def _sigma(self, scheduler, num_inference_steps, eta, timesteps):
         from fastgen.schedulers._sigma import step_table
 
+        name = type(scheduler).__name__
         if eta:
-            raise ValueError(f"eta is DDIM's setting; {type(scheduler).__name__} takes none, got eta={eta}")
-        limit = getattr(scheduler.config, "num_train_timesteps", None) or 10 ** 9
-        scheduler.set_timesteps(self._num_steps(num_inference_steps, DEFAULT_STEPS, limit))
+            raise ValueError(f"eta is DDIM's setting; {name} takes none, got eta={eta}")
+        if timesteps is None:
+            limit = getattr(scheduler.config, "num_train_timesteps", None) or 10 ** 9
+            scheduler.set_timesteps(self._num_steps(num_inference_steps, DEFAULT_STEPS, limit))
+        elif num_inference_steps is not None:
+            raise ValueError(f"pass num_inference_steps or timesteps, not both; got {num_inference_steps} and "
+                             f"{list(timesteps)}")
+        elif "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
+            raise ValueError(f"timesteps= needs a scheduler whose set_timesteps takes custom timesteps; {name} does not")
+        else:
+            if isinstance(timesteps, (str, bytes)) or not hasattr(timesteps, "__iter__"):
+                raise TypeError(f"timesteps must be a sequence of ints, got {type(timesteps).__name__}")
+            scheduler.set_timesteps(timesteps=[_checks.as_int(t, "timesteps") for t in timesteps])
         self.table = table = step_table(scheduler)
         self.kind = table.kind
         self.num_steps = table.num_steps
@@ -441,7 +454,7 @@ def _labels_arg(class_labels, null_class_label, guidance_scale, model, batch, de
 
 def sample(model, shape, scheduler, *, num_inference_steps=None, seed=0, offset=0, generator=None, device=None,
            dtype=torch.float32, cuda_graph="auto", progress=False, return_trajectory=False, eta=0.0,
-           class_labels=None, guidance_scale=None, null_class_label=None, backend="auto"):
+           class_labels=None, guidance_scale=None, null_class_label=None, backend="auto", timesteps=None):
     """Draw samples with ``model`` and a scheduler (see the module docstring for the loop).
 
     Args:
@@ -456,6 +469,9 @@ def sample(model, shape, scheduler, *, num_inference_steps=None, seed=0, offset=
             scheduler; its config gives the step, its ``set_timesteps(num_inference_steps)`` the
             timesteps (called on a private copy, as diffusers' pipelines do).
         num_inference_steps: default: every training timestep for DDPM, 50 for the others.
+        timesteps: instead of num_inference_steps, the custom timesteps of a sigma-space scheduler
+            whose ``set_timesteps`` takes them (``set_timesteps(timesteps=...)``, as diffusers'
+            pipelines pass them): e.g. a consistency model's 2-step schedule ``[j, 0]``.
         seed: 64-bit int of the counter-based noise (None: drawn from torch's default generator).
         offset: non-negative int, counted in samples: sample b of this call is sample offset + b of
             the stream, so shards with offsets reproduce one large batch.
@@ -475,7 +491,7 @@ def sample(model, shape, scheduler, *, num_inference_steps=None, seed=0, offset=
     sampler = Sampler(model, shape, scheduler, num_inference_steps=num_inference_steps, seed=seed, offset=offset,
                       generator=generator, device=device, dtype=dtype, cuda_graph=cuda_graph, eta=eta,
                       class_labels=class_labels, guidance_scale=guidance_scale, null_class_label=null_class_label,
-                      backend=backend)
+                      backend=backend, timesteps=timesteps)
     return sampler(progress=progress, return_trajectory=return_trajectory)
 
 
@@ -495,7 +511,7 @@ class Sampler:
 
     def __init__(self, model, shape, scheduler, *, num_inference_steps=None, seed=0, offset=0, generator=None,
                  device=None, dtype=torch.float32, cuda_graph="auto", eta=0.0, class_labels=None, guidance_scale=None,
-                 null_class_label=None, backend="auto"):
+                 null_class_label=None, backend="auto", timesteps=None):
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
         shape = _checks.shape(shape)
@@ -526,7 +542,7 @@ class Sampler:
             guidance_scale = None  # w = 1 is the conditional model: one pass
         self.labels, self.guided_labels = _labels_arg(class_labels, null_class_label, guidance_scale, model, shape[0],
                                                       device)
-        plan = _Plan(scheduler, num_inference_steps, eta)
+        plan = _Plan(scheduler, num_inference_steps, eta, timesteps)
         if plan.learned_variance and len(shape) < 2:
             raise ValueError(f"shape needs a channel dimension (dim 1) for variance_type={plan.spec.variance_type!r}, "
                              f"got {tuple(shape)}")

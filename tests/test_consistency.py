@@ -376,15 +376,43 @@ def denoisers_x0(m, x_t, a_t, prediction_type):
     return m
 
 
-def test_distill_writes_resumes_and_samples(tmp_path, monkeypatch):
+def test_teacher_trajectories_are_the_teachers_ddim_solution():
+    """Each trajectory starts at sigma_0 z (z from stream 1, whatever the batch), solving onward from any
+    stored point with the teacher's DDIM reaches its end, and the labels are dropped at the given rate."""
+    teacher = tiny_teacher(num_classes=10)
+    time = cd.TeacherTime(teacher.scheduler_config)
+    sigmas = cd.karras_sigmas(5, time.sigma_min, 80.0)
+    args = dict(substeps=2, label_dropout=0.5, seed=3, time=time, clip=True)
+    points, ends, labels = cd.teacher_trajectories(teacher, 400, sigmas, (64,), batch_size=128, **args)
+    assert points.shape == (400, 4, 64) and ends.shape == (400, 64) and ends.abs().max() <= 1.0
+    assert torch.equal(points[:, 0], fastgen.randn((400, 64), seed=3, stream=1) * 80.0)
+    again = cd.teacher_trajectories(teacher, 400, sigmas, (64,), batch_size=300, **args)
+    assert torch.equal(again[2], labels) and torch.equal(again[0][:, 0], points[:, 0])
+    for a, b in zip(again[:2], (points, ends)):  # the batch's size may change the matmuls' roundings
+        assert_close(a, b, dtype=torch.float32, rtol=1e-5, atol=1e-5)
+    assert 0.4 < (labels == teacher.null_class_label).float().mean() < 0.6 and labels.max() <= 10
+    fine = cd.karras_sigmas(9, time.sigma_min, 80.0)
+    assert torch.equal(fine[::2], sigmas)
+    for k in range(4):  # from the point at sigma_k on: the rest of the fine grid, then x0 at epsilon
+        x = points[:5, k]
+        for j in range(2 * k, 8):
+            x = cd.ddim_step(teacher, x, fine[j].expand(5), fine[j + 1].expand(5), labels[:5], time=time, clip=True)
+        want = cd.teacher_x0(teacher, x, fine[-1].expand(5), labels[:5], time=time, clip=True).clamp(-1, 1)
+        assert_close(ends[:5], want, dtype=torch.float32, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("objective", cd.OBJECTIVES)
+def test_distill_writes_resumes_and_samples(tmp_path, monkeypatch, objective):
     """A few distillation steps: the checkpoint loads as (model, scheduler) for fastgen.sample, whose
     result equals the plain scheduler loop; a run interrupted after its periodic checkpoint and
     resumed ends bit for bit where the uninterrupted run ends."""
     teacher = tiny_teacher(num_classes=10)
-    settings = dict(steps=4, num_scales=6, batch_size=8, checkpoint_every=2, threads=None, progress=False,
-                    quality_samples=4)
+    settings = dict(objective=objective, steps=4, num_scales=6, batch_size=8, checkpoint_every=2, threads=None,
+                    progress=False, quality_samples=4, trajectories=24)
     whole = cd.distill(teacher, tmp_path / "whole.pt", **settings)
-    assert set(whole["quality"]) == {1, 2, 4} and len(whole["loss"]) == 4
+    two_step = tuple(whole["model"].metadata["two_step_timesteps"])
+    assert set(whole["quality"]) == {1, 2, two_step, 4} and len(whole["loss"]) == 4
+    assert two_step[1] == 0 and 1 <= two_step[0] <= 4
     saved = []
     real_save = cd.save_checkpoint
 
@@ -413,15 +441,35 @@ def test_distill_writes_resumes_and_samples(tmp_path, monkeypatch):
     assert x.abs().max() <= 1.0  # clip_denoised
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton"])
+def test_sample_runs_custom_timesteps(backend):
+    """fastgen.sample(timesteps=...) runs the scheduler's custom timesteps (as diffusers' pipelines pass
+    them to set_timesteps): the plain loop of the same schedule, a 2-step and a 3-step one."""
+    teacher = tiny_teacher()
+    student = cd.ConsistencyModel(teacher, teacher.scheduler_config)
+    student.scheduler_config = cd.scheduler_config(teacher.scheduler_config, 18)
+    for schedule in ((12, 0), (15, 9, 3)):
+        scheduler = cd.make_scheduler(student.scheduler_config)
+        x = fastgen.sample(student, (3, 64), scheduler, timesteps=list(schedule), seed=5, backend=backend)
+        loop = cd.sample_loop(student, cd.make_scheduler(student.scheduler_config, backend="torch"), schedule,
+                              (3, 64), seed=5)
+        assert_close(x, loop, dtype=torch.float32, rtol=1e-4, atol=1e-4)  # reference: float64 steps
+    assert cd.schedule_sigmas(student, (12, 0))[1] == pytest.approx(float(cd.karras_sigmas(
+        18, student.scheduler_config["sigma_min"], 80.0)[12]))
+
+
 def test_quality_table_lists_student_and_teacher(tmp_path):
     teacher = tiny_teacher()
     student = cd.ConsistencyModel(teacher, teacher.scheduler_config)
     student.scheduler_config = cd.scheduler_config(teacher.scheduler_config, 6)
-    rows = cd.quality_table(student, teacher, n=4, steps=(1, 2), teacher_samplers=(("ddim", 3), ("ddpm", 5)))
-    assert [r["sampler"] for r in rows] == ["consistency 1 step", "consistency 2 steps", "teacher DDIM-3",
-                                            "teacher DDPM-5"]
+    rows = cd.quality_table(student, teacher, n=4, schedules=(1, 2, (4, 0)),
+                            teacher_samplers=(("ddim", 3), ("ddpm", 5)))
+    sigmas = cd.karras_sigmas(6, student.scheduler_config["sigma_min"], 80.0)
+    assert [r["sampler"] for r in rows] == [
+        "consistency 1-step (sigma 80)", f"consistency 2-step (sigma 80 -> {float(sigmas[3]):.3g})",
+        f"consistency 2-step [4, 0] (sigma 80 -> {float(sigmas[4]):.3g})", "teacher DDIM-3", "teacher DDPM-5"]
     table = cd.markdown_table(rows).splitlines()
-    assert len(table) == 6 and all(r["seconds"] > 0 and sum(r["quality"].class_counts) == 4 for r in rows)
+    assert len(table) == 7 and all(r["seconds"] > 0 and sum(r["quality"].class_counts) == 4 for r in rows)
 
 
 def test_distill_bad_input(tmp_path):
@@ -430,6 +478,11 @@ def test_distill_bad_input(tmp_path):
         cd.distill(teacher, tmp_path / "a.pt", steps=1, distance_kind="lpips")
     with pytest.raises(ValueError, match="num_scales must be >= 2"):
         cd.distill(teacher, tmp_path / "a.pt", steps=1, num_scales=1)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        cd.distill(teacher, tmp_path / "a.pt", steps=1, objective="progressive")
+    for name in ("trajectories", "substeps", "batch_size"):
+        with pytest.raises(ValueError, match=f"{name} must be >= 1, got 0"):
+            cd.distill(teacher, tmp_path / "a.pt", steps=1, **{name: 0})
     with pytest.raises(FileNotFoundError, match="resume=True needs the checkpoint"):
         cd.distill(teacher, tmp_path / "missing.pt", resume=True)
     with pytest.raises(ValueError, match="fastgen-consistency/1 checkpoint"):
@@ -451,8 +504,10 @@ def test_cli_train_consistency(tmp_path, capsys):
     teacher = denoisers_checkpoint(tiny_teacher(), tmp_path)
     out = tmp_path / "student.pt"
     assert cli.main(["train", "consistency", "--teacher", str(teacher), "--steps", "2", "--num-scales", "4",
-                     "--batch-size", "4", "--out", str(out), "--no-progress", "--threads", "1"]) == 0
-    assert "consistency model" in capsys.readouterr().out and cd.load_checkpoint(out).scheduler_config
+                     "--batch-size", "4", "--trajectories", "8", "--out", str(out), "--no-progress",
+                     "--threads", "1"]) == 0
+    assert "consistency model" in capsys.readouterr().out
+    assert cd.load_checkpoint(out).metadata["objective"] == "trajectory"
     assert cli.main(["train", "consistency", "--teacher", str(tmp_path / "nope.pt"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("python -m fastgen train: error:") and "\n" not in err

@@ -347,6 +347,15 @@ class _ConfigOnly:
     (lambda: fastgen.sample(Toy(), (2, 3), _ddpm(), generator=0), TypeError, "generator must be"),
     (lambda: fastgen.sample(Toy(channels_out=True), (6,), DDPMScheduler(variance_type="learned")), ValueError,
      "channel dimension"),
+    (lambda: fastgen.sample(Toy(), (2, 3), DDIMScheduler(), timesteps=[900, 10]), ValueError,
+     "timesteps= sets a sigma-space scheduler's steps; DDIMScheduler takes num_inference_steps"),
+    (lambda: fastgen.sample(Toy(), (2, 3), EulerAncestralDiscreteScheduler(), timesteps=[900, 10]), ValueError,
+     "EulerAncestralDiscreteScheduler does not"),
+    (lambda: fastgen.sample(Toy(), (2, 3), EulerDiscreteScheduler(), timesteps=[900, 10], num_inference_steps=2),
+     ValueError, "pass num_inference_steps or timesteps, not both"),
+    (lambda: fastgen.sample(Toy(), (2, 3), EulerDiscreteScheduler(), timesteps=900), TypeError,
+     "timesteps must be a sequence of ints, got int"),
+    (lambda: fastgen.sample(Toy(), (2, 3), EulerDiscreteScheduler(), timesteps=[900.5, 10]), TypeError, "timesteps"),
 ])
 def test_bad_arguments_are_named(call, error, match):
     with pytest.raises(error, match=match):
