@@ -117,7 +117,8 @@ def _train_consistency(args) -> int:
     teacher = denoisers.load_checkpoint(args.teacher) if args.teacher else denoisers.pretrained_denoiser()
     result = consistency.distill(teacher, out, objective=args.objective,
                                  steps=4000 if args.steps is None else args.steps, num_scales=args.num_scales,
-                                 batch_size=args.batch_size, lr=args.lr, distance_kind=args.distance,
+                                 batch_size=args.batch_size,
+                                 lr=4e-4 if args.lr is None else args.lr, distance_kind=args.distance,
                                  trajectories=args.trajectories,
                                  first_sigma_share=args.first_sigma_share,
                                  label_dropout=args.label_dropout, seed=args.seed, resume=args.resume,
@@ -454,8 +455,7 @@ def _add_train(commands):
     p.add_argument("--no-clip-sample", dest="clip_sample", action="store_false",
                    help="ddpm: the checkpoint's scheduler does not clip the predicted x_0 to [-1, 1]")
     p.add_argument("--lr", type=_positive_float, default=None,
-                   help="ddpm, consistency: Adam's peak learning rate (default: ddpm 2e-3, consistency "
-                        "2e-4 with --objective trajectory, 4e-4 with --objective consistency)")
+                   help="ddpm, consistency: Adam's peak learning rate (default: ddpm 2e-3, consistency 4e-4)")
     p.add_argument("--ema-decay", type=_unit_interval, default=0.995,
                    help="ddpm: decay of the weights' moving average that is saved (default: 0.995)")
     p.add_argument("--teacher", default=None,

@@ -408,7 +408,7 @@ def test_distill_writes_resumes_and_samples(tmp_path, monkeypatch, objective):
     resumed ends bit for bit where the uninterrupted run ends."""
     teacher = tiny_teacher(num_classes=10)
     settings = dict(objective=objective, steps=4, num_scales=6, batch_size=8, checkpoint_every=2, threads=None,
-                    progress=False, quality_samples=4, trajectories=24)
+                    progress=False, quality_samples=4, search_samples=8, trajectories=24)
     whole = cd.distill(teacher, tmp_path / "whole.pt", **settings)
     two_step = tuple(whole["model"].metadata["two_step_timesteps"])
     assert set(whole["quality"]) == {1, 2, two_step, 4} and len(whole["loss"]) == 4

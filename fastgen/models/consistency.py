@@ -82,9 +82,7 @@ PRETRAINED = {"digits": "consistency_digits.pt"}
 DISTANCES = ("pseudo-huber", "l2")
 SIGMA_MAX = 80.0  # Karras et al.'s and the paper's; capped by the teacher's largest sigma
 OBJECTIVES = ("trajectory", "consistency")
-# each objective's defaults: Adam's peak learning rate, the share of samples drawn at sigma_0
-OBJECTIVE_DEFAULTS = {"trajectory": dict(lr=2e-4, first_sigma_share=0.3),
-                      "consistency": dict(lr=4e-4, first_sigma_share=0.0)}
+FIRST_SIGMA_SHARES = {"trajectory": 0.3, "consistency": 0.0}  # each objective's default first_sigma_share
 TRAIN_SETTINGS = ("steps", "num_scales", "batch_size", "lr", "target_decay", "ema_decay", "distance", "seed",
                   "label_dropout", "objective", "trajectories", "substeps", "first_sigma_share")
 
@@ -253,26 +251,29 @@ def distance(a, b, kind: str):
 
 
 def distill(teacher, out, *, objective: str = "trajectory", steps: int = 4000, num_scales: int = 18,
-            batch_size: int = 128, lr: float = None, target_decay: float = 0.0, ema_decay: float = 0.999,
+            batch_size: int = 128, lr: float = 4e-4, target_decay: float = 0.0, ema_decay: float = 0.999,
             distance_kind: str = "pseudo-huber", label_dropout: float = 0.15, trajectories: int = 122880,
             substeps: int = 3, first_sigma_share: float = None, seed: int = 0, resume: bool = False, checkpoint_every: int = 500, slim: bool = False,
-            threads: int = None, progress: bool = True, quality_samples: int = 500) -> dict:
+            threads: int = None, progress: bool = True, quality_samples: int = 500,
+            search_samples: int = 2000) -> dict:
     """Distillation of ``teacher`` (a fastgen denoiser with ``scheduler_config``) into a consistency
     model saved at ``out`` with ``objective`` (module docstring): "trajectory" regresses the student on
     ``trajectories`` teacher trajectories (``teacher_trajectories``, ``substeps`` DDIM steps per grid
     interval, made before the first step and again, identically, on resume), "consistency" is
     Algorithm 2 on the train digits. k ~ U{0..N-2}, but sigma_0 (where every sampler starts, and all
-    a 1-step one sees) for a share ``first_sigma_share`` of the samples. Adam at ``lr`` (warm-up, cosine
-    decay); ``lr`` and ``first_sigma_share`` default to ``OBJECTIVE_DEFAULTS[objective]``. Batches from
+    a 1-step one sees) for a share ``first_sigma_share`` of the samples (default:
+    ``FIRST_SIGMA_SHARES[objective]``). Adam at ``lr`` (warm-up, cosine decay). Batches from
     a permutation of the trajectories or digits seeded by ``seed``, k and label dropout from the same
     generator, z from the counter-based stream (``fastgen.randn(seed=seed)``, sample after sample).
 
     Resumable (fastgen.models._training): every ``checkpoint_every`` steps the checkpoint at ``out`` is
     replaced atomically with the EMA student and the run's state (student, target and EMA weights,
     Adam, data order and cursor, noise offset, generators, settings); ``resume=True`` continues it bit
-    for bit with its own settings (and the teacher given). At the end the EMA student, rounded to fp16
-    as saved, is scored with 1, 2 and 4 steps (``sample_quality``, ``quality_samples`` samples, seed
-    + 1) and the scores go into the metadata; ``slim`` leaves the training state out.
+    for bit with its own settings (and the teacher given). At the end, on the EMA student rounded to
+    fp16 as saved, the 2-step timesteps are searched (``search_two_step``, ``search_samples`` samples,
+    seed + 2), the 1-, 2-, searched 2- and 4-step samplers scored (``sample_quality``,
+    ``quality_samples`` samples, seed + 1), and both go into the metadata; ``slim`` leaves the
+    training state out.
     Returns dict(model, scheduler_config, quality, seconds, loss)."""
     out, state, resume_from = _training.start(out, resume, threads,
                                               lambda path: _checkpoint.load(path, CHECKPOINT_FORMAT))
@@ -292,9 +293,8 @@ def distill(teacher, out, *, objective: str = "trajectory", steps: int = 4000, n
             raise ValueError(f"{name} must be >= 1, got {value}")
     _checks.choice(distance_kind, "distance_kind", DISTANCES)
     _checks.choice(objective, "objective", OBJECTIVES)
-    lr = OBJECTIVE_DEFAULTS[objective]["lr"] if lr is None else float(lr)
     if first_sigma_share is None:
-        first_sigma_share = OBJECTIVE_DEFAULTS[objective]["first_sigma_share"]
+        first_sigma_share = FIRST_SIGMA_SHARES[objective]
     for name, value in (("target_decay", target_decay), ("ema_decay", ema_decay), ("label_dropout", label_dropout),
                         ("first_sigma_share", first_sigma_share)):
         if not 0.0 <= value <= 1.0:
@@ -392,7 +392,7 @@ def distill(teacher, out, *, objective: str = "trajectory", steps: int = 4000, n
         for p in model.parameters():
             p.copy_(p.half().float())
     model.scheduler_config = cm_config
-    two_step, _ = search_two_step(model, n=quality_samples, seed=seed + 2)
+    two_step, _ = search_two_step(model, n=search_samples, seed=seed + 2)
     model.metadata = dict(two_step_timesteps=list(two_step))
     scores = sample_quality(model, n=quality_samples, seed=seed + 1)
     save(model, None if slim else training, seconds=round(training["seconds"], 1), quality_samples=quality_samples,
@@ -509,7 +509,7 @@ def sample_quality(model, *, schedules=None, n: int = 500, seed: int = 1, backen
     return scores
 
 
-def search_two_step(model, *, n: int = 500, seed: int = 2, backend: str = "torch"):
+def search_two_step(model, *, n: int = 2000, seed: int = 2, backend: str = "torch"):
     """The 2-step sampler's intermediate sigma, found by search as Song et al. choose theirs: of the
     timesteps (j, 0), sigma_0 -> sigma_j -> epsilon for j = 1 .. N-2, the one whose ``n``
     samples (seed ``seed``, the null label) have the smallest digits MMD^2. Returns (timesteps,
