@@ -165,8 +165,8 @@ class _Plan:
             raise ValueError(f"timesteps= needs a scheduler whose set_timesteps takes custom timesteps; {name} does not")
         else:
             if isinstance(timesteps, (str, bytes)) or not hasattr(timesteps, "__iter__"):
-                raise TypeError(f"timesteps must be a sequence of ints, got {type(timesteps).__name__}")
-            scheduler.set_timesteps(timesteps=[_checks.as_int(t, "timesteps") for t in timesteps])
+                raise TypeError(f"timesteps must be a sequence of timesteps, got {type(timesteps).__name__}")
+            scheduler.set_timesteps(timesteps=list(timesteps))  # the scheduler checks them, as in diffusers
         self.table = table = step_table(scheduler)
         self.kind = table.kind
         self.num_steps = table.num_steps
