@@ -162,7 +162,8 @@ class _Plan:
             raise ValueError(f"pass num_inference_steps or timesteps, not both; got {num_inference_steps} and "
                              f"{list(timesteps)}")
         elif "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
-            raise ValueError(f"timesteps= needs a scheduler whose set_timesteps takes custom timesteps; {name} does not")
+            raise ValueError(f"timesteps= needs a scheduler whose set_timesteps takes custom timesteps; "
+                             f"{name} does not")
         else:
             if isinstance(timesteps, (str, bytes)) or not hasattr(timesteps, "__iter__"):
                 raise TypeError(f"timesteps must be a sequence of timesteps, got {type(timesteps).__name__}")

@@ -253,9 +253,9 @@ def distance(a, b, kind: str):
 def distill(teacher, out, *, objective: str = "trajectory", steps: int = 4000, num_scales: int = 18,
             batch_size: int = 128, lr: float = 4e-4, target_decay: float = 0.0, ema_decay: float = 0.999,
             distance_kind: str = "pseudo-huber", label_dropout: float = 0.15, trajectories: int = 122880,
-            substeps: int = 3, first_sigma_share: float = None, seed: int = 0, resume: bool = False, checkpoint_every: int = 500, slim: bool = False,
-            threads: int = None, progress: bool = True, quality_samples: int = 500,
-            search_samples: int = 2000) -> dict:
+            substeps: int = 3, first_sigma_share: float = None, seed: int = 0, resume: bool = False,
+            checkpoint_every: int = 500, slim: bool = False, threads: int = None, progress: bool = True,
+            quality_samples: int = 500, search_samples: int = 2000) -> dict:
     """Distillation of ``teacher`` (a fastgen denoiser with ``scheduler_config``) into a consistency
     model saved at ``out`` with ``objective`` (module docstring): "trajectory" regresses the student on
     ``trajectories`` teacher trajectories (``teacher_trajectories``, ``substeps`` DDIM steps per grid
