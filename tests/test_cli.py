@@ -180,6 +180,25 @@ def test_sample_runs_every_sampler_into_npz(tmp_path, capsys, sampler):
     assert "fastgen vs reference" in capsys.readouterr().out
 
 
+def test_sample_consistency_two_steps_runs_the_searched_timesteps(tmp_path, capsys):
+    """--sampler consistency --steps 2 samples the shipped student with the 2-step timesteps its
+    checkpoint records (fastgen.sample(timesteps=...)), and says so."""
+    import numpy as np
+
+    import fastgen
+    from fastgen import cli
+    from fastgen.models import consistency
+
+    model, scheduler = consistency.consistency_sampler()
+    timesteps = model.metadata["two_step_timesteps"]
+    out = tmp_path / "x.npz"
+    assert cli.main(["sample", "--sampler", "consistency", "--steps", "2", "--n", "4", "--seed", "3", "--out",
+                     str(out), "--no-progress", "--no-reference"]) == 0
+    assert f"2 CONSISTENCY steps (timesteps {timesteps})" in capsys.readouterr().out
+    want = fastgen.sample(model, (4, 1, 8, 8), scheduler, timesteps=timesteps, seed=3)
+    assert np.allclose(np.load(out)["samples"], (want.numpy() + 1) / 2, atol=1e-6)
+
+
 def test_sample_a_chosen_digit_with_guidance(tmp_path, capsys):
     """--label K --guidance-scale W: the shipped teacher's guided samples are recognised as K."""
     import numpy as np

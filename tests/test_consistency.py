@@ -514,14 +514,15 @@ def test_cli_train_consistency(tmp_path, capsys):
 
 
 def test_shipped_consistency_model():
-    """The shipped student: distilled from the shipped teacher (same schedule), and its 2-step samples
-    (null label) score as its metadata records, within sampling noise of 200 samples."""
+    """The shipped student: distilled from the shipped teacher (same schedule), and its 1-step and
+    searched 2-step samples (null label) score as its metadata records, within sampling noise of 200
+    samples."""
     from fastgen import quality
 
     model, scheduler = cd.consistency_sampler(backend="torch")
     assert model.teacher_scheduler_config == denoisers.pretrained_denoiser().scheduler_config
     assert scheduler.config.sigma_min == pytest.approx(cd.TeacherTime(model.teacher_scheduler_config).sigma_min)
-    x = fastgen.sample(model, (200, 1, 8, 8), scheduler, num_inference_steps=2, seed=0)
-    score = quality.digits_quality(x, value_range=(-1, 1))
-    assert score.confidence > model.metadata["2-step"]["confidence"] - 0.05
-    assert score.mmd < model.metadata["2-step"]["mmd"] + 0.01
+    for schedule in (1, tuple(model.metadata["two_step_timesteps"])):
+        x = fastgen.sample(model, (200, 1, 8, 8), scheduler, seed=0, **cd.sampling_arguments(schedule))
+        score, recorded = quality.digits_quality(x, value_range=(-1, 1)), model.metadata[cd.schedule_name(schedule)]
+        assert score.confidence > recorded["confidence"] - 0.05 and score.mmd < recorded["mmd"] + 0.01
