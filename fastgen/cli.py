@@ -190,8 +190,8 @@ def _denoiser_run(args, device):
 
         model, scheduler = consistency.consistency_sampler(args.checkpoint, device=device)
         steps = args.steps if args.steps is not None else 2
-        schedule = tuple(model.metadata.get("two_step_timesteps", ())) if steps == 2 else steps
-        run = consistency.sampling_arguments(schedule or steps)
+        two_step = model.metadata.get("two_step_timesteps")  # recorded by the distillation's search
+        run = consistency.sampling_arguments(tuple(two_step) if steps == 2 and two_step else steps)
         return model, scheduler, steps, (args.n, 1, 8, 8), {**run, **_guidance_arguments(args, model)}
     model = (denoisers.load_checkpoint(args.checkpoint, device=device) if args.checkpoint
              else denoisers.pretrained_denoiser(device=device))

@@ -152,22 +152,13 @@ class _Plan:
     def _sigma(self, scheduler, num_inference_steps, eta, timesteps):
         from fastgen.schedulers._sigma import step_table
 
-        name = type(scheduler).__name__
         if eta:
-            raise ValueError(f"eta is DDIM's setting; {name} takes none, got eta={eta}")
+            raise ValueError(f"eta is DDIM's setting; {type(scheduler).__name__} takes none, got eta={eta}")
         if timesteps is None:
             limit = getattr(scheduler.config, "num_train_timesteps", None) or 10 ** 9
             scheduler.set_timesteps(self._num_steps(num_inference_steps, DEFAULT_STEPS, limit))
-        elif num_inference_steps is not None:
-            raise ValueError(f"pass num_inference_steps or timesteps, not both; got {num_inference_steps} and "
-                             f"{list(timesteps)}")
-        elif "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
-            raise ValueError(f"timesteps= needs a scheduler whose set_timesteps takes custom timesteps; "
-                             f"{name} does not")
-        else:
-            if isinstance(timesteps, (str, bytes)) or not hasattr(timesteps, "__iter__"):
-                raise TypeError(f"timesteps must be a sequence of timesteps, got {type(timesteps).__name__}")
-            scheduler.set_timesteps(timesteps=list(timesteps))  # the scheduler checks them, as in diffusers
+        else:  # the scheduler checks the values, as in diffusers
+            scheduler.set_timesteps(timesteps=self._custom_timesteps(scheduler, num_inference_steps, timesteps))
         self.table = table = step_table(scheduler)
         self.kind = table.kind
         self.num_steps = table.num_steps
@@ -178,6 +169,18 @@ class _Plan:
         self.streams = table.streams
         self.counter_draws = torch.tensor([table.draws(i) for i in range(table.num_steps)])
         self.generator_draws = table.generator_draws.bool()
+
+    @staticmethod
+    def _custom_timesteps(scheduler, num_inference_steps, timesteps) -> list:
+        if isinstance(timesteps, (str, bytes)) or not hasattr(timesteps, "__iter__"):
+            raise TypeError(f"timesteps must be a sequence of timesteps, got {type(timesteps).__name__}")
+        if num_inference_steps is not None:
+            raise ValueError(f"pass num_inference_steps or timesteps, not both; got {num_inference_steps} and "
+                             f"{list(timesteps)}")
+        if "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
+            raise ValueError(f"timesteps= needs a scheduler whose set_timesteps takes custom timesteps; "
+                             f"{type(scheduler).__name__} does not")
+        return list(timesteps)
 
     @staticmethod
     def _num_steps(num_inference_steps, default: int, limit: int) -> int:
