@@ -458,6 +458,27 @@ def test_sample_runs_custom_timesteps(backend):
         18, student.scheduler_config["sigma_min"], 80.0)[12]))
 
 
+def test_search_two_step_keeps_the_smallest_mmd(monkeypatch):
+    """The candidates are (j, 0) for j = 1..N-2, each scored on the search's own samples and seed; the
+    one with the smallest MMD^2 wins, whatever the confidences say."""
+    from fastgen.quality import Quality
+
+    teacher = tiny_teacher()
+    student = cd.ConsistencyModel(teacher, teacher.scheduler_config)
+    student.scheduler_config = cd.scheduler_config(teacher.scheduler_config, 6)
+    seen = {}
+
+    def scored(model, *, schedules, n, seed, backend):
+        seen.update(schedules=list(schedules), n=n, seed=seed)
+        mmd = {(1, 0): 0.3, (2, 0): 0.2, (3, 0): 0.1, (4, 0): 0.4}
+        return {k: (Quality(1.0 - mmd[k], mmd[k], (0,) * 10), 0.0) for k in schedules}
+
+    monkeypatch.setattr(cd, "sample_quality", scored)
+    best, scores = cd.search_two_step(student, n=7, seed=9)
+    assert best == (3, 0) and set(scores) == {(1, 0), (2, 0), (3, 0), (4, 0)}
+    assert seen == dict(schedules=[(1, 0), (2, 0), (3, 0), (4, 0)], n=7, seed=9)
+
+
 def test_quality_table_lists_student_and_teacher(tmp_path):
     teacher = tiny_teacher()
     student = cd.ConsistencyModel(teacher, teacher.scheduler_config)
