@@ -197,6 +197,24 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     torch.set_num_threads(threads)
 
 
+def test_record_loss_stops_a_diverged_run_and_shows_the_running_mean():
+    """Every trainer's loss rule (fastgen.models._training.record_loss): NaN or inf stops the run
+    naming it and the step; the bar shows the mean of the last 50 losses every 50 steps."""
+    from fastgen.models import _training
+
+    class Bar:
+        def set_postfix(self, shown, refresh):
+            self.shown = shown
+
+    bar, losses = Bar(), []
+    for step, value in enumerate([1.0, 3.0]):
+        _training.record_loss(losses, torch.tensor(value), step, bar, "toy training", label="nats", digits=2)
+    assert losses == [1.0, 3.0] and bar.shown == {"nats": "1.00"}  # shown at step 0 only
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(FloatingPointError, match=f"toy training diverged at step 3: loss {value}"):
+            _training.record_loss(losses, torch.tensor(value), 2, bar, "toy training")
+
+
 def test_slim_checkpoint_and_bad_training_arguments(tmp_path):
     threads = torch.get_num_threads()
     out = tmp_path / "slim.pt"

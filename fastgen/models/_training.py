@@ -101,6 +101,17 @@ class Stopwatch:
         return self.before + time.perf_counter() - self.began
 
 
+def record_loss(losses: list, loss: torch.Tensor, step: int, bar, run: str, label: str = "loss",
+                digits: int = 4) -> None:
+    """Append the step's loss to ``losses``; a non-finite one stops the run (FloatingPointError naming
+    ``run`` and the step); every 50 steps ``bar`` shows the mean of the last 50 as ``label``."""
+    losses.append(loss.item())
+    if not math.isfinite(losses[-1]):
+        raise FloatingPointError(f"{run} diverged at step {step + 1}: loss {losses[-1]}")
+    if step % 50 == 0:
+        bar.set_postfix({label: f"{sum(losses[-50:]) / len(losses[-50:]):.{digits}f}"}, refresh=False)
+
+
 def progress(total: int, enabled: bool, description: str):
     """A tqdm bar (silent unless ``enabled``)."""
     from tqdm.auto import tqdm

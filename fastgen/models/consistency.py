@@ -377,11 +377,7 @@ def distill(teacher, out, *, objective: str = "trajectory", steps: int = 4000, n
             for p_target, p_ema, p in zip(target.parameters(), ema.parameters(), student.parameters()):
                 p_target.lerp_(p, 1.0 - target_decay)
                 p_ema.lerp_(p, 1.0 - ema_decay)
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"consistency distillation diverged at step {step + 1}: loss {losses[-1]}")
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", refresh=False)
+        _training.record_loss(losses, loss, step, bar, "consistency distillation")
         bar.update()
         if _training.checkpoint_due(step, steps, checkpoint_every):
             save(ema, state(step + 1), step=step + 1)

@@ -433,11 +433,7 @@ def train(model: Denoiser, data: torch.Tensor, schedule, *, labels: torch.Tensor
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), model.parameters()):
                 p_ema.lerp_(p, 1.0 - ema_decay)
-        history["loss"].append(loss.item())
-        if not math.isfinite(history["loss"][-1]):
-            raise FloatingPointError(f"DDPM training diverged at step {step + 1}: loss {history['loss'][-1]}")
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{sum(history['loss'][-50:]) / len(history['loss'][-50:]):.4f}", refresh=False)
+        _training.record_loss(history["loss"], loss, step, bar, "DDPM training")
         bar.update()
         if checkpoint is not None and _training.checkpoint_due(step, steps, checkpoint_every):
             checkpoint(ema, state(step + 1))

@@ -33,7 +33,6 @@ learning rate warmed up then cosine-decayed; checkpoints are written atomically 
 one (weights, Adam's moments, the step, the RNG state).
 """
 import importlib.resources
-import math
 import time
 
 import torch
@@ -409,11 +408,7 @@ def train_flow(out, *, steps: int = 3000, seed: int = 0, resume: bool = False, b
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"flow training diverged at step {step + 1}: loss {losses[-1]}")
-        if step % 50 == 0:
-            bar.set_postfix(nats_per_dim=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}", refresh=False)
+        _training.record_loss(losses, loss, step, bar, "flow training", label="nats_per_dim", digits=3)
         bar.update()
         if _training.checkpoint_due(step, steps, checkpoint_every):
             checkpoint(step + 1, clock.seconds())
