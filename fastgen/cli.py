@@ -86,7 +86,8 @@ def _train_ddpm(args) -> int:
     result = denoisers.train_ddpm(out, architecture=args.denoiser, model_config=model_config,
                                   conditional=args.conditional, scheduler_config=scheduler_config,
                                   steps=10000 if args.steps is None else args.steps, batch_size=args.batch_size,
-                                  lr=2e-3 if args.lr is None else args.lr, ema_decay=args.ema_decay,
+                                  lr=2e-3 if args.lr is None else args.lr,
+                                  ema_decay=0.995 if args.ema_decay is None else args.ema_decay,
                                   label_dropout=args.label_dropout,
                                   seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every,
                                   slim=args.slim, threads=args.threads, device=args.device,
@@ -121,6 +122,8 @@ def _train_consistency(args) -> int:
                                  lr=4e-4 if args.lr is None else args.lr, distance_kind=args.distance,
                                  trajectories=args.trajectories,
                                  first_sigma_share=args.first_sigma_share,
+                                 distribution_matching=args.distribution_matching, init=args.init,
+                                 ema_decay=0.999 if args.ema_decay is None else args.ema_decay,
                                  label_dropout=args.label_dropout, seed=args.seed, resume=args.resume,
                                  checkpoint_every=args.checkpoint_every, slim=args.slim, threads=args.threads,
                                  progress=not args.no_progress)
@@ -352,6 +355,7 @@ def _number_in(low: float, high: float, *, low_open: bool, describe: str):
 _unit_interval = _number_in(0.0, 1.0, low_open=False, describe="a number in [0, 1]")
 _positive_float = _number_in(0.0, sys.float_info.max, low_open=True, describe="a finite number > 0")
 _finite_float = _number_in(-sys.float_info.max, sys.float_info.max, low_open=False, describe="a finite number")
+_nonneg_float = _number_in(0.0, sys.float_info.max, low_open=False, describe="a finite number >= 0")
 
 
 def _device(text):
@@ -456,8 +460,9 @@ def _add_train(commands):
                    help="ddpm: the checkpoint's scheduler does not clip the predicted x_0 to [-1, 1]")
     p.add_argument("--lr", type=_positive_float, default=None,
                    help="ddpm, consistency: Adam's peak learning rate (default: ddpm 2e-3, consistency 4e-4)")
-    p.add_argument("--ema-decay", type=_unit_interval, default=0.995,
-                   help="ddpm: decay of the weights' moving average that is saved (default: 0.995)")
+    p.add_argument("--ema-decay", type=_unit_interval, default=None,
+                   help="ddpm, consistency: decay of the weights' moving average that is saved "
+                        "(default: ddpm 0.995, consistency 0.999)")
     p.add_argument("--teacher", default=None,
                    help="consistency: the denoiser checkpoint to distil (default: the shipped digits denoiser)")
     p.add_argument("--num-scales", type=_int_at_least(2), default=18,
@@ -470,6 +475,11 @@ def _add_train(commands):
     p.add_argument("--first-sigma-share", type=_unit_interval, default=None,
                    help="consistency: share of the samples drawn at the largest sigma, where every sampler starts "
                         "(default: 0.3 with --objective trajectory, 0 with --objective consistency)")
+    p.add_argument("--distribution-matching", type=_nonneg_float, default=0.0,
+                   help="consistency --objective trajectory: weight of the distribution-matching term of the "
+                        "1-step samples (a fake denoiser trained online; default: 0, none)")
+    p.add_argument("--init", default=None,
+                   help="consistency: start the student from this distilled checkpoint instead of the teacher")
     p.add_argument("--distance", default="pseudo-huber", choices=["pseudo-huber", "l2"],
                    help="consistency: the distance between student and target outputs (default: pseudo-huber)")
     p.add_argument("--resume", action="store_true",

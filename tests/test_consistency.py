@@ -401,13 +401,14 @@ def test_teacher_trajectories_are_the_teachers_ddim_solution():
         assert_close(ends[:5], want, dtype=torch.float32, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("objective", cd.OBJECTIVES)
-def test_distill_writes_resumes_and_samples(tmp_path, monkeypatch, objective):
+@pytest.mark.parametrize("run", [dict(objective="trajectory"), dict(objective="consistency"),
+                                 dict(objective="trajectory", distribution_matching=2.0)])
+def test_distill_writes_resumes_and_samples(tmp_path, monkeypatch, run):
     """A few distillation steps: the checkpoint loads as (model, scheduler) for fastgen.sample, whose
     result equals the plain scheduler loop; a run interrupted after its periodic checkpoint and
-    resumed ends bit for bit where the uninterrupted run ends."""
+    resumed ends bit for bit where the uninterrupted run ends (the fake denoiser included)."""
     teacher = tiny_teacher(num_classes=10)
-    settings = dict(objective=objective, steps=4, num_scales=6, batch_size=8, checkpoint_every=2, threads=None,
+    settings = dict(**run, steps=4, num_scales=6, batch_size=8, checkpoint_every=2, threads=None,
                     progress=False, quality_samples=4, search_samples=8, trajectories=24)
     whole = cd.distill(teacher, tmp_path / "whole.pt", **settings)
     two_step = tuple(whole["model"].metadata["two_step_timesteps"])
@@ -430,7 +431,9 @@ def test_distill_writes_resumes_and_samples(tmp_path, monkeypatch, objective):
                                                                         if k != "steps"})
     assert resumed["loss"] == whole["loss"][2:]
     a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("whole.pt", "part.pt"))
-    for name in ("student", "target", "ema"):
+    names = ("student", "target", "ema") + (("fake",) if run.get("distribution_matching") else ())
+    assert ("fake" in a["training"]) == ("fake" in names)
+    for name in names:
         assert all(torch.equal(a["training"][name][k], b["training"][name][k]) for k in a["training"][name])
     model, scheduler = cd.consistency_sampler(tmp_path / "whole.pt", backend="torch")
     assert type(scheduler) is fs.CMStochasticIterativeScheduler and scheduler.config.num_train_timesteps == 6
@@ -493,6 +496,73 @@ def test_quality_table_lists_student_and_teacher(tmp_path):
     assert len(table) == 7 and all(r["seconds"] > 0 and sum(r["quality"].class_counts) == 4 for r in rows)
 
 
+def test_distribution_matching_gradient():
+    """The student's loss has gradient g = (x0_fake - x0_teacher) / mean|x - x0_teacher| at x + s eps, s the
+    sigma of a teacher time in [0.02 T, 0.98 T); g is 0 while the fake denoiser is the teacher, and a
+    NaN sample stays NaN."""
+    teacher = tiny_teacher(num_classes=10)
+    time = cd.TeacherTime(teacher.scheduler_config)
+    matching = cd.DistributionMatching(teacher, time, lr=1e-3)
+    t = matching.times(100000, torch.Generator().manual_seed(0))
+    assert int(t.min()) == 20 and int(t.max()) == 979
+    gen = torch.Generator().manual_seed(1)
+    x, eps = torch.randn(5, 64, generator=gen), torch.randn(5, 64, generator=gen)
+    labels, t = torch.tensor([0, 3, 10, 7, 10]), torch.tensor([20, 100, 400, 700, 979])
+    assert matching.gradient(x, labels, t, eps).abs().max() == 0
+    with torch.no_grad():
+        for p in matching.fake.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    sigma = time.log_sigmas[t].exp()
+    x_s = x + sigma[:, None].float() * eps
+    with torch.no_grad():
+        real = cd.teacher_x0(teacher, x_s, sigma, labels, time=time, clip=False)
+        fake = cd.teacher_x0(matching.fake, x_s, sigma, labels, time=time, clip=False)
+    want = (fake - real) / (x - real).abs().mean(dim=1, keepdim=True)
+    x.requires_grad_(True)
+    matching.student_loss(x, labels, t, eps).sum().backward()
+    assert want.abs().max() > 1e-3
+    assert_close(x.grad, want, dtype=torch.float32, rtol=1e-5, atol=1e-6)
+    x_nan = x.detach().clone()
+    x_nan[2, 5] = float("nan")
+    loss = matching.student_loss(x_nan, labels, t, eps)
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3, 4]]).all()
+
+
+def test_distribution_matching_trains_the_fake_on_the_teachers_loss():
+    """One fake step: its loss is the teacher's own (training_target at q_sample), it moves the fake
+    denoiser and leaves the teacher as it was."""
+    teacher = tiny_teacher(prediction_type="v_prediction", num_classes=10)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    time = cd.TeacherTime(teacher.scheduler_config)
+    matching = cd.DistributionMatching(teacher, time, lr=1e-3)
+    gen = torch.Generator().manual_seed(2)
+    x0, eps, t = torch.rand(6, 64, generator=gen) * 2 - 1, torch.randn(6, 64, generator=gen), torch.arange(6) * 150
+    labels = torch.tensor([1, 2, 10, 4, 10, 9])
+    abar = time.schedule.alphas_cumprod[t][:, None].float()
+    want_target = abar.sqrt() * eps - (1 - abar).sqrt() * x0
+    with torch.no_grad():
+        want = (teacher(abar.sqrt() * x0 + (1 - abar).sqrt() * eps, t, labels) - want_target).square().mean()
+    assert matching.update_fake(x0, labels, t, eps, lr=1e-3) == pytest.approx(float(want), rel=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    assert any(not torch.equal(v, before[k]) for k, v in matching.fake.state_dict().items())
+
+
+def test_distill_starts_from_init(tmp_path):
+    """init: the student starts from a distilled checkpoint's weights (0 steps give them back); one of
+    another num_scales is refused by name."""
+    teacher = tiny_teacher(num_classes=10)
+    settings = dict(num_scales=6, batch_size=4, threads=None, progress=False, quality_samples=4, search_samples=4,
+                    trajectories=8)
+    first = cd.distill(teacher, tmp_path / "first.pt", steps=2, **settings)["model"]
+    again = cd.distill(teacher, tmp_path / "again.pt", steps=0, init=tmp_path / "first.pt", **settings)["model"]
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    assert cd.load_checkpoint(tmp_path / "again.pt").metadata["init"] == str(tmp_path / "first.pt")
+    with pytest.raises(ValueError, match="init must be a consistency checkpoint .* num_scales=5"):
+        cd.distill(teacher, tmp_path / "b.pt", steps=1, init=tmp_path / "first.pt", **dict(settings, num_scales=5))
+    with pytest.raises(FileNotFoundError):
+        cd.distill(teacher, tmp_path / "b.pt", steps=1, init=tmp_path / "missing.pt", **settings)
+
+
 def test_distill_bad_input(tmp_path):
     teacher = tiny_teacher()
     with pytest.raises(ValueError, match="distance_kind must be one of"):
@@ -506,6 +576,13 @@ def test_distill_bad_input(tmp_path):
             cd.distill(teacher, tmp_path / "a.pt", steps=1, **{name: 0})
     with pytest.raises(FileNotFoundError, match="resume=True needs the checkpoint"):
         cd.distill(teacher, tmp_path / "missing.pt", resume=True)
+    for weight in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="distribution_matching must be a finite weight >= 0"):
+            cd.distill(teacher, tmp_path / "a.pt", steps=1, distribution_matching=weight)
+    with pytest.raises(ValueError, match="distribution_matching > 0 needs objective='trajectory'"):
+        cd.distill(teacher, tmp_path / "a.pt", steps=1, distribution_matching=1.0, objective="consistency")
+    with pytest.raises(ValueError, match="batch_size >= 2"):
+        cd.distill(teacher, tmp_path / "a.pt", steps=1, distribution_matching=1.0, batch_size=1)
     with pytest.raises(ValueError, match="fastgen-consistency/1 checkpoint"):
         cd.load_checkpoint(denoisers_checkpoint(teacher, tmp_path))
     if not cd.pretrained_path().is_file():  # until a distilled model is shipped, the default says so
@@ -529,6 +606,17 @@ def test_cli_train_consistency(tmp_path, capsys):
                      "--threads", "1"]) == 0
     assert "consistency model" in capsys.readouterr().out
     assert cd.load_checkpoint(out).metadata["objective"] == "trajectory"
+    tuned = tmp_path / "tuned.pt"
+    assert cli.main(["train", "consistency", "--teacher", str(teacher), "--steps", "2", "--num-scales", "4",
+                     "--batch-size", "4", "--trajectories", "8", "--init", str(out), "--distribution-matching", "4",
+                     "--ema-decay", "0.99", "--out", str(tuned), "--no-progress", "--threads", "1"]) == 0
+    metadata = cd.load_checkpoint(tuned).metadata
+    assert (metadata["distribution_matching"], metadata["init"], metadata["ema_decay"]) == (4.0, str(out), 0.99)
+    capsys.readouterr()
+    for bad in (["--distribution-matching", "-1"], ["--init", str(tmp_path / "nope.pt")]):
+        assert cli.main(["train", "consistency", "--teacher", str(teacher), "--out", str(tuned), *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("python -m fastgen train") and "\n" not in err
     assert cli.main(["train", "consistency", "--teacher", str(tmp_path / "nope.pt"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("python -m fastgen train: error:") and "\n" not in err

@@ -84,18 +84,24 @@ SIGMA_MAX = 80.0  # Karras et al.'s and the paper's; capped by the teacher's lar
 OBJECTIVES = ("trajectory", "consistency")
 FIRST_SIGMA_SHARES = {"trajectory": 0.3, "consistency": 0.0}  # each objective's default first_sigma_share
 TRAIN_SETTINGS = ("steps", "num_scales", "batch_size", "lr", "target_decay", "ema_decay", "distance", "seed",
-                  "label_dropout", "objective", "trajectories", "substeps", "first_sigma_share")
+                  "label_dropout", "objective", "trajectories", "substeps", "first_sigma_share",
+                  "distribution_matching", "init")
+DM_TIMES = (0.02, 0.98)     # the teacher times of the distribution-matching term, as shares of T (Yin et al.)
+DM_ADAM_BETAS = (0.0, 0.99)  # Adam's betas for the student and the fake denoiser under distribution matching
+FAKE_UPDATES = 2            # fake-denoiser steps per student step
 
 
 # --- the two times ---------------------------------------------------------------------------------
 
 class TeacherTime:
     """sigma <-> the teacher's timestep: the sigmas sqrt((1 - abar_t) / abar_t) of its training
-    timesteps (float64, increasing) and the timestep of any sigma, interpolated in log sigma."""
+    timesteps (float64, increasing) and the timestep of any sigma, interpolated in log sigma;
+    ``schedule`` is the teacher's NoiseSchedule."""
 
     def __init__(self, scheduler_config: dict):
         keys = {k: scheduler_config[k] for k in denoisers.SCHEDULE_KEYS if k in scheduler_config}
-        abar = NoiseSchedule(**keys).alphas_cumprod.double()
+        self.schedule = NoiseSchedule(**keys)
+        abar = self.schedule.alphas_cumprod.double()
         self.log_sigmas = (0.5 * (torch.log1p(-abar) - torch.log(abar)))  # log sqrt((1 - abar) / abar)
         finite = torch.isfinite(self.log_sigmas)  # a zero-SNR schedule's last sigma is infinite
         self.sigma_min = float(self.log_sigmas[0].exp())
@@ -200,6 +206,15 @@ def make_scheduler(config: dict, **kwargs):
 
 # --- distillation ----------------------------------------------------------------------------------
 
+def draw_labels(teacher, n: int, label_dropout: float, generator: torch.Generator):
+    """n class labels for a conditional teacher (None for an unconditional one): uniform classes, each
+    replaced by the null label with probability ``label_dropout``."""
+    if not teacher.num_classes:
+        return None
+    labels = torch.randint(0, teacher.num_classes, (n,), generator=generator)
+    return torch.where(torch.rand(n, generator=generator) < label_dropout, teacher.null_class_label, labels)
+
+
 def teacher_trajectories(teacher, n: int, sigmas: torch.Tensor, shape, *, substeps: int = 3, label_dropout: float,
                          seed: int, time: TeacherTime, clip: bool, batch_size: int = 4096, progress: bool = False):
     """``n`` probability-flow ODE trajectories of ``teacher``: (points, ends, labels) with points
@@ -218,10 +233,7 @@ def teacher_trajectories(teacher, n: int, sigmas: torch.Tensor, shape, *, subste
     rng = torch.Generator().manual_seed(seed)
     points = torch.empty(n, num_scales - 1, *shape)
     ends = torch.empty(n, *shape)
-    labels = None
-    if teacher.num_classes:
-        labels = torch.randint(0, teacher.num_classes, (n,), generator=rng)
-        labels = torch.where(torch.rand(n, generator=rng) < label_dropout, teacher.null_class_label, labels)
+    labels = draw_labels(teacher, n, label_dropout, rng)
     bar = _training.progress(n, progress, "teacher trajectories")
     with torch.no_grad():
         for first in range(0, n, batch_size):
@@ -240,6 +252,60 @@ def teacher_trajectories(teacher, n: int, sigmas: torch.Tensor, shape, *, subste
     return points, ends, labels
 
 
+# --- distribution matching -------------------------------------------------------------------------
+
+class DistributionMatching:
+    """The distribution-matching term of the 1-step sampler (Yin et al. 2024, "One-step Diffusion with
+    Distribution Matching Distillation"), beside the trajectory regression.
+
+    The 1-step sample x = f_theta(sigma_0 z, sigma_0) is noised to x_s = x + s eps at a teacher time
+    t ~ U{0.02 T .. 0.98 T - 1}, s = sigma(t). The gradient of KL(p_student,s || p_teacher,s) with
+    respect to x is the difference of the two scores, estimated in data space and normalised:
+
+        g = (x0_fake(x_s, s) - x0_teacher(x_s, s)) / mean|x - x0_teacher(x_s, s)|
+
+    with x0_fake the data prediction of a "fake" denoiser: a copy of the teacher trained online, with
+    the teacher's own loss (``denoisers.training_target``), on the student's 1-step samples, so that it
+    scores the student's distribution. The student's loss is 0.5 |x - stopgrad(x - g)|^2 per sample,
+    whose gradient with respect to x is g."""
+
+    def __init__(self, teacher, time: TeacherTime, lr: float):
+        self.teacher, self.time, self.schedule = teacher, time, time.schedule
+        self.fake = copy.deepcopy(teacher).requires_grad_(True).train()
+        self.optimizer = torch.optim.Adam(self.fake.parameters(), lr=lr, betas=DM_ADAM_BETAS)
+
+    def times(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """n teacher timesteps t ~ U{0.02 T .. 0.98 T - 1}."""
+        T = self.schedule.num_train_timesteps
+        return torch.randint(round(DM_TIMES[0] * T), round(DM_TIMES[1] * T), (n,), generator=generator)
+
+    def gradient(self, x, class_labels, t, eps) -> torch.Tensor:
+        """g at the samples x [B, ...] (no gradient), noised with eps at the teacher timesteps t [B]."""
+        sigma = self.time.log_sigmas[t].exp()
+        x_s = x.detach() + _per_sample(sigma, x) * eps
+        with torch.no_grad():
+            real = teacher_x0(self.teacher, x_s, sigma, class_labels, time=self.time, clip=False)
+            fake = teacher_x0(self.fake, x_s, sigma, class_labels, time=self.time, clip=False)
+        scale = (x.detach() - real).abs().reshape(len(x), -1).mean(dim=1).clamp_min(1e-3)
+        return (fake - real) / _per_sample(scale, x)
+
+    def student_loss(self, x, class_labels, t, eps) -> torch.Tensor:
+        """0.5 |x - stopgrad(x - g)|^2 per sample [B]: its gradient with respect to x is g."""
+        target = x.detach() - self.gradient(x, class_labels, t, eps)
+        return 0.5 * (x - target).square().reshape(len(x), -1).sum(dim=1)
+
+    def update_fake(self, x0, class_labels, t, eps, lr: float) -> float:
+        """One Adam step of the fake denoiser on the student's samples x0 (the teacher's loss at t, eps)."""
+        x_t = fastgen.q_sample(x0.detach(), t, self.schedule, noise=eps)
+        target = denoisers.training_target(self.fake.prediction_type, x0.detach(), eps, t, self.schedule)
+        loss = (self.fake(x_t, t, class_labels) - target).square().mean()
+        _training.set_learning_rate(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+
 def distance(a, b, kind: str):
     """Per-sample distance: pseudo-Huber sqrt(|a - b|^2 + c^2) - c with c = 0.00054 sqrt(dim), or the
     mean squared error."""
@@ -254,8 +320,9 @@ def distill(teacher, out, *, objective: str = "trajectory", steps: int = 4000, n
             batch_size: int = 128, lr: float = 4e-4, target_decay: float = 0.0, ema_decay: float = 0.999,
             distance_kind: str = "pseudo-huber", label_dropout: float = 0.15, trajectories: int = 122880,
             substeps: int = 3, first_sigma_share: float = None, seed: int = 0, resume: bool = False,
-            checkpoint_every: int = 500, slim: bool = False, threads: int = None, progress: bool = True,
-            quality_samples: int = 500, search_samples: int = 2000) -> dict:
+            distribution_matching: float = 0.0, init=None, checkpoint_every: int = 500, slim: bool = False,
+            threads: int = None, progress: bool = True, quality_samples: int = 500,
+            search_samples: int = 2000) -> dict:
     """Distillation of ``teacher`` (a fastgen denoiser with ``scheduler_config``) into a consistency
     model saved at ``out`` with ``objective`` (module docstring): "trajectory" regresses the student on
     ``trajectories`` teacher trajectories (``teacher_trajectories``, ``substeps`` DDIM steps per grid
@@ -266,10 +333,18 @@ def distill(teacher, out, *, objective: str = "trajectory", steps: int = 4000, n
     a permutation of the trajectories or digits seeded by ``seed``, k and label dropout from the same
     generator, z from the counter-based stream (``fastgen.randn(seed=seed)``, sample after sample).
 
+    ``distribution_matching`` > 0 (trajectory objective only) adds that weight times the
+    ``DistributionMatching`` term of batch_size // 2 1-step samples per step (z from stream 2, their
+    noise from stream 3, labels as the trajectories'), and trains its fake denoiser ``FAKE_UPDATES``
+    times per step on as many fresh 1-step samples (streams 4 and 5) at twice the student's learning
+    rate; both use Adam with betas ``DM_ADAM_BETAS``. ``init``: a checkpoint of this function (a
+    student of the same teacher and ``num_scales``) whose weights the student starts from instead of
+    the teacher's, as the distribution-matching stage starts from a regressed student.
+
     Resumable (fastgen.models._training): every ``checkpoint_every`` steps the checkpoint at ``out`` is
     replaced atomically with the EMA student and the run's state (student, target and EMA weights,
-    Adam, data order and cursor, noise offset, generators, settings); ``resume=True`` continues it bit
-    for bit with its own settings (and the teacher given). At the end, on the EMA student rounded to
+    Adam, the fake denoiser and its Adam, data order and cursor, noise offset, generators, settings);
+    ``resume=True`` continues it bit for bit with its own settings (and the teacher given). At the end, on the EMA student rounded to
     fp16 as saved, the 2-step timesteps are searched (``search_two_step``, ``search_samples`` samples,
     seed + 2), the 1-, 2-, searched 2- and 4-step samplers scored (``sample_quality``,
     ``quality_samples`` samples, seed + 1), and both go into the metadata; ``slim`` leaves the
@@ -280,7 +355,8 @@ def distill(teacher, out, *, objective: str = "trajectory", steps: int = 4000, n
     teacher_config = dict(teacher.scheduler_config)
     if resume:
         (steps, num_scales, batch_size, lr, target_decay, ema_decay, distance_kind, seed, label_dropout, objective,
-         trajectories, substeps, first_sigma_share) = (resume_from[k] for k in TRAIN_SETTINGS)
+         trajectories, substeps, first_sigma_share, distribution_matching,
+         init) = (resume_from[k] for k in TRAIN_SETTINGS)
         if dict(state["teacher_scheduler_config"]) != teacher_config:
             raise ValueError("teacher must be the run's teacher: its scheduler_config differs from the checkpoint's")
     steps = _checks.nonneg_int(steps, "steps")
@@ -295,6 +371,12 @@ def distill(teacher, out, *, objective: str = "trajectory", steps: int = 4000, n
     _checks.choice(objective, "objective", OBJECTIVES)
     if first_sigma_share is None:
         first_sigma_share = FIRST_SIGMA_SHARES[objective]
+    distribution_matching = float(distribution_matching)
+    if not distribution_matching >= 0.0 or math.isinf(distribution_matching):
+        raise ValueError(f"distribution_matching must be a finite weight >= 0, got {distribution_matching!r}")
+    if distribution_matching and (objective != "trajectory" or batch_size < 2):
+        raise ValueError("distribution_matching > 0 needs objective='trajectory' and batch_size >= 2, got "
+                         f"objective={objective!r}, batch_size={batch_size}")
     for name, value in (("target_decay", target_decay), ("ema_decay", ema_decay), ("label_dropout", label_dropout),
                         ("first_sigma_share", first_sigma_share)):
         if not 0.0 <= value <= 1.0:
@@ -302,7 +384,8 @@ def distill(teacher, out, *, objective: str = "trajectory", steps: int = 4000, n
     settings = dict(steps=steps, num_scales=num_scales, batch_size=batch_size, lr=lr, target_decay=target_decay,
                     ema_decay=ema_decay, distance=distance_kind, seed=seed, label_dropout=label_dropout,
                     objective=objective, trajectories=trajectories, substeps=substeps,
-                    first_sigma_share=first_sigma_share)
+                    first_sigma_share=first_sigma_share, distribution_matching=distribution_matching,
+                    init=None if init is None else str(init))
     cm_config = scheduler_config(teacher_config, num_scales)
     sigma_min = cm_config["sigma_min"]
     sigmas = karras_sigmas(num_scales, sigma_min, cm_config["sigma_max"], cm_config["rho"])  # decreasing
@@ -311,31 +394,40 @@ def distill(teacher, out, *, objective: str = "trajectory", steps: int = 4000, n
     teacher = teacher.eval().requires_grad_(False)
     architecture = next(name for name, cls in denoisers.ARCHITECTURES.items() if isinstance(teacher, cls))
     student = ConsistencyModel(copy.deepcopy(teacher).requires_grad_(True), teacher_config)
+    if init is not None and resume_from is None:
+        student.net.load_state_dict(_initial_student(init, teacher, cm_config).net.state_dict())
     target = copy.deepcopy(student).requires_grad_(False)
     ema = copy.deepcopy(student).requires_grad_(False)
     clock = _training.Stopwatch(0.0)
     data, labels = denoisers.digits_for_training(architecture, labels=True)
+    sample_shape = data.shape[1:]
     if objective == "trajectory":  # rows are trajectories: their points at sigma_0..sigma_{N-2}, ends, labels
-        data, ends, labels = teacher_trajectories(teacher, trajectories, sigmas, data.shape[1:], substeps=substeps,
+        data, ends, labels = teacher_trajectories(teacher, trajectories, sigmas, sample_shape, substeps=substeps,
                                                   label_dropout=label_dropout, seed=seed, time=time_map, clip=clip,
                                                   progress=progress)
     rng = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    matching = DistributionMatching(teacher, time_map, 2 * lr) if distribution_matching else None
+    opt = torch.optim.Adam(student.parameters(), lr=lr, **({"betas": DM_ADAM_BETAS} if matching else {}))
+    optimizers = {"optimizer": opt} if matching is None else {"optimizer": opt, "fake_optimizer": matching.optimizer}
+    nets = dict(student=student.net, target=target.net, ema=ema.net, **({"fake": matching.fake} if matching else {}))
     start, seconds, cursor, drawn = 0, 0.0, 0, 0
     if resume_from is not None:
-        for name, net in (("student", student), ("target", target), ("ema", ema)):
-            net.net.load_state_dict(resume_from[name])
-        start, seconds = _training.restore(resume_from, {"optimizer": opt}, rng)
+        for name, net in nets.items():
+            net.load_state_dict(resume_from[name])
+        start, seconds = _training.restore(resume_from, optimizers, rng)
         order, cursor, drawn = resume_from["order"], resume_from["cursor"], resume_from["drawn"]
     else:
         order = torch.randperm(len(data), generator=rng)
     warmup = min(200, max(steps // 10, 1))
 
     def state(step):
-        weights = {name: {k: v.detach().clone() for k, v in net.net.state_dict().items()}
-                   for name, net in (("student", student), ("target", target), ("ema", ema))}
-        return _training.state(step, clock.seconds(), settings, {"optimizer": opt}, rng, order=order.clone(),
+        weights = {name: {k: v.detach().clone() for k, v in net.state_dict().items()} for name, net in nets.items()}
+        return _training.state(step, clock.seconds(), settings, optimizers, rng, order=order.clone(),
                                cursor=cursor, drawn=drawn, **weights)
+
+    def one_step(n, stream, offset, class_labels):  # f_theta(sigma_0 z, sigma_0), z sample offset.. of stream
+        z = fastgen.randn((n, *sample_shape), seed=seed, stream=stream, offset=offset)
+        return student.denoise(float(sigmas[0]) * z, sigmas[:1].expand(n), class_labels, sigma_min=sigma_min)
 
     def save(model, training, **metadata):
         save_checkpoint(out, model, cm_config, training=training, **settings, **metadata)
@@ -369,7 +461,15 @@ def distill(teacher, out, *, objective: str = "trajectory", steps: int = 4000, n
                 want = target.denoise(x_hat, sigmas[k + 1], class_labels, sigma_min=sigma_min)
         got = student.denoise(x, sigma, class_labels, sigma_min=sigma_min)
         loss = distance(got, want, distance_kind).mean()
-        _training.set_learning_rate(opt, _training.learning_rate(step, steps, lr, warmup))
+        if matching is not None:
+            n = batch_size // 2
+            matching_labels = draw_labels(teacher, n, label_dropout, rng)
+            x1 = one_step(n, 2, step * n, matching_labels)
+            eps = fastgen.randn(x1.shape, seed=seed, stream=3, offset=step * n)
+            loss = loss + distribution_matching * matching.student_loss(x1, matching_labels, matching.times(n, rng),
+                                                                        eps).mean()
+        step_lr = _training.learning_rate(step, steps, lr, warmup)
+        _training.set_learning_rate(opt, step_lr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -377,6 +477,14 @@ def distill(teacher, out, *, objective: str = "trajectory", steps: int = 4000, n
             for p_target, p_ema, p in zip(target.parameters(), ema.parameters(), student.parameters()):
                 p_target.lerp_(p, 1.0 - target_decay)
                 p_ema.lerp_(p, 1.0 - ema_decay)
+        for update in range(FAKE_UPDATES if matching is not None else 0):
+            offset = (step * FAKE_UPDATES + update) * n
+            fake_labels = draw_labels(teacher, n, label_dropout, rng)
+            with torch.no_grad():
+                x1 = one_step(n, 4, offset, fake_labels)
+            t = torch.randint(0, time_map.schedule.num_train_timesteps, (n,), generator=rng)
+            matching.update_fake(x1, fake_labels, t, fastgen.randn(x1.shape, seed=seed, stream=5, offset=offset),
+                                 2 * step_lr)
         _training.record_loss(losses, loss, step, bar, "consistency distillation")
         bar.update()
         if _training.checkpoint_due(step, steps, checkpoint_every):
@@ -395,6 +503,16 @@ def distill(teacher, out, *, objective: str = "trajectory", steps: int = 4000, n
          two_step_timesteps=list(two_step),
          **{schedule_name(k): dict(confidence=q.confidence, mmd=q.mmd) for k, (q, _) in scores.items()})
     return dict(model=model, scheduler_config=cm_config, quality=scores, seconds=training["seconds"], loss=losses)
+
+
+def _initial_student(init, teacher, cm_config: dict) -> ConsistencyModel:
+    """The student of checkpoint ``init``, checked to be one of ``teacher`` with the run's sigmas."""
+    student = load_checkpoint(init)
+    if (student.net.config() != teacher.config() or student.teacher_scheduler_config != dict(teacher.scheduler_config)
+            or student.scheduler_config != cm_config):
+        raise ValueError(f"init must be a consistency checkpoint distilled from this teacher (same network and "
+                         f"schedule) with num_scales={cm_config['num_train_timesteps']}; {str(init)!r} is not")
+    return student
 
 
 # --- checkpoints -----------------------------------------------------------------------------------
