@@ -542,7 +542,7 @@ def test_distribution_matching_trains_the_fake_on_the_teachers_loss():
     want_target = abar.sqrt() * eps - (1 - abar).sqrt() * x0
     with torch.no_grad():
         want = (teacher(abar.sqrt() * x0 + (1 - abar).sqrt() * eps, t, labels) - want_target).square().mean()
-    assert matching.update_fake(x0, labels, t, eps, lr=1e-3) == pytest.approx(float(want), rel=1e-5)
+    assert float(matching.update_fake(x0, labels, t, eps, lr=1e-3)) == pytest.approx(float(want), rel=1e-5)
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
     assert any(not torch.equal(v, before[k]) for k, v in matching.fake.state_dict().items())
 

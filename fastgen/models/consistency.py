@@ -273,13 +273,13 @@ class DistributionMatching:
     whose gradient with respect to x is g."""
 
     def __init__(self, teacher, time: TeacherTime, lr: float):
-        self.teacher, self.time, self.schedule = teacher, time, time.schedule
+        self.teacher, self.time = teacher, time
         self.fake = copy.deepcopy(teacher).requires_grad_(True).train()
         self.optimizer = torch.optim.Adam(self.fake.parameters(), lr=lr, betas=DM_ADAM_BETAS)
 
     def times(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """n teacher timesteps t ~ U{0.02 T .. 0.98 T - 1}."""
-        T = self.schedule.num_train_timesteps
+        T = self.time.schedule.num_train_timesteps
         return torch.randint(round(DM_TIMES[0] * T), round(DM_TIMES[1] * T), (n,), generator=generator)
 
     def gradient(self, x, class_labels, t, eps) -> torch.Tensor:
@@ -297,16 +297,18 @@ class DistributionMatching:
         target = x.detach() - self.gradient(x, class_labels, t, eps)
         return 0.5 * (x - target).square().reshape(len(x), -1).sum(dim=1)
 
-    def update_fake(self, x0, class_labels, t, eps, lr: float) -> float:
-        """One Adam step of the fake denoiser on the student's samples x0 (the teacher's loss at t, eps)."""
-        x_t = fastgen.q_sample(x0.detach(), t, self.schedule, noise=eps)
-        target = denoisers.training_target(self.fake.prediction_type, x0.detach(), eps, t, self.schedule)
+    def update_fake(self, x0, class_labels, t, eps, lr: float) -> torch.Tensor:
+        """One Adam step of the fake denoiser on the student's samples x0 (the teacher's loss at t, eps);
+        returns that loss (detached, no host sync)."""
+        schedule = self.time.schedule
+        x_t = fastgen.q_sample(x0.detach(), t, schedule, noise=eps)
+        target = denoisers.training_target(self.fake.prediction_type, x0.detach(), eps, t, schedule)
         loss = (self.fake(x_t, t, class_labels) - target).square().mean()
         _training.set_learning_rate(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return loss.item()
+        return loss.detach()
 
 
 def distance(a, b, kind: str):
