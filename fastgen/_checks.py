@@ -137,7 +137,8 @@ def like(t, name: str, ref: torch.Tensor, ref_name: str, *, shape: bool = True) 
 def timesteps(value, name: str, *, num_steps: int, batch: int, device: torch.device, low: int = 0):
     """Timesteps in [low, num_steps): an int, or a tensor of any integer dtype and shape [] or [batch]
     on ``device``, returned as int64 (so a bound is never squeezed into a narrow dtype). Tensor values
-    are checked where that needs no device synchronisation: on the CPU."""
+    are checked where that needs no device synchronisation: on the CPU, outside code that torch.compile
+    traces (``host_readable``)."""
     if not isinstance(value, torch.Tensor):
         value = as_int(value, name)
         if not low <= value < num_steps:
@@ -150,7 +151,7 @@ def timesteps(value, name: str, *, num_steps: int, batch: int, device: torch.dev
     if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
         raise ValueError(f"{name} must be an int or a tensor of shape [] or [batch={batch}], got shape "
                          f"{tuple(value.shape)}")
-    on_host = value.device.type == "cpu" and value.numel() > 0
+    on_host = host_readable(value) and value.numel() > 0
     if value.dtype == torch.uint64 and on_host and (value.view(torch.int64) < 0).any():
         raise ValueError(f"{name} must hold timesteps in [{low}, {num_steps}), got a uint64 value >= 2**63")
     value = value.to(torch.int64)
@@ -184,8 +185,15 @@ def noise_schedule(schedule):
     return schedule
 
 
+def host_readable(value: torch.Tensor) -> bool:
+    """Whether a check may read ``value`` on the host: a CPU tensor (no device synchronisation) while
+    torch.compile is not tracing (a data-dependent check would break the graph). Values that are
+    not checked make the affected samples NaN in the step (the kernels' rule)."""
+    return value.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def prev_below(prev_t, t) -> None:
     """prev_t < t wherever both are known on the host (ints or CPU tensors): a step goes back in time."""
-    known = [not isinstance(v, torch.Tensor) or v.device.type == "cpu" for v in (prev_t, t)]
+    known = [not isinstance(v, torch.Tensor) or host_readable(v) for v in (prev_t, t)]
     if all(known) and not bool(torch.all(torch.as_tensor(prev_t) < torch.as_tensor(t))):
         raise ValueError(f"prev_t must be smaller than t, got prev_t={prev_t} and t={t}")

@@ -342,6 +342,65 @@ class _TorchSteps(_Steps):
         return x_next.to(x.dtype)
 
 
+class _CompiledSteps(_TorchSteps):
+    """The torch strategy compiled by inductor (fastgen._compile; "auto" on a CPU with a C++ compiler):
+    each step, its counter noise included, is one generated C++ loop (``row_update`` for DDPM/DDIM,
+    ``affine_step`` for the StepTable samplers) reading the step's coefficient row and stream from
+    tensors, so one compiled graph serves every step. Compiled once per sampler, dtype and shape;
+    ``compile_seconds`` is the first run's one-time cost (its steps' time above the median step's)."""
+
+    backend = "torch"
+
+    def __init__(self, plan, shape, **kwargs):
+        super().__init__(plan, shape, **kwargs)
+        from fastgen import _compile
+
+        device = self.device
+        self.seed_tensor = torch.tensor(0 if self.seed is None else _signed64(self.seed), dtype=torch.int64)
+        self.draws_counter = self.seed is not None and bool(plan.counter_draws.any())
+        guided_key = self.guidance_scale is not None
+        if plan.spec is not None:
+            self.names = tuple(self.rows[0])
+            self.coefficients = torch.tensor([[row[n] for n in self.names] for row in self.rows], dtype=torch.float32,
+                                             device=device)
+            self.streams = plan.timesteps.to(device)
+            self.fn = _compile.compiled(diffusion_ops.row_update, ("ddpm/ddim", plan.spec, shape, self.dtype, guided_key))
+        else:
+            self.coefficients, self.streams, _ = plan.table.on(device)
+            self.fn = _compile.compiled(sampler_ops.affine_step, (plan.table.clip_settings, shape, self.dtype, guided_key))
+        self.step_seconds = []
+        self.compile_seconds = None
+
+    def initial_noise(self) -> torch.Tensor:
+        return _Steps.initial_noise(self)
+
+    def step(self, i, pred, x, noise):
+        import time
+
+        plan, start = self.plan, time.perf_counter()
+        common = dict(noise=None if noise is None else noise.float(), draws=self.draws_counter, seed=self.seed_tensor,
+                      offset=self.element_offset, guidance_scale=self.guidance_scale)
+        if plan.spec is not None:
+            x_next = self.fn(plan.spec, self.names, self.coefficients[i], self.streams[i], pred, x, **common)
+        else:
+            x_next, denoised = self.fn(self.coefficients[i], self.streams[i], pred, x, self.denoised,
+                                       clip=plan.table.clip_settings, **common)
+            if plan.table.reads_previous:
+                self.denoised = denoised
+            x_next = x_next.to(x.dtype)
+        if self.compile_seconds is None:
+            self.step_seconds.append(time.perf_counter() - start)
+            if len(self.step_seconds) == plan.num_steps:
+                median = sorted(self.step_seconds)[len(self.step_seconds) // 2]
+                self.compile_seconds = sum(max(0.0, t - median) for t in self.step_seconds)
+        return x_next
+
+
+def _signed64(value: int) -> int:
+    """A 64-bit unsigned int's bits as a signed int (what an int64 tensor holds)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
 class _ReferenceSteps(_Steps):
     """Every step through the float64 references (host timesteps): the loop the others are checked against."""
 
@@ -366,6 +425,18 @@ class _ReferenceSteps(_Steps):
 
 
 STRATEGIES = {"triton": _TritonSteps, "torch": _TorchSteps, "reference": _ReferenceSteps}
+
+
+def _strategy(backend_arg, backend: str, device: torch.device):
+    """The step strategy: STRATEGIES[backend], except that "auto" on a CPU runs the torch strategy
+    compiled (``_CompiledSteps``) where fastgen._compile is available."""
+    from fastgen import _compile
+    from fastgen.backend import default_backend
+
+    auto = backend_arg == "auto" and default_backend() == "auto"
+    if auto and backend == "torch" and device.type == "cpu" and _compile.available():
+        return _CompiledSteps
+    return STRATEGIES[backend]
 
 
 # --- noise -----------------------------------------------------------------------------------------
@@ -534,7 +605,7 @@ class Sampler:
             raise ValueError(f"offset selects counter-based noise; with generator= it must be 0, got {offset}")
         if cuda_graph not in ("auto", True, False):
             raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
-        backend = resolve_backend(backend, device)
+        backend_arg, backend = backend, resolve_backend(backend, device)
         if cuda_graph is True and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device, got device {device}")
         if cuda_graph is True and backend != "triton":
@@ -556,7 +627,7 @@ class Sampler:
         self.device, self.dtype, self.cuda_graph, self.backend = device, dtype, cuda_graph, backend
         self.guidance_scale = guidance_scale
         self.use_graph = cuda_graph is not False and device.type == "cuda" and backend == "triton"
-        self.strategy = STRATEGIES[backend](plan, shape, seed=seed, offset=offset, device=device, dtype=dtype,
+        self.strategy = _strategy(backend_arg, backend, device)(plan, shape, seed=seed, offset=offset, device=device, dtype=dtype,
                                             guidance_scale=guidance_scale)
         rows = 2 if guidance_scale is not None else 1
         self.expected = plan.model_output_shape(torch.Size([rows * shape[0], *shape[1:]]))

@@ -175,6 +175,9 @@ class NoiseSchedule:
         self.alphas = 1.0 - betas
         self.alphas_cumprod = alphas_cumprod
         self.one_minus_alphas_cumprod = one_minus_alphas_cumprod
+        # abar_0 and 1 - abar_0 as host floats, read once: DDIM's final step without set_alpha_to_one
+        self.first_alpha_cumprod = float(alphas_cumprod[0])
+        self.first_one_minus_alpha_cumprod = float(one_minus_alphas_cumprod[0])
         check_not_degenerate(betas, self.alphas_cumprod)
         self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
         one_minus_prev = torch.cat([torch.zeros(1, dtype=torch.float64), self.one_minus_alphas_cumprod[:-1]])

@@ -34,7 +34,7 @@ def _number_in(value, name: str, low: float, high: float, *, low_open: bool) -> 
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     value = float(value)
-    inside = (value > low if low_open else value >= low) and value <= high and not math.isnan(value)
+    inside = (value > low if low_open else value >= low) and value <= high and value == value  # NaN is not inside
     if not inside:
         raise ValueError(f"{name} must be in {'(' if low_open else '['}{low}, {high}], got {value}")
     return value
@@ -87,7 +87,7 @@ class StepSpec:
     def from_config(cls, kind: str, config, **overrides) -> "StepSpec":
         """The spec of a scheduler config (a dict or diffusers' FrozenDict): the keys this spec has are
         taken (missing ones keep their defaults), ``overrides`` win (e.g. a step's ``eta``)."""
-        fields = {f.name for f in dataclasses.fields(cls)} - {"kind"}
+        fields = set(SETTINGS)
         if kind == "ddpm":
             fields -= {"eta", "use_clipped_model_output", "set_alpha_to_one"}
         else:
@@ -162,4 +162,7 @@ class StepSpec:
 
     def final_alpha_cumprod(self, schedule) -> float:
         """abar after the last step (s = -1): 1, or abar_0 for DDIM with set_alpha_to_one=False."""
-        return 1.0 if self.set_alpha_to_one else float(schedule.alphas_cumprod[0])
+        return 1.0 if self.set_alpha_to_one else schedule.first_alpha_cumprod
+
+
+SETTINGS = tuple(f.name for f in dataclasses.fields(StepSpec) if f.name != "kind")  # a spec's settings, by name

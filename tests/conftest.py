@@ -9,6 +9,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The compiled CPU loop (fastgen._compile) costs seconds of inductor compile per sampler, shape and dtype:
+# the suite's hundreds of loops run the eager torch strategy, whose update the compiled one shares,
+# and tests/test_torch_compile.py runs the compiled loop itself for every sampler.
+os.environ.setdefault("FASTGEN_COMPILE", "0")
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

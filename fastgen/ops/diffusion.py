@@ -202,7 +202,7 @@ def _fused_step(spec, model_output, t, prev_t, sample, schedule, *, noise, draws
     extra = {}
     if spec.kind == "ddim":
         extra = dict(final_abar=spec.final_alpha_cumprod(schedule),
-                     final_bbar=0.0 if spec.set_alpha_to_one else float(schedule.one_minus_alphas_cumprod[0]))
+                     final_bbar=0.0 if spec.set_alpha_to_one else schedule.first_one_minus_alpha_cumprod)
     noise_mode = (k_diffusion.NOISE_TENSOR if noise is not None else
                   k_diffusion.NOISE_PHILOX if draws else k_diffusion.NOISE_NONE)
     scale = None
@@ -306,9 +306,30 @@ def torch_update(spec: StepSpec, c: dict, model_output, sample, noise):
     return prev, x0
 
 
+def row_update(spec: StepSpec, names, row, stream, model_output, sample, *, noise=None, draws=False, seed=0, offset=0,
+               guidance_scale=None):
+    """``torch_update`` on one step's coefficients held in a tensor (fp32, the ``torch_coefficients``
+    columns ``names``, in order), with no host read: what torch.compile fuses, the counter noise
+    included, into one loop (the compiled CPU sampling loop's DDPM/DDIM step). noise: z like the
+    sample, or None: drawn when ``draws`` from counter stream ``stream`` (an int64 tensor), element
+    g of the flat batch at counter element offset + g (``offset`` in elements; ``seed`` an int or an
+    int64 tensor). Returns x_prev in the sample's dtype."""
+    from fastgen.reference.random import normals
+
+    if noise is None and draws:
+        noise = normals(sample.numel(), seed=seed, stream=stream.reshape(1), offset=offset, device=sample.device,
+                        dtype=torch.float32).reshape(sample.shape)
+    c = dict(zip(names, row.unbind()))
+    prev, _ = torch_update(spec, c, guided(model_output.float(), guidance_scale), sample,
+                           None if noise is None else noise.float())
+    return prev.to(sample.dtype)
+
+
 def _torch_step(spec, model_output, t, prev_t, sample, schedule, *, seed, noise, offset, return_x0):
     """The "torch" backend of a step: torch_coefficients for each sample's (t, prev_t), then torch_update.
-    Timesteps on a device are read back (this path runs on the host anyway)."""
+    Timesteps on a device are read back (this path runs on the host anyway), except while
+    torch.compile traces the step: then the coefficients are computed from the timestep tensors in
+    the graph (the schedule's tables are its constants), so one graph serves every step."""
     prev = empty(sample.shape, dtype=sample.dtype, device=sample.device)
     x0 = empty(sample.shape, dtype=sample.dtype, device=sample.device) if return_x0 else None
     if sample.numel() == 0:
@@ -316,7 +337,12 @@ def _torch_step(spec, model_output, t, prev_t, sample, schedule, *, seed, noise,
     batch = sample.shape[0]
     t_host = torch.as_tensor(t).to("cpu", torch.int64).expand(batch)
     prev_host = t_host - 1 if prev_t is None else torch.as_tensor(prev_t).to("cpu", torch.int64).expand(batch)
-    c = _torch_step_coefficients(spec, schedule, t_host, prev_host, sample)
+    if torch.compiler.is_compiling():
+        shape = (batch,) + (1,) * (sample.dim() - 1)
+        c = {name: column.float().reshape(shape) for name, column in
+             torch_coefficients(spec, schedule, t_host, prev_host).items()}
+    else:
+        c = _torch_step_coefficients(spec, schedule, t_host, prev_host, sample)
     if noise is None and spec.adds_noise:
         from fastgen.reference import diffusion as ref
 

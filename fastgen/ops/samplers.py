@@ -44,6 +44,7 @@ class StepTable:
     clip, clip_range, dynamic_thresholding_ratio, sample_max_value: clipping of x0 ("none" | "range"
         | "threshold", diffusers' names).
     reference: ``reference(i, model_output, sample, prev_denoised, noise) -> (out, denoised)``, float64.
+    any_draws, any_generator_draws (derived): whether any step uses noise / draws from diffusers' generator.
     """
     kind: str
     coefficients: torch.Tensor
@@ -69,6 +70,10 @@ class StepTable:
                 raise ValueError(f"{name} must have one entry per step ({n}), got {tuple(getattr(self, name).shape)}")
         _checks.choice(self.clip, "clip", CLIPS)
         object.__setattr__(self, "_devices", {})
+        # host facts of the whole run, read once here: a compiled step reads them as constants
+        uses_noise = (self.coefficients[:, COLUMNS.index("churn")] != 0) | (self.coefficients[:, -1] != 0)
+        object.__setattr__(self, "any_draws", bool(uses_noise.any()))
+        object.__setattr__(self, "any_generator_draws", bool(self.generator_draws.any()))
 
     @property
     def num_steps(self) -> int:
@@ -79,10 +84,6 @@ class StepTable:
         row = self.coefficients[i]
         return bool(row[0] != 0 or row[-1] != 0)
 
-    @property
-    def any_draws(self) -> bool:
-        return bool((self.coefficients[:, 0] != 0).any() or (self.coefficients[:, -1] != 0).any())
-
     def on(self, device):
         """(fp32 coefficients [N, ROW], int64 streams [N], int64 step indices [N]) on ``device``, made once."""
         device = torch.device(device)
@@ -91,6 +92,11 @@ class StepTable:
                                      self.streams.to(device, torch.int64).contiguous(),
                                      torch.arange(self.num_steps, dtype=torch.int64, device=device))
         return self._devices[device]
+
+    @property
+    def clip_settings(self) -> tuple:
+        """(clip, clip_range, dynamic_thresholding_ratio, sample_max_value): what ``affine_step`` takes."""
+        return self.clip, self.clip_range, self.dynamic_thresholding_ratio, self.sample_max_value
 
     def row(self, i: int) -> dict:
         """Step i's coefficients as Python floats by column name."""
@@ -197,11 +203,9 @@ def step_noise(table: StepTable, i: int, shape, *, seed: int, offset: int, devic
 def torch_step(table: StepTable, row: dict, f, x, prev_denoised, noise):
     """The kernel's affine map (kernels/samplers.py) in whole-tensor torch ops on one row of Python
     floats: the fast CPU path. f: the (guided) model output; noise None where the step draws none."""
-    from fastgen.reference.diffusion import clip_x0
-
     if noise is not None and row["churn"]:
         x = x + row["churn"] * noise.to(x.dtype)
-    x0 = _clip(table, affine((row["cx"], x), (row["cf"], f)), clip_x0)
+    x0 = _clip(table.clip_settings, affine((row["cx"], x), (row["cf"], f)))
     denoised = x0 if (row["dx"], row["d0"]) == (0.0, 1.0) else affine((row["dx"], x), (row["d0"], x0))
     terms = [(row["ax"], x), (row["ad"], denoised), (row["af"], f)]
     if row["ap"] and prev_denoised is not None:
@@ -209,6 +213,58 @@ def torch_step(table: StepTable, row: dict, f, x, prev_denoised, noise):
     if row["noise"] and noise is not None:
         terms.append((row["noise"], noise.to(x.dtype)))
     return affine(*terms), denoised
+
+
+def device_step(table: StepTable, i, model_output, sample, prev_denoised=None, *, noise=None, seed=0, offset=0,
+                guidance_scale=None):
+    """Step i of ``table`` in fp32 torch ops with the step's row and stream read on the device at ``i``
+    (an int, a symbolic int or an int64 tensor of one element): ``affine_step`` on them, with no host
+    read, so torch.compile traces the whole step. What a compiled scheduler step runs; the arguments
+    are trusted (``sampler_step`` checks them). Returns (x_next, denoised) in fp32."""
+    coefficients, streams, _ = table.on(sample.device)
+    if isinstance(i, torch.Tensor):
+        i = i.reshape(())
+    return affine_step(coefficients[i], streams[i], model_output, sample, prev_denoised, noise=noise,
+                       draws=table.any_draws, seed=seed, offset=offset, guidance_scale=guidance_scale,
+                       clip=table.clip_settings)
+
+
+def affine_step(row, stream, model_output, sample, prev_denoised=None, *, noise=None, draws=False, seed=0, offset=0,
+                guidance_scale=None, clip=("none", 1.0, 0.995, 1.0)):
+    """The kernel's affine map (kernels/samplers.py) on one coefficient row held in a tensor (fp32 [10],
+    COLUMNS), in whole-tensor torch ops with no host read: what torch.compile fuses, counter noise
+    included, into one loop (the compiled scheduler step and the compiled CPU sampling loop).
+
+        x^ = x + churn z;   x0 = clip(cx x^ + cf F);   D = dx x^ + d0 x0
+        x' = ax x^ + ad D + af F + ap D' + cnoise z            (a term with coefficient 0 adds 0)
+
+    noise: z like the sample, or None: drawn from the counter stream ``stream`` (an int64 tensor) when
+    ``draws``, element g of the flat batch at counter element offset + g (``offset`` in elements;
+    ``seed`` an int or an int64 tensor). clip: (mode, range, thresholding ratio, max value), as
+    ``StepTable.clip_settings``. Returns (x_next, denoised) in fp32."""
+    from fastgen.reference.random import normals
+
+    churn, cx, cf, dx, d0, ax, ad, ap, af, cz = row.unbind()
+    f, x = guided(model_output.float(), guidance_scale), sample.float()
+    if noise is None and draws:
+        noise = normals(sample.numel(), seed=seed, stream=stream.reshape(1), offset=offset, device=sample.device,
+                        dtype=torch.float32).reshape(sample.shape)
+    z = None if noise is None else noise.float()
+    if z is not None:
+        x = x + _term(churn, z)
+    x0 = _clip(clip, cx * x + cf * f)
+    denoised = dx * x + d0 * x0
+    out = ax * x + ad * denoised + af * f
+    if prev_denoised is not None:
+        out = out + _term(ap, prev_denoised.float())
+    if z is not None:
+        out = out + _term(cz, z)
+    return out, denoised
+
+
+def _term(coefficient, value):
+    """coefficient * value, and 0 where the coefficient is 0 whatever the value (the kernel's rule)."""
+    return torch.where(coefficient != 0, coefficient * value, 0.0)
 
 
 def affine(*terms):
@@ -224,12 +280,16 @@ def affine(*terms):
     return out
 
 
-def _clip(table: StepTable, x0, clip_x0):
-    if table.clip == "none":
+def _clip(clip, x0):
+    """x0 clipped as ``clip`` = (mode, range, ratio, max value) says (diffusers' clip_sample or dynamic
+    thresholding; ``StepTable.clip_settings``)."""
+    from fastgen.reference.diffusion import clip_x0
+
+    mode, clip_range, ratio, max_value = clip
+    if mode == "none":
         return x0
-    return clip_x0(x0, clip_sample=table.clip == "range", clip_sample_range=table.clip_range,
-                   thresholding=table.clip == "threshold", dynamic_thresholding_ratio=table.dynamic_thresholding_ratio,
-                   sample_max_value=table.sample_max_value)
+    return clip_x0(x0, clip_sample=mode == "range", clip_sample_range=clip_range, thresholding=mode == "threshold",
+                   dynamic_thresholding_ratio=ratio, sample_max_value=max_value)
 
 
 def _fused_step(table, i, model_output, sample, prev_denoised, *, noise, seed, offset, guidance_scale,

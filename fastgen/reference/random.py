@@ -28,9 +28,9 @@ PHILOX_KEY_A, PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85  # Weyl key increments
 PHILOX_ROUNDS = 10
 
 
-def philox4x32(c0, c1, c2, c3, seed: int, rounds: int = PHILOX_ROUNDS):
+def philox4x32(c0, c1, c2, c3, seed, rounds: int = PHILOX_ROUNDS):
     """Philox-4x32-``rounds`` of counter words c0..c3 (int64 tensors holding uint32, broadcasting
-    against each other) under a 64-bit seed.
+    against each other) under a 64-bit seed (an int, or an int64 tensor of one element).
 
     Each round takes hi(a x) and lo(a x) from one int64 product: a x < 2^64 can pass 2^63, and
     torch's int64 multiply wraps modulo 2^64 (two's complement), so the product's low 64 bits are
@@ -40,6 +40,8 @@ def philox4x32(c0, c1, c2, c3, seed: int, rounds: int = PHILOX_ROUNDS):
     """
     c0, c1, c2, c3 = (c.clone() for c in torch.broadcast_tensors(c0, c1, c2, c3))
     shifted = torch.empty_like(c0)
+    if isinstance(seed, torch.Tensor):
+        seed = seed.reshape(())
     k0, k1 = seed & MASK32, (seed >> 32) & MASK32
     for _ in range(rounds):
         c0.mul_(PHILOX_A)  # product_a = A c0
@@ -53,9 +55,10 @@ def philox4x32(c0, c1, c2, c3, seed: int, rounds: int = PHILOX_ROUNDS):
     return c0, c1.bitwise_and_(MASK32), c2, c3.bitwise_and_(MASK32)
 
 
-def philox_blocks(seed: int, stream, q: torch.Tensor):
+def philox_blocks(seed, stream, q: torch.Tensor):
     """The four Philox words of counter blocks ``q`` (non-negative int64 tensor) in ``stream`` (an int,
-    or an int64 tensor broadcasting against q: one stream per row)."""
+    or an int64 tensor broadcasting against q: one stream per row) under ``seed`` (an int, or an int64
+    tensor of one element holding the 64-bit seed's bits)."""
     stream = torch.as_tensor(stream, dtype=torch.int64, device=q.device)
     return philox4x32(q & MASK32, q >> 32, stream & MASK32, stream >> 32, seed)
 
@@ -69,25 +72,33 @@ def box_muller(x_radius: torch.Tensor, x_angle: torch.Tensor, dtype=torch.float6
     return torch.cos(theta).mul_(r), theta.sin_().mul_(r)
 
 
-def normals(n: int, *, seed: int, stream=0, offset=0, device=None, dtype=torch.float64) -> torch.Tensor:
+def normals(n: int, *, seed, stream=0, offset=0, device=None, dtype=torch.float64) -> torch.Tensor:
     """Normals of counter elements offset .. offset + n - 1 in ``stream``: a flat tensor of n values.
 
     ``stream`` and ``offset`` may also be int64 tensors of R values (or one of them an int): then
     the result is [R, n], row r drawn from stream[r] at offset[r], in one pass over all rows.
+    ``seed`` is an int or an int64 tensor of one element (what a compiled caller passes, so a new
+    seed is a new input rather than a new graph). Nothing here reads a tensor back to the host, so
+    torch.compile traces it whole: inductor fuses the rounds and Box-Muller into one loop.
     """
     rows = isinstance(stream, torch.Tensor) or isinstance(offset, torch.Tensor)
     stream = torch.as_tensor(stream, dtype=torch.int64, device=device).reshape(-1, 1)
-    offset = torch.as_tensor(offset, dtype=torch.int64, device=device).reshape(-1, 1)
-    first = offset // 4
     blocks = (n + 3) // 4 + 1  # covers elements start .. start + n - 1 for any start = offset - 4 first in 0..3
+    if isinstance(offset, torch.Tensor):
+        offset = offset.to(device=device, dtype=torch.int64).reshape(-1, 1)
+        first = offset // 4
+    else:  # a host offset: the slice of the words is known when tracing
+        first = offset // 4
     q = first + torch.arange(blocks, dtype=torch.int64, device=device)
     x0, x1, x2, x3 = philox_blocks(seed, stream, q)
     z0, z1 = box_muller(x0, x1, dtype)
     z2, z3 = box_muller(x2, x3, dtype)
     z = torch.stack((z0, z1, z2, z3), dim=-1).reshape(x0.shape[0], -1)  # element 4q + j at [row, 4 (q - first) + j]
     start = offset - 4 * first
-    if start.numel() == 1:
-        z = z[:, int(start):int(start) + n]
+    if not isinstance(start, torch.Tensor):
+        z = z[:, start:start + n]
+    elif start.numel() == 1:
+        z = z.gather(1, (start.reshape(1, 1) + torch.arange(n, device=z.device)).expand(z.shape[0], n))
     else:
         z = z.gather(1, (start + torch.arange(n, device=z.device)).expand(z.shape[0], n))
     return z if rows else z.reshape(n)

@@ -169,7 +169,7 @@ class FusedStepMixin(FastgenMixin):
             return _checks.as_int(timestep, "timestep")
         if timestep.dtype.is_floating_point or timestep.dtype.is_complex or timestep.dtype == torch.bool:
             raise TypeError(f"timestep must be an int or an integer tensor, got a tensor of dtype {timestep.dtype}")
-        if timestep.numel() != 1:
+        if timestep.numel() != 1 or torch.compiler.is_compiling():  # traced: no host read (module docstring)
             return None
         if timestep.device.type == "cpu":
             return int(timestep.reshape(()).item())

@@ -9,10 +9,14 @@ tracks. Finding that index never synchronises with the host: a timestep taken fr
 ``self.timesteps`` is looked up in a host copy taken when the timesteps were assigned. A multistep
 solver's previous denoised output stays on the device between steps.
 """
+import functools
+
 import numpy as np
 import torch
 
-from fastgen.ops.samplers import COLUMNS, StepTable, sampler_step
+from fastgen import _checks
+from fastgen.backend import resolve_backend
+from fastgen.ops.samplers import COLUMNS, StepTable, device_step, sampler_step
 from fastgen.schedulers._common import FastgenMixin
 
 TABLES = {}  # diffusers class name -> builder(scheduler, **step_settings) -> StepTable
@@ -71,6 +75,23 @@ class SigmaStepMixin(FastgenMixin):
 
     _noise_dtype = None  # the dtype diffusers' step draws its noise in; None: the model output's
     _needs_set_timesteps = True  # False where diffusers' step also runs on the training schedule (Euler)
+    _step_defaults = {}  # the step settings of a plain ``step(...)`` call (e.g. Euler's churn off)
+
+    def __init_subclass__(cls, **kwargs):
+        """Every subclass's ``set_timesteps`` (diffusers', with its signature) also makes the run's
+        table for a plain step, on the timesteps' device: a step traced by torch.compile then only
+        reads it."""
+        super().__init_subclass__(**kwargs)
+        if "set_timesteps" not in cls.__dict__:
+            cls.set_timesteps = _preparing_tables(cls.set_timesteps)
+
+    def _prepare_tables(self):
+        """The table of a plain step and its device copies (errors are left to the step to raise)."""
+        try:
+            table = self._step_table(**self._step_defaults)
+        except (ValueError, TypeError):
+            return
+        table.on(torch.as_tensor(self.timesteps).device)
 
     def _setup_fused(self):
         self._tables = {}
@@ -91,10 +112,11 @@ class SigmaStepMixin(FastgenMixin):
         self._denoised = None
 
     def _host_timestep(self, timestep):
-        """``timestep`` as a Python float where that costs no synchronisation, else None."""
+        """``timestep`` as a Python float where that costs no synchronisation (and not while
+        torch.compile traces the step, where reading a tensor would break the graph), else None."""
         if not isinstance(timestep, torch.Tensor):
             return float(timestep)
-        if timestep.numel() != 1:
+        if timestep.numel() != 1 or torch.compiler.is_compiling():
             return None
         if timestep.device.type == "cpu":
             return float(timestep.reshape(()).item())
@@ -118,9 +140,20 @@ class SigmaStepMixin(FastgenMixin):
             raise ValueError(f"timestep must be one of the scheduler's timesteps, got {host}")
         return int(matches[1 if len(matches) > 1 else 0])
 
+    def _init_step_index(self, timestep):
+        """diffusers' rule (``begin_index`` if set, else the timestep's place in ``self.timesteps``). While
+        torch.compile traces the step, the timestep's value is not read (a data-dependent host index
+        breaks the graph): the run starts at ``begin_index``, or 0 when none is set, the first
+        timestep. A run begun in the middle of its schedule (img2img) is compiled correctly when
+        ``set_begin_index`` is called, as diffusers' pipelines do."""
+        if torch.compiler.is_compiling():
+            self._step_index = self._begin_index or 0
+        else:
+            super()._init_step_index(timestep)
+
     def _step_table(self, **step_settings) -> StepTable:
         """This run's table for these step-time settings (e.g. Euler's s_churn), made once."""
-        key = tuple(sorted(step_settings.items()))
+        key = tuple((name, step_settings[name]) for name in sorted(step_settings))
         if key not in self._tables:
             self._tables[key] = step_table(self, **step_settings)
         return self._tables[key]
@@ -138,16 +171,23 @@ class SigmaStepMixin(FastgenMixin):
             self._init_step_index(timestep)
         table = self._step_table(**step_settings)
         i = self.step_index
+        traced = torch.compiler.is_compiling()
         noise = None
         if seed is None:
             seed = 0  # no in-kernel noise; never touches torch's global generator
             if variance_noise is not None:
                 noise = self._checked_noise(variance_noise, sample)
-            elif bool(table.generator_draws[i]):
+            elif table.any_generator_draws if traced else bool(table.generator_draws[i]):
+                # traced: every step draws (one graph for all steps); a step whose noise coefficients are 0 adds none
                 noise = self._draw(sample.shape, generator, sample, noise_dtype)
         prev = self._denoised if table.reads_previous else None
-        out, denoised = sampler_step(table, i, model_output, sample, prev_denoised=prev, seed=seed, noise=noise,
-                                     offset=offset, backend=backend)
+        if traced and resolve_backend(backend, sample.device) == "torch":
+            out, denoised = device_step(table, i, model_output, sample, prev, noise=noise, seed=seed,
+                                        offset=_checks.sample_offset(offset, sample.shape))
+            out, denoised = out.to(sample.dtype), denoised.to(sample.dtype)
+        else:
+            out, denoised = sampler_step(table, i, model_output, sample, prev_denoised=prev, seed=seed, noise=noise,
+                                         offset=offset, backend=backend)
         if table.reads_previous:
             self._denoised = denoised
         self._step_index += 1
@@ -159,6 +199,15 @@ class SigmaStepMixin(FastgenMixin):
 
         _checks.float_tensor(noise, "variance_noise")
         return _checks.like(noise.to(sample.dtype), "variance_noise", sample, "sample")
+
+
+def _preparing_tables(set_timesteps):
+    @functools.wraps(set_timesteps)
+    def prepared(self, *args, **kwargs):
+        result = set_timesteps(self, *args, **kwargs)
+        self._prepare_tables()
+        return result
+    return prepared
 
 
 def require_timesteps(scheduler):

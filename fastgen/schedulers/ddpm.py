@@ -31,6 +31,8 @@ Where this differs from diffusers on purpose:
   * a timestep that is no inference timestep and a model output of the wrong shape raise ValueError
     instead of an IndexError or a broadcast deep inside the step.
 """
+import functools
+
 import diffusers
 import torch
 
@@ -54,20 +56,32 @@ class DDPMScheduler(FusedStepMixin, diffusers.DDPMScheduler):
         set_timesteps), a host int, or a device lookup of the next inference timestep."""
         if not (self.custom_timesteps or self.num_inference_steps):
             return None
+        if t_host is None:
+            return self._prev_table(t.device).index_select(0, t.reshape(-1)).reshape(t.shape)
         order = self._host_timesteps.tolist()
-        following = spec.prev_timesteps(order, self.config.num_train_timesteps)
-        if t_host is not None:
-            if t_host not in order:
-                raise ValueError(f"timestep must be one of the scheduler's timesteps {order}, got {t_host}")
-            return following[order.index(t_host)]  # the first occurrence, as in diffusers
-        device = t.device
+        if t_host not in order:
+            raise ValueError(f"timestep must be one of the scheduler's timesteps {order}, got {t_host}")
+        return spec.prev_timesteps(order, self.config.num_train_timesteps)[order.index(t_host)]  # the first occurrence
+
+    def _prev_table(self, device) -> torch.Tensor:
+        """The device table of the timestep each inference timestep steps to (NOT_SCHEDULED elsewhere), made
+        once per run and device (``set_timesteps`` makes it on the timesteps' device: a step traced by
+        torch.compile only reads it)."""
+        device = torch.device(device)
         if device not in self._prev_tables:
+            order = self._host_timesteps.tolist()
+            following = StepSpec("ddpm").prev_timesteps(order, self.config.num_train_timesteps)
             table = torch.full((self.num_schedule_timesteps,), NOT_SCHEDULED, dtype=torch.int64)
             for step_t, prev in reversed(list(zip(order, following))):  # the first occurrence wins
                 if 0 <= step_t < len(table):
                     table[step_t] = prev
             self._prev_tables[device] = table.to(device)
-        return self._prev_tables[device][t]
+        return self._prev_tables[device]
+
+    @functools.wraps(diffusers.DDPMScheduler.set_timesteps)  # diffusers' signature, which pipelines inspect
+    def set_timesteps(self, *args, **kwargs):
+        diffusers.DDPMScheduler.set_timesteps(self, *args, **kwargs)
+        self._prev_table(self.timesteps.device)  # what a compiled step reads
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True, *, seed=None, offset: int = 0, backend=None):
@@ -98,8 +112,12 @@ class DDPMScheduler(FusedStepMixin, diffusers.DDPMScheduler):
         noise = None
         if seed is None:
             seed = 0  # no in-kernel noise; never touches torch's global generator
-            # diffusers' `if t > 0` (for a device tensor of per-sample timesteps: a synchronising check)
-            draws = spec.generator_draws(t_host) if t_host is not None else bool((t > 0).any())
+            # diffusers' `if t > 0` (for a device tensor of per-sample timesteps: a synchronising check; while
+            # torch.compile traces the step, a draw every step: the step adds no noise where t = 0)
+            if t_host is not None:
+                draws = spec.generator_draws(t_host)
+            else:
+                draws = torch.compiler.is_compiling() or bool((t > 0).any())
             if draws:
                 noise = self._draw(sample.shape, generator, sample, noise_dtype)
         prev_sample, pred_original_sample = fastgen.ddpm_step(

@@ -41,6 +41,7 @@ class DPMSolverMultistepScheduler(SigmaStepMixin, diffusers.DPMSolverMultistepSc
     __module__ = "fastgen"  # a saved pipeline records ["fastgen", "DPMSolverMultistepScheduler"]
     _noise_dtype = torch.float32  # diffusers draws its SDE noise in float32
     _run_start = None  # the step index the run started at (set at its first step)
+    _step_defaults = dict(start=0)  # a run from the first timestep
 
     @property
     def fused_config(self):
@@ -82,7 +83,7 @@ class DPMSolverMultistepScheduler(SigmaStepMixin, diffusers.DPMSolverMultistepSc
         self._denoised = self.model_outputs[-1]  # x0_prev: diffusers' history (what the last step left there)
         prev_sample, denoised = self._fused_step(model_output, timestep, sample, generator=generator,
                                                  variance_noise=variance_noise, seed=seed, offset=offset,
-                                                 backend=backend, start=self._run_start)
+                                                 backend=backend, start=int(self._run_start))
         self.model_outputs = [*self.model_outputs[1:], denoised]  # diffusers' history of x0, kept as it keeps it
         self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
         if not return_dict:

@@ -35,6 +35,7 @@ class EulerDiscreteScheduler(SigmaStepMixin, diffusers.EulerDiscreteScheduler):
 
     __init__ = with_backend(diffusers.EulerDiscreteScheduler)
     _needs_set_timesteps = False  # diffusers' step also runs on the training schedule
+    _step_defaults = dict(s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0)  # step()'s defaults
     __module__ = "fastgen"  # what a saved pipeline's model_index.json records: ["fastgen", "EulerDiscreteScheduler"]
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,

@@ -1,0 +1,170 @@
+"""torch.compile sees through fastgen: every drop-in scheduler's step, called as a pipeline calls it
+(t from ``scheduler.timesteps``, ``scale_model_input`` first), compiles with ``fullgraph=True`` and
+no graph break, in its default configuration and in those pipelines use; the compiled step equals
+the eager one (counter noise, ``seed=``, where the step draws); one graph serves every step (the
+step index becomes a symbolic int after one recompile: never a compile per step).
+
+Compiles are slow on small CPUs: the steps compile with the ``aot_eager`` backend (dynamo's trace and
+autograd's, no code generation), and one test per family runs inductor's C++ code (the Philox integers
+in generated code must stay bit-exact)."""
+import copy
+
+import pytest
+import torch
+import torch._dynamo.testing
+
+import fastgen
+
+torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+
+SHAPE = (2, 4, 8, 8)
+STEPS = 6
+# (scheduler class, config, set_timesteps keywords, step keywords): defaults and what pipelines use
+CONFIGS = {
+    "ddpm": ("DDPMScheduler", {}, {}, {"seed": 3}),
+    "ddim": ("DDIMScheduler", {}, {}, {}),
+    "ddim_alpha_not_one": ("DDIMScheduler", {"set_alpha_to_one": False, "clip_sample": False}, {}, {}),
+    "ddim_eta": ("DDIMScheduler", {}, {}, {"eta": 0.5, "seed": 3}),
+    "euler": ("EulerDiscreteScheduler", {}, {}, {}),
+    "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, {}, {}),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}, {}, {"seed": 3}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {}, {}, {}),
+    "dpmsolver++_no_lower_order_final": ("DPMSolverMultistepScheduler", {"lower_order_final": False}, {}, {}),
+    "sde-dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}, {"seed": 3}),
+    "flow_match_shift": ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}, {}, {}),
+    "lcm": ("LCMScheduler", {}, {}, {"seed": 3}),
+    "consistency": ("CMStochasticIterativeScheduler", {}, {}, {"seed": 3}),
+}
+
+
+def _scheduler(name):
+    class_name, config, set_kwargs, step_kwargs = CONFIGS[name]
+    scheduler = getattr(fastgen, class_name)(**config)
+    scheduler.set_timesteps(STEPS, **set_kwargs)
+    return scheduler, step_kwargs
+
+
+def _run(scheduler, step, step_kwargs, outputs, x, inputs=None):
+    """The pipeline's loop: scale_model_input, then step, for every timestep. ``inputs``: step i
+    starts from inputs[i] instead of the previous step's output (fp32 rounding does not accumulate)."""
+    trajectory = []
+    for i, (t, f) in enumerate(zip(scheduler.timesteps, outputs)):
+        x = x if inputs is None else inputs[i]
+        if hasattr(scheduler, "scale_model_input"):
+            scheduler.scale_model_input(x, t)
+        x = step(scheduler, f, t, x, step_kwargs)
+        trajectory.append(x)
+    return trajectory
+
+
+def _step(scheduler, f, t, x, step_kwargs):
+    return scheduler.step(f, t, x, **step_kwargs).prev_sample
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(SHAPE, generator=g)
+    return x, [torch.randn(SHAPE, generator=g) for _ in range(STEPS)]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_scheduler_step_has_no_graph_break(name):
+    scheduler, step_kwargs = _scheduler(name)
+    x, outputs = _inputs()
+    breaks = []
+
+    def explained(scheduler, f, t, x, step_kwargs):  # explain runs the step: on a copy
+        explanation = torch._dynamo.explain(_step)(copy.deepcopy(scheduler), f, t, x, step_kwargs)
+        breaks.extend(str(reason.reason).splitlines()[0] for reason in explanation.break_reasons)
+        return _step(scheduler, f, t, x, step_kwargs)
+
+    _run(scheduler, explained, step_kwargs, outputs[:3], x)
+    assert breaks == []
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_compiled_scheduler_step_equals_eager(name):
+    scheduler, step_kwargs = _scheduler(name)
+    twin = copy.deepcopy(scheduler)
+    x, outputs = _inputs(1)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(_step, backend=counter, fullgraph=True)
+    expected = _run(twin, _step, step_kwargs, outputs, x)
+    got = _run(scheduler, compiled, step_kwargs, outputs, x, inputs=[x, *expected])
+    for i, (a, b) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {i}: {m}")
+    assert counter.frame_count <= 4, f"{counter.frame_count} graphs for {STEPS} steps: a compile per step"
+    assert getattr(scheduler, "step_index", STEPS) == getattr(twin, "step_index", STEPS) == STEPS
+
+
+@pytest.mark.parametrize("name", ["ddpm", "euler_ancestral"])
+def test_inductor_compiled_step_equals_eager(name):
+    """Generated C++ code: the counter noise's integer arithmetic (64-bit products wrapping) stays exact."""
+    scheduler, step_kwargs = _scheduler(name)
+    twin = copy.deepcopy(scheduler)
+    x, outputs = _inputs(2)
+    compiled = torch.compile(_step, fullgraph=True)
+    expected = _run(twin, _step, step_kwargs, outputs[:3], x)
+    got = _run(scheduler, compiled, step_kwargs, outputs[:3], x, inputs=[x, *expected])
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# --- the compiled CPU loop -------------------------------------------------------------------------
+
+class _Denoiser(torch.nn.Module):
+    def forward(self, x, t, class_labels=None):
+        return 0.3 * x + 0.01 * t.float().reshape(-1, *[1] * (x.dim() - 1))
+
+
+LOOPS = ["ddpm", "ddim", "euler", "euler_ancestral", "dpmsolver++", "sde-dpmsolver++", "flow_match", "lcm",
+         "consistency"]
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_compiled_loop_equals_eager_loop(kind, monkeypatch):
+    """fastgen.sample on a CPU with backend "auto" runs compiled (one fused loop per step, noise
+    included) and gives the eager torch loop's samples to fp32 rounding, counter noise and all."""
+    from fastgen.sampling import Sampler, _CompiledSteps, make_scheduler
+
+    monkeypatch.setenv("FASTGEN_COMPILE", "1")
+    scheduler = make_scheduler(kind)
+    steps = {"ddpm": 8, "lcm": 3, "consistency": 2}.get(kind, 5)
+    sampler = Sampler(_Denoiser(), SHAPE, scheduler, num_inference_steps=steps, seed=11, offset=2)
+    assert isinstance(sampler.strategy, _CompiledSteps)
+    compiled = sampler()
+    eager = fastgen.sample(_Denoiser(), SHAPE, scheduler, num_inference_steps=steps, seed=11, offset=2,
+                           backend="torch")
+    scale = eager.abs().max()
+    torch.testing.assert_close(compiled / scale, eager / scale, rtol=0, atol=2e-6)
+    assert sampler.strategy.compile_seconds is not None
+    torch.testing.assert_close(sampler(), compiled, rtol=0, atol=0)  # the second call reuses the graphs
+
+
+def test_compiled_loop_with_guidance_and_generator(monkeypatch):
+    from fastgen.sampling import make_scheduler
+
+    monkeypatch.setenv("FASTGEN_COMPILE", "1")
+
+    class Conditional(_Denoiser):
+        def forward(self, x, t, class_labels=None):
+            return super().forward(x, t) + 0.05 * class_labels.float().reshape(-1, *[1] * (x.dim() - 1))
+
+    kwargs = dict(num_inference_steps=4, class_labels=torch.tensor([1, 2]), null_class_label=0, guidance_scale=3.0)
+    scheduler = make_scheduler("euler_ancestral")
+    compiled = fastgen.sample(Conditional(), SHAPE, scheduler, generator=torch.Generator().manual_seed(4), **kwargs)
+    eager = fastgen.sample(Conditional(), SHAPE, scheduler, generator=torch.Generator().manual_seed(4), backend="torch",
+                           **kwargs)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-4)
+
+
+def test_no_compiler_falls_back_to_eager_with_a_notice(monkeypatch):
+    from fastgen import _compile
+    from fastgen.sampling import Sampler, _TorchSteps, make_scheduler
+
+    monkeypatch.setenv("FASTGEN_COMPILE", "1")
+    monkeypatch.setattr(_compile, "_compiler", lambda: "")
+    _compile._notice_once.cache_clear()
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        sampler = Sampler(_Denoiser(), SHAPE, make_scheduler("ddim"), num_inference_steps=2, seed=0)
+    assert type(sampler.strategy) is _TorchSteps
