@@ -5,12 +5,14 @@
 #
 #   static     python -m fastgen bench --static: the compiled sm_90 code of every variant validate
 #              launches (registers, spills, vector widths, occupancy, H200 bound), beside the timings
+#   compile    the torch.compile checks on CUDA first (tests/test_torch_compile.py: the captured fused
+#              step beside torch.compile(mode="reduce-overhead") of the same step), apart from the suite
 #   tests      pytest with the kernels compiled (the CUDA-graph and compile-cache tests run there)
 #   sampling   python bench/bench_sampling.py: the sampling-loop table (graph loop vs eager vs
 #              diffusers vs model only, MLP and UNet, DDPM-1000 and DDIM-50)
 #   report     python -m fastgen bench over every op family but sampling: results.json/.md/.csv
 #
-# Each stage has its own time limit (seconds, env STATIC_S / TESTS_S / SAMPLING_S / REPORT_S) so one slow stage
+# Each stage has its own time limit (seconds, env STATIC_S / COMPILE_S / TESTS_S / SAMPLING_S / REPORT_S) so one slow stage
 # cannot eat the call; logs and results are written under $OUT as they are produced.
 #
 # diffusers (the schedulers' base class and the peer rows) may be missing there: download its wheels
@@ -42,12 +44,15 @@ print("diffusers", "present" if importlib.util.find_spec("diffusers") else "miss
 EOF
 
 status=0
-for stage in "${@:-static tests sampling report}"; do
+for stage in "${@:-static compile tests sampling report}"; do
   for s in $stage; do
     case "$s" in
       static)
         timeout "${STATIC_S:-600}" python3 -m fastgen bench --static --out "$OUT/static" 2>&1 \
           | tee "$OUT/static.log" || status=1 ;;
+      compile)
+        timeout "${COMPILE_S:-300}" python3 -m pytest -q -p no:cacheprovider tests/test_torch_compile.py -k cuda 2>&1 \
+          | tee "$OUT/compile.log" || status=1 ;;
       tests)
         timeout "${TESTS_S:-420}" python3 -m pytest -q -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" || status=1 ;;
       sampling)
@@ -56,7 +61,7 @@ for stage in "${@:-static tests sampling report}"; do
         ops=$(python3 -c "from fastgen.bench import registry; print(' '.join(n for n, o in registry.load_all().items() if o.family != 'sampling'))")
         timeout "${REPORT_S:-540}" python3 -m fastgen bench --ops $ops --out "$OUT/report" --no-plots 2>&1 \
           | tee "$OUT/report.log" || status=1 ;;
-      *) echo "unknown stage $s (static, tests, sampling, report)"; status=2 ;;
+      *) echo "unknown stage $s (static, compile, tests, sampling, report)"; status=2 ;;
     esac
   done
 done

@@ -168,3 +168,31 @@ def test_no_compiler_falls_back_to_eager_with_a_notice(monkeypatch):
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
         sampler = Sampler(_Denoiser(), SHAPE, make_scheduler("ddim"), num_inference_steps=2, seed=0)
     assert type(sampler.strategy) is _TorchSteps
+
+
+# --- CUDA: what torch.compile(mode="reduce-overhead") captures ---------------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["euler_ancestral", "dpmsolver++"])
+def test_cuda_compiled_step_equals_fused_graph_loop(name):
+    """On CUDA a sigma sampler's step compiles with fullgraph=True under mode="reduce-overhead" (a CUDA
+    graph of inductor's fused kernel for the step's torch formulation) and its trajectory equals the
+    eager fused Triton step's; the loop's own CUDA-graph path (fastgen.sample) gives the eager loop's
+    samples."""
+    from fastgen.sampling import Sampler, make_scheduler
+
+    scheduler, step_kwargs = _scheduler(name)
+    scheduler.set_timesteps(STEPS, device="cuda")
+    twin = copy.deepcopy(scheduler)
+    x, outputs = _inputs(3)
+    x, outputs = x.cuda(), [f.cuda() for f in outputs]
+    compiled = torch.compile(_step, fullgraph=True, mode="reduce-overhead")
+    expected = _run(twin, _step, step_kwargs, outputs, x)
+    got = _run(scheduler, compiled, step_kwargs, outputs, x, inputs=[x, *expected])
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    graph = Sampler(_Denoiser().cuda(), SHAPE, make_scheduler(name), num_inference_steps=4, seed=1, device="cuda")
+    eager = fastgen.sample(_Denoiser().cuda(), SHAPE, make_scheduler(name), num_inference_steps=4, seed=1,
+                           device="cuda", cuda_graph=False)
+    torch.testing.assert_close(graph(), eager, rtol=1e-5, atol=1e-5)
+    assert graph.captured

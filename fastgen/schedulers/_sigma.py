@@ -181,7 +181,8 @@ class SigmaStepMixin(FastgenMixin):
                 # traced: every step draws (one graph for all steps); a step whose noise coefficients are 0 adds none
                 noise = self._draw(sample.shape, generator, sample, noise_dtype)
         prev = self._denoised if table.reads_previous else None
-        if traced and resolve_backend(backend, sample.device) == "torch":
+        if traced and resolve_backend(backend, sample.device) != "reference":
+            # traced: the torch formulation, which inductor fuses into its own kernel (C++ or Triton)
             out, denoised = device_step(table, i, model_output, sample, prev, noise=noise, seed=seed,
                                         offset=_checks.sample_offset(offset, sample.shape))
             out, denoised = out.to(sample.dtype), denoised.to(sample.dtype)
