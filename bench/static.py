@@ -585,9 +585,17 @@ def build(launches_path) -> dict:
                 variants=rows, philox=philox_cost(rows), failures=failures)
 
 
+def step_environment(step: str) -> dict:
+    """The environment of a ``record`` or ``build`` process. TRITON_INTERPRET is read when triton is
+    imported, and importing fastgen imports triton (its ops register with torch.library), before
+    this module runs: the record process must start with it set, the build process without it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return {**env, "TRITON_INTERPRET": "1"} if step == "record" else env
+
+
 def _subprocess(*args):
     proc = subprocess.run([sys.executable, "-m", "fastgen.bench.static", *args], capture_output=True, text=True,
-                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+                          env=step_environment(args[0]))
     if proc.returncode != 0:
         raise RuntimeError(f"fastgen.bench.static {args[0]} failed:\n{proc.stderr[-3000:]}")
     return proc.stdout

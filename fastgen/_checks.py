@@ -87,9 +87,10 @@ META_UNSUPPORTED = "meta tensors are not supported: they hold no values to compu
 
 
 def device(value, name: str = "device") -> torch.device:
-    """A torch.device; None means torch's default device."""
+    """A torch.device; None means torch's default device (read as a new tensor's device while
+    torch.compile traces, where torch.get_default_device is not traceable)."""
     if value is None:
-        return torch.get_default_device()
+        return torch.empty(0).device if torch.compiler.is_compiling() else torch.get_default_device()
     try:
         return torch.device(value)
     except (RuntimeError, TypeError) as err:
@@ -194,6 +195,10 @@ def host_readable(value: torch.Tensor) -> bool:
 
 def prev_below(prev_t, t) -> None:
     """prev_t < t wherever both are known on the host (ints or CPU tensors): a step goes back in time."""
+    if not isinstance(prev_t, torch.Tensor) and not isinstance(t, torch.Tensor):
+        if not prev_t < t:
+            raise ValueError(f"prev_t must be smaller than t, got prev_t={prev_t} and t={t}")
+        return
     known = [not isinstance(v, torch.Tensor) or host_readable(v) for v in (prev_t, t)]
     if all(known) and not bool(torch.all(torch.as_tensor(prev_t) < torch.as_tensor(t))):
         raise ValueError(f"prev_t must be smaller than t, got prev_t={prev_t} and t={t}")

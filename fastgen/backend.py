@@ -19,13 +19,18 @@ ENV_VAR = "FASTGEN_BACKEND"
 
 
 @functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    """Whether the triton package can be imported (it ships for Linux only)."""
+def _import_triton() -> bool:
     try:
         importlib.import_module("triton")
     except ImportError:
         return False
     return True
+
+
+@torch.compiler.assume_constant_result  # torch.compile reads it as a constant (an import is not traceable)
+def triton_available() -> bool:
+    """Whether the triton package can be imported (it ships for Linux only)."""
+    return _import_triton()
 
 
 def triton_interpreting() -> bool:

@@ -33,14 +33,12 @@ _INTERPRETER_LOCK = threading.Lock()
 def launch(kernel, grid, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)``, the one place a kernel is started; under the interpreter
     one launch at a time (compiled launches need no lock: they only enqueue work on a stream).
-    While torch.compile traces an op (fastgen's ops are ``torch.library.triton_op``s), the launch
-    goes through ``torch.library.wrap_triton``, so inductor sees the kernel itself and can place it
-    in its graph (and in a CUDA graph) instead of calling an opaque function."""
+    Compiled launches go through ``torch.library.wrap_triton`` (eagerly, the kernel itself): while
+    torch.compile traces or fake tensors run an op (fastgen's ops are ``torch.library.triton_op``s),
+    inductor sees the kernel itself and can place it in its graph (and in a CUDA graph)."""
     if interpreted(kernel):
         with _INTERPRETER_LOCK:
             return kernel[grid](*args, **kwargs)
     import torch
 
-    if torch.compiler.is_compiling():
-        return torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
-    return kernel[grid](*args, **kwargs)
+    return torch.library.wrap_triton(kernel)[grid](*args, **kwargs)

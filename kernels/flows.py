@@ -24,7 +24,7 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
-from . import launch_block
+from . import launch, launch_block
 
 BLOCK = 2048  # elements per program on a GPU
 
@@ -112,16 +112,16 @@ def tiling(n_rows: int, row_len: int, *, block=None) -> Tiling:
 def forward(t: Tiling, x, log_scale, shift, *, y, partial, reverse: bool):
     """y = x exp(s) + t (reverse: (x - t) exp(-s)) and the fp32 sums of +-s per (row, chunk) into
     ``partial`` [n_rows, n_chunks]; all tensors contiguous."""
-    _coupling_fwd_kernel[t.grid](x, log_scale, shift, y, partial, t.n_rows, t.row_len, t.n_chunks,
-                                 REVERSE=reverse, ROWS=t.rows, CHUNK=t.chunk)
+    launch(_coupling_fwd_kernel, t.grid, x, log_scale, shift, y, partial, t.n_rows, t.row_len, t.n_chunks,
+           REVERSE=reverse, ROWS=t.rows, CHUNK=t.chunk)
 
 
 def backward(t: Tiling, x, log_scale, shift, grad_out, grad_logdet, *, reverse: bool, grad_x=None,
              grad_log_scale=None, grad_shift=None):
     """Gradients into whichever of grad_x, grad_log_scale, grad_shift (reverse only) are given;
     ``x`` is the input of the pass (y when reversing), ``grad_logdet`` holds one value per row."""
-    _coupling_bwd_kernel[t.grid](
-        x, log_scale, shift, grad_out, grad_logdet,
+    launch(
+        _coupling_bwd_kernel, t.grid, x, log_scale, shift, grad_out, grad_logdet,
         x if grad_x is None else grad_x, x if grad_log_scale is None else grad_log_scale,
         x if grad_shift is None else grad_shift, t.n_rows, t.row_len, t.n_chunks,
         REVERSE=reverse, WRITE_X=grad_x is not None, WRITE_LOG_SCALE=grad_log_scale is not None,

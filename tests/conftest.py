@@ -43,10 +43,12 @@ def static_report(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("static")
     root = pathlib.Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    from fastgen.bench.static import step_environment
+
     for args in (["record", str(folder / "launches.json"), "--quick", "--execute"],
                  ["build", str(folder / "launches.json"), str(folder / "static.json")]):
-        proc = subprocess.run([sys.executable, "-m", "fastgen.bench.static", *args], cwd=root, env=env,
+        proc = subprocess.run([sys.executable, "-m", "fastgen.bench.static", *args], cwd=root,
+                              env=step_environment(args[0]),
                               capture_output=True, text=True, timeout=1800)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((folder / "launches.json").read_text()), json.loads((folder / "static.json").read_text())

@@ -110,6 +110,45 @@ def test_inductor_compiled_step_equals_eager(name):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+# --- the diffusion and sampler ops ------------------------------------------------------------------
+
+def _op_calls():
+    """name -> (function, inputs): the public step ops as a user calls them (CPU: the torch path)."""
+    from fastgen.ops.samplers import sampler_step
+    from fastgen.schedulers._sigma import step_table
+
+    schedule = fastgen.NoiseSchedule()
+    g = torch.Generator().manual_seed(5)
+    x, f = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    t = torch.tensor([5, 100, 300, 999])[:SHAPE[0]]
+    scheduler = fastgen.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")
+    scheduler.set_timesteps(10)
+    table = step_table(scheduler, start=0)
+    return {
+        "q_sample": (lambda x, t: fastgen.q_sample(x, t, schedule, seed=1), (x, t)),
+        "ddpm_step": (lambda f, t, x: fastgen.ddpm_step(f, t, x, schedule, seed=1, offset=3), (f, t, x)),
+        "ddpm_step_learned_range": (lambda f, t, x: fastgen.ddpm_step(torch.cat([f, f.tanh()], 1), t, x, schedule,
+                                                                      variance_type="learned_range", seed=1),
+                                    (f, t, x)),
+        "ddim_step": (lambda f, t, x: fastgen.ddim_step(f, t, t - 1, x, schedule, eta=0.5, seed=1), (f, t, x)),
+        "ddim_step_int": (lambda f, x: fastgen.ddim_step(f, 500, 480, x, schedule, thresholding=True), (f, x)),
+        "ddim_step_guided": (lambda f, t, x: fastgen.ddim_step(torch.cat([f, 0.5 * f]), t, t - 1, x, schedule,
+                                                               guidance_scale=3.0), (f, t, x)),
+        "sampler_step": (lambda f, x, p: sampler_step(table, 3, f, x, prev_denoised=p, seed=1, offset=2), (f, x, 0.5 * x)),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_op_calls()))
+def test_op_has_no_graph_break_and_compiled_equals_eager(name):
+    fn, inputs = _op_calls()[name]
+    assert torch._dynamo.explain(fn)(*inputs).graph_break_count == 0
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    got, expected = compiled(*inputs), fn(*inputs)
+    got, expected = (got, expected) if isinstance(got, tuple) else ((got,), (expected,))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 # --- the compiled CPU loop -------------------------------------------------------------------------
 
 class _Denoiser(torch.nn.Module):

@@ -43,7 +43,7 @@ def q_sample(x0, t, schedule, *, seed=None, noise=None, offset=0, return_noise=F
     noise = _noise_arg(noise, x0)
     element_offset = _checks.sample_offset(offset, x0.shape)
     backend = resolve_backend(backend, x0.device)
-    seed = _checks.seed64(seed) if noise is None else 0
+    seed = _seed(seed, backend) if noise is None else 0
     if backend != "triton":
         from fastgen.reference import diffusion as ref
 
@@ -170,7 +170,7 @@ def _step(spec: StepSpec, model_output, t, prev_t, sample, schedule, *, seed, no
         noise = None
     offset = _checks.nonneg_int(offset, "offset", limit=_checks.INT64_MAX - sample.numel())  # elements
     backend = resolve_backend(backend, sample.device)
-    seed = _checks.seed64(seed) if noise is None else 0
+    seed = _seed(seed, backend) if noise is None and spec.adds_noise else 0
     if backend == "reference":
         from fastgen.reference import diffusion as ref
 
@@ -183,6 +183,15 @@ def _step(spec: StepSpec, model_output, t, prev_t, sample, schedule, *, seed, no
     draws = spec.adds_noise and noise is None and not (isinstance(t, int) and t == 0)
     return _fused_step(spec, model_output, t, prev_t, sample, schedule, noise=noise, draws=draws, seed=seed,
                        offset=offset, return_x0=return_x0, guidance_scale=guidance_scale)
+
+
+def _seed(seed, backend: str):
+    """The seed a step draws with: an int (None drawn from torch's generator), or under torch.compile
+    on the torch path an int64 tensor holding a drawn seed (fastgen.ops.random.seed_operands)."""
+    from fastgen.ops.random import seed_of, seed_operands
+
+    seed, seed_bits = seed_operands(seed, backend)
+    return seed_of(seed & ((1 << 64) - 1), seed_bits)
 
 
 def _fused_step(spec, model_output, t, prev_t, sample, schedule, *, noise, draws, seed, offset, return_x0,

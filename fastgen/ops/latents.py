@@ -1,12 +1,14 @@
 """GAN latents, plain or truncated: ``latents`` (kernels/latents.py; fastgen/reference/latents.py)."""
 import math
 import numbers
+from typing import Optional
 
 import torch
 
 from fastgen import _checks
 from fastgen._alloc import empty
 from fastgen.backend import resolve_backend
+from fastgen.ops.random import seed_of, seed_operands
 from fastgen.reference import latents as ref_latents
 
 
@@ -20,6 +22,28 @@ def _truncation(psi):
     if not math.isfinite(psi) or psi <= 0.0:
         raise ValueError(f"truncation must be a finite number > 0 (the threshold psi of |z| <= psi), got {psi}")
     return psi
+
+
+@torch.library.triton_op("fastgen::latents", mutates_args=())
+def _latents_op(n: int, dim: int, seed: int, seed_bits: Optional[torch.Tensor], offset: int,
+                truncation: Optional[float], dtype: torch.dtype, device: torch.device, backend: str) -> torch.Tensor:
+    """[n, dim] latents from sample ``offset`` on (in samples), truncated to [-psi, psi] when
+    ``truncation`` is psi; ``seed``/``seed_bits`` as in ``torch.ops.fastgen.randn``."""
+    if backend != "triton":  # "torch" and "reference": the reference is this op's torch path
+        return ref_latents.latents(n, dim, seed=seed_of(seed, seed_bits), offset=offset, truncation=truncation,
+                                   dtype=dtype, device=device)
+    from fastgen.kernels import latents as k_latents, random as k_random
+
+    out = empty((n, dim), dtype=dtype, device=device)
+    element_offset = offset * dim
+    if out.numel() == 0:
+        return out
+    if truncation is None:
+        return k_random.randn(out, seed, 0, element_offset)
+    erf_psi, erfc_psi = math.erf(truncation / math.sqrt(2.0)), math.erfc(truncation / math.sqrt(2.0))
+    bound = ref_latents.largest_at_most(truncation, dtype)
+    return k_latents.truncated_latents(out, seed, ref_latents.TRUNCATED_STREAM, element_offset, erf_psi, erfc_psi,
+                                       bound)
 
 
 def latents(n, dim, *, seed=None, offset=0, truncation=None, dtype=torch.float32, device=None, backend="auto"):
@@ -42,23 +66,11 @@ def latents(n, dim, *, seed=None, offset=0, truncation=None, dtype=torch.float32
     dim = _checks.nonneg_int(dim, "dim")
     if n * dim > _checks.INT64_MAX:
         raise ValueError(f"n * dim must be at most {_checks.INT64_MAX}, got {n} * {dim}")
-    element_offset = _checks.sample_offset(offset, (n, dim))
-    offset = _checks.as_int(offset, "offset")  # in samples, as the reference takes it
+    _checks.sample_offset(offset, (n, dim))
+    offset = _checks.as_int(offset, "offset")  # in samples, as the op takes it
     psi = _truncation(truncation)
     dtype = _checks.float_dtype(dtype)
     device = _checks.compute_device(device)
     backend = resolve_backend(backend, device)
-    seed = _checks.seed64(seed)
-    if backend != "triton":  # "torch" and "reference": the reference is this op's torch path
-        return ref_latents.latents(n, dim, seed=seed, offset=offset, truncation=psi, dtype=dtype, device=device)
-    from fastgen.kernels import latents as k_latents, random as k_random
-
-    out = empty((n, dim), dtype=dtype, device=device)
-    if out.numel() == 0:
-        return out
-    if psi is None:
-        return k_random.randn(out, seed, 0, element_offset)
-    erf_psi, erfc_psi = math.erf(psi / math.sqrt(2.0)), math.erfc(psi / math.sqrt(2.0))
-    bound = ref_latents.largest_at_most(psi, dtype)
-    return k_latents.truncated_latents(out, seed, ref_latents.TRUNCATED_STREAM, element_offset, erf_psi, erfc_psi,
-                                       bound)
+    seed, seed_bits = seed_operands(seed, backend)
+    return torch.ops.fastgen.latents(n, dim, seed, seed_bits, offset, psi, dtype, device, backend)

@@ -145,6 +145,10 @@ def sampler_step(table: StepTable, i, model_output, sample, *, prev_denoised=Non
     if not isinstance(table, StepTable):
         raise TypeError(f"table must be a fastgen.ops.samplers.StepTable, got {type(table).__name__}")
     _checks.batched(sample, "sample")
+    if torch.compiler.is_compiling():
+        return _traced_step(table, i, model_output, sample, prev_denoised, seed=seed, noise=noise, offset=offset,
+                            guidance_scale=guidance_scale, return_denoised=return_denoised, denoised_out=denoised_out,
+                            backend=backend)
     host_i = i if isinstance(i, int) else None
     if host_i is not None:
         host_i = _checks.as_int(i, "i")
@@ -187,6 +191,29 @@ def sampler_step(table: StepTable, i, model_output, sample, *, prev_denoised=Non
     else:
         out, denoised = torch_step(table, table.row(host_i), guided(model_output.float(), guidance_scale),
                                    sample.float(), prev_denoised, noise)
+    if denoised_out is not None:
+        denoised = denoised_out.copy_(denoised)
+    return out.to(sample.dtype), (denoised.to(sample.dtype) if return_denoised else None)
+
+
+def _traced_step(table, i, model_output, sample, prev_denoised, *, seed, noise, offset, guidance_scale, return_denoised,
+                 denoised_out, backend):
+    """``sampler_step`` while torch.compile traces it: the checks that read no tensor, then
+    ``device_step`` (the step index may be symbolic; whether the step reads ``prev_denoised`` or
+    draws noise is left to its coefficients, which are 0 where it does not)."""
+    from fastgen.ops.random import seed_of, seed_operands
+
+    guidance_scale = guidance_scale_arg(guidance_scale)
+    _checks.like(model_output, "model_output", sample, "sample", shape=guidance_scale is None)
+    check_guided_output(model_output, sample.shape, guidance_scale)
+    for tensor, name in ((prev_denoised, "prev_denoised"), (noise, "noise"), (denoised_out, "denoised_out")):
+        if tensor is not None:
+            _checks.like(tensor, name, sample, "sample")
+    element_offset = _checks.sample_offset(offset, sample.shape)
+    backend = resolve_backend(backend, sample.device)
+    seed, seed_bits = seed_operands(seed, "torch") if noise is None and table.any_draws else (0, None)
+    out, denoised = device_step(table, i, model_output, sample, prev_denoised, noise=noise,
+                                seed=seed_of(seed, seed_bits), offset=element_offset, guidance_scale=guidance_scale)
     if denoised_out is not None:
         denoised = denoised_out.copy_(denoised)
     return out.to(sample.dtype), (denoised.to(sample.dtype) if return_denoised else None)

@@ -1,0 +1,200 @@
+"""fastgen's ops as torch custom ops: torch.compile(fullgraph=True) traces each with no graph break,
+the op stays in the graph as ``torch.ops.fastgen.<name>``, compiled results and gradients equal the
+eager ones, inductor compiles the op's body itself (no call back into the op), and
+torch.library.opcheck accepts every registration.
+
+All on the CPU with backend "auto" (the torch path). Compiles are slow, so every function compiles
+once per session, with aot_eager (the traced graph, run by eager torch); inductor compiles one.
+"""
+import functools
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+import fastgen
+from fastgen.reference import flows as ref_flows
+from fastgen.reference import gaussian as ref_gaussian
+from fastgen.reference import random as ref_random
+from tests.utils import rand_like_shape
+
+SEED = 0xC0FFEE1234567890  # >= 2^63: the ops carry its bits as a negative int64
+SHAPE = (3, 5)
+FP32 = dict(rtol=1e-6, atol=1e-6)  # compiled vs eager: fp32 rounding (Philox integers are bit-identical)
+
+
+def _random(shape, seed, scale=1.0):
+    return rand_like_shape(shape, scale=scale, generator=torch.Generator().manual_seed(seed))
+
+
+# mu, logvar (std in ~[0.5, 2]) and a third tensor (a prior mean, a shift): random, never zero
+MU, LOGVAR, OTHER = _random(SHAPE, 1), _random(SHAPE, 2, scale=0.5), _random(SHAPE, 3)
+
+
+def randn():
+    return fastgen.randn(SHAPE, seed=SEED, stream=2, offset=1)
+
+
+def latents():
+    return fastgen.latents(*SHAPE, seed=SEED, offset=1, truncation=1.5)
+
+
+def reparameterize(mu, logvar):
+    return fastgen.reparameterize(mu, logvar, seed=SEED, offset=1)
+
+
+def gaussian_kl(mu, logvar, mu2):
+    return fastgen.gaussian_kl(mu, logvar, mu2[0], reduction="batchmean")  # a prior shared over the batch
+
+
+def reparameterize_with_kl(mu, logvar):
+    return fastgen.reparameterize_with_kl(mu, logvar, seed=SEED, offset=2)
+
+
+def affine_coupling(x, log_scale, shift):
+    return fastgen.affine_coupling(x, log_scale, shift, reverse=True)
+
+
+# op name -> (a function calling it, its tensor arguments)
+CASES = {
+    "randn": (randn, ()),
+    "latents": (latents, ()),
+    "reparameterize": (reparameterize, (MU, LOGVAR)),
+    "gaussian_kl": (gaussian_kl, (MU, LOGVAR, OTHER)),
+    "reparameterize_with_kl": (reparameterize_with_kl, (MU, LOGVAR)),
+    "affine_coupling": (affine_coupling, (MU, LOGVAR, OTHER)),
+}
+
+
+@functools.cache
+def compiled(name):
+    return torch.compile(CASES[name][0], fullgraph=True, backend="aot_eager")
+
+
+def outputs_and_grads(fn, args):
+    """fn's outputs (a tuple) and the gradients of sum(out * g) for fixed random g w.r.t. ``args``
+    (fresh leaves that require grad)."""
+    leaves = [a.clone().requires_grad_() for a in args]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    if not leaves:
+        return outs, ()
+    upstream = [_random(o.shape, 10 + i) for i, o in enumerate(outs)]
+    return tuple(o.detach() for o in outs), torch.autograd.grad(outs, leaves, upstream)
+
+
+def assert_all_close(actual, expected):
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, **FP32)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_traced_whole_with_the_op_in_the_graph(name):
+    fn, args = CASES[name]
+    explained = torch._dynamo.explain(fn)(*args)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    targets = {node.target for graph in explained.graphs for node in graph.graph.nodes}
+    assert getattr(torch.ops.fastgen, name) in targets
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_compiled_outputs_and_gradients_equal_eager(name):
+    fn, args = CASES[name]
+    actual = outputs_and_grads(compiled(name), args)
+    expected = outputs_and_grads(fn, args)
+    for a, e in zip(actual, expected):
+        assert_all_close(a, e)
+
+
+def randn_unseeded():
+    return fastgen.randn(SHAPE)
+
+
+def reparameterize_unseeded(mu, logvar):
+    return fastgen.reparameterize(mu, logvar)
+
+
+@pytest.mark.parametrize("fn, args", [(randn_unseeded, ()), (reparameterize_unseeded, (MU, LOGVAR))])
+def test_compiled_missing_seed_follows_torch_manual_seed(fn, args):
+    """Without a seed the compiled graph draws it from torch's generator, as eager does (kept as a
+    tensor: nothing is read back to the host, so fullgraph holds)."""
+    compiled_fn = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    draws = []
+    for run, seed in ((compiled_fn, 0), (fn, 0), (compiled_fn, 1)):
+        torch.manual_seed(seed)
+        draws.append(run(*args))
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+def test_inductor_compiles_the_op_body():
+    """Inductor decomposes the op (counter noise, the reparameterization, the KL and their backward)
+    into its own code, with no call back into torch.ops.fastgen, and matches eager to fp32 rounding."""
+    compiled_fn = torch.compile(reparameterize_with_kl, fullgraph=True)
+    actual, codes = run_and_get_code(outputs_and_grads, compiled_fn, (MU, LOGVAR))
+    assert len(codes) == 2 and not any("torch.ops.fastgen" in code for code in codes)  # forward, backward
+    for a, e in zip(actual, outputs_and_grads(reparameterize_with_kl, (MU, LOGVAR))):
+        assert_all_close(a, e)
+
+
+REFERENCES = {
+    "reparameterize": lambda mu, logvar: ref_gaussian.reparameterize(
+        mu, logvar, ref_random.randn(SHAPE, seed=SEED, offset=SHAPE[1])),
+    "gaussian_kl": lambda mu, logvar, mu2: ref_gaussian.reduce(ref_gaussian.gaussian_kl(mu, logvar, mu2[0]),
+                                                               "batchmean"),
+    "reparameterize_with_kl": lambda mu, logvar: ref_gaussian.reparameterize_with_kl(
+        mu, logvar, ref_random.randn(SHAPE, seed=SEED, offset=2 * SHAPE[1])),
+    "affine_coupling": ref_flows.affine_coupling_inverse,
+}
+
+
+@pytest.mark.parametrize("name", REFERENCES)
+def test_torch_path_gradients_are_the_references(name):
+    """Eagerly the torch path's outputs and gradients are the reference's under autograd, bit for bit."""
+    actual = outputs_and_grads(CASES[name][0], CASES[name][1])
+    expected = outputs_and_grads(REFERENCES[name], CASES[name][1])
+    for a, e in zip(actual, expected):
+        assert all(torch.equal(x, y) for x, y in zip(a, e))
+
+
+def test_torch_path_input_passed_twice_and_double_backward():
+    """One tensor as mu and logvar gets the sum of both places' gradients (once, added in another
+    order than the reference's autograd adds them: fp32 rounding), and the gradient is itself
+    differentiable, as the reference's is."""
+    mu = MU.clone().requires_grad_()
+    grads = [torch.autograd.grad(kl(mu, mu).sum(), mu, create_graph=True)[0] for kl in (
+        lambda m, lv: fastgen.gaussian_kl(m, lv),
+        lambda m, lv: ref_gaussian.reduce(ref_gaussian.gaussian_kl(m, lv), "per_sample"))]
+    second = [torch.autograd.grad(g.sum(), mu)[0] for g in grads]
+    assert_all_close(grads[:1] + second[:1], grads[1:] + second[1:])
+
+
+def _leaves(*tensors):
+    return [t.clone().requires_grad_() for t in tensors]
+
+
+CPU = torch.device("cpu")
+# Each op with the arguments its public function passes on the torch path (offsets in elements).
+OPCHECKS = {
+    "randn": [(list(SHAPE), -5, None, 2, 7, torch.float32, CPU, "torch"),
+              (list(SHAPE), 0, torch.tensor([SEED - (1 << 64)]), 0, 3, torch.float16, CPU, "torch")],
+    "latents": [(3, 5, -5, None, 1, 1.5, torch.float32, CPU, "torch"),
+                (3, 5, 0, torch.tensor([7]), 2, None, torch.bfloat16, CPU, "torch")],
+    "reparameterize": [(*_leaves(MU, LOGVAR), None, -5, None, 0, 5, "torch"),
+                       (*_leaves(MU, LOGVAR, OTHER), 0, None, 0, 0, "torch")],
+    "gaussian_kl": [(*_leaves(MU, LOGVAR, OTHER[0], LOGVAR[1]), reduction, "torch")
+                    for reduction in ("none", "per_sample", "batchmean")],
+    "reparameterize_with_kl": [(*_leaves(MU, LOGVAR), None, 7, torch.tensor([-3]), 1, 10, "torch"),
+                               (*_leaves(MU, LOGVAR, OTHER), 0, None, 0, 0, "torch")],
+    "affine_coupling": [(*_leaves(MU, LOGVAR, OTHER), reverse, "torch") for reverse in (False, True)]
+    + [(*_leaves(MU[0], LOGVAR[0], OTHER[0]), False, "torch")],  # 1-d: log_scale is its own sum
+}
+# The backend "triton" is not opchecked here: under the Triton interpreter the fake-tensor checks run
+# the op's body, which launches the interpreted kernel on fake tensors (it needs real storage); on a
+# GPU the launches go through wrap_triton while torch.compile traces.
+
+
+@pytest.mark.parametrize("name, args", [(name, args) for name, cases in OPCHECKS.items() for args in cases],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_opcheck(name, args):
+    torch.library.opcheck(getattr(torch.ops.fastgen, name).default, args)
