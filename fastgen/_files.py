@@ -6,15 +6,26 @@
     with atomic_write(out, "wb") as f:                  # a temporary file beside ``out``, renamed onto it
         torch.save(state, f)
 
-A write that fails midway (disk full, a file size limit, Ctrl-C) removes its temporary file and
-leaves the file that was at the destination byte for byte as it was.
+A write that fails midway (disk full, a file size limit, Ctrl-C, SIGTERM) removes its temporary file
+and leaves the file that was at the destination byte for byte as it was.
+
+What an output may be: a new path, or an existing regular file, which is replaced. Anything else that
+exists there is refused by name, never renamed over: a directory, a character or block device (such as
+/dev/null), a FIFO, a socket. A symlink is written through: the file it points to is replaced (by a
+temporary file in that file's folder) and the link stays; a link to anything but a regular file is
+refused as that thing would be.
 """
 import contextlib
 import os
 import secrets
+import signal
 import stat
+import threading
 
 MODES = ("w", "wb")
+# what stat calls the things an output must not be (a directory has its own error)
+NOT_REGULAR = ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISFIFO, "FIFO"),
+               (stat.S_ISSOCK, "socket"))
 
 
 def _temporary_path(path: str) -> str:
@@ -41,27 +52,80 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
+def _kind(path: str):
+    """What is at ``path`` (links followed): None when nothing is or it cannot be looked at (a file in
+    the way, a folder that cannot be searched: the folder checks say why), else "file", "directory",
+    "character device", "block device", "FIFO", "socket" or "special file"."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    return next((kind for test, kind in NOT_REGULAR if test(mode)), "special file")
+
+
+def _writable_target(path: str, name: str) -> str:
+    """The file a write to ``path`` replaces: ``path``, or the file a symlink there points to. An error
+    naming ``name`` when something other than a regular file is there: IsADirectoryError for a
+    directory, ValueError for a device, FIFO or socket (renaming onto it would replace the node)."""
+    target = os.path.realpath(path)
+    kind = _kind(target)
+    if kind in (None, "file"):
+        return target
+    via = f" (a symlink to {target!r})" if os.path.islink(path) else ""
+    if kind == "directory":
+        raise IsADirectoryError(f"{name} must be a file path, got the directory {path!r}{via}")
+    raise ValueError(f"{name} must be a new path or a regular file, got the {kind} {path!r}{via}: fastgen writes a "
+                     f"new file and renames it onto the output, which would replace the {kind}")
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While the block runs, SIGTERM raises SystemExit(128 + SIGTERM) (the status the signal would give)
+    instead of ending the process at once, so that the block's cleanup runs as for Ctrl-C. Only on the
+    main thread and when SIGTERM has its default action (a handler someone installed is left alone);
+    the default is restored after."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode: str = "wb", **open_kwargs):
     """Yield a file object (``open(tmp, mode, **open_kwargs)``) on a temporary file in ``path``'s folder.
     On a clean exit its data is flushed and fsynced and the file renamed onto ``path`` (``os.replace``:
     readers see the old file or the new one, never a part). On any exception, KeyboardInterrupt
-    included, the temporary file is removed and ``path`` is left untouched. A symlink at ``path`` is
-    written through (its target is replaced)."""
+    included, and on SIGTERM (then SystemExit), the temporary file is removed and ``path`` is left
+    untouched. A symlink at ``path`` is written through: the file it points to is replaced and the link
+    kept. A directory, device, FIFO or socket at ``path`` (or at the end of its links) is refused
+    before anything is written (``prepare_output`` says which errors)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    path = os.path.realpath(os.fspath(path))
-    tmp = _temporary_path(path)
-    try:
-        with open(tmp, mode, **open_kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        _keep_mode(path, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
+    path = _writable_target(os.fspath(path), "path")
+    with _sigterm_raises():
+        tmp = _temporary_path(path)
+        try:
+            with open(tmp, mode, **open_kwargs) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            _keep_mode(path, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            _remove(tmp)
+            raise
 
 
 def _make_folder(folder: str, path: str, name: str) -> None:
@@ -97,16 +161,20 @@ def _as_str_path(path, name: str) -> str:
 def prepare_output(path, *, folder: bool = False, name: str = "out") -> str:
     """Check, before any work, that the output ``path`` can be written; returns it as a str.
 
-    A file output (``folder=False``) must not be an existing directory (IsADirectoryError); a folder
-    output (``folder=True``) must not be an existing file (NotADirectoryError). The folder that will
-    hold the output is created if missing, and a file is created and removed in it to prove it is
-    writable (PermissionError, or NotADirectoryError when a file blocks the way). Errors name ``name``."""
+    A file output (``folder=False``) must be a new path or a regular file (or a symlink to either, then
+    written through): a directory there is an IsADirectoryError, a device, FIFO or socket a ValueError.
+    A folder output (``folder=True``) must not be anything but a directory (NotADirectoryError). The
+    folder that will hold the output is created if missing, and a file is created and removed in it to
+    prove it is writable (PermissionError, or NotADirectoryError when a file blocks the way). Errors
+    name ``name``."""
     path = _as_str_path(path, name)
-    if folder and os.path.exists(path) and not os.path.isdir(path):
-        raise NotADirectoryError(f"{name} must be a folder, got the existing file {path!r}")
-    if not folder and os.path.isdir(path):
-        raise IsADirectoryError(f"{name} must be a file path, got the directory {path!r}")
-    parent = os.path.realpath(path if folder else os.path.dirname(os.path.abspath(path)))
+    if folder:
+        kind = _kind(path)
+        if kind not in (None, "directory"):
+            raise NotADirectoryError(f"{name} must be a folder, got the existing {kind} {path!r}")
+        parent = os.path.realpath(path)
+    else:
+        parent = os.path.dirname(_writable_target(path, name))
     _make_folder(parent, path, name)
     _check_writable(parent, path, name)
     return path

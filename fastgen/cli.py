@@ -103,18 +103,19 @@ def _train_ddpm(args) -> int:
 def _train_flow(args) -> int:
     from fastgen.models import flows
 
-    result = flows.train_flow(args.out or "flow_digits.pt", steps=3000 if args.steps is None else args.steps,
+    out = prepare_output(args.out or "flow_digits.pt", name="--out")
+    result = flows.train_flow(out, steps=3000 if args.steps is None else args.steps,
                               seed=args.seed, resume=args.resume, batch_size=args.batch_size, threads=args.threads,
                               progress=not args.no_progress, checkpoint_every=args.checkpoint_every, slim=args.slim)
     print(f"trained the digits flow in {result['seconds']:.0f}s; held-out {result['test_bits_per_dim']:.3f} bits/dim "
-          f"(per-pixel categorical: {result['categorical_bits_per_dim']:.3f}); saved {args.out or 'flow_digits.pt'}")
+          f"(per-pixel categorical: {result['categorical_bits_per_dim']:.3f}); saved {out}")
     return 0
 
 
 def _train_consistency(args) -> int:
     from fastgen.models import consistency, denoisers
 
-    out = args.out or "consistency_digits.pt"
+    out = prepare_output(args.out or "consistency_digits.pt", name="--out")
     teacher = denoisers.load_checkpoint(args.teacher) if args.teacher else denoisers.pretrained_denoiser()
     result = consistency.distill(teacher, out, objective=args.objective,
                                  steps=4000 if args.steps is None else args.steps, num_scales=args.num_scales,
@@ -170,12 +171,30 @@ def _spread(seconds) -> tuple:
     return statistics.median(seconds), min(seconds), max(seconds)
 
 
+# sample options that apply to one model only, each with its default (argparse's default is None, so that
+# an option the user gave to the other model is told apart from one left out)
+MODEL_OPTIONS = {"temperature": ("flow", 1.0), "sampler": ("ddpm", "ddim"), "steps": ("ddpm", None),
+                 "eta": ("ddpm", 0.0), "label": ("ddpm", None), "guidance_scale": ("ddpm", None)}
+
+
+def _apply_model_options(args) -> None:
+    """Refuse a sample option given for the model it does not apply to (ValueError naming both), then
+    fill in the defaults of those left out."""
+    for dest, (model, default) in MODEL_OPTIONS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
+        elif args.model != model:
+            raise ValueError(f"--{dest.replace('_', '-')} does not apply to --model {args.model} "
+                             f"(it is an option of --model {model})")
+
+
 def _sample_flow(args) -> int:
     from fastgen.models import flows
 
-    result = flows.sample_flow(args.out, n=args.n, seed=args.seed, temperature=args.temperature,
+    out = prepare_output(args.out, name="--out")
+    result = flows.sample_flow(out, n=args.n, seed=args.seed, temperature=args.temperature,
                                checkpoint=args.checkpoint, device=args.device, scale=args.scale)
-    print(f"{args.n} samples of the digits flow, seed {args.seed}, temperature {args.temperature}: wrote {args.out} "
+    print(f"{args.n} samples of the digits flow, seed {args.seed}, temperature {args.temperature}: wrote {out} "
           f"in {result['seconds']:.2f} s; {result['quality']}")
     return 0
 
@@ -285,6 +304,7 @@ def _sample(args) -> int:
     from fastgen import distributed, images, sampling
 
     images.check_samples_path(args.out, "--out")
+    _apply_model_options(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     batched = (distributed.launched() or args.shard_dir is not None or args.batch_size is not None
@@ -498,19 +518,19 @@ def _add_sample(commands):
     p = commands.add_parser("sample", help="sample digits with the shipped DDPM: PNG grid, fastgen vs reference time")
     p.add_argument("--model", default="ddpm", choices=["ddpm", "flow"],
                    help="the shipped model to sample (default: ddpm; flow: the normalizing flow)")
-    p.add_argument("--temperature", type=_positive_float, default=1.0, help="flow: the latent's scale (default: 1)")
-    p.add_argument("--sampler", default="ddim", choices=SAMPLERS,
-                   help="the scheduler (default: ddim); flow_match samples the denoiser as a velocity model; "
+    p.add_argument("--temperature", type=_positive_float, default=None, help="flow: the latent's scale (default: 1)")
+    p.add_argument("--sampler", default=None, choices=SAMPLERS,
+                   help="ddpm: the scheduler (default: ddim); flow_match samples the denoiser as a velocity model; "
                         "consistency the distilled student (default 2 steps)")
     p.add_argument("--label", type=_int_at_least(0), default=None,
-                   help="the digit to sample (a class-conditional denoiser, train ddpm --conditional)")
+                   help="ddpm: the digit to sample (a class-conditional denoiser, train ddpm --conditional)")
     p.add_argument("--guidance-scale", type=_finite_float, default=None,
-                   help="classifier-free guidance towards --label (w; 1: the conditional model alone)")
+                   help="ddpm: classifier-free guidance towards --label (w; 1: the conditional model alone)")
     p.add_argument("--steps", type=_int_at_least(1), default=None,
-                   help="sampling steps (default: ddim 50, ddpm 1000)")
+                   help="ddpm: sampling steps (default: ddim 50, ddpm 1000, consistency 2)")
     p.add_argument("--n", type=_int_at_least(1), default=64, help="number of samples (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the counter-based noise (default: 0)")
-    p.add_argument("--eta", type=_unit_interval, default=0.0, help="ddim: eta in [0, 1] (default: 0)")
+    p.add_argument("--eta", type=_unit_interval, default=None, help="ddpm --sampler ddim: eta in [0, 1] (default: 0)")
     p.add_argument("--out", default="grid.png",
                    help="the output: .png a grid, .npz the samples [N, C, H, W] as float32 in [0, 1] under the key "
                         "'samples' (default: ./grid.png)")

@@ -44,14 +44,21 @@ every rank finished; shards already written stay, for a rerun.
 
 Shard directories. With ``shard_dir`` rank 0 first writes ``manifest.json`` (atomically): fastgen's
 version, the configuration and its hash, seed, n, batch and shard size, and every shard's file and
-sample range [start, end). Each rank writes each shard it finishes as ``shard-<index>.npz`` (atomically:
-float32 ``samples`` [end - start, *sample_shape] in the model's value range, with its ``start``,
-``end`` and ``config_hash``). A rerun with the same configuration, on any number of ranks, skips every
-shard whose file is in the manifest, has the right shape and range and carries the configuration's
-hash, and samples the rest; a directory written with another configuration is refused with an error
-naming what differs. The directory must be visible to every rank (a shared filesystem across nodes).
+sample range [start, end), in order. Each rank writes each shard it finishes as ``shard-<index>.npz``
+(atomically: float32 ``samples`` [end - start, *sample_shape] in the model's value range, with its
+``start``, ``end`` and ``config_hash``), then that file's SHA-256 beside it as
+``shard-<index>.npz.sha256`` (the format of ``sha256sum``; a file of its own because any rank writes
+any shard, while the manifest has one writer). A shard counts as finished only if its file has the
+recorded digest and holds the manifest's range, the right shape and the configuration's hash: a rerun
+with the same configuration, on any number of ranks, skips those and samples the rest again (a shard
+rewritten, damaged or unreadable included, with a warning). A directory written with another
+configuration is refused with an error naming what differs, and a manifest whose shard list is not
+the run's grid in order (shard i, file shard-<i>.npz, samples [i S, min((i + 1) S, n))) is refused, so
+its shards can never be read in the wrong order. The directory must be visible to every rank (a shared
+filesystem across nodes).
 """
 import hashlib
+import io
 import json
 import os
 import warnings
@@ -251,7 +258,7 @@ class _Run:
                                  f"(min(batch_size, n)), got {unit}")
         elif shard_size is not None:
             raise ValueError("shard_size needs a shard_dir")
-        self.units = [(start, min(start + unit, self.n)) for start in range(0, self.n, unit)]
+        self.units = _grid(self.n, unit)
         self.model, self.scheduler, self.sample_kwargs = model, scheduler, dict(sample_kwargs)
         self.labels = self._per_sample_labels()
         # the first batch's sampler checks every argument fastgen.sample checks, before any work
@@ -340,12 +347,27 @@ def _raise_reported(replies, ranks, own_error, what):
 
 # --- shard directories --------------------------------------------------------------------------------
 
+DIGEST_SUFFIX = ".sha256"  # beside each shard: its SHA-256, as sha256sum writes it
+
+
+def _grid(n: int, unit: int) -> list:
+    """The (start, end) of each unit of ``unit`` samples of ``n``, in order; the last one cut at n."""
+    return [(start, min(start + unit, n)) for start in range(0, n, unit)]
+
+
 def _shard_name(index: int) -> str:
     return f"shard-{index:06d}.npz"
 
 
+def _shard_list(n: int, shard_size: int) -> list:
+    """The manifest's list of shards of a run of ``n`` samples in shards of ``shard_size``."""
+    return [{"index": i, "start": start, "end": end, "file": _shard_name(i)}
+            for i, (start, end) in enumerate(_grid(n, shard_size))]
+
+
 def load_manifest(shard_dir) -> dict:
-    """The manifest of a shard directory; ValueError when it is missing or not a fastgen shard manifest."""
+    """The manifest of a shard directory; ValueError when it is missing, not a fastgen shard manifest,
+    or lists other shards than its configuration's grid in order."""
     path = os.path.join(os.fspath(shard_dir), MANIFEST)
     try:
         with open(path, encoding="utf-8") as f:
@@ -357,41 +379,77 @@ def load_manifest(shard_dir) -> dict:
                          f"({err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"shard_dir {os.fspath(shard_dir)!r}: {MANIFEST} is not a {MANIFEST_FORMAT} manifest")
+    config = manifest.get("config")
+    n, size = (config.get("n"), config.get("shard_size")) if isinstance(config, dict) else (None, None)
+    valid = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (n, size))
+    if not valid or manifest.get("shards") != _shard_list(n, size):
+        raise ValueError(f"shard_dir {os.fspath(shard_dir)!r}: the shards of {MANIFEST} are not those of its "
+                         f"configuration (n={n}, shard_size={size}) in order; the manifest was edited or damaged")
     return manifest
 
 
-def _shard_finished(shard_dir, shard, sample_shape, config_hash) -> bool:
-    """Whether the shard's file is whole and of this run: samples float32 [end - start, *sample_shape]
-    (read from the .npy header, not loaded), and the manifest's range and configuration hash."""
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_shard(shard_dir, shard, sample_shape, config_hash) -> np.ndarray:
+    """The samples of a finished shard of this run, read once: the file's SHA-256 must be the one
+    recorded beside it, and it must hold float32 samples [end - start, *sample_shape] with the manifest's
+    range and the configuration's hash. ValueError saying why otherwise (FileNotFoundError when the
+    shard's file is missing, OSError and zipfile's errors when it cannot be read)."""
     path = os.path.join(shard_dir, shard["file"])
-    if not os.path.exists(path):
-        return False
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        with zipfile.ZipFile(path) as archive, archive.open("samples.npy") as member:
-            npy = np.lib.format
-            read_header = npy.read_array_header_1_0 if npy.read_magic(member) == (1, 0) else npy.read_array_header_2_0
-            shape, _, dtype = read_header(member)
-        with np.load(path) as arrays:
-            marks = (int(arrays["start"]), int(arrays["end"]), str(arrays["config_hash"]))
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
-        warnings.warn(f"shard_dir: {path} is unreadable ({_one_line(err)}); sampling it again", RuntimeWarning,
-                      stacklevel=4)
-        return False
-    expected = (shard["end"] - shard["start"], *sample_shape)
-    if shape != expected or dtype != np.float32 or marks != (shard["start"], shard["end"], config_hash):
-        warnings.warn(f"shard_dir: {path} is not this run's shard {shard['index']} (shape {shape}, range "
-                      f"{marks[:2]}); sampling it again", RuntimeWarning, stacklevel=4)
-        return False
-    return True
+        with open(path + DIGEST_SUFFIX, encoding="ascii") as f:
+            recorded = f.read().split()[:1]
+    except FileNotFoundError:
+        raise ValueError(f"no recorded digest ({shard['file']}{DIGEST_SUFFIX} is missing)") from None
+    if recorded != [_digest(data)]:
+        raise ValueError("its SHA-256 is not the one recorded when it was written (the file was rewritten or damaged)")
+    with np.load(io.BytesIO(data)) as arrays:
+        samples = arrays["samples"]
+        marks = (int(arrays["start"]), int(arrays["end"]), str(arrays["config_hash"]))
+    if (samples.shape != (shard["end"] - shard["start"], *sample_shape) or samples.dtype != np.float32
+            or marks != (shard["start"], shard["end"], config_hash)):
+        raise ValueError(f"it is not this run's shard {shard['index']} (shape {samples.shape}, range {marks[:2]})")
+    return samples
+
+
+UNREADABLE = (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile)  # what _read_shard raises
+
+
+def _shard_problem(shard_dir, shard, sample_shape, config_hash):
+    """None when the shard's file is a finished shard of this run (``_read_shard``), else why not:
+    "missing", or what is wrong with the file."""
+    try:
+        _read_shard(shard_dir, shard, sample_shape, config_hash)
+    except FileNotFoundError:
+        return "missing"
+    except UNREADABLE as err:
+        return f"{shard['file']} is unreadable or not this run's ({_one_line(err)})"
+    return None
+
+
+def _finished_shards(shard_dir, shards, sample_shape, config_hash) -> list:
+    """The indices of the finished ``shards``; a file that is there but is not finished gets a warning
+    saying why, as it is sampled again."""
+    finished = []
+    for shard in shards:
+        problem = _shard_problem(shard_dir, shard, sample_shape, config_hash)
+        if problem is None:
+            finished.append(shard["index"])
+        elif problem != "missing":
+            warnings.warn(f"shard_dir {shard_dir!r}: {problem}; sampling it again", RuntimeWarning, stacklevel=4)
+    return finished
 
 
 def _open_shard_dir(run) -> list:
     """On rank 0: the indices of the finished shards of ``run.shard_dir``, after writing its manifest
     (a new directory) or checking it (a rerun). ValueError for a directory of another configuration,
-    or one holding files but no manifest."""
+    one whose manifest lists other shards, or one holding files but no manifest."""
     shard_dir = run.shard_dir
-    shards = [{"index": i, "start": start, "end": end, "file": _shard_name(i)}
-              for i, (start, end) in enumerate(run.units)]
+    shards = _shard_list(run.n, run.config["shard_size"])
     if os.path.exists(os.path.join(shard_dir, MANIFEST)):
         manifest = load_manifest(shard_dir)
         differ = _differences(run.config, manifest.get("config", {}))
@@ -399,7 +457,7 @@ def _open_shard_dir(run) -> list:
             raise ValueError(f"shard_dir {shard_dir!r} holds shards of another configuration; it differs in "
                              f"{'; '.join(differ)} (this run vs the directory's): use another directory, or "
                              f"the arguments it was written with")
-        return [s["index"] for s in shards if _shard_finished(shard_dir, s, run.sample_shape, run.config_hash)]
+        return _finished_shards(shard_dir, shards, run.sample_shape, run.config_hash)
     entries = [e for e in os.listdir(shard_dir) if not e.startswith(".")]
     if entries:
         raise ValueError(f"shard_dir must be empty or hold the {MANIFEST} of an earlier run, got {shard_dir!r} "
@@ -416,24 +474,36 @@ def _open_shard_dir(run) -> list:
 
 
 def _write_shard(run, index, start, end, samples: torch.Tensor):
-    with atomic_write(os.path.join(run.shard_dir, _shard_name(index)), "wb") as f:
-        np.savez(f, samples=samples.detach().float().cpu().numpy(), start=np.int64(start), end=np.int64(end),
-                 config_hash=np.str_(run.config_hash))
+    """The shard's .npz, then its SHA-256 beside it (each atomically): a shard is finished once both are there."""
+    buffer = io.BytesIO()
+    np.savez(buffer, samples=samples.detach().float().cpu().numpy(), start=np.int64(start), end=np.int64(end),
+             config_hash=np.str_(run.config_hash))
+    data, name = buffer.getvalue(), _shard_name(index)
+    with atomic_write(os.path.join(run.shard_dir, name), "wb") as f:
+        f.write(data)
+    with atomic_write(os.path.join(run.shard_dir, name + DIGEST_SUFFIX), "w", encoding="ascii") as f:
+        f.write(f"{_digest(data)}  {name}\n")
 
 
 def iter_shards(shard_dir):
     """The samples of a finished shard directory, shard by shard in order: float32 CPU tensors
-    [end - start, *sample_shape]. ValueError (before the first) if a shard is missing or not whole."""
+    [end - start, *sample_shape]. ValueError (before the first) if a shard is missing or not whole
+    (``_read_shard``), or if one changes while they are read."""
     shard_dir = os.fspath(shard_dir)
     manifest = load_manifest(shard_dir)
-    missing = [s["index"] for s in manifest["shards"]
-               if not _shard_finished(shard_dir, s, tuple(manifest["sample_shape"]), manifest["config_hash"])]
-    if missing:
-        raise ValueError(f"shard_dir {shard_dir!r} is not finished: {len(missing)} of {len(manifest['shards'])} "
-                         f"shards missing (first: {missing[0]}); rerun the sampling to complete it")
+    sample_shape, config_hash = tuple(manifest["config"]["sample_shape"]), _hash(manifest["config"])
+    problems = [(s["index"], problem) for s in manifest["shards"]
+                if (problem := _shard_problem(shard_dir, s, sample_shape, config_hash)) is not None]
+    if problems:
+        raise ValueError(f"shard_dir {shard_dir!r} is not finished: {len(problems)} of {len(manifest['shards'])} "
+                         f"shards missing or damaged (first: shard {problems[0][0]}, {problems[0][1]}); rerun the "
+                         f"sampling to complete it")
     for shard in manifest["shards"]:
-        with np.load(os.path.join(shard_dir, shard["file"])) as arrays:
-            yield torch.from_numpy(arrays["samples"])
+        try:
+            yield torch.from_numpy(_read_shard(shard_dir, shard, sample_shape, config_hash))
+        except UNREADABLE as err:
+            raise ValueError(f"shard_dir {shard_dir!r}: {shard['file']} changed while it was read "
+                             f"({_one_line(err)}); rerun the sampling to complete it") from None
 
 
 # --- sampling -------------------------------------------------------------------------------------------

@@ -292,3 +292,47 @@ def test_sample_times_repeated_calls_after_a_warm_up(tmp_path, capsys, monkeypat
     assert "(1 CPU threads)" in out and "after a warm-up call, 2 timed calls each: median (min - max)" in out
     row = next(line for line in out.splitlines() if line.startswith("fastgen"))
     assert row.count("(") == 3 and " - " in row  # the label's parenthesis, then per step and total spreads
+
+
+@pytest.mark.parametrize("option, value, model", [
+    ("--sampler", "ddpm", "flow"), ("--label", "3", "flow"), ("--guidance-scale", "2", "flow"),
+    ("--steps", "5", "flow"), ("--eta", "0.5", "flow"), ("--temperature", "0.8", "ddpm"),
+])
+def test_a_sample_option_of_the_other_model_is_refused(tmp_path, capsys, monkeypatch, option, value, model):
+    """An option that does not apply to --model is named in one line (exit 2) before any work, never ignored."""
+    from fastgen.models import denoisers, flows
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the work started")
+
+    monkeypatch.setattr(denoisers, "pretrained_denoiser", no_work)
+    monkeypatch.setattr(flows, "pretrained_flow", no_work)
+    line = _user_error(capsys, ["sample", "--model", model, option, value, "--n", "2",
+                                "--out", str(tmp_path / "x.png")])
+    other = {"flow": "ddpm", "ddpm": "flow"}[model]
+    assert line.endswith(f"{option} does not apply to --model {model} (it is an option of --model {other})"), line
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_the_defaults_of_the_other_model_are_not_refused(tmp_path, capsys, monkeypatch):
+    """Left out, the options of one model never trouble the other: the flow runs with its temperature 1."""
+    from fastgen.models import flows
+
+    calls = []
+    monkeypatch.setattr(flows, "sample_flow", lambda out, **kw: calls.append(kw) or dict(seconds=0.0, quality=None))
+    from fastgen import cli
+
+    assert cli.main(["sample", "--model", "flow", "--n", "2", "--out", str(tmp_path / "x.png")]) == 0
+    assert calls[0]["temperature"] == 1.0
+
+
+def test_sample_flow_without_scikit_learn_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from fastgen.models import flows
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # as if scikit-learn were not installed
+    monkeypatch.setattr(flows, "pretrained_flow", lambda **kw: pytest.fail("the work started"))
+    line = _user_error(capsys, ["sample", "--model", "flow", "--n", "2", "--out", str(tmp_path / "x.png")])
+    assert "pip install scikit-learn (or pip install 'fastgen[train]')" in line
+    assert not (tmp_path / "x.png").exists()

@@ -267,3 +267,34 @@ def test_shipped_checkpoint_is_class_conditional():
     for k in (0, 4, 9):
         score = denoisers.sample_quality(model, n=50, seed=7, class_labels=k)
         assert score.class_counts[k] >= 45, (k, score)
+
+
+def test_a_checkpoint_of_an_unknown_architecture_names_the_file_and_the_choices(tmp_path):
+    path = tmp_path / "evil.pt"
+    denoisers.save_checkpoint(path, MLPDenoiser(dim=64, hidden=16, depth=1), dict(num_train_timesteps=10))
+    state = torch.load(path, weights_only=True)
+    torch.save(dict(state, architecture="evil"), path)
+    with pytest.raises(ValueError, match=r"got '.*evil.pt': its architecture is 'evil', not one of \['mlp', 'unet'\]"):
+        denoisers.load_checkpoint(path)
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_names_the_file_on_a_short_first_line(tmp_path, capsys):
+    from fastgen.cli import main
+
+    path = tmp_path / "misshaped.pt"
+    denoisers.save_checkpoint(path, MLPDenoiser(dim=64, hidden=16, depth=1), dict(num_train_timesteps=10))
+    state = torch.load(path, weights_only=True)
+    torch.save(dict(state, config=dict(state["config"], hidden=32)), path)
+    with pytest.raises(ValueError) as info:
+        denoisers.load_checkpoint(path)
+    first, *details = str(info.value).splitlines()
+    assert first == (f"path must be a {denoisers.CHECKPOINT_FORMAT} checkpoint, got {str(path)!r}: its weights do "
+                     f"not fit the MLPDenoiser its config describes")
+    assert "size mismatch" in "\n".join(details)  # torch's details follow
+    out = tmp_path / "x.png"
+    assert main(["sample", "--checkpoint", str(path), "--n", "1", "--steps", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "its weights do not fit the MLPDenoiser" in err
+    torch.save(dict(state, config=dict(state["config"], widht=32)), path)
+    with pytest.raises(ValueError, match="misshaped.pt'.*: its config does not fit MLPDenoiser"):
+        denoisers.load_checkpoint(path)

@@ -284,6 +284,70 @@ def test_a_damaged_shard_is_sampled_again(tmp_path):
     assert sampled == [1, 2] and torch.equal(x, y)
 
 
+def _rewrite_samples(path, samples):
+    """Write the shard ``path`` again with other ``samples`` and its own start, end and config_hash: a shard
+    whose header and marks still look right."""
+    with np.load(path) as arrays:
+        marks = {key: arrays[key] for key in ("start", "end", "config_hash")}
+    np.savez(path, samples=samples, **marks)
+
+
+def _flip_a_sample_byte(path):
+    """Bit rot: one byte of the stored samples changes, the zip directory and the .npy header stay valid."""
+    data = bytearray(path.read_bytes())
+    at = data.index(b"samples.npy") + 200  # past the member's name and the .npy header, inside the floats
+    data[at] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["rewritten", "bit rot", "no digest"])
+def test_a_shard_that_fails_its_digest_is_sampled_again(tmp_path, damage):
+    model, scheduler, kwargs = _setup("ddim")
+    common = dict(n=5, seed=SEED, batch_size=BATCH, shard_dir=tmp_path, shard_size=BATCH, **kwargs)
+    x = distributed.sample(model, SHAPE, scheduler, **common)
+    shard = tmp_path / "shard-000001.npz"
+    if damage == "rewritten":
+        _rewrite_samples(shard, np.zeros((2, *SHAPE), np.float32))
+    elif damage == "bit rot":
+        _flip_a_sample_byte(shard)
+    else:
+        os.remove(tmp_path / "shard-000001.npz.sha256")
+    with pytest.raises(ValueError, match="is not finished: 1 of 3 shards missing or damaged .first: shard 1, "
+                                         "shard-000001.npz is unreadable or not this run's"):
+        list(distributed.iter_shards(tmp_path))  # never read as it is
+    sampled = []
+    with pytest.warns(RuntimeWarning, match="shard-000001.npz is unreadable or not this run's .* sampling it again"):
+        y = distributed.sample(model, SHAPE, scheduler, callback=lambda i, s, e: sampled.append(i), **common)
+    assert sampled == [1] and torch.equal(x, y)
+    assert torch.equal(torch.cat(list(distributed.iter_shards(tmp_path))), x)
+
+
+def test_a_manifest_with_its_shards_out_of_order_is_refused(tmp_path):
+    import json
+
+    model, scheduler, kwargs = _setup("ddim")
+    common = dict(n=5, seed=SEED, batch_size=BATCH, shard_dir=tmp_path, shard_size=BATCH, **kwargs)
+    distributed.sample(model, SHAPE, scheduler, **common)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["shards"][0], manifest["shards"][1] = manifest["shards"][1], manifest["shards"][0]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    for read in (lambda: list(distributed.iter_shards(tmp_path)),
+                 lambda: distributed.sample(model, SHAPE, scheduler, **common)):
+        with pytest.raises(ValueError, match=r"the shards of manifest.json are not those of its configuration "
+                                             r"\(n=5, shard_size=2\) in order"):
+            read()
+
+
+def test_the_command_line_resamples_a_damaged_shard_without_a_traceback(tmp_path, capsys):
+    run = ["sample", "--n", "4", "--steps", "2", "--batch-size", "2", "--shard-size", "2", "--shard-dir",
+           str(tmp_path / "shards"), "--no-progress"]
+    assert main([*run, "--out", str(tmp_path / "a.npz")]) == 0
+    _flip_a_sample_byte(tmp_path / "shards" / "shard-000001.npz")
+    with pytest.warns(RuntimeWarning, match="sampling it again"):
+        assert main([*run, "--out", str(tmp_path / "b.npz")]) == 0
+    assert np.array_equal(_cli_samples(tmp_path / "a.npz"), _cli_samples(tmp_path / "b.npz"))
+
+
 @pytest.mark.parametrize("arguments, message", [
     (dict(n=0), "n must be an integer >= 1, got 0"),
     (dict(seed=None), "seed must be an integer"),
@@ -338,7 +402,7 @@ def test_sample_writes_npz_of_pixels_in_0_1(tmp_path, capsys):
 ])
 def test_sample_refuses_bad_outputs_in_one_line(tmp_path, capsys, monkeypatch, arguments, message):
     monkeypatch.chdir(tmp_path)
-    assert main(["sample", "--n", "2", "--steps", "1", "--no-progress", *arguments]) == 2
+    assert main(["sample", "--n", "2", "--no-progress", *arguments]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("python -m fastgen sample: error: ") and message in err
     assert not os.listdir(tmp_path)
@@ -348,7 +412,7 @@ def test_sample_refuses_a_shard_directory_of_another_run_in_one_line(tmp_path, c
     run = ["sample", "--n", "4", "--steps", "2", "--batch-size", "2", "--shard-dir", str(tmp_path / "shards"),
            "--no-progress"]
     assert main([*run, "--out", str(tmp_path / "a.npz")]) == 0
-    assert sorted(os.listdir(tmp_path / "shards")) == ["manifest.json", "shard-000000.npz"]
+    assert sorted(os.listdir(tmp_path / "shards")) == ["manifest.json", "shard-000000.npz", "shard-000000.npz.sha256"]
     assert main([*run, "--seed", "1", "--out", str(tmp_path / "b.npz")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds shards of another configuration; it differs in seed (1 vs 0)" in err

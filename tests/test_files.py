@@ -182,3 +182,108 @@ def test_prepare_output_refuses_an_unwritable_folder(tmp_path):
 def test_prepare_output_names_a_bad_path(path, error):
     with pytest.raises(error, match="out must be"):
         prepare_output(path)
+
+
+# --- what an output may be: a new path or a regular file (a symlink written through to one) --------------
+
+@pytest.fixture
+def fifo(tmp_path):
+    """A FIFO in tmp_path: a node that is not a regular file, like /dev/null (no real device is touched)."""
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("os.mkfifo is POSIX")
+    path = tmp_path / "pipe"
+    os.mkfifo(path)
+    return path
+
+
+def _still_a_fifo(path):
+    return stat.S_ISFIFO(os.lstat(path).st_mode)
+
+
+def test_prepare_output_and_atomic_write_refuse_a_fifo(fifo, tmp_path):
+    with pytest.raises(ValueError, match=r"--out must be a new path or a regular file, got the FIFO '.*pipe'"):
+        prepare_output(fifo, name="--out")
+    with pytest.raises(ValueError, match="path must be a new path or a regular file, got the FIFO"):
+        with atomic_write(fifo) as f:
+            f.write(b"x")
+    assert _still_a_fifo(fifo) and os.listdir(tmp_path) == ["pipe"]
+
+
+def test_a_symlink_to_a_fifo_is_refused_as_the_fifo(fifo, tmp_path):
+    link = tmp_path / "link.pt"
+    link.symlink_to(fifo)
+    with pytest.raises(ValueError, match=r"got the FIFO '.*link.pt' \(a symlink to '.*pipe'\)"):
+        prepare_output(link, name="--out")
+    with pytest.raises(ValueError, match="got the FIFO"):
+        with atomic_write(link) as f:
+            f.write(b"x")
+    assert link.is_symlink() and _still_a_fifo(fifo) and sorted(os.listdir(tmp_path)) == ["link.pt", "pipe"]
+
+
+def test_a_symlink_to_a_file_elsewhere_is_written_through_and_kept(tmp_path):
+    """The target is replaced by a temporary file in the target's folder; the link and its folder stay as they were."""
+    (tmp_path / "store").mkdir()
+    (tmp_path / "runs").mkdir()
+    target, link = tmp_path / "store" / "model.pt", tmp_path / "runs" / "model.pt"
+    target.write_bytes(OLD)
+    link.symlink_to(target)
+    assert prepare_output(link) == str(link)
+    with atomic_write(link) as f:
+        f.write(b"new")
+        assert [p for p in os.listdir(tmp_path / "store") if p.endswith(".tmp")]  # the temporary is beside the target
+    assert link.is_symlink() and os.readlink(link) == str(target) and target.read_bytes() == b"new"
+    assert os.listdir(tmp_path / "store") == ["model.pt"] and os.listdir(tmp_path / "runs") == ["model.pt"]
+
+
+def test_a_folder_output_refuses_a_fifo(fifo):
+    with pytest.raises(NotADirectoryError, match="--out must be a folder, got the existing FIFO"):
+        prepare_output(fifo, folder=True, name="--out")
+
+
+@pytest.mark.parametrize("argv", [["train", "ddpm", "--steps", "1"], ["train", "flow", "--steps", "1"],
+                                  ["sample", "--n", "1", "--steps", "1"]])
+@pytest.mark.parametrize("through_a_link", [False, True])
+def test_the_command_line_refuses_a_fifo_out_in_one_line(fifo, tmp_path, capsys, argv, through_a_link):
+    from fastgen import cli
+
+    out = fifo
+    if argv[0] == "sample" or through_a_link:  # sample --out needs a .png or .npz name: a link gives it one
+        out = tmp_path / "out.npz"
+        out.symlink_to(fifo)
+    assert cli.main(argv + ["--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "--out must be a new path or a regular file, got the FIFO" in err, err
+    assert _still_a_fifo(fifo)
+
+
+SIGTERM_CHILD = """
+import sys, time, torch
+from fastgen import images
+
+def blocks():
+    yield torch.zeros(2, 1, 8, 8)
+    print("writing", flush=True)
+    time.sleep(120)
+    yield torch.zeros(2, 1, 8, 8)
+
+images.save_npz(blocks(), sys.argv[1], shape=(4, 1, 8, 8))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM is POSIX")
+def test_sigterm_during_a_streamed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    import signal
+
+    path = tmp_path / "samples.npz"
+    path.write_bytes(OLD)
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_CHILD, str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "writing\n", proc.stderr.read()
+        assert any(name.endswith(".tmp") for name in os.listdir(tmp_path))  # mid-write
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert path.read_bytes() == OLD and os.listdir(tmp_path) == ["samples.npz"]

@@ -6,6 +6,7 @@ import copy
 import math
 import os
 import stat
+import sys
 
 import pytest
 import torch
@@ -402,3 +403,57 @@ def test_sample_flow_writes_a_png_and_scores_it(tmp_path):
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result["samples"].shape == (16, 1, 8, 8) and 0.0 <= result["quality"].confidence <= 1.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]
+
+
+class _RunsCode:
+    """Pickles as a call of print: a checkpoint holding it would run code if loaded without weights_only."""
+
+    def __reduce__(self):
+        return print, ("this flow checkpoint ran code",)
+
+
+def test_a_truncated_or_malicious_flow_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    """load_checkpoint reads through the shared loader: plain tensors only, a ValueError naming the file."""
+    from fastgen.cli import main
+
+    good = tmp_path / "flow.pt"
+    flow_models.save_checkpoint(good, small_flow())
+    (tmp_path / "truncated.pt").write_bytes(good.read_bytes()[:1000])
+    torch.save({"format": flow_models.CHECKPOINT_FORMAT, "code": _RunsCode()}, tmp_path / "code.pt")
+    state = torch.load(good, weights_only=True)
+    state["state_dict"]["layers.0.logits"] = torch.zeros(3)
+    torch.save(state, tmp_path / "misshaped.pt")
+    for name, reason in (("truncated.pt", "not a fastgen checkpoint"), ("code.pt", "refused: contains pickled code"),
+                         ("misshaped.pt", "its weights do not fit the Flow its config describes")):
+        with pytest.raises(ValueError, match=reason) as info:
+            flow_models.load_checkpoint(tmp_path / name)
+        assert name in str(info.value).splitlines()[0]
+        assert main(["sample", "--model", "flow", "--n", "2", "--checkpoint", str(tmp_path / name),
+                     "--out", str(tmp_path / "grid.png")]) == 2
+        err = capsys.readouterr()
+        assert len(err.err.splitlines()) == 1 and reason in err.err and name in err.err, err.err
+        assert "ran code" not in err.out and not (tmp_path / "grid.png").exists()
+
+
+def test_log_prob_outside_the_unit_cube_is_minus_infinity():
+    """The density lives on [0, 1)^64: a sample with a value outside gets log p = -inf (never NaN), the
+    others keep their values and gradients; a NaN value stays NaN."""
+    model = small_flow()
+    y = dequantized_digits(6).requires_grad_(True)
+    inside = model.log_prob(y).detach()
+    bad = y.detach().clone()
+    bad[1, 0, 3, 3], bad[2, 0, 0, 0], bad[3, 0, 7, 7], bad[4, 0, 2, 5] = -0.5, 1.0, 40.0, float("nan")
+    bad.requires_grad_(True)
+    log_p = model.log_prob(bad)
+    assert log_p[1] == log_p[2] == log_p[3] == float("-inf") and torch.isnan(log_p[4])
+    torch.testing.assert_close(log_p[[0, 5]], inside[[0, 5]])
+    log_p[[0, 5]].sum().backward()
+    assert torch.isfinite(bad.grad[:4]).all() and (bad.grad[1:4] == 0).all()  # the NaN row's gradient: NaN
+
+
+def test_sampling_the_flow_without_scikit_learn_fails_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # as if scikit-learn were not installed
+    monkeypatch.setattr(flow_models, "pretrained_flow", lambda **kw: pytest.fail("the work started"))
+    with pytest.raises(ImportError, match=r"pip install scikit-learn \(or pip install 'fastgen\[train\]'\)"):
+        flow_models.sample_flow(tmp_path / "grid.png", n=4)
+    assert not list(tmp_path.iterdir())

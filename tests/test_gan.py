@@ -336,3 +336,16 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no training state"):
         gan.train_gan(tmp_path / "slim.pt", resume=True)
     torch.set_num_threads(threads)
+
+
+def test_a_checkpoint_of_an_unknown_architecture_or_misfit_weights_names_the_file(tmp_path):
+    path = tmp_path / "g.pt"
+    gan.save_checkpoint(path, *gan.build("mlp", hidden=8))
+    state = torch.load(path, weights_only=True)
+    torch.save(dict(state, architecture="evil"), path)
+    with pytest.raises(ValueError, match=r"g.pt': its architecture is 'evil', not one of \['dcgan', 'mlp'\]"):
+        gan.load_checkpoint(path)
+    state["generator"]["state_dict"] = {k: v.reshape(-1)[:1] for k, v in state["generator"]["state_dict"].items()}
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"g.pt': its weights do not fit the MLPGenerator its config describes"):
+        gan.load_checkpoint(path)

@@ -1,5 +1,7 @@
 """The VAE: it trains on the built-in digits (held-out negative ELBO falls), fused and reference agree
 step for step from one seed, and its pieces have the shapes and errors users expect."""
+import re
+
 import pytest
 import torch
 
@@ -125,3 +127,15 @@ def test_shapes_and_determinism(data):
 def test_bad_constructor_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         VAE(**kwargs)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+@pytest.mark.parametrize("shape", [(4, 1, 8, 9), (4, 64), (4, 2, 8, 8), (1, 8, 8)], ids=str)
+def test_an_input_of_the_wrong_shape_is_named_before_any_work(arch, shape):
+    model = VAE((1, 8, 8), latent_dim=4, hidden=8, arch=arch)
+    for call in (model.loss, model, model.encode):
+        with pytest.raises(ValueError, match=rf"x must be a \[N, 1, 8, 8\] tensor \(input_shape \(1, 8, 8\)\), "
+                                             rf"got shape {re.escape(str(shape))}"):
+            call(torch.zeros(shape))
+    with pytest.raises(TypeError, match=r"x must be a \[N, 1, 8, 8\] tensor"):
+        model.loss([[0.0] * 64])

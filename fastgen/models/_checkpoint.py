@@ -59,6 +59,35 @@ def load(path, fmt: str, *, map_location="cpu") -> dict:
     return state
 
 
+def architecture(state: dict, allowed: dict, path):
+    """``allowed[state["architecture"]]``: what builds the network of a loaded checkpoint. ValueError naming
+    the file, the architecture it names and those allowed when it names another."""
+    name = state.get("architecture")
+    if not isinstance(name, str) or name not in allowed:
+        raise ValueError(f"path must be a {state['format']} checkpoint of a known architecture, got {str(path)!r}: "
+                         f"its architecture is {name!r}, not one of {sorted(allowed)}")
+    return allowed[name]
+
+
+def build(state: dict, path, make, config, weights, **kwargs):
+    """``make(**config, **kwargs)`` (a module) with ``weights`` loaded: a network a loaded checkpoint
+    describes. ValueError naming the file when its config does not fit ``make`` or its weights do not
+    fit that network: a short first line, then torch's details on the next ones."""
+    refused = f"path must be a {state['format']} checkpoint, got {str(path)!r}: "
+    if not isinstance(config, dict) or not isinstance(weights, dict):
+        raise ValueError(refused + "its config or weights are missing (not dicts)")
+    name = getattr(make, "__name__", "network")
+    try:
+        module = make(**config, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(refused + f"its config does not fit {name}\n{err}") from None
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as err:  # size mismatch, missing or unexpected keys, a non-tensor value
+        raise ValueError(refused + f"its weights do not fit the {name} its config describes\n{err}") from None
+    return module
+
+
 def shipped_path(shipped: dict, name: str):
     """Path of the checkpoint ``shipped[name]`` (a file name) shipped in fastgen/checkpoints."""
     if name not in shipped:

@@ -540,7 +540,7 @@ def load_checkpoint(path, *, device=None) -> ConsistencyModel:
     """The student of a checkpoint (eval mode, fp32, no gradients) with ``scheduler_config`` (the
     CMStochasticIterativeScheduler arguments) and ``metadata`` attributes; read as plain tensors."""
     state = _checkpoint.load(path, CHECKPOINT_FORMAT)
-    model = ConsistencyModel(denoisers.network(state), state["teacher_scheduler_config"])
+    model = ConsistencyModel(denoisers.network(state, path), state["teacher_scheduler_config"])
     model.scheduler_config = dict(state["scheduler_config"])
     model.metadata = dict(state["metadata"])
     return model.to(device or "cpu").eval().requires_grad_(False)

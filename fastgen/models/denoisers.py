@@ -506,7 +506,7 @@ def train_ddpm(out, *, architecture: str = "unet", model_config: dict = None, co
                                               lambda path: _checkpoint.load(path, CHECKPOINT_FORMAT))
     if resume:
         architecture, scheduler_config = state["architecture"], dict(state["scheduler_config"])
-        model = ARCHITECTURES[architecture](**state["config"])
+        model = _checkpoint.architecture(state, ARCHITECTURES, out)(**state["config"])
     else:
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, got {architecture!r}")
@@ -559,19 +559,24 @@ def save_checkpoint(path, model: Denoiser, scheduler_config: dict, *, half: bool
 def load_checkpoint(path, *, device=None) -> Denoiser:
     """The denoiser of a checkpoint in eval mode, fp32, with ``scheduler_config`` and ``metadata`` attributes.
     The file is read as plain tensors (``torch.load(weights_only=True)``); one that is not a
-    fastgen-denoiser checkpoint or would run pickled code is refused with a ValueError saying why."""
+    fastgen-denoiser checkpoint, would run pickled code, names an unknown architecture or holds weights
+    that do not fit its config is refused with a ValueError naming the file and saying why."""
     state = _checkpoint.load(path, CHECKPOINT_FORMAT)
-    model = network(state)
+    model = network(state, path)
     model.scheduler_config = dict(state["scheduler_config"])
     model.metadata = dict(state["metadata"])
     return model.to(device or "cpu").eval().requires_grad_(False)
 
 
-def network(state: dict) -> Denoiser:
-    """The network of a loaded checkpoint (its architecture, config and weights in fp32)."""
-    model = ARCHITECTURES[state["architecture"]](**state["config"])
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["state_dict"].items()})
-    return model
+def network(state: dict, path) -> Denoiser:
+    """The network of a checkpoint loaded from ``path`` (its architecture, config and weights in fp32);
+    ValueError naming the file for an unknown architecture or weights that do not fit the config."""
+    make = _checkpoint.architecture(state, ARCHITECTURES, path)
+    weights = state.get("state_dict")
+    if isinstance(weights, dict):
+        weights = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                   for k, v in weights.items()}
+    return _checkpoint.build(state, path, make, state.get("config"), weights)
 
 
 def pretrained_path(name: str = "digits"):

@@ -41,8 +41,8 @@ from torch import nn
 import fastgen
 from fastgen import _checks
 from fastgen import data as datasets
-from fastgen._files import atomic_write, prepare_output
-from fastgen.models import _training
+from fastgen._files import prepare_output
+from fastgen.models import _checkpoint, _training
 from fastgen.reference import flows as ref
 
 CHECKPOINT_FORMAT = "fastgen-flow/1"
@@ -161,6 +161,13 @@ class AffineCoupling(nn.Module):
 
 # --- the flow ----------------------------------------------------------------------------------------
 
+def _check_y(y) -> None:
+    """ValueError naming ``y`` unless it is a [N, 1, 8, 8] tensor."""
+    if not isinstance(y, torch.Tensor) or y.dim() != 4 or tuple(y.shape[1:]) != IMAGE_SHAPE:
+        raise ValueError(f"y must be a [N, 1, 8, 8] tensor, got "
+                         f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+
+
 class Flow(nn.Module):
     """The flow y [N, 1, 8, 8] in [0, 1)  <->  z [N, 64] ~ N(0, I).
 
@@ -209,9 +216,7 @@ class Flow(nn.Module):
 
     def forward(self, y):
         """(z [N, 64], log|det dz/dy| [N]) of dequantized digits y [N, 1, 8, 8] in [0, 1)."""
-        if not isinstance(y, torch.Tensor) or y.dim() != 4 or tuple(y.shape[1:]) != IMAGE_SHAPE:
-            raise ValueError(f"y must be a [N, 1, 8, 8] tensor, got "
-                             f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+        _check_y(y)
         x, logdet = ref.logit_transform(y)
         for layer in self.layers:
             x, layer_logdet = layer(x)
@@ -231,9 +236,13 @@ class Flow(nn.Module):
         return ref.logit_transform(x, reverse=True)[0]
 
     def log_prob(self, y):
-        """log p(y) [N]: the prior's log-density of z plus the log-det (RealNVP Eq. 3)."""
-        z, logdet = self(y)
-        return ref.standard_normal_log_prob(z) + logdet
+        """log p(y) [N]: the prior's log-density of z plus the log-det (RealNVP Eq. 3). The density lives
+        on [0, 1)^64, so a sample with a value outside [0, 1) gets -inf (a NaN value gives NaN)."""
+        _check_y(y)
+        outside = (y < 0) | (y >= 1)
+        z, logdet = self(y.masked_fill(outside, 0.5))  # a value inside in their place: no NaN, no gradient
+        log_p = ref.standard_normal_log_prob(z) + logdet
+        return log_p.masked_fill(outside.flatten(1).any(1), float("-inf"))
 
     @torch.no_grad()
     def sample(self, n: int, *, seed=None, offset: int = 0, temperature: float = 1.0, quantize: bool = True):
@@ -305,31 +314,28 @@ def save_checkpoint(path, model: Flow, *, training: dict = None, **metadata):
              "metadata": metadata}
     if training is not None:
         state["training"] = training
-    with atomic_write(path, "wb") as f:
-        torch.save(state, f)
+    _checkpoint.save(state, path)
 
 
-def _load_state(path):
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"path must be a {CHECKPOINT_FORMAT} checkpoint, got {str(path)!r}")
-    return state
+def _load_state(path) -> dict:
+    """The dict of the flow checkpoint ``path`` (``_checkpoint.load``: plain tensors only, one-line errors)."""
+    return _checkpoint.load(path, CHECKPOINT_FORMAT)
 
 
 def load_checkpoint(path, *, device=None, fused: bool = False, backend: str = "auto") -> Flow:
-    """The flow of a checkpoint in eval mode, with its ``metadata`` as an attribute."""
+    """The flow of a checkpoint in eval mode, with its ``metadata`` as an attribute. The file is read as
+    plain tensors; one that is not a fastgen-flow checkpoint, would run pickled code or holds weights that
+    do not fit its config is refused with a ValueError naming the file and saying why."""
     state = _load_state(path)
-    model = Flow(**state["config"], fused=fused, backend=backend)
-    model.load_state_dict(state["state_dict"])
-    model.metadata = dict(state["metadata"])
+    model = _checkpoint.build(state, path, Flow, state.get("config"), state.get("state_dict"), fused=fused,
+                              backend=backend)
+    model.metadata = dict(state.get("metadata") or {})
     return model.to(device or "cpu").eval()
 
 
 def pretrained_path(name: str = "digits"):
     """Path of a checkpoint shipped in fastgen/checkpoints."""
-    if name not in PRETRAINED:
-        raise ValueError(f"name must be one of {sorted(PRETRAINED)}, got {name!r}")
-    return importlib.resources.files("fastgen") / "checkpoints" / PRETRAINED[name]
+    return _checkpoint.shipped_path(PRETRAINED, name)
 
 
 def pretrained_flow(name: str = "digits", *, device=None, fused: bool = False, backend: str = "auto") -> Flow:
@@ -373,8 +379,8 @@ def train_flow(out, *, steps: int = 3000, seed: int = 0, resume: bool = False, b
     levels = digit_levels("train")
     rng = torch.Generator().manual_seed(seed)
     if resume:
-        model = Flow(**state["config"], fused=fused, backend=backend)
-        model.load_state_dict(state["state_dict"])
+        model = _checkpoint.build(state, out, Flow, state.get("config"), state.get("state_dict"), fused=fused,
+                                  backend=backend)
         opt = torch.optim.Adam(model.parameters(), lr=training["lr"])
         steps, seed, lr, batch_size = (training[k] for k in ("steps", "seed", "lr", "batch_size"))
         start, seconds = _training.restore(training, {"optimizer": opt}, rng)
@@ -429,6 +435,7 @@ def sample_flow(out, *, n: int = 64, seed: int = 0, temperature: float = 1.0, ch
     Returns dict(samples, quality, seconds)."""
     from fastgen import images, quality
 
+    check_scikit_learn()
     images.check_samples_path(out, "out")
     prepare_output(out, name="out")
     model = load_checkpoint(checkpoint, device=device) if checkpoint else pretrained_flow(device=device)
@@ -437,3 +444,13 @@ def sample_flow(out, *, n: int = 64, seed: int = 0, temperature: float = 1.0, ch
     seconds = time.perf_counter() - began
     images.save_samples(x, out, scale=scale)
     return dict(samples=x, quality=quality.digits_quality(x) if n >= 2 else None, seconds=seconds)
+
+
+def check_scikit_learn() -> None:
+    """ImportError saying how to install scikit-learn when it is missing: ``sample_flow`` scores its
+    samples against scikit-learn's digits, so it checks before any work, not after the samples are written."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        raise ImportError("sampling the flow scores the samples against scikit-learn's digits, and scikit-learn is "
+                          "not installed: pip install scikit-learn (or pip install 'fastgen[train]')") from None

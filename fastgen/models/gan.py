@@ -269,10 +269,7 @@ def train_gan(out, *, architecture: str = "dcgan", latent_dim: int = 32, loss: s
                                               lambda path: _checkpoint.load(path, CHECKPOINT_FORMAT))
     if resume:
         architecture = state["architecture"]
-        gen_cls, disc_cls = ARCHITECTURES[architecture]
-        generator, discriminator = gen_cls(**state["generator"]["config"]), disc_cls(**state["discriminator"]["config"])
-        generator.load_state_dict(state["generator"]["state_dict"])
-        discriminator.load_state_dict(state["discriminator"]["state_dict"])
+        generator, discriminator = _networks(state, out, discriminator=True)
     else:
         torch.manual_seed(seed)
         generator, discriminator = build(architecture, latent_dim=latent_dim)
@@ -318,17 +315,21 @@ def load_checkpoint(path, *, device=None, discriminator: bool = False):
     The file is read as plain tensors (``torch.load(weights_only=True)``); one that is not a fastgen-gan
     checkpoint or would run pickled code is refused with a ValueError saying why."""
     state = _checkpoint.load(path, CHECKPOINT_FORMAT, map_location=device or "cpu")
-    gen_cls, disc_cls = ARCHITECTURES[state["architecture"]]
-    generator = gen_cls(**state["generator"]["config"])
-    generator.load_state_dict(state["generator"]["state_dict"])
-    generator.to(device or "cpu").eval()
-    if not discriminator:
-        return generator
-    if "discriminator" not in state:
-        raise ValueError(f"checkpoint {path!r} holds no discriminator")
-    disc = disc_cls(**state["discriminator"]["config"])
-    disc.load_state_dict(state["discriminator"]["state_dict"])
-    return generator, disc.to(device or "cpu").eval()
+    if discriminator and "discriminator" not in state:
+        raise ValueError(f"checkpoint {str(path)!r} holds no discriminator")
+    networks = _networks(state, path, discriminator=discriminator)
+    networks = tuple(net.to(device or "cpu").eval() for net in networks)
+    return networks if discriminator else networks[0]
+
+
+def _networks(state: dict, path, *, discriminator: bool) -> tuple:
+    """(generator,) or (generator, discriminator) of a checkpoint loaded from ``path``; ValueError naming
+    the file for an unknown architecture or weights that do not fit the config."""
+    classes = _checkpoint.architecture(state, ARCHITECTURES, path)
+    parts = ("generator", "discriminator")[:1 + discriminator]
+    entries = [state.get(part) if isinstance(state.get(part), dict) else {} for part in parts]
+    return tuple(_checkpoint.build(state, path, cls, entry.get("config"), entry.get("state_dict"))
+                 for cls, entry in zip(classes, entries))
 
 
 def pretrained_path(name: str = "digits"):

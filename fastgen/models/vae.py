@@ -81,9 +81,20 @@ class VAE(nn.Module):
             nn.ConvTranspose2d(hidden, c, 4, stride=2, padding=1))
         return encoder, decoder
 
+    def _check_input(self, x) -> None:
+        """ValueError/TypeError naming ``x`` unless it is a [N, *input_shape] tensor."""
+        expected = f"[N, {', '.join(map(str, self.input_shape))}]"
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a {expected} tensor (input_shape {tuple(self.input_shape)}), got "
+                            f"{type(x).__name__}")
+        if x.dim() != 1 + len(self.input_shape) or x.shape[1:] != self.input_shape:
+            raise ValueError(f"x must be a {expected} tensor (input_shape {tuple(self.input_shape)}), got shape "
+                             f"{tuple(x.shape)}")
+
     def encode(self, x: torch.Tensor):
-        """(mu, logvar), each [N, latent_dim]."""
-        mu, logvar = self.encoder(x.reshape(len(x), *self.input_shape)).chunk(2, dim=1)
+        """(mu, logvar), each [N, latent_dim], of x [N, *input_shape]."""
+        self._check_input(x)
+        mu, logvar = self.encoder(x).chunk(2, dim=1)
         return mu, logvar
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -98,16 +109,16 @@ class VAE(nn.Module):
         return ref_gaussian.reparameterize_with_kl(mu, logvar, eps)
 
     def forward(self, x: torch.Tensor, seed=None):
-        """(decoded, mu, logvar, z, kl per sample) for a batch x; ``seed`` picks eps (None: drawn
+        """(decoded, mu, logvar, z, kl per sample) for a batch x [N, *input_shape]; ``seed`` picks eps (None: drawn
         from torch's default generator)."""
         mu, logvar = self.encode(x)
         z, kl = self.reparameterize_with_kl(mu, logvar, seed)
         return self.decode(z), mu, logvar, z, kl
 
     def loss(self, x: torch.Tensor, seed=None) -> ref_gaussian.ELBO:
-        """Negative ELBO (batch mean) and its parts ``recon`` (-log p(x|z)) and ``kl``."""
-        decoded, _, _, _, kl = self(x, seed)
-        x = x.reshape(decoded.shape)
+        """Negative ELBO (batch mean) and its parts ``recon`` (-log p(x|z)) and ``kl``, of x [N, *input_shape]
+        (ValueError naming x and the expected shape otherwise)."""
+        decoded, _, _, _, kl = self(x, seed)  # checks x: [N, *input_shape], the decoder's shape
         recon = ref_gaussian.reconstruction_nll(x, decoded, self.likelihood, self.x_logvar)
         return ref_gaussian.ELBO.from_parts(recon, kl)
 
