@@ -48,14 +48,26 @@ def _notice_once():
 _COMPILED = {}
 
 
-def compiled(fn, key):
-    """torch.compile(fn, fullgraph=True, dynamic=False) on a private copy of fn's code for ``key``."""
-    cache_key = (fn, key)
+def runs_compiled(backend_arg, backend: str, device) -> bool:
+    """Whether an op or loop asked for with ``backend_arg`` (resolved to ``backend``) runs compiled
+    here: "auto" (FASTGEN_BACKEND unset) resolved to the torch path on a CPU, where ``available()``,
+    and not inside code torch.compile is already tracing (that is compiled whole)."""
+    import torch
+
+    from fastgen.backend import default_backend
+
+    return (backend_arg == "auto" and default_backend() == "auto" and backend == "torch"
+            and torch.device(device).type == "cpu" and not torch.compiler.is_compiling() and available())
+
+
+def compiled(fn, key, *, dynamic=False):
+    """torch.compile(fn, fullgraph=True, dynamic=dynamic) on a private copy of fn's code for ``key``."""
+    cache_key = (fn, key, dynamic)
     if cache_key not in _COMPILED:
         import torch
 
         code = fn.__code__.replace()  # a new code object: its own graph cache
         copy = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
         copy.__kwdefaults__ = fn.__kwdefaults__
-        _COMPILED[cache_key] = torch.compile(copy, fullgraph=True, dynamic=False)
+        _COMPILED[cache_key] = torch.compile(copy, fullgraph=True, dynamic=dynamic)
     return _COMPILED[cache_key]

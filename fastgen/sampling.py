@@ -431,12 +431,8 @@ def _strategy(backend_arg, backend: str, device: torch.device):
     """The step strategy: STRATEGIES[backend], except that "auto" on a CPU runs the torch strategy
     compiled (``_CompiledSteps``) where fastgen._compile is available."""
     from fastgen import _compile
-    from fastgen.backend import default_backend
 
-    auto = backend_arg == "auto" and default_backend() == "auto"
-    if auto and backend == "torch" and device.type == "cpu" and _compile.available():
-        return _CompiledSteps
-    return STRATEGIES[backend]
+    return _CompiledSteps if _compile.runs_compiled(backend_arg, backend, device) else STRATEGIES[backend]
 
 
 # --- noise -----------------------------------------------------------------------------------------

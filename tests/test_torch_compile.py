@@ -235,3 +235,18 @@ def test_cuda_compiled_step_equals_fused_graph_loop(name):
                            device="cuda", cuda_graph=False)
     torch.testing.assert_close(graph(), eager, rtol=1e-5, atol=1e-5)
     assert graph.captured
+
+
+def test_large_randn_on_cpu_runs_compiled_and_equals_eager(monkeypatch):
+    """fastgen.randn on a CPU ("auto") draws COMPILED_NUMEL normals and more in inductor's fused loop:
+    the kernel's fp32 normals, to fp32 rounding of the float64 reference path."""
+    from fastgen import _compile
+    from fastgen.ops import random as random_ops
+
+    monkeypatch.setenv("FASTGEN_COMPILE", "1")
+    shape = (2, random_ops.COMPILED_NUMEL // 2 + 3)
+    seed = 2**64 - 12345  # the full 64-bit key
+    got = fastgen.randn(shape, seed=seed, stream=9, offset=5)
+    assert (random_ops._torch_randn, torch.float32, True) in _compile._COMPILED
+    expected = fastgen.randn(shape, seed=seed, stream=9, offset=5, backend="torch")
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=2e-6)

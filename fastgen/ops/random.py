@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from fastgen import _checks
+from fastgen import _checks, _compile
 from fastgen._alloc import empty
 from fastgen.backend import resolve_backend
 from fastgen.reference import random as ref_random
@@ -68,7 +68,9 @@ def randn(shape, *, seed=None, stream=0, offset=0, device=None, dtype=torch.floa
     identical across backends, devices, block sizes and batch splits.
 
     The custom op ``torch.ops.fastgen.randn``: torch.compile traces it without a graph break and
-    inductor fuses the torch path (Philox + Box-Muller) into one loop. Under torch.compile a missing
+    inductor fuses the torch path (Philox + Box-Muller) into one loop. On a CPU with backend "auto",
+    a draw of at least COMPILED_NUMEL normals runs that fused loop compiled (fastgen._compile: once
+    per dtype and process, seconds; FASTGEN_COMPILE=0 keeps it eager). Under torch.compile a missing
     seed on the Triton path is drawn on the host (a graph break): pass an int seed there.
 
     Args:
@@ -86,6 +88,24 @@ def randn(shape, *, seed=None, stream=0, offset=0, device=None, dtype=torch.floa
     element_offset = _checks.sample_offset(offset, shape)
     dtype = _checks.float_dtype(dtype)
     device = _checks.compute_device(device)
-    backend = resolve_backend(backend, device)
+    backend_arg, backend = backend, resolve_backend(backend, device)
     seed, seed_bits = seed_operands(seed, backend)
+    if shape.numel() >= COMPILED_NUMEL and _compile.runs_compiled(backend_arg, backend, device):
+        seed_bits = torch.tensor(seed, dtype=torch.int64) if seed_bits is None else seed_bits
+        return _compile.compiled(_torch_randn, dtype, dynamic=True)(list(shape), seed_bits, stream, element_offset,
+                                                                    dtype)
     return torch.ops.fastgen.randn(list(shape), seed, seed_bits, stream, element_offset, dtype, device, backend)
+
+
+COMPILED_NUMEL = 1 << 20  # a draw this large runs compiled on a CPU ("auto"; below, eager: the compile costs seconds)
+
+
+def _torch_randn(shape, seed_bits, stream: int, offset: int, dtype):
+    """The torch path of ``randn`` on a CPU, what fastgen._compile compiles (once per dtype, any shape):
+    Philox-4x32-10 and Box-Muller fused by inductor into one loop, the integers bit-identical and the
+    normals computed in fp32, as the kernel computes them."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    z = ref_random.normals(numel, seed=seed_bits, stream=stream, offset=offset, dtype=torch.float32)
+    return z.to(dtype).reshape(shape)
