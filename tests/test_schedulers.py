@@ -368,15 +368,14 @@ def _bad_calls():
     ddpm_set = fs.DDPMScheduler(backend="torch")
     ddpm_set.set_timesteps(10)
     learned = fs.DDPMScheduler(variance_type="learned", backend="torch")
-    bad_prediction = fs.DDIMScheduler(prediction_type="eps", backend="torch")
-    bad_prediction.set_timesteps(10)
     bad_variance = fs.DDPMScheduler(variance_type="small", backend="torch")
     return [
         # diffusers' own check, kept: an unknown schedule at construction
         ("beta_schedule", lambda: fs.DDPMScheduler(beta_schedule="cosine"), NotImplementedError, "cosine"),
-        # values diffusers accepts in a config raise when a step needs them
-        ("prediction_type", lambda: bad_prediction.step(x, 5, x), ValueError,
+        # a prediction type diffusers accepts in a config (and refuses at a step) is refused at construction
+        ("prediction_type", lambda: fs.DDIMScheduler(prediction_type="eps"), ValueError,
          "prediction_type must be one of 'epsilon', 'sample', 'v_prediction', got 'eps'"),
+        # a value diffusers accepts in a config raises when a step needs it
         ("variance_type", lambda: bad_variance.step(x, 5, x), ValueError,
          "variance_type must be one of 'fixed_small'.*got 'small'"),
         ("betas above 1", lambda: fs.DDPMScheduler(beta_start=0.1, beta_end=2.0), ValueError,

@@ -1,5 +1,7 @@
 """Euler and Euler ancestral sampling in sigma space (float64), written to be read beside the papers,
 and the StepTable builders of diffusers' EulerDiscreteScheduler and EulerAncestralDiscreteScheduler.
+Euler's churn follows diffusers (the model output at the pre-churn sample reused at the churned one,
+``euler_step``), not [Karras] Alg. 2's denoiser evaluated at the churned sample.
 
     [Karras] Karras, Aittala, Aila, Laine 2022, "Elucidating the Design Space of Diffusion-Based
              Generative Models", arXiv 2206.00364 (Algorithms 1 and 2, Table 1)
@@ -46,15 +48,20 @@ def churn_gamma(sigma, num_steps, s_churn, s_tmin, s_tmax):
 
 
 def euler_step(model_output, x, sigma, sigma_next, *, prediction_type, gamma=0.0, s_noise=1.0, noise=None):
-    """One Euler step with churn, [Karras] Alg. 2 without the second-order correction (lines 9-11):
+    """One Euler step with churn as diffusers' EulerDiscreteScheduler takes it, after [Karras] Alg. 2
+    without its second-order correction (lines 9-11):
 
         eps ~ N(0, S_noise^2 I)                                                       l. 4
         sigma^ = sigma_i + gamma_i sigma_i                                             l. 5
         x^     = x_i + sqrt(sigma^^2 - sigma_i^2) eps                                  l. 6
-        d      = (x^ - D(x^; sigma^)) / sigma^                                         l. 7
+        d      = (x^ - D) / sigma^,  D = denoised(F, x^, sigma_i, sigma^)              l. 7 (see below)
         x_i+1  = x^ + (sigma_i+1 - sigma^) d                                           l. 8
 
-    gamma = 0 is [Karras] Alg. 1's Euler step. Returns (x_i+1, D)."""
+    ``model_output`` F is the model's output at the pre-churn x_i (diffusers' convention, which the
+    drop-in scheduler keeps for parity), reused at x^ and sigma^ through Table 1 (epsilon:
+    D = x^ - sigma^ F). Alg. 2 proper evaluates the denoiser D(x^; sigma^) at the churned sample,
+    which needs the model called on x^ after the churn noise is drawn. gamma = 0 is [Karras]
+    Alg. 1's Euler step, where the two agree. Returns (x_i+1, D)."""
     sigma_hat = sigma * (1 + gamma)
     if gamma > 0:
         x = x + math.sqrt(sigma_hat ** 2 - sigma ** 2) * (s_noise * noise)
@@ -125,7 +132,8 @@ def euler_table(scheduler, *, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_no
     with step()'s churn settings. Derivation from ``euler_step``, per step i (sigma^ = sigma_i (1 + gamma_i)):
 
         CHURN = S_noise sqrt(sigma^^2 - sigma_i^2)         x^ = x + CHURN z            (l. 6; 0 if gamma_i = 0)
-        CX, CF                                             D = CX x^ + CF F            (Table 1 at sigma^)
+        CX, CF                                             D = CX x^ + CF F            (Table 1 at sigma^, F
+                                                           the model's output at the pre-churn x, ``euler_step``)
         x_i+1 = x^ + (sigma_i+1 - sigma^)(x^ - D) / sigma^ = AX x^ + AD D + AF F       (l. 7-8, ``_euler_move``)
 
     diffusers' step draws from its generator where gamma_i > 0; its model input is scaled by

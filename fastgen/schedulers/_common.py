@@ -1,4 +1,5 @@
-"""What fastgen's schedulers add to diffusers' own classes, shared by DDPMScheduler and DDIMScheduler.
+"""What fastgen's schedulers add to diffusers' own classes: ``FastgenMixin`` for every one of them,
+``FusedStepMixin`` for DDPMScheduler and DDIMScheduler (the sigma-space ones: _sigma.py).
 
 diffusers provides the config (``register_to_config``, ``from_config``, ``save_pretrained`` /
 ``from_pretrained``), ``set_timesteps``, ``previous_timestep``, ``_get_variance``, ``compatibles``,
@@ -9,7 +10,12 @@ the output classes and the tables (``alphas_cumprod`` in float32). fastgen adds:
   values diffusers steps with, so results equal diffusers' to fp32 rounding of the same formula;
 - ``add_noise`` through ``fastgen.q_sample`` on the same table;
 - counter-based noise (``step(..., seed=, offset=)``, offset counted in samples) and a ``backend``
-  (constructor keyword, ``from_config`` keyword, attribute, or per ``step``).
+  (constructor keyword, ``from_config`` keyword, attribute, or per ``step``);
+- checks diffusers leaves to a step, or to an error deep inside its own code, made where the value
+  is given (``FastgenMixin``): the config at construction (``prediction_type``, the length of
+  ``trained_betas``), ``num_inference_steps`` in ``set_timesteps``, a list of generators against
+  the batch in ``step``, a missing local folder in ``from_pretrained``; config keys diffusers'
+  config object cannot hold are ignored as diffusers ignores any unknown key.
 
 No step synchronises with the host: a timestep read from ``self.timesteps`` (``for t in
 scheduler.timesteps``) is located by its place in that tensor, whatever its device, so the
@@ -18,14 +24,18 @@ comes next?) are made from host copies or on the device.
 """
 import functools
 import inspect
+import os
 
 import numpy as np
 import torch
+from diffusers.configuration_utils import FrozenDict
+from diffusers.configuration_utils import logger as _config_logger
 
 import fastgen
 from fastgen import _checks
 from fastgen.backend import BACKENDS
 from fastgen.schedules import NoiseSchedule
+from fastgen.step_spec import PREDICTION_TYPES
 
 
 def with_backend(diffusers_class):
@@ -37,6 +47,7 @@ def with_backend(diffusers_class):
     @functools.wraps(base_init)
     def __init__(self, *args, backend="auto", **kwargs):
         base_init(self, *args, **kwargs)
+        self._check_config()
         self.backend = backend
         self._setup_fused()
 
@@ -70,10 +81,146 @@ def schedule_of(scheduler) -> NoiseSchedule:
     return NoiseSchedule.from_alphas_cumprod(abar, betas)
 
 
+def checked_set_timesteps(set_timesteps):
+    """``set_timesteps`` that checks num_inference_steps before it runs (``check_inference_steps``) and
+    calls ``_prepare_tables`` after; ``inspect.signature`` still reads diffusers' signature (pipelines
+    inspect it for ``timesteps`` / ``sigmas``)."""
+    signature = inspect.signature(set_timesteps)
+    custom = tuple(name for name in ("timesteps", "sigmas") if name in signature.parameters)
+
+    @functools.wraps(set_timesteps)
+    def checked(self, *args, **kwargs):
+        check_inference_steps(self, signature.bind(self, *args, **kwargs).arguments, custom)
+        result = set_timesteps(self, *args, **kwargs)
+        self._prepare_tables()
+        return result
+
+    checked.checks_inference_steps = True
+    return checked
+
+
+def check_inference_steps(scheduler, arguments, custom=()):
+    """num_inference_steps of a ``set_timesteps`` call (its bound ``arguments``): a positive int, at most
+    the config's num_train_timesteps where diffusers' class requires it; None only beside a custom
+    schedule (one of the argument names ``custom``: timesteps= or sigmas=, diffusers' own to check).
+    TypeError / ValueError naming it otherwise, before diffusers divides by it or indexes with it."""
+    steps = arguments.get("num_inference_steps")
+    if steps is None and any(arguments.get(name) is not None for name in custom):
+        return
+    limit = scheduler.config.num_train_timesteps if scheduler._inference_steps_capped else None
+    allowed = "a positive int" if limit is None else f"an int in [1, num_train_timesteps={limit}]"
+    if custom:
+        allowed += f" (or None with custom {' or '.join(name + '=' for name in custom)})"
+    if steps is None:
+        raise ValueError(f"num_inference_steps must be {allowed}, got None")
+    steps = _checks.as_int(steps, "num_inference_steps")
+    if steps < 1 or (limit is not None and steps > limit):
+        raise ValueError(f"num_inference_steps must be {allowed}, got {steps}")
+
+
+UNSTORABLE_KEYS = frozenset(dir(FrozenDict))  # config keys FrozenDict cannot set as attributes (its own names)
+
+
+def storable_config(config: dict, cls) -> dict:
+    """``config`` without the keys diffusers' config object cannot hold: Python's own names (``__class__``,
+    any ``__...``) and FrozenDict's attribute names (``items``, ``get``, ...), which diffusers would set
+    as attributes and fail on, or break the config with. They are no scheduler setting: ignored with
+    the warning diffusers gives for every unexpected key."""
+    dropped = {key: value for key, value in config.items()
+               if not isinstance(key, str) or key.startswith("__") or key in UNSTORABLE_KEYS}
+    if not dropped:
+        return config
+    _config_logger.warning(f"The config attributes {dropped} were passed to {cls.__name__}, but are not expected and "
+                           f"will be ignored. Please verify your {cls.config_name} configuration file.")
+    return {key: value for key, value in config.items() if key not in dropped}
+
+
+def local_path(path):
+    """``pretrained_model_name_or_path`` as diffusers should read it: ``~`` expanded where that names an
+    existing file or folder. FileNotFoundError naming it where it is meant as a local path
+    (``looks_local``) and does not exist, before diffusers turns to the Hub; a Hub repository id
+    ("name" or "owner/name") is returned as it is."""
+    if not isinstance(path, (str, os.PathLike)):
+        return path
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        return path
+    expanded = os.path.expanduser(text)
+    if os.path.exists(expanded):
+        return path if expanded == text else expanded
+    if looks_local(path):
+        raise FileNotFoundError(f"pretrained_model_name_or_path: no such folder {text!r} (a local path; a Hub "
+                                "repository id is 'name' or 'owner/name')")
+    return path
+
+
+def looks_local(path) -> bool:
+    """Whether ``path`` names a local file or folder rather than a Hub repository id: a path object; text
+    that begins with '/', './', '../' or '~' (or is '.' / '..'); holds a separator other than '/'
+    (Windows' '\\'); holds more than one '/' (a Hub id has at most one); or 'folder/name' where
+    folder exists here. ('/' itself, the separator on POSIX, is also the Hub's owner/name separator.)"""
+    if not isinstance(path, str):
+        return True
+    if path.startswith(("/", "./", "../", "~")) or path in (".", ".."):
+        return True
+    if any(sep and sep != "/" and sep in path for sep in (os.sep, os.altsep)):
+        return True
+    parts = path.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
+
+
 class FastgenMixin:
     """What every fastgen scheduler adds to its diffusers base class: the backend, an atomic config
-    file, the checks of a step's tensors and noise arguments, diffusers' noise draw. Listed before
-    diffusers' class in the bases, so these methods take precedence."""
+    file, the checks of its config, of ``set_timesteps``' num_inference_steps and of a step's
+    tensors and noise arguments, diffusers' noise draw, and loading that names a missing local
+    folder. Listed before diffusers' class in the bases, so these methods take precedence."""
+
+    _prediction_types = PREDICTION_TYPES  # the config's prediction types this scheduler's step knows
+    _inference_steps_capped = False  # True where diffusers' set_timesteps requires num_inference_steps <= T
+
+    def __init_subclass__(cls, **kwargs):
+        """Every scheduler's ``set_timesteps`` (diffusers', or a subclass's own) checks its
+        num_inference_steps before it runs and makes the step's device tables after it."""
+        super().__init_subclass__(**kwargs)
+        set_timesteps = getattr(cls, "set_timesteps", None)
+        if set_timesteps is not None and not getattr(set_timesteps, "checks_inference_steps", False):
+            cls.set_timesteps = checked_set_timesteps(set_timesteps)
+
+    def _prepare_tables(self):
+        """Makes the device tables a step reads for the timesteps just set (none here), so that a step
+        traced by torch.compile only reads them."""
+
+    # --- config ----------------------------------------------------------------------------------------
+
+    def _check_config(self):
+        """The config values a step relies on, checked at construction (diffusers finds a bad one at a
+        step, or never): a prediction type this step knows, one trained beta per training timestep
+        (diffusers takes ``trained_betas`` as the betas and ``num_train_timesteps`` as the number of
+        timesteps; when they disagree its timesteps index outside the tables or skip part of them)."""
+        config = self.config
+        if "prediction_type" in config:
+            _checks.choice(config.prediction_type, "prediction_type", self._prediction_types)
+        betas = config.get("trained_betas")
+        if betas is not None and np.size(betas) != config.num_train_timesteps:
+            raise ValueError(f"trained_betas must hold one beta per training timestep, num_train_timesteps="
+                             f"{config.num_train_timesteps}, got {np.size(betas)} betas (pass num_train_timesteps="
+                             f"{np.size(betas)} with them)")
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """diffusers' ``from_config``; a key that cannot be a config attribute (``storable_config``) is
+        ignored with diffusers' warning for unexpected keys, as every other unknown key is."""
+        if isinstance(config, dict):
+            config = storable_config(config, cls)
+        return super().from_config(config, return_unused_kwargs, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path=None, subfolder=None, return_unused_kwargs=False,
+                        **kwargs):
+        """diffusers' ``from_pretrained``; a local path that does not exist raises FileNotFoundError
+        naming it (``local_path``) instead of diffusers' failed Hub lookup, and ``~`` is expanded."""
+        return super().from_pretrained(local_path(pretrained_model_name_or_path), subfolder=subfolder,
+                                       return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @property
     def backend(self) -> str:
@@ -110,8 +257,9 @@ class FastgenMixin:
         return model_output.to(sample.dtype)
 
     @staticmethod
-    def _noise_source(generator, seed, offset, variance_noise=None):
-        """Checks the noise arguments (before any draw): one of generator / variance_noise / seed."""
+    def _noise_source(generator, seed, offset, variance_noise=None, *, sample):
+        """Checks the noise arguments (before any draw): one of generator / variance_noise / seed; a
+        list of generators holds one per sample of ``sample`` (or one for all, as diffusers takes it)."""
         given = [name for name, value in (("generator", generator), ("variance_noise", variance_noise),
                                           ("seed", seed)) if value is not None]
         if len(given) > 1:
@@ -119,6 +267,11 @@ class FastgenMixin:
                              f" or seed (fastgen's in-kernel counter-based noise), got {' and '.join(given)}")
         if seed is None and offset:
             raise ValueError(f"offset only applies to seed= noise, got offset={offset} without a seed")
+        if isinstance(generator, list) and isinstance(sample, torch.Tensor) and sample.dim() > 0:
+            batch = sample.shape[0]
+            if len(generator) not in (1, batch):
+                raise ValueError(f"generator must be a torch.Generator or a list of one per sample (batch size "
+                                 f"{batch}; a list of 1 serves the whole batch), got a list of {len(generator)}")
         return _checks.nonneg_int(offset, "offset")
 
     def _backend_arg(self, backend):
@@ -202,12 +355,29 @@ class FusedStepMixin(FastgenMixin):
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise (Ho et al. eq. 4), fused (``fastgen.q_sample``).
-        ``timesteps``: one per sample ([B]) or one for all ([] / [1] / int), any integer dtype and device."""
+        ``timesteps``: one per sample ([B]) or one for all ([] / [1] / int), any integer dtype and device.
+        x_0, noise and the per-timestep coefficients broadcast as in diffusers' ``add_noise`` (e.g. one
+        sample with a batch of noise: pipelines rely on it; ``broadcast_like_diffusers``)."""
         _checks.float_tensor(original_samples, "original_samples")
         _checks.float_tensor(noise, "noise")
-        t = timesteps
+        t, count = timesteps, None
         if isinstance(t, torch.Tensor):
             t = t.to(original_samples.device).flatten()
-            t = t.reshape(()) if t.numel() == 1 else t
+            count = t.numel()
+            t = t.reshape(()) if count == 1 else t
+        original_samples, noise = broadcast_like_diffusers(original_samples, noise, count)
         return fastgen.q_sample(original_samples, t, self.schedule, noise=noise.to(original_samples.dtype),
                                 backend=self.backend)
+
+
+def broadcast_like_diffusers(original_samples: torch.Tensor, noise: torch.Tensor, count):
+    """(x_0, noise) expanded to the shape diffusers' ``add_noise`` returns: torch's broadcast of x_0, the
+    noise and its coefficients, ``count`` timesteps (None: an int, one) shaped [count, 1, ...] to x_0's
+    dimensions. Shapes that do not broadcast are returned as they are, for ``fastgen.q_sample``'s
+    check (which stays strict for its own callers) to name."""
+    coefficients = (count or 1,) + (1,) * (original_samples.dim() - 1)
+    try:
+        shape = torch.broadcast_shapes(original_samples.shape, noise.shape, coefficients)
+    except RuntimeError:
+        return original_samples, noise
+    return original_samples.expand(shape), noise.expand(shape)

@@ -9,8 +9,6 @@ tracks. Finding that index never synchronises with the host: a timestep taken fr
 ``self.timesteps`` is looked up in a host copy taken when the timesteps were assigned. A multistep
 solver's previous denoised output stays on the device between steps.
 """
-import functools
-
 import numpy as np
 import torch
 
@@ -77,16 +75,10 @@ class SigmaStepMixin(FastgenMixin):
     _needs_set_timesteps = True  # False where diffusers' step also runs on the training schedule (Euler)
     _step_defaults = {}  # the step settings of a plain ``step(...)`` call (e.g. Euler's churn off)
 
-    def __init_subclass__(cls, **kwargs):
-        """Every subclass's ``set_timesteps`` (diffusers', with its signature) also makes the run's
-        table for a plain step, on the timesteps' device: a step traced by torch.compile then only
-        reads it."""
-        super().__init_subclass__(**kwargs)
-        if "set_timesteps" not in cls.__dict__:
-            cls.set_timesteps = _preparing_tables(cls.set_timesteps)
-
     def _prepare_tables(self):
-        """The table of a plain step and its device copies (errors are left to the step to raise)."""
+        """After ``set_timesteps`` (FastgenMixin wraps it): the run's table of a plain step and its copy
+        on the timesteps' device, so a step traced by torch.compile only reads them (errors are left
+        to the step to raise)."""
         try:
             table = self._step_table(**self._step_defaults)
         except (ValueError, TypeError):
@@ -164,7 +156,7 @@ class SigmaStepMixin(FastgenMixin):
         if self._needs_set_timesteps:
             require_timesteps(self)
         backend = self._backend_arg(backend)
-        offset = self._noise_source(generator, seed, offset, variance_noise)
+        offset = self._noise_source(generator, seed, offset, variance_noise, sample=sample)
         noise_dtype = self._noise_dtype or getattr(model_output, "dtype", None)  # what diffusers draws in
         model_output = self._tensors(model_output, sample, sample.shape, "the sample's shape")
         if self.step_index is None:
@@ -200,15 +192,6 @@ class SigmaStepMixin(FastgenMixin):
 
         _checks.float_tensor(noise, "variance_noise")
         return _checks.like(noise.to(sample.dtype), "variance_noise", sample, "sample")
-
-
-def _preparing_tables(set_timesteps):
-    @functools.wraps(set_timesteps)
-    def prepared(self, *args, **kwargs):
-        result = set_timesteps(self, *args, **kwargs)
-        self._prepare_tables()
-        return result
-    return prepared
 
 
 def require_timesteps(scheduler):

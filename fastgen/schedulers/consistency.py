@@ -31,6 +31,7 @@ class CMStochasticIterativeScheduler(SigmaStepMixin, diffusers.CMStochasticItera
     of the config): "auto", "triton", "torch" or "reference", as for every op."""
 
     __init__ = with_backend(diffusers.CMStochasticIterativeScheduler)
+    _inference_steps_capped = True  # diffusers' set_timesteps: num_inference_steps <= num_train_timesteps
     __module__ = "fastgen"  # what a saved pipeline records: ["fastgen", "CMStochasticIterativeScheduler"]
     _needs_set_timesteps = False  # diffusers' step also runs on the constructor's sigmas
 

@@ -27,6 +27,15 @@ any batch (``offset`` counts samples: ``offset=k`` for a shard from sample k).
 Numerics: sqrt(1 - abar_s - sigma^2) is formed as a sum of non-negative terms and beta_{t|s} is
 never negative, so rounding cannot turn a step into NaN (with eta = 1 on a zero-SNR schedule, or at
 the last step with set_alpha_to_one=False, where diffusers' float32 difference can cancel).
+
+Where this differs from diffusers on purpose:
+  * an unknown prediction_type raises ValueError at construction (diffusers: at every step).
+  * a timestep outside [0, T) and a model output or variance_noise of the wrong shape raise
+    ValueError instead of an IndexError or a broadcast deep inside the step.
+  * what every fastgen scheduler refuses (``fastgen.schedulers``): trained_betas of a length other
+    than num_train_timesteps, a num_inference_steps that is not a positive int (diffusers accepts
+    -5 and steps nowhere), a generator list not of the batch size, a missing local folder in
+    ``from_pretrained``.
 """
 import diffusers
 import torch
@@ -43,6 +52,7 @@ class DDIMScheduler(FusedStepMixin, diffusers.DDIMScheduler):
     "torch" or "reference", as for every op."""
 
     __init__ = with_backend(diffusers.DDIMScheduler)
+    _inference_steps_capped = True  # diffusers' set_timesteps: num_inference_steps <= num_train_timesteps
     __module__ = "fastgen"  # what a saved pipeline's model_index.json records: ["fastgen", "DDIMScheduler"]
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
@@ -62,7 +72,7 @@ class DDIMScheduler(FusedStepMixin, diffusers.DDIMScheduler):
             raise ValueError(
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
         backend = self._backend_arg(backend)
-        offset = self._noise_source(generator, seed, offset, variance_noise)
+        offset = self._noise_source(generator, seed, offset, variance_noise, sample=sample)
         clipped = False if use_clipped_model_output is None else use_clipped_model_output  # pipelines pass None
         spec = StepSpec.from_config("ddim", self.config, eta=eta, use_clipped_model_output=clipped)
         t, t_host = self._timestep(timestep, sample)

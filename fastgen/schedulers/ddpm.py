@@ -27,12 +27,14 @@ Where this differs from diffusers on purpose:
   * variance_type="fixed_large_log": diffusers takes the square root of log(beta) and returns NaN for
     every t > 0; here it is the same variance as "fixed_large" (what the name means).
   * an unknown variance_type raises ValueError when a step needs the variance (diffusers silently
-    uses "fixed_small"); an unknown prediction_type raises ValueError at every step (as in diffusers).
+    uses "fixed_small"); an unknown prediction_type raises ValueError at construction (diffusers:
+    at every step).
   * a timestep that is no inference timestep and a model output of the wrong shape raise ValueError
     instead of an IndexError or a broadcast deep inside the step.
+  * what every fastgen scheduler refuses (``fastgen.schedulers``): trained_betas of a length other
+    than num_train_timesteps, a bad num_inference_steps, a generator list not of the batch size, a
+    missing local folder in ``from_pretrained``.
 """
-import functools
-
 import diffusers
 import torch
 
@@ -49,6 +51,7 @@ class DDPMScheduler(FusedStepMixin, diffusers.DDPMScheduler):
     CUDA, fp32 torch ops elsewhere), "triton", "torch" or "reference" (float64), as for every op."""
 
     __init__ = with_backend(diffusers.DDPMScheduler)
+    _inference_steps_capped = True  # diffusers' set_timesteps: num_inference_steps <= num_train_timesteps
     __module__ = "fastgen"  # what a saved pipeline's model_index.json records: ["fastgen", "DDPMScheduler"]
 
     def _next_timestep(self, spec, t, t_host):
@@ -78,10 +81,10 @@ class DDPMScheduler(FusedStepMixin, diffusers.DDPMScheduler):
             self._prev_tables[device] = table.to(device)
         return self._prev_tables[device]
 
-    @functools.wraps(diffusers.DDPMScheduler.set_timesteps)  # diffusers' signature, which pipelines inspect
-    def set_timesteps(self, *args, **kwargs):
-        diffusers.DDPMScheduler.set_timesteps(self, *args, **kwargs)
-        self._prev_table(self.timesteps.device)  # what a compiled step reads
+    def _prepare_tables(self):
+        """After ``set_timesteps`` (FastgenMixin wraps diffusers' own): the table of next timesteps on the
+        timesteps' device, which a step traced by torch.compile only reads."""
+        self._prev_table(self.timesteps.device)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True, *, seed=None, offset: int = 0, backend=None):
@@ -100,7 +103,7 @@ class DDPMScheduler(FusedStepMixin, diffusers.DDPMScheduler):
         Returns DDPMSchedulerOutput(prev_sample, pred_original_sample).
         """
         backend = self._backend_arg(backend)
-        offset = self._noise_source(generator, seed, offset)
+        offset = self._noise_source(generator, seed, offset, sample=sample)
         t, t_host = self._timestep(timestep, sample)
         # an unknown variance_type only matters where the step adds noise (diffusers then uses fixed_small)
         needs_variance = t_host != 0 or self.config.variance_type in VARIANCE_TYPES

@@ -38,6 +38,7 @@ class DPMSolverMultistepScheduler(SigmaStepMixin, diffusers.DPMSolverMultistepSc
     "triton", "torch" or "reference"."""
 
     __init__ = with_backend(diffusers.DPMSolverMultistepScheduler)
+    _prediction_types = dpm_solver.PREDICTION_TYPES
     __module__ = "fastgen"  # a saved pipeline records ["fastgen", "DPMSolverMultistepScheduler"]
     _noise_dtype = torch.float32  # diffusers draws its SDE noise in float32
     _run_start = None  # the step index the run started at (set at its first step)

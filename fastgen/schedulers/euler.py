@@ -1,14 +1,23 @@
 """EulerDiscreteScheduler: diffusers' EulerDiscreteScheduler whose step is one fused pass.
 
 Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models", arXiv
-2206.00364, Alg. 2 without its second-order correction (the equations, the float64 reference and the
-coefficient table: fastgen/reference/karras.py). Per step, from sigma_i to sigma_i+1:
+2206.00364: the Euler step with the churn of their Alg. 2, as diffusers' EulerDiscreteScheduler
+takes it (the equations, the float64 reference and the coefficient table: fastgen/reference/karras.py).
+Per step, from sigma_i to sigma_i+1, with F the model output the caller evaluated at the pre-churn
+sample (``scale_model_input(x_i, t_i)``, noise level sigma_i):
 
     sigma^ = sigma_i (1 + gamma_i),  gamma_i = min(s_churn / N, sqrt(2) - 1) where s_tmin <= sigma_i <= s_tmax
     x^     = x + s_noise sqrt(sigma^^2 - sigma_i^2) z                          (churn, gamma_i > 0 only)
     D      = x^ - sigma^ F | x^ / (sigma_i^2 + 1) - sigma_i / sqrt(sigma_i^2 + 1) F | F
                                                   (epsilon | v_prediction | sample)
     x_i+1  = x^ + (sigma_i+1 - sigma^) (x^ - D) / sigma^
+
+That is, the output F at x_i is reused at the churned x^ (diffusers' convention, kept for drop-in
+parity: the same trajectory as diffusers from the same generator). Alg. 2 proper evaluates the
+denoiser at the churned sample, D(x^; sigma^), which needs the model called after the churn noise is
+added, i.e. a model call inside the step; a scheduler's step is handed F and cannot make it. Without
+churn (s_churn = 0, the default) the two agree: Alg. 1's Euler step. Alg. 2's second-order
+correction is not taken either.
 
 Every sigma option of diffusers' class works unchanged (``use_karras_sigmas``, ``use_exponential_sigmas``,
 ``use_beta_sigmas``, ``interpolation_type``, ``timestep_spacing``, ``timestep_type``, ``final_sigmas_type``,
@@ -23,7 +32,7 @@ import diffusers
 import torch
 from diffusers.schedulers import scheduling_euler_discrete
 
-from fastgen.reference import karras  # noqa: F401  (registers the table builder)
+from fastgen.reference import karras  # also registers the table builder
 from fastgen.schedulers._common import with_backend
 from fastgen.schedulers._sigma import SigmaStepMixin, refuse_step_index
 
@@ -34,6 +43,7 @@ class EulerDiscreteScheduler(SigmaStepMixin, diffusers.EulerDiscreteScheduler):
     "triton", "torch" or "reference"."""
 
     __init__ = with_backend(diffusers.EulerDiscreteScheduler)
+    _prediction_types = karras.EULER_PREDICTION_TYPES
     _needs_set_timesteps = False  # diffusers' step also runs on the training schedule
     _step_defaults = dict(s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0)  # step()'s defaults
     __module__ = "fastgen"  # what a saved pipeline's model_index.json records: ["fastgen", "EulerDiscreteScheduler"]

@@ -16,7 +16,7 @@ import diffusers
 import torch
 from diffusers.schedulers import scheduling_euler_ancestral_discrete
 
-from fastgen.reference import karras  # noqa: F401  (registers the table builder)
+from fastgen.reference import karras  # also registers the table builder
 from fastgen.schedulers._common import with_backend
 from fastgen.schedulers._sigma import SigmaStepMixin, refuse_step_index
 
@@ -27,6 +27,7 @@ class EulerAncestralDiscreteScheduler(SigmaStepMixin, diffusers.EulerAncestralDi
     "triton", "torch" or "reference"."""
 
     __init__ = with_backend(diffusers.EulerAncestralDiscreteScheduler)
+    _prediction_types = karras.ANCESTRAL_PREDICTION_TYPES  # diffusers' step has no "sample"
     _needs_set_timesteps = False  # diffusers' step also runs on the training schedule
     __module__ = "fastgen"  # a saved pipeline records ["fastgen", "EulerAncestralDiscreteScheduler"]
 

@@ -31,6 +31,8 @@ class LCMScheduler(SigmaStepMixin, diffusers.LCMScheduler):
     "torch" or "reference", as for every op."""
 
     __init__ = with_backend(diffusers.LCMScheduler)
+    _prediction_types = _reference.PREDICTION_TYPES
+    _inference_steps_capped = True  # diffusers' set_timesteps: num_inference_steps <= num_train_timesteps
     __module__ = "fastgen"  # what a saved pipeline records: ["fastgen", "LCMScheduler"]
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
@@ -47,7 +49,7 @@ class LCMScheduler(SigmaStepMixin, diffusers.LCMScheduler):
         Returns LCMSchedulerOutput(prev_sample, denoised), or (prev_sample, denoised).
         """
         require_timesteps(self)
-        self._noise_source(generator, seed, offset, variance_noise)  # checked before the step index moves
+        self._noise_source(generator, seed, offset, variance_noise, sample=sample)  # before the step index moves
         if self.step_index is None:
             self._init_step_index(timestep)
         host = self._host_timestep(timestep)
