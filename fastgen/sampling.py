@@ -160,6 +160,7 @@ class _Plan:
         else:  # the scheduler checks the values, as in diffusers
             scheduler.set_timesteps(timesteps=self._custom_timesteps(scheduler, num_inference_steps, timesteps))
         self.table = table = step_table(scheduler)
+        _check_finite_run(table, scheduler)
         self.kind = table.kind
         self.num_steps = table.num_steps
         self.model_timesteps = torch.as_tensor(table.model_timesteps).cpu()
@@ -202,6 +203,21 @@ class _Plan:
 
     def model_output_shape(self, shape: torch.Size) -> torch.Size:
         return self.spec.model_output_shape(shape) if self.spec is not None else shape
+
+
+def _check_finite_run(table, scheduler):
+    """ValueError unless every step of the run has finite coefficients and input scales: a schedule whose
+    noise levels repeat or vanish (e.g. DPM-Solver++ with as many steps as training timesteps, or flow
+    matching with shift 0) gives inf / NaN steps, which would return NaN samples without an error."""
+    finite = torch.isfinite(table.coefficients).all(dim=1) & torch.isfinite(table.model_input_scales)
+    if not bool(finite.all()):
+        i = int((~finite).nonzero()[0])
+        sigmas = getattr(scheduler, "sigmas", None)
+        levels = f" (its noise levels {float(sigmas[i]):g} -> {float(sigmas[i + 1]):g})" if sigmas is not None and \
+            len(sigmas) > i + 1 else ""
+        raise ValueError(f"{type(scheduler).__name__}'s run of {table.num_steps} steps is degenerate: step {i}'s "
+                         f"coefficients are not finite{levels}, so every sample would be NaN; use fewer steps or "
+                         "another timestep_spacing, shift or sigma schedule")
 
 
 def _sigma_tables():

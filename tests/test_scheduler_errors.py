@@ -246,3 +246,26 @@ def test_add_noise_broadcasts_as_diffusers(kind, backend):
         fastgen.q_sample(torch.randn(1, 4), 5, ours.schedule, noise=torch.randn(2, 4))  # the op stays strict
     with pytest.raises(ValueError, match=r"batch=2\], got shape \(3,\)"):  # no broadcast: fastgen's error
         ours.add_noise(torch.randn(2, 4), torch.randn(2, 4), torch.tensor([1, 2, 3]))
+
+
+# --- fastgen.sample: a run that would give NaN samples is refused ----------------------------------
+
+class _Half(torch.nn.Module):
+    def forward(self, x, t, class_labels=None):
+        return 0.5 * x
+
+
+@pytest.mark.parametrize("scheduler, steps", [
+    (lambda: fastgen.DPMSolverMultistepScheduler(), 1000),     # as many steps as training timesteps
+    (lambda: fastgen.FlowMatchEulerDiscreteScheduler(shift=0.0), 10),
+])
+def test_sample_refuses_a_degenerate_run(scheduler, steps):
+    with pytest.raises(ValueError, match="degenerate: step .* coefficients are not finite"):
+        fastgen.sample(_Half(), (2, 4), scheduler(), num_inference_steps=steps, seed=0)
+
+
+@pytest.mark.parametrize("scale", [1e39, -1e7])
+def test_a_guidance_scale_beyond_fp32_use_is_refused(scale):
+    with pytest.raises(ValueError, match="guidance_scale must be in"):
+        fastgen.sample(_Half(), (2, 4), fastgen.EulerDiscreteScheduler(), num_inference_steps=2, seed=0,
+                       class_labels=torch.tensor([1, 2]), null_class_label=0, guidance_scale=scale)

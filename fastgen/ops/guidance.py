@@ -13,9 +13,19 @@ import torch
 from fastgen import _checks
 
 
+GUIDANCE_LIMIT = 1e6  # |w| beyond this turns any model's output difference into fp32 overflow noise
+
+
 def guidance_scale_arg(guidance_scale):
-    """None (no guidance) or w as a finite float."""
-    return None if guidance_scale is None else _checks.finite_float(guidance_scale, "guidance_scale")
+    """None (no guidance) or w as a finite float with |w| <= GUIDANCE_LIMIT: the steps compute in fp32,
+    where a w near fp32's range (3.4e38) overflows m_c - m_u into inf and NaN samples."""
+    if guidance_scale is None:
+        return None
+    value = _checks.finite_float(guidance_scale, "guidance_scale")
+    if abs(value) > GUIDANCE_LIMIT:
+        raise ValueError(f"guidance_scale must be in [-{GUIDANCE_LIMIT:g}, {GUIDANCE_LIMIT:g}] (the steps compute in "
+                         f"fp32; pipelines use 1-20), got {value:g}")
+    return value
 
 
 def check_guided_output(model_output, expected: torch.Size, guidance_scale) -> None:
