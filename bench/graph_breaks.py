@@ -7,9 +7,9 @@ import warnings
 
 import torch
 
-SCHEDULERS = ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-              "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "LCMScheduler",
-              "CMStochasticIterativeScheduler"]
+from fastgen import registry
+
+SCHEDULERS = registry.SCHEDULER_CLASSES
 
 
 def breaks(scheduler_class, steps=10) -> int:

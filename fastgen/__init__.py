@@ -1,6 +1,7 @@
 """fastgen: fused Triton kernels for sampling from generative models, each checked against a torch reference."""
 import importlib
 
+from fastgen import registry
 from fastgen.backend import resolve_backend
 from fastgen.ops import (affine_coupling, ddim_step, ddpm_step, gaussian_kl, latents, q_sample, randn,
                          reparameterize, reparameterize_with_kl)
@@ -13,9 +14,7 @@ __version__ = "0.1.0"
 # does not import diffusers. They are attributes of the top-level package because diffusers' pipelines
 # record a component's library by its top-level module ("fastgen") and look up the class and its
 # loadable base (SchedulerMixin) there when they load a saved pipeline.
-_SCHEDULER_EXPORTS = ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                      "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler",
-                      "CMStochasticIterativeScheduler", "LCMScheduler", "SchedulerMixin")
+_SCHEDULER_EXPORTS = (*registry.SCHEDULER_CLASSES, "SchedulerMixin")
 
 
 def __getattr__(name):

@@ -11,6 +11,7 @@ import math
 import os
 import sys
 
+from fastgen import registry
 from fastgen._files import prepare_output
 
 # What a user gets wrong (a bad argument, a path that cannot be read or written): one line, exit 2.
@@ -136,8 +137,7 @@ def _train_consistency(args) -> int:
 
 TRAIN_TARGETS = {"gan": _train_gan, "ddpm": _train_ddpm, "flow": _train_flow, "consistency": _train_consistency}
 # sample --sampler: the schedulers of fastgen.sampling.make_scheduler that run on the digits denoiser
-SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral", "dpmsolver++", "sde-dpmsolver++", "flow_match",
-            "consistency")
+SAMPLERS = registry.DIGITS_SAMPLERS
 
 
 def _train(args) -> int:

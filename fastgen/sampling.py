@@ -48,14 +48,13 @@ model that cannot be captured falls back to the eager loop under "auto" with a w
 under ``cuda_graph=True``.
 """
 import copy
-import importlib
 import inspect
 import itertools
 import warnings
 
 import torch
 
-from fastgen import _checks
+from fastgen import _checks, registry
 from fastgen import ops
 from fastgen.backend import resolve_backend
 from fastgen.ops import diffusion as diffusion_ops
@@ -65,17 +64,7 @@ from fastgen.reference import random as ref_random
 from fastgen.step_spec import StepSpec
 
 # The schedulers make_scheduler knows, by the name the CLI and the bench use: (class, config overrides).
-SCHEDULERS = {
-    "ddpm": ("DDPMScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "sde-dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    "flow_match": ("FlowMatchEulerDiscreteScheduler", {}),
-    "consistency": ("CMStochasticIterativeScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-}
+SCHEDULERS = {sampler.name: (sampler.scheduler, sampler.config) for sampler in registry.SAMPLERS}
 DIFFUSION_KINDS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim"}
 DEFAULT_STEPS = 50  # DDPM: every training timestep (diffusers' pipelines use 1000 and 50)
 
@@ -150,7 +139,7 @@ class _Plan:
         self.generator_draws = torch.tensor([spec.generator_draws(int(t)) for t in timesteps])
 
     def _sigma(self, scheduler, num_inference_steps, eta, timesteps):
-        from fastgen.schedulers._sigma import step_table
+        from fastgen.step_table import step_table
 
         if eta:
             raise ValueError(f"eta is DDIM's setting; {type(scheduler).__name__} takes none, got eta={eta}")
@@ -221,10 +210,10 @@ def _check_finite_run(table, scheduler):
 
 
 def _sigma_tables():
-    """The StepTable builders by diffusers class name (importing fastgen.schedulers registers them)."""
-    importlib.import_module("fastgen.schedulers")
-    from fastgen.schedulers._sigma import TABLES
+    """The StepTable builders by diffusers class name (every builder the registry names)."""
+    from fastgen.step_table import TABLES
 
+    registry.load_builders()
     return TABLES
 
 

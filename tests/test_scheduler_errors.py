@@ -65,16 +65,18 @@ def test_prediction_types_are_the_steps_own():
 def test_trained_betas_of_another_length_are_refused(cls, tmp_path):
     """diffusers takes trained_betas as the betas and num_train_timesteps as the number of timesteps:
     with two betas and T = 1000 its timesteps index far outside the tables. fastgen asks for one beta
-    per training timestep, from the constructor and from a saved config."""
-    match = r"trained_betas must hold one beta per training timestep, num_train_timesteps=1000, got 2 betas"
+    per training timestep before it makes a schedule to sample with (set_timesteps), from the
+    constructor's config and from a saved one."""
+    match = r"trained_betas must hold one beta per training timestep to sample, num_train_timesteps=1000, got 2 betas"
+    mismatched = cls(trained_betas=np.array([0.1, 0.3]))  # constructs, saves and loads, as in diffusers
     with pytest.raises(ValueError, match=match):
-        cls(trained_betas=np.array([0.1, 0.3]))
+        mismatched.set_timesteps(2)
     matching = cls(trained_betas=[0.1, 0.2, 0.3], num_train_timesteps=3)
     assert matching.betas.tolist() == pytest.approx([0.1, 0.2, 0.3])
     config = dict(matching.config, num_train_timesteps=1000)
     (tmp_path / cls.config_name).write_text(json.dumps({k: v for k, v in config.items() if k != "_use_default_values"}))
     with pytest.raises(ValueError, match=r"num_train_timesteps=1000, got 3 betas"):
-        cls.from_pretrained(tmp_path)
+        cls.from_pretrained(tmp_path).set_timesteps(2)
 
 
 def test_trained_betas_step_as_diffusers():

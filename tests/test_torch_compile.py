@@ -14,6 +14,7 @@ import torch
 import torch._dynamo.testing
 
 import fastgen
+from fastgen import registry
 
 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
@@ -34,6 +35,9 @@ CONFIGS = {
     "flow_match_shift": ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}, {}, {}),
     "lcm": ("LCMScheduler", {}, {}, {"seed": 3}),
     "consistency": ("CMStochasticIterativeScheduler", {}, {}, {"seed": 3}),
+    "tcd": ("TCDScheduler", {}, {}, {"seed": 3}),
+    "edm_euler": ("EDMEulerScheduler", {}, {}, {}),
+    "edm_sde-dpmsolver++": ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}, {"seed": 3}),
 }
 
 
@@ -156,8 +160,7 @@ class _Denoiser(torch.nn.Module):
         return 0.3 * x + 0.01 * t.float().reshape(-1, *[1] * (x.dim() - 1))
 
 
-LOOPS = ["ddpm", "ddim", "euler", "euler_ancestral", "dpmsolver++", "sde-dpmsolver++", "flow_match", "lcm",
-         "consistency"]
+LOOPS = list(registry.BY_NAME)  # every sampler fastgen knows
 
 
 @pytest.mark.parametrize("kind", LOOPS)
@@ -168,7 +171,7 @@ def test_compiled_loop_equals_eager_loop(kind, monkeypatch):
 
     monkeypatch.setenv("FASTGEN_COMPILE", "1")
     scheduler = make_scheduler(kind)
-    steps = {"ddpm": 8, "lcm": 3, "consistency": 2}.get(kind, 5)
+    steps = {"ddpm": 8, "lcm": 3, "tcd": 3, "consistency": 2}.get(kind, 5)
     sampler = Sampler(_Denoiser(), SHAPE, scheduler, num_inference_steps=steps, seed=11, offset=2)
     assert isinstance(sampler.strategy, _CompiledSteps)
     compiled = sampler()

@@ -42,7 +42,7 @@ DDIM steps per grid interval, ending at the teacher's x0) and regress
 
 The targets are fixed, so no error is bootstrapped from one sigma to the next. On the digits, after
 20000 steps the 1-step sampler reaches a confidence of 0.955 and the 2-step one (searched midpoint)
-the teacher's DDIM-50 confidence (README); Algorithm 2 had not reached 0.85 after 14000 steps.
+the teacher's DDIM-50 confidence (docs/consistency.md); Algorithm 2 had not reached 0.85 after 14000 steps.
 The regression leaves 1-step samples blurred where the noise-to-digit map changes class; a second
 stage from the regressed student (``init``) adds a distribution-matching term for the 1-step samples
 (``DistributionMatching``, Yin et al. 2024), which brings the 1-step sampler past the teacher's DDIM-10.
@@ -557,7 +557,7 @@ def consistency_sampler(checkpoint=None, *, device=None, backend: str = "auto"):
     shipped digits one, distilled from the shipped digits denoiser in two stages, ``python -m fastgen
     train consistency --steps 20000 --batch-size 256 --trajectories 245760 --label-dropout 0.5 --slim
     --out consistency_regressed.pt`` and ``... --init consistency_regressed.pt --distribution-matching 4
-    --lr 5e-5 --ema-decay 0.99 --steps 4000 --batch-size 256 --label-dropout 0.5 --slim`` (README);
+    --lr 5e-5 --ema-decay 0.99 --steps 4000 --batch-size 256 --label-dropout 0.5 --slim`` (docs/consistency.md);
     its ``metadata`` holds its searched 2-step timesteps and its scores) and fastgen's
     CMStochasticIterativeScheduler with its config. The model is called as the scheduler's pipelines
     call it: model(scale_model_input(x, t), t), t from ``scheduler.timesteps`` (250 log sigma)."""

@@ -1,107 +1,19 @@
-"""The sigma-space samplers' step op: one run's steps as coefficient rows, and the fused step on them
-(kernels/samplers.py; each sampler's float64 reference and table builder in fastgen/reference/:
-karras.py, dpm_solver.py, flow_matching.py).
+"""The sigma-space samplers' step op: the fused step on a run's StepTable (fastgen/step_table.py;
+kernels/samplers.py; each sampler's float64 reference and table builder in fastgen/reference/).
 
-A ``StepTable`` holds what a run of N steps needs, made once on the host from a scheduler's sigmas
-(by the sampler's builder in fastgen/reference/, in float64): per step i the affine
-coefficients of kernels/samplers.py (columns CHURN .. NOISE), the noise stream, whether diffusers'
-generator draws, the model's timestep and input scale; per run the clipping and the initial noise.
-Its ``reference`` is the sampler's own float64 step (the paper's equations), which the kernel and
-the torch path are checked against.
-
-    table = fastgen.schedulers._sigma.step_table(scheduler)   # after scheduler.set_timesteps(N)
+    table = fastgen.step_table.step_table(scheduler)   # after scheduler.set_timesteps(N)
     x, denoised = fastgen.ops.samplers.sampler_step(table, i, model_output, x, seed=0)
 
 Backends: "triton" the fused kernel; "torch" the same affine map in whole-tensor fp32 torch ops;
 "reference" the sampler's float64 step. ``offset`` counts samples, as in every public op.
 """
-import dataclasses
-from typing import Callable
-
 import torch
 
 from fastgen import _checks
 from fastgen._alloc import empty
 from fastgen.backend import resolve_backend
 from fastgen.ops.guidance import check_guided_output, guidance_scale_arg, guided
-
-COLUMNS = ("churn", "cx", "cf", "dx", "d0", "ax", "ad", "ap", "af", "noise")  # kernels/samplers.py's row order
-CLIPS = ("none", "range", "threshold")
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class StepTable:
-    """A run's N steps (module docstring). Host tensors; ``on(device)`` gives the kernel's copies.
-
-    kind: the sampler's name (e.g. "euler", "dpmsolver++").
-    coefficients: float64 [N, len(COLUMNS)].
-    streams: int64 [N], the counter-noise stream of each step; init_stream: that of the initial noise.
-    generator_draws: bool [N], where diffusers' step draws from its generator (parity noise).
-    model_timesteps: [N], what the model is called with at step i (the scheduler's timesteps).
-    model_input_scales: float64 [N], the model sees scale_i x (diffusers' ``scale_model_input``).
-    init_noise_sigma: x_N = init_noise_sigma z.
-    reads_previous: whether a step reads the previous step's denoised output D' (multistep solvers).
-    clip, clip_range, dynamic_thresholding_ratio, sample_max_value: clipping of x0 ("none" | "range"
-        | "threshold", diffusers' names).
-    reference: ``reference(i, model_output, sample, prev_denoised, noise) -> (out, denoised)``, float64.
-    any_draws, any_generator_draws (derived): whether any step uses noise / draws from diffusers' generator.
-    """
-    kind: str
-    coefficients: torch.Tensor
-    streams: torch.Tensor
-    generator_draws: torch.Tensor
-    model_timesteps: torch.Tensor
-    model_input_scales: torch.Tensor
-    init_noise_sigma: float
-    init_stream: int
-    reads_previous: bool
-    reference: Callable
-    clip: str = "none"
-    clip_range: float = 1.0
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
-
-    def __post_init__(self):
-        n = self.coefficients.shape[0]
-        if self.coefficients.shape != (n, len(COLUMNS)) or n == 0:
-            raise ValueError(f"coefficients must be [N >= 1, {len(COLUMNS)}], got {tuple(self.coefficients.shape)}")
-        for name in ("streams", "generator_draws", "model_timesteps", "model_input_scales"):
-            if getattr(self, name).shape != (n,):
-                raise ValueError(f"{name} must have one entry per step ({n}), got {tuple(getattr(self, name).shape)}")
-        _checks.choice(self.clip, "clip", CLIPS)
-        object.__setattr__(self, "_devices", {})
-        # host facts of the whole run, read once here: a compiled step reads them as constants
-        uses_noise = (self.coefficients[:, COLUMNS.index("churn")] != 0) | (self.coefficients[:, -1] != 0)
-        object.__setattr__(self, "any_draws", bool(uses_noise.any()))
-        object.__setattr__(self, "any_generator_draws", bool(self.generator_draws.any()))
-
-    @property
-    def num_steps(self) -> int:
-        return self.coefficients.shape[0]
-
-    def draws(self, i: int) -> bool:
-        """Whether step i uses noise at all (its churn or noise coefficient is not 0)."""
-        row = self.coefficients[i]
-        return bool(row[0] != 0 or row[-1] != 0)
-
-    def on(self, device):
-        """(fp32 coefficients [N, ROW], int64 streams [N], int64 step indices [N]) on ``device``, made once."""
-        device = torch.device(device)
-        if device not in self._devices:
-            self._devices[device] = (self.coefficients.to(device, torch.float32).contiguous(),
-                                     self.streams.to(device, torch.int64).contiguous(),
-                                     torch.arange(self.num_steps, dtype=torch.int64, device=device))
-        return self._devices[device]
-
-    @property
-    def clip_settings(self) -> tuple:
-        """(clip, clip_range, dynamic_thresholding_ratio, sample_max_value): what ``affine_step`` takes."""
-        return self.clip, self.clip_range, self.dynamic_thresholding_ratio, self.sample_max_value
-
-    def row(self, i: int) -> dict:
-        """Step i's coefficients as Python floats by column name."""
-        return dict(zip(COLUMNS, self.coefficients[i].tolist()))
-
+from fastgen.step_table import CLIPS, COLUMNS, StepTable  # noqa: F401  (CLIPS, COLUMNS: this op's row names)
 
 def affine_table(coefficients, *, reads_previous=True, **clip_settings) -> StepTable:
     """A StepTable of arbitrary coefficient rows (float64 [N, len(COLUMNS)]) whose reference is the

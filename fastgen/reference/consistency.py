@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from fastgen.reference.diffusion import clip_x0
-from fastgen.schedulers._sigma import host_sigmas, require_timesteps, scheduler_table, table_builder
+from fastgen.step_table import host_sigmas, require_timesteps, scheduler_table, table_builder
 
 SIGMA_DATA = 0.5
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")

@@ -30,7 +30,7 @@ import numpy as np
 
 from fastgen import _checks
 from fastgen.reference.diffusion import clip_x0
-from fastgen.schedulers._sigma import host_sigmas, require_timesteps, scheduler_table, table_builder
+from fastgen.step_table import host_sigmas, require_timesteps, scheduler_table, table_builder
 
 ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
 SOLVER_ORDERS = (1, 2)
@@ -174,17 +174,30 @@ def dpm_solver_table(scheduler, *, start=0):
     require_timesteps(scheduler)
     config = scheduler.config
     settings = _settings(config)
-    start = _checks.nonneg_int(start, "start")
-    sigmas = host_sigmas(scheduler).tolist()
-    n = len(scheduler.timesteps)
-    if len(sigmas) != n + 1:
-        raise ValueError(f"the scheduler must have one sigma more than timesteps, got {len(sigmas)} sigmas for "
-                         f"{n} timesteps")
-    orders = step_orders(n, solver_order=config.solver_order, lower_order_final=config.lower_order_final,
-                         euler_at_final=config.euler_at_final, final_sigmas_type=config.final_sigmas_type, start=start)
+    sigmas = _run_sigmas(scheduler)
     levels = [(alpha, sigma_t, half_log_snr(alpha, sigma_t))
               for alpha, sigma_t in (alpha_sigma(sigma, settings["flow"]) for sigma in sigmas)]
-    sde = settings["sde"]
+
+    def x0_columns(i):
+        return _x0_columns(config.prediction_type, sigmas[i], levels[i][0], levels[i][1])
+
+    def x0(i, f, x):
+        return data_prediction(f, x, sigmas[i], config.prediction_type, flow=settings["flow"],
+                               thresholding=settings["thresholding"])
+
+    return multistep_table(scheduler, levels, x0_columns, x0, sde=settings["sde"], start=start)
+
+
+def multistep_table(scheduler, levels, x0_columns, x0, *, sde, start=0, model_input_scales=None):
+    """The DPM-Solver++ (2M) StepTable of ``scheduler``'s run (``dpm_solver_table``'s derivation) on its
+    noise levels (alpha_i, sigma_i, lambda_i), i = 0 .. N: the same update for every parameterisation
+    of x, which brings its own data prediction x0 = CX x + CF F (``x0_columns(i)``; ``x0(i, f, x)`` for
+    the float64 reference)."""
+    config = scheduler.config
+    start = _checks.nonneg_int(start, "start")
+    n = len(scheduler.timesteps)
+    orders = step_orders(n, solver_order=config.solver_order, lower_order_final=config.lower_order_final,
+                         euler_at_final=config.euler_at_final, final_sigmas_type=config.final_sigmas_type, start=start)
     rows = []
     for i in range(n):
         (alpha_s, sigma_s, lambda_s), (alpha_t, sigma_t, lambda_t) = levels[i], levels[i + 1]
@@ -192,8 +205,7 @@ def dpm_solver_table(scheduler, *, start=0):
             h = np.float64(lambda_t) - lambda_s
             decay = 2.0 * h if sde else h
             c = alpha_t * -np.expm1(-decay)
-            row = dict(_x0_columns(config.prediction_type, sigmas[i], alpha_s, sigma_s),
-                       ax=sigma_t / np.float64(sigma_s) * (np.exp(-h) if sde else 1.0), ad=c)
+            row = dict(x0_columns(i), ax=sigma_t / np.float64(sigma_s) * (np.exp(-h) if sde else 1.0), ad=c)
             if orders[i] == 2:
                 r = (lambda_s - levels[i - 1][2]) / h
                 if config.solver_type == "midpoint":
@@ -206,17 +218,27 @@ def dpm_solver_table(scheduler, *, start=0):
         rows.append({name: float(value) for name, value in row.items()})
 
     def reference(i, f, x, prev, z):
-        x0 = data_prediction(f, x, sigmas[i], config.prediction_type, flow=settings["flow"],
-                             thresholding=settings["thresholding"])
-        x_t = dpm_solver_pp_step(x, x0, prev, s=levels[i], t=levels[i + 1], s_prev=levels[i - 1] if i else None,
+        data = x0(i, f, x)
+        x_t = dpm_solver_pp_step(x, data, prev, s=levels[i], t=levels[i + 1], s_prev=levels[i - 1] if i else None,
                                  order=orders[i], solver_type=config.solver_type, sde=sde, noise=z)
-        return x_t, x0
+        return x_t, data
 
     clip = dict(clip="threshold", dynamic_thresholding_ratio=config.dynamic_thresholding_ratio,
                 sample_max_value=config.sample_max_value) if config.thresholding else {}
     return scheduler_table(scheduler, config.algorithm_type, rows, reference, generator_draws=[sde] * n,
-                           init_noise_sigma=float(scheduler.init_noise_sigma), reads_previous=2 in orders, **clip)
+                           model_input_scales=model_input_scales, init_noise_sigma=float(scheduler.init_noise_sigma),
+                           reads_previous=2 in orders, **clip)
+
+
+def _run_sigmas(scheduler) -> list:
+    """The N + 1 sigmas of the run (host floats)."""
+    sigmas = host_sigmas(scheduler).tolist()
+    n = len(scheduler.timesteps)
+    if len(sigmas) != n + 1:
+        raise ValueError(f"the scheduler must have one sigma more than timesteps, got {len(sigmas)} sigmas for "
+                         f"{n} timesteps")
+    return sigmas
 
 
 __all__ = ["alpha_sigma", "half_log_snr", "data_prediction", "dpm_solver_pp_step", "step_orders", "fused_settings",
-           "dpm_solver_table", "ALGORITHM_TYPES", "SOLVER_ORDERS", "SOLVER_TYPES", "PREDICTION_TYPES"]
+           "dpm_solver_table", "multistep_table", "ALGORITHM_TYPES", "SOLVER_ORDERS", "SOLVER_TYPES", "PREDICTION_TYPES"]

@@ -17,7 +17,7 @@ beta sigmas, invert_sigmas, custom sigmas or timesteps): the builder reads them 
 The deterministic step is the Euler step of the ODE; ``stochastic_sampling`` instead re-noises the
 data prediction x0 = x - sigma v to the next sigma with fresh noise (the path's own marginal).
 """
-from fastgen.schedulers._sigma import host_sigmas, require_timesteps, scheduler_table, table_builder
+from fastgen.step_table import host_sigmas, require_timesteps, scheduler_table, table_builder
 
 
 def flow_euler_step(model_output, x, sigma, sigma_next, *, stochastic=False, noise=None):

@@ -25,7 +25,7 @@ D = x0, out = AX x^ + AD D + AF F + NOISE z).
 import math
 
 from fastgen import _checks
-from fastgen.schedulers._sigma import host_sigmas, scheduler_table, table_builder
+from fastgen.step_table import host_sigmas, scheduler_table, table_builder
 
 EULER_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "original_sample")  # "original_sample": "sample"
 ANCESTRAL_PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers has no "sample" for Euler ancestral

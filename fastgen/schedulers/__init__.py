@@ -1,7 +1,8 @@
-"""Drop-in replacements for diffusers' schedulers whose step is one fused kernel: DDPMScheduler,
-DDIMScheduler, and the sigma-space EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
-DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler and the consistency samplers
-CMStochasticIterativeScheduler and LCMScheduler.
+"""Drop-in replacements for diffusers' schedulers whose step is one fused kernel: every class of
+fastgen.registry (DDPMScheduler, DDIMScheduler, and the sigma-space EulerDiscreteScheduler,
+EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, the
+consistency samplers CMStochasticIterativeScheduler, LCMScheduler and TCDScheduler, and the EDM
+samplers EDMEulerScheduler and EDMDPMSolverMultistepScheduler).
 
 They are subclasses of diffusers' own classes: change one import::
 
@@ -40,18 +41,10 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchE
 from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from fastgen.schedulers.consistency import CMStochasticIterativeScheduler
-from fastgen.schedulers.ddim import DDIMScheduler
-from fastgen.schedulers.ddpm import DDPMScheduler
-from fastgen.schedulers.dpm_solver import DPMSolverMultistepScheduler
-from fastgen.schedulers.euler import EulerDiscreteScheduler
-from fastgen.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
-from fastgen.schedulers.flow_match import FlowMatchEulerDiscreteScheduler
-from fastgen.schedulers.lcm import LCMScheduler
+from fastgen import registry
 
-__all__ = ["DDPMScheduler", "DDPMSchedulerOutput", "DDIMScheduler", "DDIMSchedulerOutput",
-           "EulerDiscreteScheduler", "EulerDiscreteSchedulerOutput",
-           "EulerAncestralDiscreteScheduler", "EulerAncestralDiscreteSchedulerOutput",
-           "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteSchedulerOutput",
-           "CMStochasticIterativeScheduler", "CMStochasticIterativeSchedulerOutput", "LCMScheduler",
-           "LCMSchedulerOutput", "SchedulerMixin"]
+globals().update({name: registry.scheduler_class(name) for name in registry.SCHEDULER_CLASSES})
+
+__all__ = [*registry.SCHEDULER_CLASSES, "DDPMSchedulerOutput", "DDIMSchedulerOutput", "EulerDiscreteSchedulerOutput",
+           "EulerAncestralDiscreteSchedulerOutput", "FlowMatchEulerDiscreteSchedulerOutput",
+           "CMStochasticIterativeSchedulerOutput", "LCMSchedulerOutput", "SchedulerMixin"]

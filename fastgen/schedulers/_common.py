@@ -90,6 +90,7 @@ def checked_set_timesteps(set_timesteps):
 
     @functools.wraps(set_timesteps)
     def checked(self, *args, **kwargs):
+        check_trained_betas(self.config)
         check_inference_steps(self, signature.bind(self, *args, **kwargs).arguments, custom)
         result = set_timesteps(self, *args, **kwargs)
         self._prepare_tables()
@@ -97,6 +98,18 @@ def checked_set_timesteps(set_timesteps):
 
     checked.checks_inference_steps = True
     return checked
+
+
+def check_trained_betas(config):
+    """One trained beta per training timestep before a schedule of inference steps is made: diffusers
+    takes ``trained_betas`` as the betas and ``num_train_timesteps`` as the number of timesteps, and
+    where they disagree its timesteps index outside the tables or skip part of them. (Such a config
+    still constructs, saves and loads, as in diffusers: only sampling with it is refused.)"""
+    betas = config.get("trained_betas")
+    if betas is not None and np.size(betas) != config.num_train_timesteps:
+        raise ValueError(f"trained_betas must hold one beta per training timestep to sample, num_train_timesteps="
+                         f"{config.num_train_timesteps}, got {np.size(betas)} betas (pass num_train_timesteps="
+                         f"{np.size(betas)} with them)")
 
 
 def check_inference_steps(scheduler, arguments, custom=()):
@@ -194,17 +207,10 @@ class FastgenMixin:
 
     def _check_config(self):
         """The config values a step relies on, checked at construction (diffusers finds a bad one at a
-        step, or never): a prediction type this step knows, one trained beta per training timestep
-        (diffusers takes ``trained_betas`` as the betas and ``num_train_timesteps`` as the number of
-        timesteps; when they disagree its timesteps index outside the tables or skip part of them)."""
+        step, or never): a prediction type this step knows."""
         config = self.config
         if "prediction_type" in config:
             _checks.choice(config.prediction_type, "prediction_type", self._prediction_types)
-        betas = config.get("trained_betas")
-        if betas is not None and np.size(betas) != config.num_train_timesteps:
-            raise ValueError(f"trained_betas must hold one beta per training timestep, num_train_timesteps="
-                             f"{config.num_train_timesteps}, got {np.size(betas)} betas (pass num_train_timesteps="
-                             f"{np.size(betas)} with them)")
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):

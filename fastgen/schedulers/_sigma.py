@@ -2,8 +2,8 @@
 consistency, LCM) add to diffusers' classes: each step is one fused pass on the run's StepTable.
 
 diffusers' ``set_timesteps`` computes the sigmas and timesteps as it always does; fastgen builds the
-run's ``fastgen.ops.samplers.StepTable`` from them once, on the host, in float64 (``TABLES``: the
-builder of each diffusers class, registered with ``table_builder`` next to the sampler's float64
+run's ``fastgen.step_table.StepTable`` from them once, on the host, in float64 (the builder of each
+diffusers class, registered with ``fastgen.step_table.table_builder`` next to the sampler's float64
 reference), and ``step`` is ``fastgen.ops.samplers.sampler_step`` at the step index diffusers
 tracks. Finding that index never synchronises with the host: a timestep taken from
 ``self.timesteps`` is looked up in a host copy taken when the timesteps were assigned. A multistep
@@ -14,58 +14,10 @@ import torch
 
 from fastgen import _checks
 from fastgen.backend import resolve_backend
-from fastgen.ops.samplers import COLUMNS, StepTable, device_step, sampler_step
+from fastgen.ops.samplers import device_step, sampler_step
 from fastgen.schedulers._common import FastgenMixin
-
-TABLES = {}  # diffusers class name -> builder(scheduler, **step_settings) -> StepTable
-
-
-def table_builder(diffusers_name: str):
-    """Registers ``builder(scheduler, **step_settings) -> StepTable`` for a diffusers scheduler class."""
-    def register(builder):
-        TABLES[diffusers_name] = builder
-        return builder
-    return register
-
-
-def scheduler_table(scheduler, kind: str, rows, reference, *, generator_draws, model_input_scales=None,
-                    init_noise_sigma=1.0, reads_previous=False, **clip_settings) -> StepTable:
-    """A StepTable on ``scheduler``'s run under the conventions every sampling loop relies on:
-    step i draws counter stream i, the initial noise stream N; the model sees diffusers' timesteps.
-
-    rows: one dict per step of the affine coefficients by column name (kernels/samplers.py);
-        a column not given is 0, except d0 (the denoised output D = x0) which is 1.
-    generator_draws: [N] bools, where diffusers' step draws from its generator.
-    model_input_scales: [N] floats, diffusers' ``scale_model_input`` factors (None: 1).
-    """
-    unknown = {name for row in rows for name in row} - set(COLUMNS)
-    if unknown:
-        raise ValueError(f"unknown coefficient columns {sorted(unknown)}; the columns are {COLUMNS}")
-    coefficients = torch.tensor([[row.get(name, 1.0 if name == "d0" else 0.0) for name in COLUMNS] for row in rows],
-                                dtype=torch.float64)
-    n = coefficients.shape[0]
-    timesteps = torch.as_tensor(scheduler.timesteps).detach().cpu().clone()
-    scales = torch.ones(n, dtype=torch.float64) if model_input_scales is None else \
-        torch.as_tensor(model_input_scales, dtype=torch.float64)
-    return StepTable(kind=kind, coefficients=coefficients, streams=torch.arange(n, dtype=torch.int64),
-                     generator_draws=torch.as_tensor(generator_draws, dtype=torch.bool).reshape(n),
-                     model_timesteps=timesteps[:n], model_input_scales=scales, init_noise_sigma=float(init_noise_sigma),
-                     init_stream=n, reads_previous=reads_previous, reference=reference, **clip_settings)
-
-
-def host_sigmas(scheduler) -> torch.Tensor:
-    """The scheduler's sigmas (diffusers' float32 values, N + 1 of them) in float64 on the host."""
-    return torch.as_tensor(scheduler.sigmas).detach().cpu().double()
-
-
-def step_table(scheduler, **step_settings) -> StepTable:
-    """The StepTable of ``scheduler`` (fastgen's class or diffusers' own) on its current sigmas (after
-    ``set_timesteps``; the Euler schedulers also step on their training schedule before it, as diffusers')."""
-    for cls in type(scheduler).__mro__:
-        if cls.__module__.startswith("diffusers.") and cls.__name__ in TABLES:
-            return TABLES[cls.__name__](scheduler, **step_settings)
-    raise TypeError(f"scheduler must be one of DDPMScheduler, DDIMScheduler{''.join(', ' + n for n in sorted(TABLES))}"
-                    f" (diffusers' or fastgen's), got {type(scheduler).__name__}")
+from fastgen.step_table import (TABLES, StepTable, host_sigmas, require_timesteps, scheduler_table,  # noqa: F401
+                                step_table, table_builder)
 
 
 class SigmaStepMixin(FastgenMixin):
@@ -192,13 +144,6 @@ class SigmaStepMixin(FastgenMixin):
 
         _checks.float_tensor(noise, "variance_noise")
         return _checks.like(noise.to(sample.dtype), "variance_noise", sample, "sample")
-
-
-def require_timesteps(scheduler):
-    """diffusers' error for a step before ``set_timesteps``."""
-    if getattr(scheduler, "num_inference_steps", None) is None:
-        raise ValueError(
-            "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
 
 
 def refuse_step_index(timestep, class_name: str):

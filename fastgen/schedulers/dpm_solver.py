@@ -32,7 +32,44 @@ from fastgen.schedulers._common import with_backend
 from fastgen.schedulers._sigma import SigmaStepMixin
 
 
-class DPMSolverMultistepScheduler(SigmaStepMixin, diffusers.DPMSolverMultistepScheduler):
+class MultistepMixin(SigmaStepMixin):
+    """The step of a DPM-Solver++ multistep scheduler on its StepTable, with diffusers' history kept as
+    diffusers keeps it (``model_outputs``, ``lower_order_nums``): a configuration without a fused table
+    (``fused_config`` says why) runs diffusers' own step."""
+
+    _run_start = None  # the step index the run started at (set at its first step)
+    _step_defaults = dict(start=0)  # a run from the first timestep
+
+    def index_for_timestep(self, timestep, schedule_timesteps=None):
+        """diffusers' rule for its multistep solvers: a timestep outside the schedule is the last step."""
+        try:
+            return super().index_for_timestep(timestep, schedule_timesteps)
+        except (ValueError, IndexError):
+            return len(self.timesteps) - 1
+
+    def _multistep(self, model_output, timestep, sample, *, generator, variance_noise, seed, offset, backend,
+                   diffusers_step):
+        """(prev_sample,) of the step at ``timestep``; ``diffusers_step()``: diffusers' own step's result."""
+        reason = self.fused_config
+        if reason is not None:
+            if seed is not None:
+                raise ValueError(f"seed= needs the fused step, which this configuration has not ({reason}); pass "
+                                 "generator= for diffusers' step")
+            return diffusers_step()
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        if self.lower_order_nums == 0 or self._run_start is None:
+            self._run_start = self.step_index - self.lower_order_nums  # the run's first step is first order
+        self._denoised = self.model_outputs[-1]  # x0_prev: diffusers' history (what the last step left there)
+        prev_sample, denoised = self._fused_step(model_output, timestep, sample, generator=generator,
+                                                 variance_noise=variance_noise, seed=seed, offset=offset,
+                                                 backend=backend, start=int(self._run_start))
+        self.model_outputs = [*self.model_outputs[1:], denoised]  # diffusers' history of x0, kept as it keeps it
+        self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
+        return (prev_sample,)
+
+
+class DPMSolverMultistepScheduler(MultistepMixin, diffusers.DPMSolverMultistepScheduler):
     """diffusers' DPMSolverMultistepScheduler (same arguments, defaults, config, save/load, timesteps and
     sigmas) with a fused ``step``; ``backend`` (keyword-only, not part of the config): "auto",
     "triton", "torch" or "reference"."""
@@ -41,20 +78,11 @@ class DPMSolverMultistepScheduler(SigmaStepMixin, diffusers.DPMSolverMultistepSc
     _prediction_types = dpm_solver.PREDICTION_TYPES
     __module__ = "fastgen"  # a saved pipeline records ["fastgen", "DPMSolverMultistepScheduler"]
     _noise_dtype = torch.float32  # diffusers draws its SDE noise in float32
-    _run_start = None  # the step index the run started at (set at its first step)
-    _step_defaults = dict(start=0)  # a run from the first timestep
 
     @property
     def fused_config(self):
         """None where ``step`` is fused; else why this configuration steps with diffusers' own step."""
         return dpm_solver.fused_settings(self.config)
-
-    def index_for_timestep(self, timestep, schedule_timesteps=None):
-        """diffusers' rule: a timestep outside the schedule is the last step."""
-        try:
-            return super().index_for_timestep(timestep, schedule_timesteps)
-        except (ValueError, IndexError):
-            return len(self.timesteps) - 1
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None, variance_noise=None,
              return_dict: bool = True, *, seed=None, offset: int = 0, backend=None):
@@ -70,23 +98,10 @@ class DPMSolverMultistepScheduler(SigmaStepMixin, diffusers.DPMSolverMultistepSc
             backend: this step's backend (default: the scheduler's).
         Returns SchedulerOutput(prev_sample).
         """
-        reason = self.fused_config
-        if reason is not None:
-            if seed is not None:
-                raise ValueError(f"seed= needs the fused step, which this configuration has not ({reason}); pass "
-                                 "generator= or variance_noise= for diffusers' step")
-            return super().step(model_output, timestep, sample, generator=generator, variance_noise=variance_noise,
-                                return_dict=return_dict)
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        if self.lower_order_nums == 0 or self._run_start is None:
-            self._run_start = self.step_index - self.lower_order_nums  # the run's first step is first order
-        self._denoised = self.model_outputs[-1]  # x0_prev: diffusers' history (what the last step left there)
-        prev_sample, denoised = self._fused_step(model_output, timestep, sample, generator=generator,
-                                                 variance_noise=variance_noise, seed=seed, offset=offset,
-                                                 backend=backend, start=int(self._run_start))
-        self.model_outputs = [*self.model_outputs[1:], denoised]  # diffusers' history of x0, kept as it keeps it
-        self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
-        if not return_dict:
-            return (prev_sample,)
-        return SchedulerOutput(prev_sample=prev_sample)
+        def diffusers_step():
+            return super(DPMSolverMultistepScheduler, self).step(
+                model_output, timestep, sample, generator=generator, variance_noise=variance_noise, return_dict=False)
+
+        result = self._multistep(model_output, timestep, sample, generator=generator, variance_noise=variance_noise,
+                                 seed=seed, offset=offset, backend=backend, diffusers_step=diffusers_step)
+        return SchedulerOutput(prev_sample=result[0]) if return_dict else result

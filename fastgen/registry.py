@@ -1,0 +1,64 @@
+"""The samplers fastgen knows, one record each. Everything that lists samplers derives from SAMPLERS:
+the package's exports (``fastgen.<Class>``, ``fastgen.schedulers``), ``fastgen.sampling.make_scheduler``
+and the CLI's ``sample --sampler``, the benchmarks, and the tests' parametrisations. A new sampler is a
+float64 reference with its table builder (fastgen/reference/), a drop-in subclass (fastgen/schedulers/),
+a test file and one record here.
+"""
+import dataclasses
+import importlib
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """One sampler.
+
+    name: the name make_scheduler, the CLI and the benchmarks use.
+    scheduler: the class name, diffusers' and fastgen's drop-in subclass alike.
+    module: fastgen.schedulers.<module> holds the drop-in.
+    reference: fastgen.reference.<reference> holds the float64 reference and registers the StepTable
+        builder (None: DDPM and DDIM, whose steps are StepSpec ops).
+    config: the config this name stands for (e.g. algorithm_type="sde-dpmsolver++").
+    digits: runs on the shipped digits models (CLI ``sample --sampler``).
+    """
+    name: str
+    scheduler: str
+    module: str
+    reference: str = None
+    config: dict = dataclasses.field(default_factory=dict)
+    digits: bool = False
+
+
+SAMPLERS = (
+    Sampler("ddpm", "DDPMScheduler", "ddpm", digits=True),
+    Sampler("ddim", "DDIMScheduler", "ddim", digits=True),
+    Sampler("euler", "EulerDiscreteScheduler", "euler", "karras", digits=True),
+    Sampler("euler_ancestral", "EulerAncestralDiscreteScheduler", "euler_ancestral", "karras", digits=True),
+    Sampler("dpmsolver++", "DPMSolverMultistepScheduler", "dpm_solver", "dpm_solver",
+            {"algorithm_type": "dpmsolver++"}, digits=True),
+    Sampler("sde-dpmsolver++", "DPMSolverMultistepScheduler", "dpm_solver", "dpm_solver",
+            {"algorithm_type": "sde-dpmsolver++"}, digits=True),
+    Sampler("flow_match", "FlowMatchEulerDiscreteScheduler", "flow_match", "flow_matching", digits=True),
+    Sampler("consistency", "CMStochasticIterativeScheduler", "consistency", "consistency", digits=True),
+    Sampler("lcm", "LCMScheduler", "lcm", "consistency"),
+    Sampler("tcd", "TCDScheduler", "tcd", "tcd"),
+    Sampler("edm_euler", "EDMEulerScheduler", "edm_euler", "edm"),
+    Sampler("edm_dpmsolver++", "EDMDPMSolverMultistepScheduler", "edm_dpm_solver", "edm",
+            {"algorithm_type": "dpmsolver++"}),
+    Sampler("edm_sde-dpmsolver++", "EDMDPMSolverMultistepScheduler", "edm_dpm_solver", "edm",
+            {"algorithm_type": "sde-dpmsolver++"}),
+)
+BY_NAME = {sampler.name: sampler for sampler in SAMPLERS}
+SCHEDULER_CLASSES = tuple(dict.fromkeys(sampler.scheduler for sampler in SAMPLERS))  # each class once, in order
+DIGITS_SAMPLERS = tuple(sampler.name for sampler in SAMPLERS if sampler.digits)
+
+
+def scheduler_class(class_name: str):
+    """fastgen's drop-in class named ``class_name`` (imported on first use: it imports diffusers)."""
+    module = next(sampler.module for sampler in SAMPLERS if sampler.scheduler == class_name)
+    return getattr(importlib.import_module(f"fastgen.schedulers.{module}"), class_name)
+
+
+def load_builders() -> None:
+    """Import every reference module that registers a StepTable builder (fastgen.step_table.TABLES)."""
+    for reference in dict.fromkeys(sampler.reference for sampler in SAMPLERS if sampler.reference):
+        importlib.import_module(f"fastgen.reference.{reference}")

@@ -1,0 +1,161 @@
+"""The step table: a sigma-space sampler's run as rows of affine coefficients, made once on the host.
+
+A ``StepTable`` holds what a run of N steps needs, made once on the host from a scheduler's sigmas
+(by the sampler's builder in fastgen/reference/, in float64): per step i the affine coefficients of
+kernels/samplers.py (the named COLUMNS), the noise stream, whether diffusers' generator draws, the
+model's timestep and input scale; per run the clipping and the initial noise. Its ``reference`` is
+the sampler's own float64 step (the paper's equations), which the kernel and the torch path are
+checked against.
+
+    table = fastgen.step_table.step_table(scheduler)    # after scheduler.set_timesteps(N)
+    x, denoised = fastgen.ops.samplers.sampler_step(table, i, model_output, x, seed=0)
+
+This module sits beside step_spec.py, below everything that uses it: the references (whose builders
+``table_builder`` registers and ``scheduler_table`` assembles), the ops (fastgen.ops.samplers) and the
+drop-in schedulers (fastgen.schedulers) all import it, and it imports none of them.
+"""
+import dataclasses
+from typing import Callable
+
+import torch
+
+from fastgen import _checks
+
+COLUMNS = ("churn", "cx", "cf", "dx", "d0", "ax", "ad", "ap", "af", "noise")  # kernels/samplers.py's row order
+CLIPS = ("none", "range", "threshold")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StepTable:
+    """A run's N steps (module docstring). Host tensors; ``on(device)`` gives the kernel's copies.
+
+    kind: the sampler's name (e.g. "euler", "dpmsolver++").
+    coefficients: float64 [N, len(COLUMNS)].
+    streams: int64 [N], the counter-noise stream of each step; init_stream: that of the initial noise.
+    generator_draws: bool [N], where diffusers' step draws from its generator (parity noise).
+    model_timesteps: [N], what the model is called with at step i (the scheduler's timesteps).
+    model_input_scales: float64 [N], the model sees scale_i x (diffusers' ``scale_model_input``).
+    init_noise_sigma: x_N = init_noise_sigma z.
+    reads_previous: whether a step reads the previous step's denoised output D' (multistep solvers).
+    clip, clip_range, dynamic_thresholding_ratio, sample_max_value: clipping of x0 ("none" | "range"
+        | "threshold", diffusers' names).
+    reference: ``reference(i, model_output, sample, prev_denoised, noise) -> (out, denoised)``, float64.
+    any_draws, any_generator_draws (derived): whether any step uses noise / draws from diffusers' generator.
+    """
+    kind: str
+    coefficients: torch.Tensor
+    streams: torch.Tensor
+    generator_draws: torch.Tensor
+    model_timesteps: torch.Tensor
+    model_input_scales: torch.Tensor
+    init_noise_sigma: float
+    init_stream: int
+    reads_previous: bool
+    reference: Callable
+    clip: str = "none"
+    clip_range: float = 1.0
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+
+    def __post_init__(self):
+        n = self.coefficients.shape[0]
+        if self.coefficients.shape != (n, len(COLUMNS)) or n == 0:
+            raise ValueError(f"coefficients must be [N >= 1, {len(COLUMNS)}], got {tuple(self.coefficients.shape)}")
+        for name in ("streams", "generator_draws", "model_timesteps", "model_input_scales"):
+            if getattr(self, name).shape != (n,):
+                raise ValueError(f"{name} must have one entry per step ({n}), got {tuple(getattr(self, name).shape)}")
+        _checks.choice(self.clip, "clip", CLIPS)
+        object.__setattr__(self, "_devices", {})
+        # host facts of the whole run, read once here: a compiled step reads them as constants
+        uses_noise = (self.coefficients[:, COLUMNS.index("churn")] != 0) | (self.coefficients[:, -1] != 0)
+        object.__setattr__(self, "any_draws", bool(uses_noise.any()))
+        object.__setattr__(self, "any_generator_draws", bool(self.generator_draws.any()))
+
+    @property
+    def num_steps(self) -> int:
+        return self.coefficients.shape[0]
+
+    def draws(self, i: int) -> bool:
+        """Whether step i uses noise at all (its churn or noise coefficient is not 0)."""
+        row = self.coefficients[i]
+        return bool(row[0] != 0 or row[-1] != 0)
+
+    def on(self, device):
+        """(fp32 coefficients [N, ROW], int64 streams [N], int64 step indices [N]) on ``device``, made once."""
+        device = torch.device(device)
+        if device not in self._devices:
+            self._devices[device] = (self.coefficients.to(device, torch.float32).contiguous(),
+                                     self.streams.to(device, torch.int64).contiguous(),
+                                     torch.arange(self.num_steps, dtype=torch.int64, device=device))
+        return self._devices[device]
+
+    @property
+    def clip_settings(self) -> tuple:
+        """(clip, clip_range, dynamic_thresholding_ratio, sample_max_value): what ``affine_step`` takes."""
+        return self.clip, self.clip_range, self.dynamic_thresholding_ratio, self.sample_max_value
+
+    def row(self, i: int) -> dict:
+        """Step i's coefficients as Python floats by column name."""
+        return dict(zip(COLUMNS, self.coefficients[i].tolist()))
+
+
+TABLES = {}  # diffusers class name -> builder(scheduler, **step_settings) -> StepTable
+
+
+def table_builder(diffusers_name: str):
+    """Registers ``builder(scheduler, **step_settings) -> StepTable`` for a diffusers scheduler class."""
+    def register(builder):
+        TABLES[diffusers_name] = builder
+        return builder
+    return register
+
+
+def scheduler_table(scheduler, kind: str, rows, reference, *, generator_draws, model_input_scales=None,
+                    init_noise_sigma=1.0, reads_previous=False, **clip_settings) -> StepTable:
+    """A StepTable on ``scheduler``'s run under the conventions every sampling loop relies on:
+    step i draws counter stream i, the initial noise stream N; the model sees diffusers' timesteps.
+
+    rows: one dict per step of the affine coefficients by column name (kernels/samplers.py);
+        a column not given is 0, except d0 (the denoised output D = x0) which is 1.
+    generator_draws: [N] bools, where diffusers' step draws from its generator.
+    model_input_scales: [N] floats, diffusers' ``scale_model_input`` factors (None: 1).
+    """
+    unknown = {name for row in rows for name in row} - set(COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown coefficient columns {sorted(unknown)}; the columns are {COLUMNS}")
+    coefficients = torch.tensor([[row.get(name, 1.0 if name == "d0" else 0.0) for name in COLUMNS] for row in rows],
+                                dtype=torch.float64)
+    n = coefficients.shape[0]
+    timesteps = torch.as_tensor(scheduler.timesteps).detach().cpu().clone()
+    scales = torch.ones(n, dtype=torch.float64) if model_input_scales is None else \
+        torch.as_tensor(model_input_scales, dtype=torch.float64)
+    return StepTable(kind=kind, coefficients=coefficients, streams=torch.arange(n, dtype=torch.int64),
+                     generator_draws=torch.as_tensor(generator_draws, dtype=torch.bool).reshape(n),
+                     model_timesteps=timesteps[:n], model_input_scales=scales, init_noise_sigma=float(init_noise_sigma),
+                     init_stream=n, reads_previous=reads_previous, reference=reference, **clip_settings)
+
+
+def host_sigmas(scheduler) -> torch.Tensor:
+    """The scheduler's sigmas (diffusers' float32 values, N + 1 of them) in float64 on the host."""
+    return torch.as_tensor(scheduler.sigmas).detach().cpu().double()
+
+
+def step_table(scheduler, **step_settings) -> StepTable:
+    """The StepTable of ``scheduler`` (fastgen's class or diffusers' own) on its current sigmas (after
+    ``set_timesteps``; the Euler schedulers also step on their training schedule before it, as diffusers').
+    Every builder the registry names is loaded first (fastgen.registry), so no import order matters."""
+    from fastgen import registry
+
+    registry.load_builders()
+    for cls in type(scheduler).__mro__:
+        if cls.__module__.startswith("diffusers.") and cls.__name__ in TABLES:
+            return TABLES[cls.__name__](scheduler, **step_settings)
+    raise TypeError(f"scheduler must be one of DDPMScheduler, DDIMScheduler{''.join(', ' + n for n in sorted(TABLES))}"
+                    f" (diffusers' or fastgen's), got {type(scheduler).__name__}")
+
+
+def require_timesteps(scheduler):
+    """diffusers' error for a step before ``set_timesteps``."""
+    if getattr(scheduler, "num_inference_steps", None) is None:
+        raise ValueError(
+            "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
