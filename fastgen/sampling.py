@@ -341,55 +341,74 @@ class _TorchSteps(_Steps):
         if plan.spec is not None:
             x_next, _ = diffusion_ops.torch_update(plan.spec, self.rows[i], pred, x, z)
             return x_next.to(x.dtype)
-        x_next, denoised = sampler_ops.torch_step(plan.table, self.rows[i], pred, x.float(), self.denoised, z)
+        x_next, denoised = sampler_ops.torch_step(plan.table, self.rows[i], pred, x.float(), self.denoised, z,
+                                                  need_denoised=plan.table.reads_previous)
         if plan.table.reads_previous:
             self.denoised = denoised
         return x_next.to(x.dtype)
 
 
 class _CompiledSteps(_TorchSteps):
-    """The torch strategy compiled by inductor (fastgen._compile; "auto" on a CPU with a C++ compiler):
-    each step, its counter noise included, is one generated C++ loop (``row_update`` for DDPM/DDIM,
-    ``affine_step`` for the StepTable samplers) reading the step's coefficient row and stream from
-    tensors, so one compiled graph serves every step. Compiled once per sampler, dtype and shape;
-    ``compile_seconds`` is the first run's one-time cost (its steps' time above the median step's)."""
+    """The torch strategy with its counter noise compiled by inductor (fastgen._compile; "auto" on a CPU
+    with a C++ compiler). The initial noise is one generated C++ loop (Philox and Box-Muller fused), and
+    a step that draws counter noise is one too, the update included (``row_update`` for DDPM/DDIM,
+    ``affine_step`` for the StepTable samplers), reading the step's coefficient row and stream from
+    tensors so one compiled graph serves every step. A step that draws no counter noise runs the eager
+    torch update: a few whole-tensor ops cost less than a compiled call's fixed overhead (tens of
+    microseconds), which only the fused noise repays. Compiled once per sampler, dtype and shape;
+    ``compile_seconds`` is the first run's one-time cost (the first noise draw, and the steps' time
+    above the median step's)."""
 
     backend = "torch"
 
     def __init__(self, plan, shape, **kwargs):
         super().__init__(plan, shape, **kwargs)
         from fastgen import _compile
+        from fastgen.ops import random as random_ops
 
         device = self.device
         self.seed_tensor = torch.tensor(0 if self.seed is None else _signed64(self.seed), dtype=torch.int64)
-        self.draws_counter = self.seed is not None and bool(plan.counter_draws.any())
-        guided_key = self.guidance_scale is not None
-        if plan.spec is not None:
-            self.names = tuple(self.rows[0])
-            self.coefficients = torch.tensor([[row[n] for n in self.names] for row in self.rows], dtype=torch.float32,
-                                             device=device)
-            self.streams = plan.timesteps.to(device)
-            self.fn = _compile.compiled(diffusion_ops.row_update, ("ddpm/ddim", plan.spec, shape, self.dtype, guided_key))
-        else:
-            self.coefficients, self.streams, _ = plan.table.on(device)
-            self.fn = _compile.compiled(sampler_ops.affine_step, (plan.table.clip_settings, shape, self.dtype, guided_key))
+        self.noise_fn = _compile.compiled(random_ops._torch_randn, ("loop", shape, self.dtype))
+        self.fn = None
+        if self.seed is not None and bool(plan.counter_draws.any()):  # the steps draw counter noise: compiled
+            guided_key = self.guidance_scale is not None
+            if plan.spec is not None:
+                self.names = tuple(self.rows[0])
+                self.coefficients = torch.tensor([[row[n] for n in self.names] for row in self.rows],
+                                                 dtype=torch.float32, device=device)
+                self.streams = plan.timesteps.to(device)
+                self.fn = _compile.compiled(diffusion_ops.row_update, ("ddpm/ddim", plan.spec, shape, self.dtype,
+                                                                        guided_key))
+            else:
+                self.coefficients, self.streams, _ = plan.table.on(device)
+                self.fn = _compile.compiled(sampler_ops.affine_step, (plan.table.clip_settings, shape, self.dtype,
+                                                                       guided_key))
         self.step_seconds = []
-        self.compile_seconds = None
+        self.first_noise_seconds = self.compile_seconds = None
 
     def initial_noise(self) -> torch.Tensor:
-        return _Steps.initial_noise(self)
+        """z_N from the initial stream, drawn by the compiled Philox loop."""
+        import time
+
+        start = time.perf_counter()
+        z = self.noise_fn(list(self.shape), self.seed_tensor, self.plan.init_stream, self.element_offset, self.dtype)
+        if self.first_noise_seconds is None:
+            self.first_noise_seconds = time.perf_counter() - start
+        return z
 
     def step(self, i, pred, x, noise):
         import time
 
         plan, start = self.plan, time.perf_counter()
-        common = dict(noise=None if noise is None else noise.float(), draws=self.draws_counter, seed=self.seed_tensor,
-                      offset=self.element_offset, guidance_scale=self.guidance_scale)
-        if plan.spec is not None:
-            x_next = self.fn(plan.spec, self.names, self.coefficients[i], self.streams[i], pred, x, **common)
+        if self.fn is None or noise is not None:  # no counter noise to fuse: the eager update
+            x_next = super().step(i, pred, x, noise)
+        elif plan.spec is not None:
+            x_next = self.fn(plan.spec, self.names, self.coefficients[i], self.streams[i], pred, x, draws=True,
+                             seed=self.seed_tensor, offset=self.element_offset, guidance_scale=self.guidance_scale)
         else:
-            x_next, denoised = self.fn(self.coefficients[i], self.streams[i], pred, x, self.denoised,
-                                       clip=plan.table.clip_settings, **common)
+            x_next, denoised = self.fn(self.coefficients[i], self.streams[i], pred, x, self.denoised, draws=True,
+                                       seed=self.seed_tensor, offset=self.element_offset,
+                                       guidance_scale=self.guidance_scale, clip=plan.table.clip_settings)
             if plan.table.reads_previous:
                 self.denoised = denoised
             x_next = x_next.to(x.dtype)
@@ -397,7 +416,7 @@ class _CompiledSteps(_TorchSteps):
             self.step_seconds.append(time.perf_counter() - start)
             if len(self.step_seconds) == plan.num_steps:
                 median = sorted(self.step_seconds)[len(self.step_seconds) // 2]
-                self.compile_seconds = sum(max(0.0, t - median) for t in self.step_seconds)
+                self.compile_seconds = (self.first_noise_seconds or 0.0) + sum(max(0.0, t - median) for t in self.step_seconds)
         return x_next
 
 

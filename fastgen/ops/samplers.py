@@ -139,14 +139,20 @@ def step_noise(table: StepTable, i: int, shape, *, seed: int, offset: int, devic
                               device=device, dtype=dtype).reshape(shape)
 
 
-def torch_step(table: StepTable, row: dict, f, x, prev_denoised, noise):
+def torch_step(table: StepTable, row: dict, f, x, prev_denoised, noise, *, need_denoised=True):
     """The kernel's affine map (kernels/samplers.py) in whole-tensor torch ops on one row of Python
-    floats: the fast CPU path. f: the (guided) model output; noise None where the step draws none."""
+    floats: the fast CPU path. f: the (guided) model output; noise None where the step draws none.
+    need_denoised=False: D is not wanted (no multistep history, not returned): where the output does
+    not use it (AD = 0, e.g. an Euler or flow-matching step) it is not formed, one pass fewer; NaN in x
+    or F still reaches the output through their own terms. Returns (x_next, D or None)."""
     if noise is not None and row["churn"]:
         x = x + row["churn"] * noise.to(x.dtype)
-    x0 = _clip(table.clip_settings, affine((row["cx"], x), (row["cf"], f)))
-    denoised = x0 if (row["dx"], row["d0"]) == (0.0, 1.0) else affine((row["dx"], x), (row["d0"], x0))
-    terms = [(row["ax"], x), (row["ad"], denoised), (row["af"], f)]
+    denoised = None
+    if need_denoised or row["ad"] or table.clip != "none":
+        x0 = _clip(table.clip_settings, affine((row["cx"], x), (row["cf"], f)))
+        denoised = x0 if (row["dx"], row["d0"]) == (0.0, 1.0) else affine((row["dx"], x), (row["d0"], x0))
+    terms = [(row["ax"], x), (row["af"], f)] if denoised is None else [(row["ax"], x), (row["ad"], denoised),
+                                                                       (row["af"], f)]
     if row["ap"] and prev_denoised is not None:
         terms.append((row["ap"], prev_denoised.to(x.dtype)))
     if row["noise"] and noise is not None:
