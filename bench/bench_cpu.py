@@ -9,7 +9,8 @@ rounds repeated, medians): speed-up = diffusers' median / fastgen's median (>= 1
 Rows: the counter noise (2^20 normals: ``fastgen.randn`` as it runs by default, and the compiled
 Philox the loops fuse into their steps) beside torch.randn; every loop-only sampler (DDPM-1000,
 DDIM-50, Euler 30 with and without guidance, Euler ancestral 30, DPM-Solver++ 2M 20, SDE-DPM-Solver++
-20, flow matching 28, LCM 4) at 64x64, 1024x64 and the Stable-Diffusion latent 4x4x64x64; and the
+20, flow matching 28, LCM 4, TCD 4, consistency 2, EDM Euler 30, EDM DPM-Solver++ 2M 20) at 64x64,
+1024x64 and the Stable-Diffusion latent 4x4x64x64; and the
 whole DDIM-50 loop with the digits-sized MLP beside the model alone. The first call's compile time
 is its own column, apart from the steady state.
 """
@@ -26,7 +27,9 @@ SHAPES = {"64x64": (64, 64), "1024x64": (1024, 64), "4x4x64x64": (4, 4, 64, 64)}
 LOOPS = {"ddpm1000": ("ddpm", 1000, None), "ddim50": ("ddim", 50, None), "euler30": ("euler", 30, None),
          "euler30_cfg": ("euler", 30, 7.5), "euler_ancestral30": ("euler_ancestral", 30, None),
          "dpmpp2m20": ("dpmsolver++", 20, None), "sde_dpmpp2m20": ("sde-dpmsolver++", 20, None),
-         "flowmatch28": ("flow_match", 28, None), "lcm4": ("lcm", 4, None)}
+         "flowmatch28": ("flow_match", 28, None), "lcm4": ("lcm", 4, None), "tcd4": ("tcd", 4, None),
+         "consistency2": ("consistency", 2, None), "edm_euler30": ("edm_euler", 30, None),
+         "edm_dpmpp2m20": ("edm_dpmsolver++", 20, None)}
 NULL_LABEL = 10
 
 
@@ -165,6 +168,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="64x64 only, three loops, three rounds")
+    parser.add_argument("--loops", nargs="+", choices=sorted(LOOPS), help="only these loops (and no noise or MLP rows)")
     parser.add_argument("--out", help="write the markdown table here as well")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -172,7 +176,10 @@ def main(argv=None):
     names, shapes, rounds = list(LOOPS), list(SHAPES), args.rounds
     if args.quick:
         names, shapes, rounds = ["ddim50", "euler_ancestral30", "flowmatch28"], ["64x64"], 3
-    rows = noise_rows(rounds) + loop_rows(names, shapes, rounds) + model_rows(rounds)
+    if args.loops:
+        rows = loop_rows(args.loops, shapes, rounds)
+    else:
+        rows = noise_rows(rounds) + loop_rows(names, shapes, rounds) + model_rows(rounds)
     table = markdown(rows, args.threads)
     print(table)
     if args.out:

@@ -130,14 +130,20 @@ def fused_settings(config):
     return None
 
 
-def _settings(config):
+def check_solver(config, prediction_types):
+    """ValueError unless a DPM-Solver++ config has a fused table: its algorithm, order, solver type,
+    final sigmas and prediction type (one of ``prediction_types``) among the allowed values."""
     _checks.choice(config.algorithm_type, "algorithm_type", ALGORITHM_TYPES)
     if config.solver_order not in SOLVER_ORDERS:
         raise ValueError(f"solver_order must be one of {', '.join(map(str, SOLVER_ORDERS))}, got "
                          f"{config.solver_order!r}")
     _checks.choice(config.solver_type, "solver_type", SOLVER_TYPES)
-    _checks.choice(config.prediction_type, "prediction_type", PREDICTION_TYPES)
+    _checks.choice(config.prediction_type, "prediction_type", prediction_types)
     _checks.choice(config.final_sigmas_type, "final_sigmas_type", FINAL_SIGMAS_TYPES)
+
+
+def _settings(config):
+    check_solver(config, PREDICTION_TYPES)
     if config.variance_type is not None:
         raise ValueError(f"variance_type must be None (a model output like the sample), got {config.variance_type!r}")
     return dict(sde=config.algorithm_type == "sde-dpmsolver++", flow=bool(config.use_flow_sigmas),

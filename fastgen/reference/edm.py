@@ -97,20 +97,10 @@ def input_scale(sigma, sigma_data):
 def multistep_fused_settings(config):
     """None where diffusers' EDMDPMSolverMultistepScheduler ``config`` has a fused table; else why not."""
     try:
-        _multistep_settings(config)
+        dpm_solver.check_solver(config, EDM_PREDICTION_TYPES)
     except ValueError as error:
         return str(error)
     return None
-
-
-def _multistep_settings(config):
-    _checks.choice(config.algorithm_type, "algorithm_type", dpm_solver.ALGORITHM_TYPES)
-    if config.solver_order not in dpm_solver.SOLVER_ORDERS:
-        raise ValueError(f"solver_order must be one of {', '.join(map(str, dpm_solver.SOLVER_ORDERS))}, got "
-                         f"{config.solver_order!r}")
-    _checks.choice(config.solver_type, "solver_type", dpm_solver.SOLVER_TYPES)
-    _checks.choice(config.prediction_type, "prediction_type", EDM_PREDICTION_TYPES)
-    _checks.choice(config.final_sigmas_type, "final_sigmas_type", dpm_solver.FINAL_SIGMAS_TYPES)
 
 
 @table_builder("EDMDPMSolverMultistepScheduler")
@@ -121,7 +111,7 @@ def edm_dpm_solver_table(scheduler, *, start=0):
     c_out(sigma_i) F (dynamic thresholding after, with ``thresholding``)."""
     require_timesteps(scheduler)
     config = scheduler.config
-    _multistep_settings(config)
+    dpm_solver.check_solver(config, EDM_PREDICTION_TYPES)
     sigma_data, prediction_type = float(config.sigma_data), config.prediction_type
     sigmas = host_sigmas(scheduler).tolist()
     n = len(scheduler.timesteps)

@@ -84,6 +84,12 @@ class SigmaStepMixin(FastgenMixin):
             raise ValueError(f"timestep must be one of the scheduler's timesteps, got {host}")
         return int(matches[1 if len(matches) > 1 else 0])
 
+    def _warn_unless_scaled(self, logger):
+        """diffusers' warning (on its module's ``logger``) for a step whose model input was not scaled."""
+        if not self.is_scale_input_called:
+            logger.warning("The `scale_model_input` function should be called before `step` to ensure correct "
+                           "denoising. See `StableDiffusionPipeline` for a usage example.")
+
     def _init_step_index(self, timestep):
         """diffusers' rule (``begin_index`` if set, else the timestep's place in ``self.timesteps``). While
         torch.compile traces the step, the timestep's value is not read (a data-dependent host index

@@ -49,10 +49,7 @@ class CMStochasticIterativeScheduler(SigmaStepMixin, diffusers.CMStochasticItera
         Returns CMStochasticIterativeSchedulerOutput(prev_sample), or (prev_sample,).
         """
         refuse_step_index(timestep, type(self).__name__)
-        if not self.is_scale_input_called:
-            _diffusers_logger.warning(
-                "The `scale_model_input` function should be called before `step` to ensure correct denoising. "
-                "See `StableDiffusionPipeline` for a usage example.")
+        self._warn_unless_scaled(_diffusers_logger)
         prev_sample, _ = self._fused_step(model_output, timestep, sample, generator=generator,
                                           variance_noise=variance_noise, seed=seed, offset=offset, backend=backend)
         if not return_dict:

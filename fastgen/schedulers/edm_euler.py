@@ -55,10 +55,7 @@ class EDMEulerScheduler(SigmaStepMixin, diffusers.EDMEulerScheduler):
                                  "generator= instead")
             return super().step(model_output, timestep, sample, s_churn, s_tmin, s_tmax, s_noise, generator,
                                 return_dict, pred_original_sample)
-        if not self.is_scale_input_called:
-            scheduling_edm_euler.logger.warning(
-                "The `scale_model_input` function should be called before `step` to ensure correct denoising. "
-                "See `StableDiffusionPipeline` for a usage example.")
+        self._warn_unless_scaled(scheduling_edm_euler.logger)
         prev_sample, denoised = self._fused_step(model_output, timestep, sample, generator=generator, seed=seed,
                                                  offset=offset, backend=backend, s_churn=s_churn, s_tmin=s_tmin,
                                                  s_tmax=s_tmax, s_noise=s_noise)

@@ -65,10 +65,7 @@ class EulerDiscreteScheduler(SigmaStepMixin, diffusers.EulerDiscreteScheduler):
         Returns EulerDiscreteSchedulerOutput(prev_sample, pred_original_sample).
         """
         refuse_step_index(timestep, "EulerDiscreteScheduler")
-        if not self.is_scale_input_called:
-            scheduling_euler_discrete.logger.warning(
-                "The `scale_model_input` function should be called before `step` to ensure correct denoising. "
-                "See `StableDiffusionPipeline` for a usage example.")
+        self._warn_unless_scaled(scheduling_euler_discrete.logger)
         prev_sample, denoised = self._fused_step(model_output, timestep, sample, generator=generator, seed=seed,
                                                  offset=offset, backend=backend, s_churn=s_churn, s_tmin=s_tmin,
                                                  s_tmax=s_tmax, s_noise=s_noise)

@@ -46,10 +46,7 @@ class EulerAncestralDiscreteScheduler(SigmaStepMixin, diffusers.EulerAncestralDi
         Returns EulerAncestralDiscreteSchedulerOutput(prev_sample, pred_original_sample).
         """
         refuse_step_index(timestep, "EulerDiscreteScheduler")  # diffusers' own message names that class
-        if not self.is_scale_input_called:
-            scheduling_euler_ancestral_discrete.logger.warning(
-                "The `scale_model_input` function should be called before `step` to ensure correct denoising. "
-                "See `StableDiffusionPipeline` for a usage example.")
+        self._warn_unless_scaled(scheduling_euler_ancestral_discrete.logger)
         prev_sample, denoised = self._fused_step(model_output, timestep, sample, generator=generator, seed=seed,
                                                  offset=offset, backend=backend)
         if not return_dict:
