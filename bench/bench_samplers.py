@@ -47,6 +47,9 @@ SAMPLERS = {  # name: (class name, config, inference steps, noisy)
                                                                 beta_end=0.012, use_karras_sigmas=True,
                                                                 algorithm_type="sde-dpmsolver++"), 20, True),
     "flow_match": ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0), 28, False),
+    "tcd": ("TCDScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), 4, True),
+    "edm_euler": ("EDMEulerScheduler", {}, 30, False),
+    "edm_dpmpp_2m_sde": ("EDMDPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++"), 20, True),
 }
 SHAPES = [(1, 4, 128, 128), (4, 4, 64, 64), (1, 16, 128, 128)]
 QUICK_SHAPES = [(2, 4, 8, 8)]

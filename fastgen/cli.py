@@ -337,6 +337,10 @@ def _sample(args) -> int:
         median, low, high = _spread(seconds)
         per_step = f"{1e3 * median / steps:.2f} ms ({1e3 * low / steps:.2f} - {1e3 * high / steps:.2f})"
         print(f"{label:<40} {per_step:<28} {median:.2f} s ({low:.2f} - {high:.2f})")
+    compile_seconds = getattr(fast.strategy, "compile_seconds", None)
+    if compile_seconds is not None:  # the compiled CPU loop: its one-time cost, apart from the timings above
+        print(f"compiled CPU loop: the warm-up call spent {compile_seconds:.1f} s compiling (inductor keeps the "
+              "code for later runs)")
     if len(paths) == 2:
         diff = (paths[0][2].double() - paths[1][2].double()).abs().max().item()
         print(f"fastgen vs reference: max |difference| {diff:.2e} (same seed, same noise)")

@@ -33,6 +33,8 @@ SAMPLERS = {
     "euler_ancestral": ("euler_ancestral", dict(num_inference_steps=4)),  # noise in every step
     "sde-dpmsolver++": ("sde-dpmsolver++", dict(num_inference_steps=4)),  # multistep, noise in every step
     "flow_match": ("flow_match", dict(num_inference_steps=4)),
+    "tcd": ("tcd", dict(num_inference_steps=3)),  # noise in every step but the last
+    "edm_sde-dpmsolver++": ("edm_sde-dpmsolver++", dict(num_inference_steps=4)),  # EDM scaling, noise every step
 }
 N, BATCH, SHARD = 9, 2, 4  # 5 batches; shards [0, 4), [4, 8), [8, 9)
 SHAPE = (1, 8, 8)

@@ -253,3 +253,22 @@ def test_large_randn_on_cpu_runs_compiled_and_equals_eager(monkeypatch):
     assert (random_ops._torch_randn, torch.float32, True) in _compile._COMPILED
     expected = fastgen.randn(shape, seed=seed, stream=9, offset=5, backend="torch")
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "euler_ancestral", "tcd"])
+def test_eager_step_with_seed_draws_compiled_noise_equal_to_eager(name, monkeypatch):
+    """A scheduler stepped eagerly on a CPU ("auto") with seed= draws its counter noise from the compiled
+    Philox loop (one graph per shape, every step): the same trajectory as the eager noise, to fp32."""
+    from fastgen import _compile
+    from fastgen.ops import random as random_ops
+
+    scheduler, step_kwargs = _scheduler(name)
+    twin = copy.deepcopy(scheduler)
+    x, outputs = _inputs(4)
+    monkeypatch.setenv("FASTGEN_COMPILE", "1")
+    got = _run(scheduler, _step, step_kwargs, outputs[:3], x)
+    assert (random_ops._torch_randn, ("draw", SHAPE), False) in _compile._COMPILED
+    monkeypatch.setenv("FASTGEN_COMPILE", "0")
+    expected = _run(twin, _step, step_kwargs, outputs[:3], x)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

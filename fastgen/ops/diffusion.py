@@ -169,7 +169,7 @@ def _step(spec: StepSpec, model_output, t, prev_t, sample, schedule, *, seed, no
     if not spec.adds_noise:  # DDIM with eta = 0 ignores any noise
         noise = None
     offset = _checks.nonneg_int(offset, "offset", limit=_checks.INT64_MAX - sample.numel())  # elements
-    backend = resolve_backend(backend, sample.device)
+    backend_arg, backend = backend, resolve_backend(backend, sample.device)
     seed = _seed(seed, backend) if noise is None and spec.adds_noise else 0
     if backend == "reference":
         from fastgen.reference import diffusion as ref
@@ -179,7 +179,7 @@ def _step(spec: StepSpec, model_output, t, prev_t, sample, schedule, *, seed, no
         return prev.to(sample.dtype), (x0.to(sample.dtype) if return_x0 else None)
     if backend == "torch":
         return _torch_step(spec, guided(model_output.float(), guidance_scale), t, prev_t, sample, schedule, seed=seed,
-                           noise=noise, offset=offset, return_x0=return_x0)
+                           noise=noise, offset=offset, return_x0=return_x0, backend_arg=backend_arg)
     draws = spec.adds_noise and noise is None and not (isinstance(t, int) and t == 0)
     return _fused_step(spec, model_output, t, prev_t, sample, schedule, noise=noise, draws=draws, seed=seed,
                        offset=offset, return_x0=return_x0, guidance_scale=guidance_scale)
@@ -334,7 +334,24 @@ def row_update(spec: StepSpec, names, row, stream, model_output, sample, *, nois
     return prev.to(sample.dtype)
 
 
-def _torch_step(spec, model_output, t, prev_t, sample, schedule, *, seed, noise, offset, return_x0):
+def _counter_noise(sample, t_host, *, seed, offset, backend_arg):
+    """A torch step's counter noise (fp32): stream t[b] for sample b (``reference.diffusion.noise_like``),
+    or, where every sample has one timestep and the CPU runs compiled (fastgen._compile), the same
+    normals from the compiled Philox loop."""
+    from fastgen import _compile
+
+    if (not isinstance(seed, torch.Tensor) and bool((t_host == t_host[0]).all())
+            and _compile.runs_compiled(backend_arg, "torch", sample.device)):
+        from fastgen.ops.random import compiled_normals
+
+        return compiled_normals(sample.shape, seed, int(t_host[0]), offset)
+    from fastgen.reference import diffusion as ref
+
+    return ref.noise_like(sample.shape, t_host, seed=seed, offset=offset).to(sample.device, torch.float32)
+
+
+def _torch_step(spec, model_output, t, prev_t, sample, schedule, *, seed, noise, offset, return_x0,
+                backend_arg="torch"):
     """The "torch" backend of a step: torch_coefficients for each sample's (t, prev_t), then torch_update.
     Timesteps on a device are read back (this path runs on the host anyway), except while
     torch.compile traces the step: then the coefficients are computed from the timestep tensors in
@@ -353,9 +370,7 @@ def _torch_step(spec, model_output, t, prev_t, sample, schedule, *, seed, noise,
     else:
         c = _torch_step_coefficients(spec, schedule, t_host, prev_host, sample)
     if noise is None and spec.adds_noise:
-        from fastgen.reference import diffusion as ref
-
-        noise = ref.noise_like(sample.shape, t_host, seed=seed, offset=offset).to(sample.device, torch.float32)
+        noise = _counter_noise(sample, t_host, seed=seed, offset=offset, backend_arg=backend_arg)
     prev_fp32, x0_fp32 = torch_update(spec, c, model_output, sample, None if noise is None else noise.float())
     prev.copy_(prev_fp32)
     if x0 is not None:

@@ -100,8 +100,17 @@ def randn(shape, *, seed=None, stream=0, offset=0, device=None, dtype=torch.floa
 COMPILED_NUMEL = 1 << 20  # a draw this large runs compiled on a CPU ("auto"; below, eager: the compile costs seconds)
 
 
-def _torch_randn(shape, seed_bits, stream: int, offset: int, dtype):
-    """The torch path of ``randn`` on a CPU, what fastgen._compile compiles (once per dtype, any shape):
+def compiled_normals(shape, seed: int, stream: int, offset: int) -> torch.Tensor:
+    """fp32 counter normals of ``shape`` (``randn``'s stream; ``offset`` in elements) drawn by the compiled
+    Philox loop (fastgen._compile): one graph per shape, the seed and the stream tensor inputs, so every
+    step of a run reuses it. What a CPU step drawing ``seed=`` noise uses where ``runs_compiled`` holds."""
+    draw = _compile.compiled(_torch_randn, ("draw", tuple(shape)))
+    return draw(list(shape), torch.tensor(_int64_bits(seed)), torch.tensor([stream]), offset, torch.float32)
+
+
+def _torch_randn(shape, seed_bits, stream, offset: int, dtype):
+    """The torch path of ``randn`` on a CPU, what fastgen._compile compiles (once per dtype, any shape;
+    ``stream`` an int or an int64 tensor of one element):
     Philox-4x32-10 and Box-Muller fused by inductor into one loop, the integers bit-identical and the
     normals computed in fp32, as the kernel computes them."""
     numel = 1

@@ -9,10 +9,11 @@ Backends: "triton" the fused kernel; "torch" the same affine map in whole-tensor
 """
 import torch
 
-from fastgen import _checks
+from fastgen import _checks, _compile
 from fastgen._alloc import empty
 from fastgen.backend import resolve_backend
 from fastgen.ops.guidance import check_guided_output, guidance_scale_arg, guided
+from fastgen.ops.random import compiled_normals
 from fastgen.step_table import CLIPS, COLUMNS, StepTable  # noqa: F401  (CLIPS, COLUMNS: this op's row names)
 
 def affine_table(coefficients, *, reads_previous=True, **clip_settings) -> StepTable:
@@ -86,7 +87,7 @@ def sampler_step(table: StepTable, i, model_output, sample, *, prev_denoised=Non
         if not denoised_out.is_contiguous():
             raise ValueError("denoised_out must be contiguous")
     element_offset = _checks.sample_offset(offset, sample.shape)
-    backend = resolve_backend(backend, sample.device)
+    backend_arg, backend = backend, resolve_backend(backend, sample.device)
     seed = _checks.seed64(seed) if noise is None and table.any_draws else 0
     if backend == "triton":
         return _fused_step(table, i, model_output, sample, prev_denoised, noise=noise, seed=seed,
@@ -95,7 +96,10 @@ def sampler_step(table: StepTable, i, model_output, sample, *, prev_denoised=Non
     if host_i is None:
         raise ValueError(f"backend {backend!r} steps on the host: i must be an int, got a tensor")
     if noise is None and table.draws(host_i):
-        noise = step_noise(table, host_i, sample.shape, seed=seed, offset=element_offset, device=sample.device)
+        if _compile.runs_compiled(backend_arg, backend, sample.device):  # the Philox loop compiled, fp32
+            noise = compiled_normals(sample.shape, seed, int(table.streams[host_i]), element_offset)
+        else:
+            noise = step_noise(table, host_i, sample.shape, seed=seed, offset=element_offset, device=sample.device)
     if backend == "reference":
         f = guided(model_output.double(), guidance_scale)
         prev = None if prev_denoised is None else prev_denoised.double()
