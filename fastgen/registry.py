@@ -37,6 +37,8 @@ SAMPLERS = (
             {"algorithm_type": "dpmsolver++"}, digits=True),
     Sampler("sde-dpmsolver++", "DPMSolverMultistepScheduler", "dpm_solver", "dpm_solver",
             {"algorithm_type": "sde-dpmsolver++"}, digits=True),
+    Sampler("dpmsolver++_singlestep", "DPMSolverSinglestepScheduler", "dpm_solver_single", "dpm_solver",
+            {"algorithm_type": "dpmsolver++"}),
     Sampler("flow_match", "FlowMatchEulerDiscreteScheduler", "flow_match", "flow_matching", digits=True),
     Sampler("consistency", "CMStochasticIterativeScheduler", "consistency", "consistency", digits=True),
     Sampler("lcm", "LCMScheduler", "lcm", "consistency"),

@@ -36,6 +36,7 @@ CONFIGS = {
     "lcm": ("LCMScheduler", {}, {}, {"seed": 3}),
     "consistency": ("CMStochasticIterativeScheduler", {}, {}, {"seed": 3}),
     "tcd": ("TCDScheduler", {}, {}, {"seed": 3}),
+    "dpmsolver++_singlestep": ("DPMSolverSinglestepScheduler", {}, {}, {}),
     "edm_euler": ("EDMEulerScheduler", {}, {}, {}),
     "edm_sde-dpmsolver++": ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}, {"seed": 3}),
 }

@@ -236,6 +236,111 @@ def multistep_table(scheduler, levels, x0_columns, x0, *, sde, start=0, model_in
                            reads_previous=2 in orders, **clip)
 
 
+def dpm_solver_2s_step(x_s1, x0_s1, x0_s0, *, s1, s0, t, solver_type="midpoint"):
+    """The second stage of singlestep DPM-Solver++(2S) ([Lu22b] Alg. 1, data prediction): from x at
+    s1 (the pair's start), with the data predictions at s1 and at the intermediate s0 (each an
+    (alpha, sigma_t, lambda) triple), h = lambda_t - lambda_s1, r0 = (lambda_s0 - lambda_s1) / h:
+
+        D0 = x0_s1,  D1 = (x0_s0 - x0_s1) / r0
+        x_t = (sigma_t / sigma_s1) x_s1 - alpha_t (e^-h - 1) D0 - 0.5 alpha_t (e^-h - 1) D1       midpoint
+        x_t = (sigma_t / sigma_s1) x_s1 - alpha_t (e^-h - 1) D0 + alpha_t ((e^-h - 1) / h + 1) D1   heun
+    """
+    (alpha_s1, sigma_s1, lambda_s1), (_, _, lambda_s0), (alpha_t, sigma_t, lambda_t) = s1, s0, t
+    with np.errstate(all="ignore"):
+        h = np.float64(lambda_t) - lambda_s1
+        r0 = (lambda_s0 - lambda_s1) / h
+        a_1 = (-0.5 * alpha_t * (np.exp(-h) - 1.0) if solver_type == "midpoint"
+               else alpha_t * ((np.exp(-h) - 1.0) / h + 1.0))
+        a_x, a_0 = sigma_t / np.float64(sigma_s1), -(alpha_t * (np.exp(-h) - 1.0))
+    return float(a_x) * x_s1 + float(a_0) * x0_s1 + float(a_1) * ((x0_s0 - x0_s1) / float(r0))
+
+
+def singlestep_orders(num_steps, *, solver_order, lower_order_final, final_sigmas_type, start=0):
+    """The order diffusers' DPMSolverSinglestepScheduler uses at each step index (its get_order_list:
+    pairs [1, 2], the last one first order with lower_order_final or a final sigma of 0), a run from
+    step ``start`` beginning with a first-order step (diffusers: no earlier model output yet)."""
+    if solver_order == 1:
+        orders = [1] * num_steps
+    elif lower_order_final:
+        orders = [1, 2] * (num_steps // 2 - 1) + [1, 1] if num_steps % 2 == 0 else [1, 2] * (num_steps // 2) + [1]
+    else:
+        orders = [1, 2] * (num_steps // 2)
+    if final_sigmas_type == "zero":
+        orders[-1] = 1
+    return [1 if i == start else order for i, order in enumerate(orders)]
+
+
+@table_builder("DPMSolverSinglestepScheduler")
+def dpm_solver_singlestep_table(scheduler, *, start=0):
+    """The StepTable of diffusers' DPMSolverSinglestepScheduler after ``set_timesteps`` (algorithm_type
+    "dpmsolver++", solver_order 1 or 2, either solver_type; run from step ``start``). A first-order step
+    is DPM-Solver++'s first-order step (``dpm_solver_table``'s rows). A second-order step i ends the
+    pair begun at step i - 1 (s1 = sigma_i-1, s0 = sigma_i, t = sigma_i+1): diffusers' update reads the
+    pair's start x_s1, which the pair's first-order step maps to this step's x as
+    x = (sigma_s0 / sigma_s1) x_s1 + c0 D',  c0 = alpha_s0 (1 - e^-h0), h0 = lambda_s0 - lambda_s1,
+    so with c = alpha_t (1 - e^-h), h = lambda_t - lambda_s1, r0 = h0 / h, q = sigma_t / sigma_s0
+    and e = c / 2 (midpoint) or alpha_t ((e^-h - 1) / h + 1) (heun):
+
+        AX = q,   AD = e / r0,   AP = c - e / r0 - q c0
+
+    (D = x0 at step i, D' = x0 at step i - 1). "sde-dpmsolver++" (whose first stage adds noise, so x_s1
+    is not a function of x and D') and order 3 run diffusers' own step."""
+    require_timesteps(scheduler)
+    config = scheduler.config
+    settings = _settings(config)
+    if settings["sde"]:
+        raise ValueError("algorithm_type must be 'dpmsolver++' for a fused singlestep table, got 'sde-dpmsolver++'")
+    start = _checks.nonneg_int(start, "start")
+    sigmas = _run_sigmas(scheduler)
+    n = len(scheduler.timesteps)
+    orders = singlestep_orders(n, solver_order=config.solver_order, lower_order_final=config.lower_order_final,
+                               final_sigmas_type=config.final_sigmas_type, start=start)
+    levels = [(alpha, sigma_t, half_log_snr(alpha, sigma_t))
+              for alpha, sigma_t in (alpha_sigma(sigma, settings["flow"]) for sigma in sigmas)]
+    rows = []
+    for i in range(n):
+        (alpha_s0, sigma_s0, lambda_s0), (alpha_t, sigma_t, lambda_t) = levels[i], levels[i + 1]
+        row = _x0_columns(config.prediction_type, sigmas[i], alpha_s0, sigma_s0)
+        with np.errstate(all="ignore"):  # IEEE arithmetic, as diffusers' tensors
+            if orders[i] == 1:
+                row.update(ax=sigma_t / np.float64(sigma_s0), ad=alpha_t * -np.expm1(-(np.float64(lambda_t) - lambda_s0)))
+            else:
+                lambda_s1 = levels[i - 1][2]
+                h, h0 = np.float64(lambda_t) - lambda_s1, np.float64(lambda_s0) - lambda_s1
+                r0, c, c0 = h0 / h, alpha_t * -np.expm1(-h), alpha_s0 * -np.expm1(-h0)
+                e = 0.5 * c if config.solver_type == "midpoint" else alpha_t * (1.0 + np.expm1(-h) / h)
+                q = sigma_t / np.float64(sigma_s0)
+                row.update(ax=q, ad=e / r0, ap=c - e / r0 - q * c0)
+        rows.append({name: float(value) for name, value in row.items()})
+
+    def reference(i, f, x, prev, z):
+        x0 = data_prediction(f, x, sigmas[i], config.prediction_type, flow=settings["flow"],
+                             thresholding=settings["thresholding"])
+        if orders[i] == 1:
+            return dpm_solver_pp_step(x, x0, None, s=levels[i], t=levels[i + 1]), x0
+        s1, s0 = levels[i - 1], levels[i]
+        with np.errstate(all="ignore"):  # the pair's start, from its first-order step (a DPM-Solver++ step)
+            c0 = s0[0] * -np.expm1(-(np.float64(s0[2]) - s1[2]))
+        x_s1 = (x - float(c0) * prev) * float(s1[1] / np.float64(s0[1]))
+        return dpm_solver_2s_step(x_s1, prev, x0, s1=s1, s0=s0, t=levels[i + 1], solver_type=config.solver_type), x0
+
+    clip = dict(clip="threshold", dynamic_thresholding_ratio=config.dynamic_thresholding_ratio,
+                sample_max_value=config.sample_max_value) if config.thresholding else {}
+    return scheduler_table(scheduler, "dpmsolver++ singlestep", rows, reference, generator_draws=[False] * n,
+                           init_noise_sigma=float(scheduler.init_noise_sigma), reads_previous=2 in orders, **clip)
+
+
+def singlestep_fused_settings(config):
+    """None where diffusers' DPMSolverSinglestepScheduler ``config`` has a fused table; else why not."""
+    try:
+        if _settings(config)["sde"]:
+            raise ValueError("algorithm_type 'sde-dpmsolver++' steps with diffusers' own step (its first stage adds "
+                             "noise)")
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def _run_sigmas(scheduler) -> list:
     """The N + 1 sigmas of the run (host floats)."""
     sigmas = host_sigmas(scheduler).tolist()
@@ -247,4 +352,5 @@ def _run_sigmas(scheduler) -> list:
 
 
 __all__ = ["alpha_sigma", "half_log_snr", "data_prediction", "dpm_solver_pp_step", "step_orders", "fused_settings",
-           "dpm_solver_table", "multistep_table", "ALGORITHM_TYPES", "SOLVER_ORDERS", "SOLVER_TYPES", "PREDICTION_TYPES"]
+           "dpm_solver_table", "multistep_table", "dpm_solver_2s_step", "singlestep_orders",
+           "dpm_solver_singlestep_table", "singlestep_fused_settings", "ALGORITHM_TYPES", "SOLVER_ORDERS", "SOLVER_TYPES", "PREDICTION_TYPES"]

@@ -26,6 +26,7 @@ class SigmaStepMixin(FastgenMixin):
     _noise_dtype = None  # the dtype diffusers' step draws its noise in; None: the model output's
     _needs_set_timesteps = True  # False where diffusers' step also runs on the training schedule (Euler)
     _step_defaults = {}  # the step settings of a plain ``step(...)`` call (e.g. Euler's churn off)
+    _unknown_timestep_is_last = False  # diffusers' DPM-Solver rule: a timestep outside the schedule is the last step
 
     def _prepare_tables(self):
         """After ``set_timesteps`` (FastgenMixin wraps it): the run's table of a plain step and its copy
@@ -80,6 +81,8 @@ class SigmaStepMixin(FastgenMixin):
         if host is None:
             return super().index_for_timestep(timestep, schedule_timesteps)
         matches = np.flatnonzero(self._host_timesteps == host)
+        if not len(matches) and self._unknown_timestep_is_last:
+            return len(self._host_timesteps) - 1
         if not len(matches):
             raise ValueError(f"timestep must be one of the scheduler's timesteps, got {host}")
         return int(matches[1 if len(matches) > 1 else 0])

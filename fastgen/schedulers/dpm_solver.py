@@ -39,13 +39,7 @@ class MultistepMixin(SigmaStepMixin):
 
     _run_start = None  # the step index the run started at (set at its first step)
     _step_defaults = dict(start=0)  # a run from the first timestep
-
-    def index_for_timestep(self, timestep, schedule_timesteps=None):
-        """diffusers' rule for its multistep solvers: a timestep outside the schedule is the last step."""
-        try:
-            return super().index_for_timestep(timestep, schedule_timesteps)
-        except (ValueError, IndexError):
-            return len(self.timesteps) - 1
+    _unknown_timestep_is_last = True
 
     def _multistep(self, model_output, timestep, sample, *, generator, variance_noise, seed, offset, backend,
                    diffusers_step):

@@ -1,0 +1,65 @@
+"""DPMSolverSinglestepScheduler: the fused step against the float64 reference (2S from the pair's
+start, fastgen/reference/dpm_solver.py; the kernel in the interpreter), against diffusers' own step,
+and the configurations that run diffusers' step."""
+import diffusers
+import pytest
+import torch
+
+import fastgen
+import fastgen.schedulers as fs
+from fastgen.step_table import step_table
+from tests.sigma_utils import SHAPE, assert_trajectories_agree, fresh_sample, step_by_step
+
+# (scheduler config, inference steps)
+SWEEP = {
+    "2S midpoint": ({}, 10),
+    "2S heun v_prediction": (dict(solver_type="heun", prediction_type="v_prediction"), 7),
+    "lower_order_final odd": (dict(lower_order_final=True), 9),
+    "karras sigma_min": (dict(use_karras_sigmas=True, final_sigmas_type="sigma_min"), 8),
+    "thresholding": (dict(thresholding=True, sample_max_value=2.0), 6),
+    "order 1": (dict(solver_order=1), 5),
+}
+
+
+def _pair(case, backend):
+    config, steps = SWEEP[case]
+    ours = fs.DPMSolverSinglestepScheduler(**config, backend=backend)
+    theirs = diffusers.DPMSolverSinglestepScheduler(**config)
+    ours.set_timesteps(steps)
+    theirs.set_timesteps(steps)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("case", SWEEP)
+def test_kernel_trajectory_matches_float64_reference(case):
+    _, theirs = _pair(case, "torch")
+    table = step_table(theirs)
+    assert table.reads_previous == (SWEEP[case][0].get("solver_order", 2) == 2)
+    assert_trajectories_agree(table, fresh_sample(table, torch.Generator().manual_seed(len(case))), seed=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", SWEEP)
+def test_step_matches_diffusers_to_fp32_rounding(case, backend):
+    ours, theirs = _pair(case, backend)
+    step_by_step(ours, theirs, torch.randn(SHAPE, generator=torch.Generator().manual_seed(2)), rtol=1e-5, atol=2e-6)
+
+
+def test_sde_and_third_order_run_diffusers_step():
+    for config in (dict(algorithm_type="sde-dpmsolver++"), dict(solver_order=3)):
+        ours, theirs = fs.DPMSolverSinglestepScheduler(**config), diffusers.DPMSolverSinglestepScheduler(**config)
+        assert ours.fused_config is not None
+        ours.set_timesteps(6)
+        theirs.set_timesteps(6)
+        step_by_step(ours, theirs, torch.randn(SHAPE, generator=torch.Generator().manual_seed(3)), rtol=0, atol=0)
+
+
+def test_sample_runs_singlestep():
+    class Model(torch.nn.Module):
+        def forward(self, x, t, class_labels=None):
+            return 0.5 * torch.tanh(x)
+
+    scheduler = fastgen.sampling.make_scheduler("dpmsolver++_singlestep")
+    fast = fastgen.sample(Model(), (2, 8), scheduler, num_inference_steps=6, seed=3, backend="torch")
+    ref = fastgen.sample(Model(), (2, 8), scheduler, num_inference_steps=6, seed=3, backend="reference")
+    torch.testing.assert_close(fast, ref.float(), rtol=1e-5, atol=1e-5)
