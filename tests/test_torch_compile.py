@@ -28,6 +28,7 @@ CONFIGS = {
     "ddim_eta": ("DDIMScheduler", {}, {}, {"eta": 0.5, "seed": 3}),
     "euler": ("EulerDiscreteScheduler", {}, {}, {}),
     "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, {}, {}),
+    "heun": ("HeunDiscreteScheduler", {}, {}, {}),
     "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}, {}, {"seed": 3}),
     "dpmsolver++": ("DPMSolverMultistepScheduler", {}, {}, {}),
     "dpmsolver++_no_lower_order_final": ("DPMSolverMultistepScheduler", {"lower_order_final": False}, {}, {}),

@@ -191,5 +191,72 @@ def euler_ancestral_table(scheduler):
                            model_input_scales=_input_scales(sigmas), init_noise_sigma=float(scheduler.init_noise_sigma))
 
 
+def heun_stage(model_output, x, prev_half, sigma, sigma_next, *, first, prediction_type, clip=None):
+    """One stage of [Karras] Alg. 1 (Heun's method, lines 4-8) as diffusers runs it, each stage one call:
+
+        first:   d = (x_i - D(x_i; sigma_i)) / sigma_i,   x_mid = x_i + dt d,   H = x_i + dt d / 2
+        second:  d' = (x - D(x; sigma_i+1)) / sigma_i+1 at the sample x given (x_mid in a loop),
+                 x_i+1 = H + dt d' / 2  =  x_i + dt (d + d') / 2
+
+    dt = sigma_i+1 - sigma_i; H (``prev_half``, the first stage's half step) carries the step's start
+    and its first derivative to the second stage. ``clip``: applied to D (diffusers' clip_sample).
+    Returns (x_mid, H) from a first stage, (x_i+1, D(x; sigma_i+1)) from a second."""
+    dt = sigma_next - sigma
+    sigma_d = sigma if first else sigma_next
+    d0 = denoised(model_output, x, sigma_d, prediction_type)
+    d0 = d0 if clip is None else clip(d0)
+    d = (x - d0) / sigma_d
+    if first:
+        return x + dt * d, x + (dt / 2) * d
+    return prev_half + (dt / 2) * d, d0
+
+
+def heun_stages(num_steps: int, start: int = 0) -> list:
+    """True where step k of diffusers' HeunDiscreteScheduler run (its timesteps hold every sigma but the
+    first twice) is a first stage: the run's first step from ``start`` and then every other one."""
+    return [(k - start) % 2 == 0 for k in range(num_steps)]
+
+
+@table_builder("HeunDiscreteScheduler")
+def heun_table(scheduler, *, start=0):
+    """The StepTable of diffusers' HeunDiscreteScheduler after ``set_timesteps`` (its sigmas s_0, s_1,
+    s_1, s_2, s_2, ..., s_N; a run from step ``start``). Step k reads sigmas[k] (sigma) and sigmas[k + 1]
+    (sigma_next) in a first stage and sigmas[k - 1] and sigmas[k] in a second. From ``heun_stage``, with
+    x0 = CX x + CF F (Table 1 at sigma, resp. sigma_next), dt = sigma_next - sigma, a = dt / (2 sigma):
+
+        first:   D = H = (1 + a) x - a x0  (DX, D0),   x_mid = 2 H - x  (AX = -1, AD = 2)
+        second:  D = x0,   x_i+1 = H' + b x - b x0,  b = dt / (2 sigma_next)   (AP = 1, AX = b, AD = -b)
+
+    The denoised output of a first stage is the half step H (what the second reads as D'), not x0.
+    diffusers' step clips x0 with ``clip_sample``; it draws no noise."""
+    prediction_type = _checks.choice(scheduler.config.prediction_type, "prediction_type", EULER_PREDICTION_TYPES[:3])
+    start = _checks.nonneg_int(start, "start")
+    sigmas = host_sigmas(scheduler).tolist()
+    n = len(scheduler.timesteps)
+    first = heun_stages(n, start)
+    rows, pairs = [], []
+    for k in range(n):
+        sigma, sigma_next = (sigmas[k], sigmas[k + 1]) if first[k] else (sigmas[k - 1], sigmas[k])
+        pairs.append((sigma, sigma_next))
+        dt = sigma_next - sigma
+        if first[k]:
+            a = dt / (2 * sigma)
+            rows.append(dict(**_x0_columns(prediction_type, sigma, sigma), dx=1.0 + a, d0=-a, ax=-1.0, ad=2.0))
+        else:
+            b = dt / (2 * sigma_next)
+            rows.append(dict(**_x0_columns(prediction_type, sigma_next, sigma_next), ax=b, ad=-b, ap=1.0))
+    clip_range = float(scheduler.config.clip_sample_range)
+    clip = dict(clip="range", clip_range=clip_range) if scheduler.config.clip_sample else {}
+
+    def reference(k, f, x, prev, z):
+        return heun_stage(f, x, prev, *pairs[k], first=first[k], prediction_type=prediction_type,
+                          clip=(lambda d0: d0.clamp(-clip_range, clip_range)) if clip else None)
+
+    return scheduler_table(scheduler, "heun", rows, reference, generator_draws=[False] * n,
+                           model_input_scales=[1.0 / math.sqrt(sigmas[k] ** 2 + 1) for k in range(n)],
+                           init_noise_sigma=float(scheduler.init_noise_sigma), reads_previous=n > 1, **clip)
+
+
 __all__ = ["denoised", "churn_gamma", "euler_step", "euler_ancestral_step", "euler_table", "euler_ancestral_table",
+           "heun_stage", "heun_stages", "heun_table",
            "EULER_PREDICTION_TYPES", "ANCESTRAL_PREDICTION_TYPES"]

@@ -46,7 +46,9 @@ def with_backend(diffusers_class):
 
     @functools.wraps(base_init)
     def __init__(self, *args, backend="auto", **kwargs):
+        self._constructing = True  # diffusers' __init__ may call set_timesteps (Heun, KDPM2): not a run yet
         base_init(self, *args, **kwargs)
+        self._constructing = False
         self._check_config()
         self.backend = backend
         self._setup_fused()
@@ -90,7 +92,8 @@ def checked_set_timesteps(set_timesteps):
 
     @functools.wraps(set_timesteps)
     def checked(self, *args, **kwargs):
-        check_trained_betas(self.config)
+        if not getattr(self, "_constructing", False):
+            check_trained_betas(self.config)
         check_inference_steps(self, signature.bind(self, *args, **kwargs).arguments, custom)
         result = set_timesteps(self, *args, **kwargs)
         self._prepare_tables()
