@@ -135,9 +135,14 @@ def scheduler_table(scheduler, kind: str, rows, reference, *, generator_draws, m
                      init_stream=n, reads_previous=reads_previous, reference=reference, **clip_settings)
 
 
+def host_values(values) -> torch.Tensor:
+    """One of a scheduler's tables (diffusers' float32 values) in float64 on the host."""
+    return torch.as_tensor(values).detach().cpu().double()
+
+
 def host_sigmas(scheduler) -> torch.Tensor:
     """The scheduler's sigmas (diffusers' float32 values, N + 1 of them) in float64 on the host."""
-    return torch.as_tensor(scheduler.sigmas).detach().cpu().double()
+    return host_values(scheduler.sigmas)
 
 
 def step_table(scheduler, **step_settings) -> StepTable:

@@ -29,6 +29,7 @@ CONFIGS = {
     "euler": ("EulerDiscreteScheduler", {}, {}, {}),
     "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, {}, {}),
     "heun": ("HeunDiscreteScheduler", {}, {}, {}),
+    "kdpm2": ("KDPM2DiscreteScheduler", {}, {}, {}),
     "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}, {}, {"seed": 3}),
     "dpmsolver++": ("DPMSolverMultistepScheduler", {}, {}, {}),
     "dpmsolver++_no_lower_order_final": ("DPMSolverMultistepScheduler", {"lower_order_final": False}, {}, {}),

@@ -340,8 +340,8 @@ def _counter_noise(sample, t_host, *, seed, offset, backend_arg):
     normals from the compiled Philox loop."""
     from fastgen import _compile
 
-    if (not isinstance(seed, torch.Tensor) and bool((t_host == t_host[0]).all())
-            and _compile.runs_compiled(backend_arg, "torch", sample.device)):
+    if (_compile.runs_compiled(backend_arg, "torch", sample.device) and not isinstance(seed, torch.Tensor)
+            and bool((t_host == t_host[0]).all())):  # runs_compiled first: never true while tracing
         from fastgen.ops.random import compiled_normals
 
         return compiled_normals(sample.shape, seed, int(t_host[0]), offset)

@@ -25,7 +25,7 @@ D = x0, out = AX x^ + AD D + AF F + NOISE z).
 import math
 
 from fastgen import _checks
-from fastgen.step_table import host_sigmas, scheduler_table, table_builder
+from fastgen.step_table import host_sigmas, host_values, scheduler_table, table_builder
 
 EULER_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "original_sample")  # "original_sample": "sample"
 ANCESTRAL_PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers has no "sample" for Euler ancestral
@@ -257,6 +257,60 @@ def heun_table(scheduler, *, start=0):
                            init_noise_sigma=float(scheduler.init_noise_sigma), reads_previous=n > 1, **clip)
 
 
+def kdpm2_stage(model_output, x, prev_start, sigma, sigma_mid, sigma_next, *, first, prediction_type):
+    """One stage of DPM-Solver-2 in sigma space (k-diffusion's sample_dpm_2; [Karras] sec. 4's
+    comparison sampler), each stage one call as diffusers runs it, sigma_mid the log-space midpoint
+    sqrt(sigma_i sigma_i+1):
+
+        first:   d = (x_i - D(x_i; sigma_i)) / sigma_i,     x_mid = x_i + (sigma_mid - sigma_i) d
+        second:  d' = (x - D(x; sigma_mid)) / sigma_mid,    x_i+1 = x_i + (sigma_i+1 - sigma_i) d'
+
+    The first stage hands the step's start x_i to the second (``prev_start``). Returns (x_mid, x_i)
+    from a first stage, (x_i+1, D(x; sigma_mid)) from a second."""
+    if first:
+        d = (x - denoised(model_output, x, sigma, prediction_type)) / sigma
+        return x + (sigma_mid - sigma) * d, x.clone()
+    d0 = denoised(model_output, x, sigma_mid, prediction_type)
+    return prev_start + (sigma_next - sigma) * (x - d0) / sigma_mid, d0
+
+
+@table_builder("KDPM2DiscreteScheduler")
+def kdpm2_table(scheduler, *, start=0):
+    """The StepTable of diffusers' KDPM2DiscreteScheduler after ``set_timesteps`` (its sigmas s_0, s_1,
+    s_1, ..., s_N and midpoints; a run from step ``start``). Step k reads sigmas[k], sigmas_interpol[k + 1]
+    and sigmas[k + 1] in a first stage, sigmas[k - 1], sigmas_interpol[k] and sigmas[k] in a second.
+    From ``kdpm2_stage``, x0 = CX x + CF F (Table 1 at sigma, resp. sigma_mid):
+
+        first:   D = x (DX = 1, D0 = 0),  x_mid = r x + (1 - r) x0 with r = sigma_mid / sigma, as
+                 AX = r + (1 - r) CX, AF = (1 - r) CF
+        second:  D = x0,  x_i+1 = D' + b (x - x0),  b = (sigma_i+1 - sigma) / sigma_mid   (AP = 1, AX = b, AD = -b)
+
+    The denoised output of a first stage is the step's start (what the second reads as D'), not x0.
+    diffusers' step draws no noise; the model sees x / sqrt(sigma^2 + 1) at the stage's sigma."""
+    prediction_type = _checks.choice(scheduler.config.prediction_type, "prediction_type", ANCESTRAL_PREDICTION_TYPES)
+    start = _checks.nonneg_int(start, "start")
+    sigmas, mids = host_sigmas(scheduler).tolist(), host_values(scheduler.sigmas_interpol).tolist()
+    n = len(scheduler.timesteps)
+    first = heun_stages(n, start)
+    rows, levels = [], []
+    for k in range(n):
+        levels.append((sigmas[k], mids[k + 1], sigmas[k + 1]) if first[k] else (sigmas[k - 1], mids[k], sigmas[k]))
+        sigma, sigma_mid, sigma_next = levels[-1]
+        if first[k]:
+            columns, r = _x0_columns(prediction_type, sigma, sigma), sigma_mid / sigma
+            rows.append(dict(**columns, dx=1.0, d0=0.0, ax=r + (1 - r) * columns["cx"], af=(1 - r) * columns["cf"]))
+        else:
+            b = (sigma_next - sigma) / sigma_mid
+            rows.append(dict(**_x0_columns(prediction_type, sigma_mid, sigma_mid), ax=b, ad=-b, ap=1.0))
+
+    def reference(k, f, x, prev, z):
+        return kdpm2_stage(f, x, prev, *levels[k], first=first[k], prediction_type=prediction_type)
+
+    scales = [1.0 / math.sqrt((level[0] if first[k] else level[1]) ** 2 + 1) for k, level in enumerate(levels)]
+    return scheduler_table(scheduler, "kdpm2", rows, reference, generator_draws=[False] * n, model_input_scales=scales,
+                           init_noise_sigma=float(scheduler.init_noise_sigma), reads_previous=n > 1)
+
+
 __all__ = ["denoised", "churn_gamma", "euler_step", "euler_ancestral_step", "euler_table", "euler_ancestral_table",
-           "heun_stage", "heun_stages", "heun_table",
+           "heun_stage", "heun_stages", "heun_table", "kdpm2_stage", "kdpm2_table",
            "EULER_PREDICTION_TYPES", "ANCESTRAL_PREDICTION_TYPES"]

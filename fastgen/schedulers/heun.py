@@ -25,7 +25,44 @@ from fastgen.schedulers._sigma import SigmaStepMixin
 from fastgen.step_table import COLUMNS
 
 
-class HeunDiscreteScheduler(SigmaStepMixin, diffusers.HeunDiscreteScheduler):
+class TwoStageMixin(SigmaStepMixin):
+    """The step of a two-stage sampler (Heun, KDPM2) on its StepTable: every call one stage, diffusers'
+    stage marker kept (``state_in_first_order``), a first stage's ``pred_original_sample`` computed
+    beside the fused pass (the kernel's second output there is what the second stage reads)."""
+
+    _run_start = None  # the step index the run started at (its first step is a first stage)
+    _step_defaults = dict(start=0)  # a run from the first timestep
+
+    def _set_first_stage_done(self, done: bool, sample):
+        """Sets diffusers' own marker of the stage (``dt`` / ``sample`` is None in a first stage);
+        ``sample``: the stage's input."""
+        raise NotImplementedError
+
+    def _two_stage_step(self, model_output, timestep, sample, *, seed, offset, backend, generator=None):
+        """(prev_sample, pred_original_sample) of one stage."""
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        if self._run_start is None or self.state_in_first_order and self._denoised is None:
+            self._run_start = self.step_index  # a new run: its first step is a first stage
+        first, i = self.state_in_first_order, self.step_index
+        prev_sample, denoised = self._fused_step(model_output, timestep, sample, generator=generator, seed=seed,
+                                                 offset=offset, backend=backend, start=int(self._run_start))
+        if first:  # the kernel's output carries the step to the second stage: x0 itself for the caller
+            denoised = self._first_stage_x0(model_output, sample, i)
+        self._set_first_stage_done(first, sample)
+        return prev_sample, denoised
+
+    def _first_stage_x0(self, model_output, sample, i):
+        """x0 = CX x + CF F of step i's row (clipped as diffusers clips it), on the device."""
+        coefficients = self._step_table(start=int(self._run_start)).on(sample.device)[0]
+        cx, cf = coefficients[i, COLUMNS.index("cx")], coefficients[i, COLUMNS.index("cf")]
+        x0 = cx * sample.float() + cf * model_output.float()
+        if getattr(self.config, "clip_sample", False):
+            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        return x0.to(sample.dtype)
+
+
+class HeunDiscreteScheduler(TwoStageMixin, diffusers.HeunDiscreteScheduler):
     """diffusers' HeunDiscreteScheduler (same arguments, defaults, config, save/load, timesteps and
     sigmas) with a fused ``step``; ``backend`` (keyword-only, not part of the config): "auto",
     "triton", "torch" or "reference"."""
@@ -33,8 +70,9 @@ class HeunDiscreteScheduler(SigmaStepMixin, diffusers.HeunDiscreteScheduler):
     __init__ = with_backend(diffusers.HeunDiscreteScheduler)
     _prediction_types = karras.EULER_PREDICTION_TYPES[:3]
     __module__ = "fastgen"  # a saved pipeline records ["fastgen", "HeunDiscreteScheduler"]
-    _run_start = None  # the step index the run started at (its first step is an Euler stage)
-    _step_defaults = dict(start=0)  # a run from the first timestep
+
+    def _set_first_stage_done(self, done: bool, sample):
+        self.dt = 1.0 if done else None  # diffusers' marker: dt is None in a first stage
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True, *,
              seed=None, offset: int = 0, backend=None):
@@ -42,32 +80,15 @@ class HeunDiscreteScheduler(SigmaStepMixin, diffusers.HeunDiscreteScheduler):
 
         Args:
             model_output: the model's output at ``scale_model_input(sample, timestep)``, like ``sample``.
-            timestep: one of ``scheduler.timesteps`` (not an index).
+            timestep: one of ``scheduler.timesteps``.
             sample: x [B, ...] fp32/fp16/bf16.
             return_dict: HeunDiscreteSchedulerOutput or a tuple.
             seed, offset: accepted for the common interface (Heun draws no noise).
             backend: this step's backend (default: the scheduler's).
         Returns HeunDiscreteSchedulerOutput(prev_sample, pred_original_sample).
         """
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        if self._run_start is None or self.state_in_first_order and self._denoised is None:
-            self._run_start = self.step_index  # a new run: its first step is an Euler stage
-        first, i = self.state_in_first_order, self.step_index
-        prev_sample, denoised = self._fused_step(model_output, timestep, sample, seed=seed, offset=offset,
-                                                 backend=backend, start=int(self._run_start))
-        if first:  # the kernel's output is the half step H: x0 itself for the caller, as diffusers returns
-            denoised = self._first_stage_x0(model_output, sample, i)
-        self.dt = 1.0 if first else None  # diffusers' stage marker (state_in_first_order)
+        prev_sample, denoised = self._two_stage_step(model_output, timestep, sample, seed=seed, offset=offset,
+                                                     backend=backend)
         if not return_dict:
             return prev_sample, denoised
         return HeunDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
-
-    def _first_stage_x0(self, model_output, sample, i):
-        """x0 = CX x + CF F of step i's row (clipped as diffusers clips it), on the device."""
-        coefficients = self._step_table(start=int(self._run_start)).on(sample.device)[0]
-        cx, cf = coefficients[i, COLUMNS.index("cx")], coefficients[i, COLUMNS.index("cf")]
-        x0 = cx * sample.float() + cf * model_output.float()
-        if self.config.clip_sample:
-            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
-        return x0.to(sample.dtype)

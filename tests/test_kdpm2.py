@@ -1,0 +1,81 @@
+"""KDPM2DiscreteScheduler: both stages fused, against the float64 reference (fastgen/reference/karras.py's
+kdpm2_stage; the kernel in the interpreter), against diffusers' own step (prev_sample and
+pred_original_sample) in a pipeline's loop and with another sample given to the second stage, and in
+fastgen.sample."""
+import diffusers
+import pytest
+import torch
+
+import fastgen
+import fastgen.schedulers as fs
+from fastgen.step_table import step_table
+from tests.sigma_utils import SHAPE, assert_trajectories_agree, fresh_sample, toy_model
+from tests.utils import assert_close
+
+# (scheduler config, inference steps)
+SWEEP = {
+    "epsilon": ({}, 6),
+    "v_prediction karras": (dict(prediction_type="v_prediction", use_karras_sigmas=True), 5),
+    "leading": (dict(timestep_spacing="leading"), 4),
+    "trailing": (dict(timestep_spacing="trailing"), 3),
+    "one step": ({}, 1),
+}
+
+
+def _pair(case, backend):
+    config, steps = SWEEP[case]
+    ours, theirs = fs.KDPM2DiscreteScheduler(**config, backend=backend), diffusers.KDPM2DiscreteScheduler(**config)
+    ours.set_timesteps(steps)
+    theirs.set_timesteps(steps)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("case", SWEEP)
+def test_kernel_trajectory_matches_float64_reference(case):
+    _, theirs = _pair(case, "torch")
+    table = step_table(theirs)
+    assert table.num_steps == 2 * SWEEP[case][1] - 1
+    assert_trajectories_agree(table, fresh_sample(table, torch.Generator().manual_seed(len(case))), seed=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", SWEEP)
+def test_step_matches_diffusers_to_fp32_rounding(case, backend):
+    """Both sides step from diffusers' output at every stage (errors do not compound); prev_sample and
+    pred_original_sample agree to fp32 rounding of the operands."""
+    ours, theirs = _pair(case, backend)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2)) * theirs.init_noise_sigma
+    for t_ours, t_theirs in zip(ours.timesteps, theirs.timesteps):
+        m = toy_model(theirs.scale_model_input(x, t_theirs), t_theirs)
+        ours.scale_model_input(x, t_ours)
+        got, want = ours.step(m, t_ours, x), theirs.step(m, t_theirs, x)
+        scale = max(1.0, float(x.abs().max()))
+        assert_close(got.prev_sample, want.prev_sample, rtol=1e-5, atol=2e-6 * scale)
+        assert_close(got.pred_original_sample, want.pred_original_sample, rtol=1e-5, atol=2e-6 * scale)
+        x = want.prev_sample
+    assert ours.state_in_first_order == theirs.state_in_first_order
+
+
+def test_second_stage_at_another_sample_is_diffusers():
+    """diffusers' corrector steps from the first stage's stored start, whatever sample the second call
+    gets: the half step H carries it (here the second call gets the first stage's output rescaled)."""
+    ours, theirs = _pair("epsilon", "torch")
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3)) * theirs.init_noise_sigma
+    y = x.clone()
+    for t_ours, t_theirs in zip(ours.timesteps, theirs.timesteps):
+        x = ours.scale_model_input(x, t_ours)
+        y = theirs.scale_model_input(y, t_theirs)
+        x = ours.step(0.8 * x, t_ours, x).prev_sample
+        y = theirs.step(0.8 * y, t_theirs, y).prev_sample
+    torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_sample_runs_kdpm2():
+    class Model(torch.nn.Module):
+        def forward(self, x, t, class_labels=None):
+            return 0.5 * torch.tanh(x)
+
+    scheduler = fastgen.sampling.make_scheduler("kdpm2")
+    fast = fastgen.sample(Model(), (2, 8), scheduler, num_inference_steps=5, seed=3, backend="torch")
+    ref = fastgen.sample(Model(), (2, 8), scheduler, num_inference_steps=5, seed=3, backend="reference")
+    torch.testing.assert_close(fast, ref.float(), rtol=1e-5, atol=1e-5)
