@@ -35,6 +35,7 @@ SAMPLERS = (
     Sampler("euler_ancestral", "EulerAncestralDiscreteScheduler", "euler_ancestral", "karras", digits=True),
     Sampler("heun", "HeunDiscreteScheduler", "heun", "karras", digits=True),
     Sampler("kdpm2", "KDPM2DiscreteScheduler", "kdpm2", "karras", digits=True),
+    Sampler("kdpm2_ancestral", "KDPM2AncestralDiscreteScheduler", "kdpm2", "karras", digits=True),
     Sampler("dpmsolver++", "DPMSolverMultistepScheduler", "dpm_solver", "dpm_solver",
             {"algorithm_type": "dpmsolver++"}, digits=True),
     Sampler("sde-dpmsolver++", "DPMSolverMultistepScheduler", "dpm_solver", "dpm_solver",

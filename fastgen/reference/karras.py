@@ -311,6 +311,58 @@ def kdpm2_table(scheduler, *, start=0):
                            init_noise_sigma=float(scheduler.init_noise_sigma), reads_previous=n > 1)
 
 
+def kdpm2_ancestral_stage(model_output, x, prev_start, sigma, sigma_mid, sigma_down, sigma_up, *, first,
+                          prediction_type, noise=None):
+    """One stage of ancestral DPM-Solver-2 (k-diffusion's sample_dpm_2_ancestral) as diffusers runs it:
+    the first stage as ``kdpm2_stage`` (to the midpoint sigma_mid of sigma_i and sigma_down), the second
+
+        x_i+1 = x_i + (sigma_down - sigma_i) (x - D(x; sigma_mid)) / sigma_mid + sigma_up z
+
+    with sigma_up, sigma_down the ancestral split of sigma_i+1 (``euler_ancestral_step``). Returns
+    (x_mid, x_i) from a first stage, (x_i+1, D(x; sigma_mid)) from a second."""
+    if first:
+        d = (x - denoised(model_output, x, sigma, prediction_type)) / sigma
+        return x + (sigma_mid - sigma) * d, x.clone()
+    d0 = denoised(model_output, x, sigma_mid, prediction_type)
+    return prev_start + (sigma_down - sigma) * (x - d0) / sigma_mid + sigma_up * noise, d0
+
+
+@table_builder("KDPM2AncestralDiscreteScheduler")
+def kdpm2_ancestral_table(scheduler, *, start=0):
+    """The StepTable of diffusers' KDPM2AncestralDiscreteScheduler after ``set_timesteps`` (a run from step
+    ``start``), its tables read as diffusers' step reads them: sigmas[k], sigmas_interpol[k] in a first
+    stage; sigmas[k - 1], sigmas_interpol[k - 1], sigmas_down[k - 1], sigmas_up[k - 1] in a second. Rows
+    as ``kdpm2_table``'s (D = x in a first stage, what the second reads as D'), the second with
+    b = (sigma_down - sigma) / sigma_mid and NOISE = sigma_up; diffusers' step draws from its generator
+    in every second stage."""
+    prediction_type = _checks.choice(scheduler.config.prediction_type, "prediction_type", ANCESTRAL_PREDICTION_TYPES)
+    start = _checks.nonneg_int(start, "start")
+    sigmas, mids, ups, downs = (host_values(getattr(scheduler, name)).tolist()
+                                for name in ("sigmas", "sigmas_interpol", "sigmas_up", "sigmas_down"))
+    n = len(scheduler.timesteps)
+    first = heun_stages(n, start)
+    rows, levels = [], []
+    for k in range(n):
+        j = k if first[k] else k - 1
+        levels.append((sigmas[j], mids[j], downs[k - 1], ups[j]))
+        sigma, sigma_mid, sigma_down, sigma_up = levels[-1]
+        if first[k]:
+            columns, r = _x0_columns(prediction_type, sigma, sigma), sigma_mid / sigma
+            rows.append(dict(**columns, dx=1.0, d0=0.0, ax=r + (1 - r) * columns["cx"], af=(1 - r) * columns["cf"]))
+        else:
+            b = (sigma_down - sigma) / sigma_mid
+            rows.append(dict(**_x0_columns(prediction_type, sigma_mid, sigma_mid), ax=b, ad=-b, ap=1.0, noise=sigma_up))
+
+    def reference(k, f, x, prev, z):
+        return kdpm2_ancestral_stage(f, x, prev, *levels[k], first=first[k], prediction_type=prediction_type, noise=z)
+
+    scales = [1.0 / math.sqrt((level[0] if first[k] else level[1]) ** 2 + 1) for k, level in enumerate(levels)]
+    return scheduler_table(scheduler, "kdpm2_ancestral", rows, reference, generator_draws=[not f for f in first],
+                           model_input_scales=scales, init_noise_sigma=float(scheduler.init_noise_sigma),
+                           reads_previous=n > 1)
+
+
 __all__ = ["denoised", "churn_gamma", "euler_step", "euler_ancestral_step", "euler_table", "euler_ancestral_table",
            "heun_stage", "heun_stages", "heun_table", "kdpm2_stage", "kdpm2_table",
+           "kdpm2_ancestral_stage", "kdpm2_ancestral_table",
            "EULER_PREDICTION_TYPES", "ANCESTRAL_PREDICTION_TYPES"]
