@@ -159,10 +159,13 @@ def model_rows(rounds):
 
 
 def markdown(rows, threads) -> str:
-    lines = [f"CPU, {threads} thread(s), {os.cpu_count()} cores, torch {torch.__version__}; medians of interleaved rounds",
+    lines = [f"CPU, {threads} thread(s), {os.cpu_count()} cores, torch {torch.__version__}; medians of interleaved "
+             "rounds",
              "", "| what | row | fastgen median ms | ratio | first-call compile s |", "|---|---|---|---|---|"]
-    lines += [f"| {what} | {row} | {ms:.3f} | {ratio:.2f} | {compile_s:.1f} |" for what, row, ms, ratio, compile_s in rows]
-    lines += ["", "ratio: loop only = diffusers / fastgen (>= 1.0: fastgen faster); counter noise = time / torch.randn's "
+    lines += [f"| {what} | {row} | {ms:.3f} | {ratio:.2f} | {compile_s:.1f} |"
+              for what, row, ms, ratio, compile_s in rows]
+    lines += ["", "ratio: loop only = diffusers / fastgen (>= 1.0: fastgen faster); counter noise = time / "
+              "torch.randn's "
               "(goal <= 1.15); whole loop = time / model-only time (goal <= 1.05)."]
     return "\n".join(lines) + "\n"
 

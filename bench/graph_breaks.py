@@ -20,7 +20,8 @@ def breaks(scheduler_class, steps=10) -> int:
     t = scheduler.timesteps[0]
     if hasattr(scheduler, "scale_model_input"):
         scheduler.scale_model_input(x, t)
-    return torch._dynamo.explain(lambda f, t, x: scheduler.step(f, t, x).prev_sample)(model_output, t, x).graph_break_count
+    explained = torch._dynamo.explain(lambda f, t, x: scheduler.step(f, t, x).prev_sample)
+    return explained(model_output, t, x).graph_break_count
 
 
 def main():

@@ -416,7 +416,8 @@ class _CompiledSteps(_TorchSteps):
             self.step_seconds.append(time.perf_counter() - start)
             if len(self.step_seconds) == plan.num_steps:
                 median = sorted(self.step_seconds)[len(self.step_seconds) // 2]
-                self.compile_seconds = (self.first_noise_seconds or 0.0) + sum(max(0.0, t - median) for t in self.step_seconds)
+                excess = sum(max(0.0, t - median) for t in self.step_seconds)
+                self.compile_seconds = (self.first_noise_seconds or 0.0) + excess
         return x_next
 
 
@@ -647,8 +648,9 @@ class Sampler:
         self.device, self.dtype, self.cuda_graph, self.backend = device, dtype, cuda_graph, backend
         self.guidance_scale = guidance_scale
         self.use_graph = cuda_graph is not False and device.type == "cuda" and backend == "triton"
-        self.strategy = _strategy(backend_arg, backend, device)(plan, shape, seed=seed, offset=offset, device=device, dtype=dtype,
-                                            guidance_scale=guidance_scale)
+        strategy = _strategy(backend_arg, backend, device)
+        self.strategy = strategy(plan, shape, seed=seed, offset=offset, device=device, dtype=dtype,
+                                 guidance_scale=guidance_scale)
         rows = 2 if guidance_scale is not None else 1
         self.expected = plan.model_output_shape(torch.Size([rows * shape[0], *shape[1:]]))
         self.model_timesteps = plan.model_timesteps.to(device)

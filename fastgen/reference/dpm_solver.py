@@ -303,7 +303,8 @@ def dpm_solver_singlestep_table(scheduler, *, start=0):
         row = _x0_columns(config.prediction_type, sigmas[i], alpha_s0, sigma_s0)
         with np.errstate(all="ignore"):  # IEEE arithmetic, as diffusers' tensors
             if orders[i] == 1:
-                row.update(ax=sigma_t / np.float64(sigma_s0), ad=alpha_t * -np.expm1(-(np.float64(lambda_t) - lambda_s0)))
+                h = np.float64(lambda_t) - lambda_s0
+                row.update(ax=sigma_t / np.float64(sigma_s0), ad=alpha_t * -np.expm1(-h))
             else:
                 lambda_s1 = levels[i - 1][2]
                 h, h0 = np.float64(lambda_t) - lambda_s1, np.float64(lambda_s0) - lambda_s1
@@ -353,4 +354,5 @@ def _run_sigmas(scheduler) -> list:
 
 __all__ = ["alpha_sigma", "half_log_snr", "data_prediction", "dpm_solver_pp_step", "step_orders", "fused_settings",
            "dpm_solver_table", "multistep_table", "dpm_solver_2s_step", "singlestep_orders",
-           "dpm_solver_singlestep_table", "singlestep_fused_settings", "ALGORITHM_TYPES", "SOLVER_ORDERS", "SOLVER_TYPES", "PREDICTION_TYPES"]
+           "dpm_solver_singlestep_table", "singlestep_fused_settings", "ALGORITHM_TYPES", "SOLVER_ORDERS",
+           "SOLVER_TYPES", "PREDICTION_TYPES"]

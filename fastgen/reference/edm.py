@@ -86,7 +86,8 @@ def edm_euler_table(scheduler, *, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), 
                               gamma=gammas[i], s_noise=s_noise, noise=z)
 
     return scheduler_table(scheduler, "edm_euler", rows, reference, generator_draws=[g > 0 for g in gammas],
-                           model_input_scales=[input_scale(sigma, sigma_data) for sigma in sigmas[:-1]], init_noise_sigma=float(scheduler.init_noise_sigma))
+                           model_input_scales=[input_scale(sigma, sigma_data) for sigma in sigmas[:-1]],
+                           init_noise_sigma=float(scheduler.init_noise_sigma))
 
 
 def input_scale(sigma, sigma_data):

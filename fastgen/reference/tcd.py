@@ -73,7 +73,8 @@ def tcd_table(scheduler, *, eta=0.3):
     for i, t in enumerate(timesteps):
         prev = timesteps[i + 1] if i + 1 < n else 0
         s = intermediate_timestep(prev, eta)
-        steps.append(dict(alpha_prod_t=abar[t], alpha_prod_s=abar[s], alpha_prod_prev=abar[prev] if prev >= 0 else final,
+        steps.append(dict(alpha_prod_t=abar[t], alpha_prod_s=abar[s],
+                          alpha_prod_prev=abar[prev] if prev >= 0 else final,
                           noisy=eta > 0 and i != scheduler.num_inference_steps - 1))
     rows = []
     with np.errstate(all="ignore"):  # IEEE arithmetic: a degenerate schedule's rows hold inf / NaN, as diffusers'

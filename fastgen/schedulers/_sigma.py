@@ -77,7 +77,8 @@ class SigmaStepMixin(FastgenMixin):
     def index_for_timestep(self, timestep, schedule_timesteps=None):
         """diffusers' rule (the first match; the second if there are several, so a run started in the
         middle of the schedule does not skip a sigma), found in the host copy where possible."""
-        host = self._host_timestep(timestep) if schedule_timesteps is None and self._host_timesteps is not None else None
+        host = (self._host_timestep(timestep) if schedule_timesteps is None and self._host_timesteps is not None
+                else None)
         if host is None:
             return super().index_for_timestep(timestep, schedule_timesteps)
         matches = np.flatnonzero(self._host_timesteps == host)
