@@ -93,7 +93,7 @@ class _Plan:
     and input scales, initial noise, which steps draw diffusers' noise; DDPM/DDIM: the StepSpec,
     schedule, timesteps and previous timesteps; the other samplers: the StepTable."""
 
-    def __init__(self, scheduler, num_inference_steps, eta, timesteps=None):
+    def __init__(self, scheduler, num_inference_steps, eta, timesteps=None, churn=None):
         if not hasattr(scheduler, "set_timesteps") or getattr(scheduler, "config", None) is None:
             raise TypeError(f"scheduler must be a diffusers or fastgen.schedulers scheduler (with config and "
                             f"set_timesteps), got {type(scheduler).__name__}")
@@ -107,7 +107,7 @@ class _Plan:
                 raise ValueError(f"timesteps= sets a sigma-space scheduler's steps; {name} takes num_inference_steps")
             self._diffusion(scheduler, config, num_inference_steps, eta)
         else:
-            self._sigma(scheduler, num_inference_steps, eta, timesteps)
+            self._sigma(scheduler, num_inference_steps, eta, timesteps, churn)
         self.model_timesteps = self.model_timesteps.reshape(-1)
 
     def _diffusion(self, scheduler, config, num_inference_steps, eta):
@@ -138,7 +138,7 @@ class _Plan:
         self.counter_draws = (timesteps > 0) & spec.adds_noise  # no step adds noise at t = 0
         self.generator_draws = torch.tensor([spec.generator_draws(int(t)) for t in timesteps])
 
-    def _sigma(self, scheduler, num_inference_steps, eta, timesteps):
+    def _sigma(self, scheduler, num_inference_steps, eta, timesteps, churn=None):
         from fastgen.step_table import step_table
 
         if eta:
@@ -148,7 +148,7 @@ class _Plan:
             scheduler.set_timesteps(self._num_steps(num_inference_steps, DEFAULT_STEPS, limit))
         else:  # the scheduler checks the values, as in diffusers
             scheduler.set_timesteps(timesteps=self._custom_timesteps(scheduler, num_inference_steps, timesteps))
-        self.table = table = step_table(scheduler)
+        self.table = table = step_table(scheduler, **_churn_settings(scheduler, churn))
         _check_finite_run(table, scheduler)
         self.kind = table.kind
         self.num_steps = table.num_steps
@@ -192,6 +192,18 @@ class _Plan:
 
     def model_output_shape(self, shape: torch.Size) -> torch.Size:
         return self.spec.model_output_shape(shape) if self.spec is not None else shape
+
+
+def _churn_settings(scheduler, churn) -> dict:
+    """The Euler table's settings for ``fastgen.sample``'s churn (s_churn, s_tmin, s_tmax, s_noise):
+    Karras et al.'s Algorithm 2 as written (``churn_at="model"``: the model evaluated at the churned
+    sample). Only EulerDiscreteScheduler churns; None or s_churn = 0 is no churn."""
+    if churn is None or not churn.get("s_churn"):
+        return {}
+    if "EulerDiscreteScheduler" not in {cls.__name__ for cls in type(scheduler).__mro__}:
+        raise ValueError(f"s_churn applies to EulerDiscreteScheduler (Karras et al.'s Algorithm 2), got "
+                         f"{type(scheduler).__name__}")
+    return dict(churn, churn_at="model")
 
 
 def _check_finite_run(table, scheduler):
@@ -550,7 +562,8 @@ def _labels_arg(class_labels, null_class_label, guidance_scale, model, batch, de
 
 def sample(model, shape, scheduler, *, num_inference_steps=None, seed=0, offset=0, generator=None, device=None,
            dtype=torch.float32, cuda_graph="auto", progress=False, return_trajectory=False, eta=0.0,
-           class_labels=None, guidance_scale=None, null_class_label=None, backend="auto", timesteps=None):
+           class_labels=None, guidance_scale=None, null_class_label=None, backend="auto", timesteps=None,
+           s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
     """Draw samples with ``model`` and a scheduler (see the module docstring for the loop).
 
     Args:
@@ -582,12 +595,19 @@ def sample(model, shape, scheduler, *, num_inference_steps=None, seed=0, offset=
         guidance_scale: w, classifier-free guidance towards class_labels (fused into the step).
         null_class_label: the unconditional label (default: the model's ``null_class_label``).
         backend: "auto" (Triton on CUDA, "torch" elsewhere), "triton", "torch" or "reference".
+        s_churn, s_tmin, s_tmax, s_noise: EulerDiscreteScheduler only: Karras et al.'s churn in the form
+            of their Algorithm 2, the model evaluated at the churned sample x^ = x + s_noise
+            sqrt(sigma^^2 - sigma^2) z at the timestep of sigma^ (gamma = min(s_churn / N, sqrt(2) - 1)
+            where s_tmin <= sigma <= s_tmax; z the step's noise). diffusers' own step (and fastgen's
+            drop-in ``step(s_churn=)``) instead reuses the model output at the pre-churn sample. A run
+            with churn steps without a CUDA graph.
     Returns x_0 in ``dtype`` (and the trajectory).
     """
     sampler = Sampler(model, shape, scheduler, num_inference_steps=num_inference_steps, seed=seed, offset=offset,
                       generator=generator, device=device, dtype=dtype, cuda_graph=cuda_graph, eta=eta,
                       class_labels=class_labels, guidance_scale=guidance_scale, null_class_label=null_class_label,
-                      backend=backend, timesteps=timesteps)
+                      backend=backend, timesteps=timesteps, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
+                      s_noise=s_noise)
     return sampler(progress=progress, return_trajectory=return_trajectory)
 
 
@@ -607,7 +627,8 @@ class Sampler:
 
     def __init__(self, model, shape, scheduler, *, num_inference_steps=None, seed=0, offset=0, generator=None,
                  device=None, dtype=torch.float32, cuda_graph="auto", eta=0.0, class_labels=None, guidance_scale=None,
-                 null_class_label=None, backend="auto", timesteps=None):
+                 null_class_label=None, backend="auto", timesteps=None, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"),
+                 s_noise=1.0):
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
         shape = _checks.shape(shape)
@@ -638,7 +659,8 @@ class Sampler:
             guidance_scale = None  # w = 1 is the conditional model: one pass
         self.labels, self.guided_labels = _labels_arg(class_labels, null_class_label, guidance_scale, model, shape[0],
                                                       device)
-        plan = _Plan(scheduler, num_inference_steps, eta, timesteps)
+        plan = _Plan(scheduler, num_inference_steps, eta, timesteps,
+                     churn=dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise))
         if plan.learned_variance and len(shape) < 2:
             raise ValueError(f"shape needs a channel dimension (dim 1) for variance_type={plan.spec.variance_type!r}, "
                              f"got {tuple(shape)}")
@@ -647,7 +669,13 @@ class Sampler:
         self.model, self.shape, self.plan, self.generator = model, shape, plan, generator
         self.device, self.dtype, self.cuda_graph, self.backend = device, dtype, cuda_graph, backend
         self.guidance_scale = guidance_scale
-        self.use_graph = cuda_graph is not False and device.type == "cuda" and backend == "triton"
+        pre_churn = None if plan.table is None else plan.table.pre_churn
+        self.pre_churn = None if pre_churn is None else pre_churn.tolist()
+        if self.pre_churn is not None and cuda_graph is True:
+            raise ValueError("cuda_graph=True cannot run churn (s_churn > 0): the churn is added before the model "
+                             "call, outside the captured step; pass cuda_graph='auto' or False")
+        self.use_graph = (cuda_graph is not False and device.type == "cuda" and backend == "triton"
+                          and self.pre_churn is None)
         strategy = _strategy(backend_arg, backend, device)
         self.strategy = strategy(plan, shape, seed=seed, offset=offset, device=device, dtype=dtype,
                                  guidance_scale=guidance_scale)
@@ -722,6 +750,14 @@ class Sampler:
         if self.noise is not None and self.generator_draws[i]:
             self.noise.copy_(_diffusers_noise(self.shape, self.generator, self.device, self.dtype))
 
+    def _churn_noise(self, i, dtype):
+        """Step i's noise for the churn added before the model call: the generator's draw, or the
+        counter stream of step i (the stream the step itself would draw)."""
+        if self.noise is not None:
+            return self.noise.to(dtype)
+        return ops.randn(self.shape, seed=self.strategy.seed, stream=int(self.plan.streams[i]),
+                         offset=self.strategy.offset, device=self.device, backend="torch").to(dtype)
+
     def _step_noise(self, i):
         return self.noise if self.noise is not None and self.generator_draws[i] else None
 
@@ -765,6 +801,8 @@ class Sampler:
             trajectory[0].copy_(x)
         for i in tqdm(range(plan.num_steps), disable=not progress, desc=f"{plan.kind} sampling", dynamic_ncols=True):
             self._draw_step_noise(i)
+            if self.pre_churn is not None and self.pre_churn[i]:
+                x = x + self.pre_churn[i] * self._churn_noise(i, x.dtype)
             if self.graph is not None:
                 self.graph.replay()
             else:

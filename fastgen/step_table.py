@@ -40,6 +40,8 @@ class StepTable:
     clip, clip_range, dynamic_thresholding_ratio, sample_max_value: clipping of x0 ("none" | "range"
         | "threshold", diffusers' names).
     reference: ``reference(i, model_output, sample, prev_denoised, noise) -> (out, denoised)``, float64.
+    pre_churn: None, or float64 [N]: x^ = x + pre_churn_i z_i, added by the loop before the model call
+        (z_i stream i's noise, the model and the step at x^; Karras et al.'s Algorithm 2 form of churn).
     any_draws, any_generator_draws (derived): whether any step uses noise / draws from diffusers' generator.
     """
     kind: str
@@ -56,11 +58,14 @@ class StepTable:
     clip_range: float = 1.0
     dynamic_thresholding_ratio: float = 0.995
     sample_max_value: float = 1.0
+    pre_churn: torch.Tensor = None
 
     def __post_init__(self):
         n = self.coefficients.shape[0]
         if self.coefficients.shape != (n, len(COLUMNS)) or n == 0:
             raise ValueError(f"coefficients must be [N >= 1, {len(COLUMNS)}], got {tuple(self.coefficients.shape)}")
+        if self.pre_churn is not None and self.pre_churn.shape != (n,):
+            raise ValueError(f"pre_churn must have one entry per step ({n}), got {tuple(self.pre_churn.shape)}")
         for name in ("streams", "generator_draws", "model_timesteps", "model_input_scales"):
             if getattr(self, name).shape != (n,):
                 raise ValueError(f"{name} must have one entry per step ({n}), got {tuple(getattr(self, name).shape)}")
@@ -111,7 +116,8 @@ def table_builder(diffusers_name: str):
 
 
 def scheduler_table(scheduler, kind: str, rows, reference, *, generator_draws, model_input_scales=None,
-                    init_noise_sigma=1.0, reads_previous=False, **clip_settings) -> StepTable:
+                    init_noise_sigma=1.0, reads_previous=False, model_timesteps=None, pre_churn=None,
+                    **clip_settings) -> StepTable:
     """A StepTable on ``scheduler``'s run under the conventions every sampling loop relies on:
     step i draws counter stream i, the initial noise stream N; the model sees diffusers' timesteps.
 
@@ -119,6 +125,9 @@ def scheduler_table(scheduler, kind: str, rows, reference, *, generator_draws, m
         a column not given is 0, except d0 (the denoised output D = x0) which is 1.
     generator_draws: [N] bools, where diffusers' step draws from its generator.
     model_input_scales: [N] floats, diffusers' ``scale_model_input`` factors (None: 1).
+    model_timesteps: [N], what the model is called with (None: the scheduler's timesteps).
+    pre_churn: [N] floats, the churn a loop adds before the model call (Karras et al.'s Algorithm 2
+        form, stream i's noise; None: none).
     """
     unknown = {name for row in rows for name in row} - set(COLUMNS)
     if unknown:
@@ -126,13 +135,15 @@ def scheduler_table(scheduler, kind: str, rows, reference, *, generator_draws, m
     coefficients = torch.tensor([[row.get(name, 1.0 if name == "d0" else 0.0) for name in COLUMNS] for row in rows],
                                 dtype=torch.float64)
     n = coefficients.shape[0]
-    timesteps = torch.as_tensor(scheduler.timesteps).detach().cpu().clone()
+    timesteps = torch.as_tensor(scheduler.timesteps if model_timesteps is None else model_timesteps).detach().cpu()
     scales = torch.ones(n, dtype=torch.float64) if model_input_scales is None else \
         torch.as_tensor(model_input_scales, dtype=torch.float64)
     return StepTable(kind=kind, coefficients=coefficients, streams=torch.arange(n, dtype=torch.int64),
                      generator_draws=torch.as_tensor(generator_draws, dtype=torch.bool).reshape(n),
                      model_timesteps=timesteps[:n], model_input_scales=scales, init_noise_sigma=float(init_noise_sigma),
-                     init_stream=n, reads_previous=reads_previous, reference=reference, **clip_settings)
+                     init_stream=n, reads_previous=reads_previous, reference=reference,
+                     pre_churn=None if pre_churn is None else torch.as_tensor(pre_churn, dtype=torch.float64),
+                     **clip_settings)
 
 
 def host_values(values) -> torch.Tensor:

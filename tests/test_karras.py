@@ -3,6 +3,7 @@ against the float64 reference over whole trajectories (churn and ancestral noise
 stream), fastgen's classes against diffusers' step by step from the same generator, batch invariance
 with seed=, the values diffusers' own tests assert, bad input, and save/load in a pipeline."""
 import json
+import math
 
 import diffusers
 import numpy as np
@@ -257,3 +258,52 @@ def test_reference_module_builders_are_registered_for_diffusers_classes():
         assert a.streams.tolist() == [0, 1, 2] and a.init_stream == 3
         assert torch.equal(a.model_timesteps, theirs.timesteps)
         assert a.init_noise_sigma == pytest.approx(float(theirs.init_noise_sigma))
+
+
+# --- fastgen.sample's churn: Karras et al.'s Algorithm 2 as written ----------------------------------
+
+class _TanhModel(torch.nn.Module):
+    def forward(self, x, t, class_labels=None):
+        return 0.5 * torch.tanh(x) + 1e-4 * t.float().reshape(-1, *[1] * (x.dim() - 1))
+
+
+def _algorithm_2(shape, steps, seed, s_churn):
+    """Karras et al. Alg. 2 without the second-order correction, in float64, written from the paper: the
+    denoiser evaluated at the churned sample x^ at sigma^ (its timestep by diffusers' interpolation),
+    z_i the counter stream i, x_N from stream N."""
+    scheduler = fs.EulerDiscreteScheduler()
+    scheduler.set_timesteps(steps)
+    sigmas = scheduler.sigmas.double().tolist()
+    abar = scheduler.alphas_cumprod.double().numpy()
+    log_sigmas = np.log(((1 - abar) / abar) ** 0.5)
+    x = fastgen.randn(shape, seed=seed, stream=steps, backend="reference").double() * float(scheduler.init_noise_sigma)
+    for i in range(steps):
+        sigma_hat = sigmas[i] * (1 + min(s_churn / steps, 2 ** 0.5 - 1))
+        z = fastgen.randn(shape, seed=seed, stream=i, backend="reference").double()
+        x_hat = x + math.sqrt(sigma_hat ** 2 - sigmas[i] ** 2) * z                                # l. 6
+        t = torch.tensor(float(scheduler._sigma_to_t(np.array(sigma_hat), log_sigmas)), dtype=torch.float32)
+        f = _TanhModel()((x_hat / math.sqrt(sigma_hat ** 2 + 1)).float(), t.expand(shape[0])).double()
+        denoised = x_hat - sigma_hat * f                                                          # D(x^; sigma^)
+        x = x_hat + (sigmas[i + 1] - sigma_hat) * (x_hat - denoised) / sigma_hat                # l. 7-8
+    return x
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton"])
+def test_sample_churn_is_algorithm_2(backend):
+    shape, steps, seed = (3, 8), 6, 5
+    got = fastgen.sample(_TanhModel(), shape, fs.EulerDiscreteScheduler(), num_inference_steps=steps, seed=seed,
+                         s_churn=4.0, backend=backend)
+    want = _algorithm_2(shape, steps, seed, 4.0)
+    torch.testing.assert_close(got.double() / want.abs().max(), want / want.abs().max(), rtol=0, atol=2e-6)
+
+
+def test_sample_churn_zero_is_no_churn_and_other_schedulers_refuse_it():
+    kwargs = dict(num_inference_steps=4, seed=1)
+    plain = fastgen.sample(_TanhModel(), (2, 4), fs.EulerDiscreteScheduler(), **kwargs)
+    torch.testing.assert_close(fastgen.sample(_TanhModel(), (2, 4), fs.EulerDiscreteScheduler(), s_churn=0.0, **kwargs),
+                               plain, rtol=0, atol=0)
+    churned = fastgen.sample(_TanhModel(), (2, 4), fs.EulerDiscreteScheduler(), s_churn=3.0,
+                             generator=torch.Generator().manual_seed(0), num_inference_steps=4)
+    assert torch.isfinite(churned).all() and not torch.allclose(churned, plain)
+    with pytest.raises(ValueError, match="s_churn applies to EulerDiscreteScheduler"):
+        fastgen.sample(_TanhModel(), (2, 4), fs.EulerAncestralDiscreteScheduler(), s_churn=1.0, **kwargs)

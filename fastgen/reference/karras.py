@@ -126,7 +126,7 @@ def _euler_move(prediction_type, sigma_from, sigma_to):
 
 
 @table_builder("EulerDiscreteScheduler")
-def euler_table(scheduler, *, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+def euler_table(scheduler, *, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0, churn_at="step"):
     """The StepTable of diffusers' EulerDiscreteScheduler after ``set_timesteps`` (any sigma schedule:
     Karras, exponential, beta, log-linear, custom sigmas or timesteps; final sigma 0 or sigma_min),
     with step()'s churn settings. Derivation from ``euler_step``, per step i (sigma^ = sigma_i (1 + gamma_i)):
@@ -137,7 +137,12 @@ def euler_table(scheduler, *, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_no
         x_i+1 = x^ + (sigma_i+1 - sigma^)(x^ - D) / sigma^ = AX x^ + AD D + AF F       (l. 7-8, ``_euler_move``)
 
     diffusers' step draws from its generator where gamma_i > 0; its model input is scaled by
-    1 / sqrt(sigma_i^2 + 1)."""
+    1 / sqrt(sigma_i^2 + 1). That is diffusers' convention: the model output at x_i is reused at x^.
+
+    churn_at="model": [Karras] Alg. 2 as written, the denoiser evaluated at the churned sample: the
+    loop adds x^ = x + CHURN z before the model call (``pre_churn``), the model sees x^ / sqrt(sigma^^2 + 1)
+    at the timestep of sigma^ (diffusers' sigma-to-timestep interpolation), and the step's row is the
+    Euler step from x^ at sigma^ (CX, CF at sigma^ for every prediction type; no churn in the row)."""
     prediction_type = _checks.choice(scheduler.config.prediction_type, "prediction_type", EULER_PREDICTION_TYPES)
     s_churn = _checks.finite_float(s_churn, "s_churn")
     if s_churn < 0:
@@ -147,19 +152,40 @@ def euler_table(scheduler, *, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_no
     sigmas = _run_sigmas(scheduler)
     n = len(sigmas) - 1
     gammas = [churn_gamma(sigmas[i], n, s_churn, s_tmin, s_tmax) for i in range(n)]
-    rows = []
-    for i in range(n):
-        sigma, sigma_hat = sigmas[i], sigmas[i] * (1 + gammas[i])
-        churn = s_noise * math.sqrt(sigma_hat ** 2 - sigma ** 2) if gammas[i] > 0 else 0.0
-        rows.append(dict(churn=churn, **_x0_columns(prediction_type, sigma, sigma_hat),
-                         **_euler_move(prediction_type, sigma_hat, sigmas[i + 1])))
+    _checks.choice(churn_at, "churn_at", ("step", "model"))
+    hats = [sigmas[i] * (1 + gammas[i]) for i in range(n)]
+    churns = [s_noise * math.sqrt(hats[i] ** 2 - sigmas[i] ** 2) if gammas[i] > 0 else 0.0 for i in range(n)]
+    draws = [g > 0 for g in gammas]
+    if churn_at == "model":
+        rows = [dict(**_x0_columns(prediction_type, hats[i], hats[i]),
+                     **_euler_move(prediction_type, hats[i], sigmas[i + 1])) for i in range(n)]
+
+        def model_reference(i, f, x, prev, z):  # x is x^: the loop added the churn before the model call
+            return euler_step(f, x, hats[i], sigmas[i + 1], prediction_type=prediction_type)
+
+        return scheduler_table(scheduler, "euler", rows, model_reference, generator_draws=draws,
+                               model_input_scales=_input_scales(hats + sigmas[-1:]),
+                               model_timesteps=_timesteps_of(scheduler, hats), pre_churn=churns,
+                               init_noise_sigma=float(scheduler.init_noise_sigma))
+    rows = [dict(churn=churns[i], **_x0_columns(prediction_type, sigmas[i], hats[i]),
+                 **_euler_move(prediction_type, hats[i], sigmas[i + 1])) for i in range(n)]
 
     def reference(i, f, x, prev, z):
         return euler_step(f, x, sigmas[i], sigmas[i + 1], prediction_type=prediction_type, gamma=gammas[i],
                           s_noise=s_noise, noise=z)
 
-    return scheduler_table(scheduler, "euler", rows, reference, generator_draws=[g > 0 for g in gammas],
+    return scheduler_table(scheduler, "euler", rows, reference, generator_draws=draws,
                            model_input_scales=_input_scales(sigmas), init_noise_sigma=float(scheduler.init_noise_sigma))
+
+
+def _timesteps_of(scheduler, sigmas):
+    """The model timestep of each sigma: diffusers' own interpolation of the training sigmas in log space
+    (``_sigma_to_t``), as its scheduler gives a Karras sigma its timestep."""
+    import numpy as np
+
+    abar = host_values(scheduler.alphas_cumprod).numpy()
+    log_sigmas = np.log(((1 - abar) / abar) ** 0.5)
+    return [float(scheduler._sigma_to_t(np.array(sigma), log_sigmas)) for sigma in sigmas]
 
 
 @table_builder("EulerAncestralDiscreteScheduler")

@@ -15,9 +15,10 @@ sample (``scale_model_input(x_i, t_i)``, noise level sigma_i):
 That is, the output F at x_i is reused at the churned x^ (diffusers' convention, kept for drop-in
 parity: the same trajectory as diffusers from the same generator). Alg. 2 proper evaluates the
 denoiser at the churned sample, D(x^; sigma^), which needs the model called after the churn noise is
-added, i.e. a model call inside the step; a scheduler's step is handed F and cannot make it. Without
-churn (s_churn = 0, the default) the two agree: Alg. 1's Euler step. Alg. 2's second-order
-correction is not taken either.
+added, i.e. a model call inside the step; a scheduler's step is handed F and cannot make it.
+``fastgen.sample(..., s_churn=)`` runs that form: its loop adds the churn before the model call and
+calls the model at x^ and the timestep of sigma^. Without churn (s_churn = 0, the default) the two
+agree: Alg. 1's Euler step. Alg. 2's second-order correction is not taken either.
 
 Every sigma option of diffusers' class works unchanged (``use_karras_sigmas``, ``use_exponential_sigmas``,
 ``use_beta_sigmas``, ``interpolation_type``, ``timestep_spacing``, ``timestep_type``, ``final_sigmas_type``,
