@@ -64,19 +64,21 @@ def model_input(scheduler, x, t):
 
 
 def step_by_step(ours, theirs, x, *, steps=None, step_kwargs=None, rtol=1e-5, atol=1e-5, seed=0, noise_key=None,
-                 model=toy_model):
+                 model=toy_model, with_generator=True):
     """fastgen's scheduler and diffusers' on the same inputs at every step, with generators seeded alike:
     prev_sample (and pred_original_sample where diffusers returns it) agree to fp32 rounding of the
     largest operand (diffusers' own fp32 sums cancel where x is large and x_i+1 small). Both go
-    on from diffusers' output, so errors do not compound. Returns diffusers' final sample."""
+    on from diffusers' output, so errors do not compound. with_generator=False: for the steps that
+    take no generator (Heun, KDPM2). Returns diffusers' final sample."""
     step_kwargs = step_kwargs or {}
     g_ours, g_theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
     timesteps = list(theirs.timesteps) if steps is None else list(theirs.timesteps)[:steps]
     for t_ours, t_theirs in zip(ours.timesteps, timesteps):
         m = model(model_input(theirs, x, t_theirs), t_theirs)
         assert_close(model_input(ours, x, t_ours), model_input(theirs, x, t_theirs), rtol=1e-6, atol=1e-6)
-        got = ours.step(m, t_ours, x, generator=g_ours, **step_kwargs)
-        want = theirs.step(m, t_theirs, x, generator=g_theirs, **step_kwargs)
+        generators = ({"generator": g_ours}, {"generator": g_theirs}) if with_generator else ({}, {})
+        got = ours.step(m, t_ours, x, **generators[0], **step_kwargs)
+        want = theirs.step(m, t_theirs, x, **generators[1], **step_kwargs)
         scale = max(1.0, float(want.prev_sample.abs().max()), float(x.abs().max()))  # fp32 rounding of the operands
         assert_close(got.prev_sample, want.prev_sample, rtol=rtol, atol=atol * scale)
         if getattr(want, "pred_original_sample", None) is not None:
@@ -101,3 +103,21 @@ def assert_batch_invariant(make_scheduler, x, *, seed, step_kwargs=None):
     for k in range(x.shape[0]):
         alone = seeded_loop(make_scheduler(), x[k:k + 1], seed=seed, offset=k, step_kwargs=step_kwargs)
         torch.testing.assert_close(alone, whole[k:k + 1], rtol=0, atol=0)
+
+
+class TanhModel(torch.nn.Module):
+    """A bounded stand-in denoiser for ``fastgen.sample`` (called as model(x, t))."""
+
+    def forward(self, x, t, class_labels=None):
+        return 0.5 * torch.tanh(x)
+
+
+def assert_sample_matches_reference(kind, steps, *, shape=(2, 8), seed=3):
+    """``fastgen.sample`` with the sampler ``kind`` (fastgen.registry's name): the torch loop equals the
+    float64 reference loop to fp32 rounding."""
+    import fastgen
+
+    scheduler = fastgen.sampling.make_scheduler(kind)
+    fast = fastgen.sample(TanhModel(), shape, scheduler, num_inference_steps=steps, seed=seed, backend="torch")
+    ref = fastgen.sample(TanhModel(), shape, scheduler, num_inference_steps=steps, seed=seed, backend="reference")
+    torch.testing.assert_close(fast, ref.float(), rtol=1e-5, atol=1e-5)

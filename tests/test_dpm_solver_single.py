@@ -5,10 +5,10 @@ import diffusers
 import pytest
 import torch
 
-import fastgen
 import fastgen.schedulers as fs
 from fastgen.step_table import step_table
-from tests.sigma_utils import SHAPE, assert_trajectories_agree, fresh_sample, step_by_step
+from tests.sigma_utils import (SHAPE, assert_sample_matches_reference, assert_trajectories_agree, fresh_sample,
+                               step_by_step)
 
 # (scheduler config, inference steps)
 SWEEP = {
@@ -55,11 +55,4 @@ def test_sde_and_third_order_run_diffusers_step():
 
 
 def test_sample_runs_singlestep():
-    class Model(torch.nn.Module):
-        def forward(self, x, t, class_labels=None):
-            return 0.5 * torch.tanh(x)
-
-    scheduler = fastgen.sampling.make_scheduler("dpmsolver++_singlestep")
-    fast = fastgen.sample(Model(), (2, 8), scheduler, num_inference_steps=6, seed=3, backend="torch")
-    ref = fastgen.sample(Model(), (2, 8), scheduler, num_inference_steps=6, seed=3, backend="reference")
-    torch.testing.assert_close(fast, ref.float(), rtol=1e-5, atol=1e-5)
+    assert_sample_matches_reference("dpmsolver++_singlestep", 6)

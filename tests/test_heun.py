@@ -6,11 +6,10 @@ import diffusers
 import pytest
 import torch
 
-import fastgen
 import fastgen.schedulers as fs
 from fastgen.step_table import step_table
-from tests.sigma_utils import SHAPE, assert_trajectories_agree, fresh_sample, toy_model
-from tests.utils import assert_close
+from tests.sigma_utils import (SHAPE, assert_sample_matches_reference, assert_trajectories_agree, fresh_sample,
+                               step_by_step)
 
 # (scheduler config, inference steps)
 SWEEP = {
@@ -41,18 +40,9 @@ def test_kernel_trajectory_matches_float64_reference(case):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("case", SWEEP)
 def test_step_matches_diffusers_to_fp32_rounding(case, backend):
-    """Both sides step from diffusers' output at every stage (errors do not compound); prev_sample and
-    pred_original_sample agree to fp32 rounding of the operands."""
     ours, theirs = _pair(case, backend)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2)) * theirs.init_noise_sigma
-    for t_ours, t_theirs in zip(ours.timesteps, theirs.timesteps):
-        m = toy_model(theirs.scale_model_input(x, t_theirs), t_theirs)
-        ours.scale_model_input(x, t_ours)
-        got, want = ours.step(m, t_ours, x), theirs.step(m, t_theirs, x)
-        scale = max(1.0, float(x.abs().max()))
-        assert_close(got.prev_sample, want.prev_sample, rtol=1e-5, atol=2e-6 * scale)
-        assert_close(got.pred_original_sample, want.pred_original_sample, rtol=1e-5, atol=2e-6 * scale)
-        x = want.prev_sample
+    step_by_step(ours, theirs, x, rtol=1e-5, atol=2e-6, with_generator=False)
     assert ours.state_in_first_order == theirs.state_in_first_order
 
 
@@ -71,11 +61,4 @@ def test_second_stage_at_another_sample_is_diffusers():
 
 
 def test_sample_runs_heun():
-    class Model(torch.nn.Module):
-        def forward(self, x, t, class_labels=None):
-            return 0.5 * torch.tanh(x)
-
-    scheduler = fastgen.sampling.make_scheduler("heun")
-    fast = fastgen.sample(Model(), (2, 8), scheduler, num_inference_steps=5, seed=3, backend="torch")
-    ref = fastgen.sample(Model(), (2, 8), scheduler, num_inference_steps=5, seed=3, backend="reference")
-    torch.testing.assert_close(fast, ref.float(), rtol=1e-5, atol=1e-5)
+    assert_sample_matches_reference("heun", 5)

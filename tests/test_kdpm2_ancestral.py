@@ -6,11 +6,10 @@ import diffusers
 import pytest
 import torch
 
-import fastgen
 import fastgen.schedulers as fs
 from fastgen.step_table import step_table
-from tests.sigma_utils import SHAPE, assert_batch_invariant, assert_trajectories_agree, fresh_sample, toy_model
-from tests.utils import assert_close
+from tests.sigma_utils import (SHAPE, assert_batch_invariant, assert_sample_matches_reference,
+                               assert_trajectories_agree, fresh_sample, step_by_step)
 
 # (scheduler config, inference steps)
 SWEEP = {
@@ -40,18 +39,9 @@ def test_kernel_trajectory_matches_float64_reference(case):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("case", SWEEP)
 def test_step_matches_diffusers_to_fp32_rounding(case, backend):
-    """Both sides step from diffusers' output at every stage, the generators seeded alike."""
     ours, theirs = _pair(case, backend)
-    g_ours, g_theirs = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2)) * theirs.init_noise_sigma
-    for t_ours, t_theirs in zip(ours.timesteps, theirs.timesteps):
-        m = toy_model(theirs.scale_model_input(x, t_theirs), t_theirs)
-        ours.scale_model_input(x, t_ours)
-        got, want = ours.step(m, t_ours, x, generator=g_ours), theirs.step(m, t_theirs, x, generator=g_theirs)
-        scale = max(1.0, float(x.abs().max()))
-        assert_close(got.prev_sample, want.prev_sample, rtol=1e-5, atol=2e-6 * scale)
-        assert_close(got.pred_original_sample, want.pred_original_sample, rtol=1e-5, atol=2e-6 * scale)
-        x = want.prev_sample
+    step_by_step(ours, theirs, x, rtol=1e-5, atol=2e-6, seed=1)
 
 
 def test_seed_is_batch_invariant():
@@ -64,11 +54,4 @@ def test_seed_is_batch_invariant():
 
 
 def test_sample_runs_kdpm2_ancestral():
-    class Model(torch.nn.Module):
-        def forward(self, x, t, class_labels=None):
-            return 0.5 * torch.tanh(x)
-
-    scheduler = fastgen.sampling.make_scheduler("kdpm2_ancestral")
-    fast = fastgen.sample(Model(), (2, 8), scheduler, num_inference_steps=4, seed=3, backend="torch")
-    ref = fastgen.sample(Model(), (2, 8), scheduler, num_inference_steps=4, seed=3, backend="reference")
-    torch.testing.assert_close(fast, ref.float(), rtol=1e-5, atol=1e-5)
+    assert_sample_matches_reference("kdpm2_ancestral", 4)

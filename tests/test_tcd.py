@@ -5,10 +5,10 @@ import diffusers
 import pytest
 import torch
 
-import fastgen
 import fastgen.schedulers as fs
 from fastgen.step_table import step_table
-from tests.sigma_utils import SHAPE, assert_batch_invariant, assert_trajectories_agree, fresh_sample
+from tests.sigma_utils import (SHAPE, assert_batch_invariant, assert_sample_matches_reference,
+                               assert_trajectories_agree, fresh_sample)
 from tests.utils import assert_close
 
 # (scheduler config, set_timesteps steps, gamma)
@@ -74,11 +74,4 @@ def test_gamma_outside_the_unit_interval_is_refused():
 
 
 def test_sample_runs_tcd():
-    class Model(torch.nn.Module):
-        def forward(self, x, t, class_labels=None):
-            return 0.5 * torch.tanh(x)
-
-    scheduler = fastgen.sampling.make_scheduler("tcd")
-    fast = fastgen.sample(Model(), (2, 8), scheduler, num_inference_steps=4, seed=3, backend="torch")
-    ref = fastgen.sample(Model(), (2, 8), scheduler, num_inference_steps=4, seed=3, backend="reference")
-    torch.testing.assert_close(fast, ref.float(), rtol=1e-5, atol=1e-5)
+    assert_sample_matches_reference("tcd", 4)
