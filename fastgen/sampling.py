@@ -366,12 +366,15 @@ class _CompiledSteps(_TorchSteps):
     a step that draws counter noise is one too, the update included (``row_update`` for DDPM/DDIM,
     ``affine_step`` for the StepTable samplers), reading the step's coefficient row and stream from
     tensors so one compiled graph serves every step. A step that draws no counter noise runs the eager
-    torch update: a few whole-tensor ops cost less than a compiled call's fixed overhead (tens of
-    microseconds), which only the fused noise repays. Compiled once per sampler, dtype and shape;
+    torch update, a few whole-tensor ops that cost less than a compiled call's fixed overhead (tens of
+    microseconds), which the fused noise repays; except a DDPM/DDIM update (about seven passes) of
+    COMPILED_UPDATE_NUMEL elements and more, which the single fused pass repays too. Compiled once per
+    sampler, dtype and shape;
     ``compile_seconds`` is the first run's one-time cost (the first noise draw, and the steps' time
     above the median step's)."""
 
     backend = "torch"
+    COMPILED_UPDATE_NUMEL = 1 << 15  # a DDPM/DDIM update this large runs compiled without noise too
 
     def __init__(self, plan, shape, **kwargs):
         super().__init__(plan, shape, **kwargs)
@@ -382,7 +385,9 @@ class _CompiledSteps(_TorchSteps):
         self.seed_tensor = torch.tensor(0 if self.seed is None else _signed64(self.seed), dtype=torch.int64)
         self.noise_fn = _compile.compiled(random_ops._torch_randn, ("loop", shape, self.dtype))
         self.fn = None
-        if self.seed is not None and bool(plan.counter_draws.any()):  # the steps draw counter noise: compiled
+        self.draws_noise = self.seed is not None and bool(plan.counter_draws.any())
+        large = shape.numel() >= self.COMPILED_UPDATE_NUMEL
+        if self.draws_noise or (plan.spec is not None and large):  # compiled: see the class docstring
             guided_key = self.guidance_scale is not None
             if plan.spec is not None:
                 self.names = tuple(self.rows[0])
@@ -415,8 +420,9 @@ class _CompiledSteps(_TorchSteps):
         if self.fn is None or noise is not None:  # no counter noise to fuse: the eager update
             x_next = super().step(i, pred, x, noise)
         elif plan.spec is not None:
-            x_next = self.fn(plan.spec, self.names, self.coefficients[i], self.streams[i], pred, x, draws=True,
-                             seed=self.seed_tensor, offset=self.element_offset, guidance_scale=self.guidance_scale)
+            x_next = self.fn(plan.spec, self.names, self.coefficients[i], self.streams[i], pred, x,
+                             draws=self.draws_noise, seed=self.seed_tensor, offset=self.element_offset,
+                             guidance_scale=self.guidance_scale)
         else:
             x_next, denoised = self.fn(self.coefficients[i], self.streams[i], pred, x, self.denoised, draws=True,
                                        seed=self.seed_tensor, offset=self.element_offset,

@@ -276,3 +276,16 @@ def test_eager_step_with_seed_draws_compiled_noise_equal_to_eager(name, monkeypa
     expected = _run(twin, _step, step_kwargs, outputs[:3], x)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_large_deterministic_ddim_update_runs_compiled(monkeypatch):
+    """A DDPM/DDIM update of COMPILED_UPDATE_NUMEL elements and more runs compiled without noise too."""
+    from fastgen.sampling import Sampler, _CompiledSteps, make_scheduler
+
+    monkeypatch.setenv("FASTGEN_COMPILE", "1")
+    shape = (2, _CompiledSteps.COMPILED_UPDATE_NUMEL // 2)
+    sampler = Sampler(_Denoiser(), shape, make_scheduler("ddim"), num_inference_steps=4, seed=2)
+    assert sampler.strategy.fn is not None and not sampler.strategy.draws_noise
+    eager = fastgen.sample(_Denoiser(), shape, make_scheduler("ddim"), num_inference_steps=4, seed=2, backend="torch")
+    scale = eager.abs().max()
+    torch.testing.assert_close(sampler() / scale, eager / scale, rtol=0, atol=4e-6)
