@@ -14,6 +14,7 @@
 #
 # Each stage has its own time limit (seconds, env STATIC_S / COMPILE_S / TESTS_S / SAMPLING_S / REPORT_S) so one slow stage
 # cannot eat the call; logs and results are written under $OUT as they are produced.
+# SAMPLING_ARGS and REPORT_ARGS narrow those two (say --providers, --sizes) to fit a short lease.
 #
 # diffusers (the schedulers' base class and the peer rows) may be missing there: download its wheels
 # on a machine that reaches the registry and copy the folder .whl/ along with the checkout:
@@ -42,6 +43,8 @@ print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.ve
 print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA")
 print("diffusers", "present" if importlib.util.find_spec("diffusers") else "missing (no peer rows, scheduler tests fail)")
 EOF
+command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw \
+  --format=csv 2>&1 | tee -a "$OUT/env.txt"
 
 status=0
 for stage in "${@:-static compile tests sampling report}"; do
@@ -54,12 +57,22 @@ for stage in "${@:-static compile tests sampling report}"; do
         timeout "${COMPILE_S:-300}" python3 -m pytest -q -p no:cacheprovider tests/test_torch_compile.py -k cuda 2>&1 \
           | tee "$OUT/compile.log" || status=1 ;;
       tests)
-        timeout "${TESTS_S:-420}" python3 -m pytest -q -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" || status=1 ;;
+        # every failure, not the first (a first run on a new device): one line per test as it ends, so
+        # a stage cut off by its limit still says what passed; spread over the cores where xdist is there
+        # (one file per worker: a file's compiled graphs are shared by its tests), each test capped
+        parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-12} --dist loadfile")
+        per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout ${TEST_TIMEOUT_S:-180}")
+        timeout "${TESTS_S:-420}" python3 -m pytest -v -rfE -p no:cacheprovider $parallel $per_test 2>&1 \
+          | tee "$OUT/pytest.log" || status=1 ;;
       sampling)
-        timeout "${SAMPLING_S:-420}" python3 bench/bench_sampling.py --reps 3 2>&1 | tee "$OUT/sampling.md" || status=1 ;;
+        eval "sampling_args=(${SAMPLING_ARGS:-})"  # provider names hold spaces: quote them in SAMPLING_ARGS
+        timeout "${SAMPLING_S:-420}" python3 bench/bench_sampling.py --reps 3 "${sampling_args[@]}" 2>&1 \
+          | tee "$OUT/sampling.md" || status=1 ;;
       report)
         ops=$(python3 -c "from fastgen.bench import registry; print(' '.join(n for n, o in registry.load_all().items() if o.family != 'sampling'))")
-        timeout "${REPORT_S:-540}" python3 -m fastgen bench --ops $ops --out "$OUT/report" --no-plots 2>&1 \
+        eval "report_args=(${REPORT_ARGS:-})"
+        timeout "${REPORT_S:-540}" python3 -m fastgen bench --ops $ops --out "$OUT/report" --no-plots --no-progress \
+          "${report_args[@]}" 2>&1 \
           | tee "$OUT/report.log" || status=1 ;;
       *) echo "unknown stage $s (static, compile, tests, sampling, report)"; status=2 ;;
     esac
