@@ -3,6 +3,8 @@
 # but no package registry, and from which only what lands in $OUT comes back. Stages, in the order
 # given (default: all):
 #
+#   validate   python -m fastgen validate: every kernel (every registered sampler's step too) against its
+#              float64 reference on the GPU
 #   static     python -m fastgen bench --static: the compiled sm_90 code of every variant validate
 #              launches (registers, spills, vector widths, occupancy, H200 bound), beside the timings
 #   compile    the torch.compile checks on CUDA first (tests/test_torch_compile.py: the captured fused
@@ -12,7 +14,7 @@
 #              diffusers vs model only, MLP and UNet, DDPM-1000 and DDIM-50)
 #   report     python -m fastgen bench over every op family but sampling: results.json/.md/.csv
 #
-# Each stage has its own time limit (seconds, env STATIC_S / COMPILE_S / TESTS_S / SAMPLING_S / REPORT_S) so one slow stage
+# Each stage has its own time limit (seconds, env VALIDATE_S / STATIC_S / COMPILE_S / TESTS_S / SAMPLING_S / REPORT_S) so one slow stage
 # cannot eat the call; logs and results are written under $OUT as they are produced.
 # SAMPLING_ARGS and REPORT_ARGS narrow those two (say --providers, --sizes) to fit a short lease.
 #
@@ -47,12 +49,17 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,
   --format=csv 2>&1 | tee -a "$OUT/env.txt"
 
 status=0
-for stage in "${@:-static compile tests sampling report}"; do
+for stage in "${@:-validate static compile tests sampling report}"; do
   for s in $stage; do
     case "$s" in
       static)
         timeout "${STATIC_S:-600}" python3 -m fastgen bench --static --out "$OUT/static" 2>&1 \
           | tee "$OUT/static.log" || status=1 ;;
+      validate)
+        # one family at a time, so a stage cut off by its limit keeps the tables of the families done
+        families=$(python3 -c "from fastgen import validate; print(' '.join(validate.CHECKS))")
+        timeout "${VALIDATE_S:-300}" bash -c "for f in $families; do python3 -m fastgen validate --ops \$f || exit 1; done" \
+          2>&1 | tee "$OUT/validate.log" || status=1 ;;
       compile)
         timeout "${COMPILE_S:-300}" python3 -m pytest -q -p no:cacheprovider tests/test_torch_compile.py -k cuda 2>&1 \
           | tee "$OUT/compile.log" || status=1 ;;
@@ -62,7 +69,8 @@ for stage in "${@:-static compile tests sampling report}"; do
         # (one file per worker: a file's compiled graphs are shared by its tests), each test capped
         parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-12} --dist loadfile")
         per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout ${TEST_TIMEOUT_S:-180}")
-        timeout "${TESTS_S:-420}" python3 -m pytest -v -rfE -p no:cacheprovider $parallel $per_test 2>&1 \
+        eval "pytest_args=(${PYTEST_ARGS:-})"  # e.g. --tb=line; FASTGEN_TEST_IDS=<file> runs only those ids
+        timeout "${TESTS_S:-420}" python3 -m pytest -v -rfE -p no:cacheprovider $parallel $per_test "${pytest_args[@]}" 2>&1 \
           | tee "$OUT/pytest.log" || status=1 ;;
       sampling)
         eval "sampling_args=(${SAMPLING_ARGS:-})"  # provider names hold spaces: quote them in SAMPLING_ARGS
@@ -74,7 +82,7 @@ for stage in "${@:-static compile tests sampling report}"; do
         timeout "${REPORT_S:-540}" python3 -m fastgen bench --ops $ops --out "$OUT/report" --no-plots --no-progress \
           "${report_args[@]}" 2>&1 \
           | tee "$OUT/report.log" || status=1 ;;
-      *) echo "unknown stage $s (static, compile, tests, sampling, report)"; status=2 ;;
+      *) echo "unknown stage $s (validate, static, compile, tests, sampling, report)"; status=2 ;;
     esac
   done
 done

@@ -125,12 +125,12 @@ def _kl_terms(mu, logvar, mu2_ptr, logvar2_ptr, idx, mask, prior_period, HAS_MU2
     return d, d_scaled, var_ratio, logvar2
 
 
-@triton.jit(do_not_specialize=["seed", "stream", "offset"])
+@triton.jit(do_not_specialize=["seed", "noise_stream", "offset"])
 def _gaussian_fwd_kernel(
         mu_ptr, logvar_ptr, mu2_ptr, logvar2_ptr, noise_ptr,   # inputs (unused ones: any pointer)
         z_ptr, kl_ptr, partial_ptr,                             # outputs: z, elementwise KL, partial sums
         n_rows, row_len, n_chunks, shift, prior_period,
-        seed: tl.int64, stream: tl.int64, offset: tl.int64,
+        seed: tl.int64, noise_stream: tl.int64, offset: tl.int64,
         HAS_MU2: tl.constexpr, HAS_LOGVAR2: tl.constexpr, PERIODIC_PRIOR: tl.constexpr,
         NOISE: tl.constexpr, STORE_KL: tl.constexpr, STORE_PARTIAL: tl.constexpr,
         ROWS: tl.constexpr, CHUNK: tl.constexpr):
@@ -138,7 +138,7 @@ def _gaussian_fwd_kernel(
     mu = _load(mu_ptr, idx, mask)
     logvar = _load(logvar_ptr, idx, mask)
     if NOISE != NOISE_NONE:
-        eps = _eps(noise_ptr, idx, mask, rows, chunk, row_len, seed, stream, offset, NOISE, ROWS, CHUNK)
+        eps = _eps(noise_ptr, idx, mask, rows, chunk, row_len, seed, noise_stream, offset, NOISE, ROWS, CHUNK)
         z = mu + tl.exp(0.5 * logvar) * eps
         tl.store(z_ptr + idx, z.to(z_ptr.dtype.element_ty), mask=mask)
     if STORE_KL or STORE_PARTIAL:
@@ -152,12 +152,12 @@ def _gaussian_fwd_kernel(
             tl.store(partial_ptr + rows * n_chunks + chunk, row_sum, mask=rows < n_rows)
 
 
-@triton.jit(do_not_specialize=["seed", "stream", "offset"])
+@triton.jit(do_not_specialize=["seed", "noise_stream", "offset"])
 def _gaussian_bwd_kernel(
         mu_ptr, logvar_ptr, mu2_ptr, logvar2_ptr, noise_ptr, grad_z_ptr, grad_kl_ptr,   # inputs
         grad_mu_ptr, grad_logvar_ptr, grad_mu2_ptr, grad_logvar2_ptr, grad_noise_ptr,  # outputs
         n_rows, row_len, n_chunks, shift, prior_period, kl_scale,
-        seed: tl.int64, stream: tl.int64, offset: tl.int64,
+        seed: tl.int64, noise_stream: tl.int64, offset: tl.int64,
         HAS_MU2: tl.constexpr, HAS_LOGVAR2: tl.constexpr, PERIODIC_PRIOR: tl.constexpr,
         NOISE: tl.constexpr, GRAD_KL: tl.constexpr,
         WRITE_MU: tl.constexpr, WRITE_LOGVAR: tl.constexpr, WRITE_MU2: tl.constexpr,
@@ -170,7 +170,7 @@ def _gaussian_bwd_kernel(
     if NOISE != NOISE_NONE:  # through z = mu + s eps
         gz = _load(grad_z_ptr, idx, mask)
         std = tl.exp(0.5 * logvar)
-        eps = _eps(noise_ptr, idx, mask, rows, chunk, row_len, seed, stream, offset, NOISE, ROWS, CHUNK)
+        eps = _eps(noise_ptr, idx, mask, rows, chunk, row_len, seed, noise_stream, offset, NOISE, ROWS, CHUNK)
         grad_mu += gz
         grad_logvar += 0.5 * gz * std * eps
         if WRITE_NOISE:
@@ -250,7 +250,7 @@ def forward(t: Tiling, mu, logvar, *, mu2=None, logvar2=None, prior_period=0, no
         z_ptr=mu if z is None else z, kl_ptr=mu if kl is None else kl,
         partial_ptr=mu if partial is None else partial,
         n_rows=t.n_rows, row_len=t.row_len, n_chunks=t.n_chunks, shift=t.shift,
-        seed=as_int64(seed or 0), stream=stream, offset=offset,
+        seed=as_int64(seed or 0), noise_stream=stream, offset=offset,
         NOISE=t.noise if z is not None else 0, STORE_KL=kl is not None, STORE_PARTIAL=partial is not None,
         ROWS=t.rows, CHUNK=t.chunk, **_prior_args(mu, mu2, logvar2, prior_period))
 
@@ -272,7 +272,7 @@ def backward(t: Tiling, mu, logvar, *, mu2=None, logvar2=None, prior_period=0, n
         grad_logvar2_ptr=dummy if grad_logvar2 is None else grad_logvar2,
         grad_noise_ptr=dummy if grad_noise is None else grad_noise,
         n_rows=t.n_rows, row_len=t.row_len, n_chunks=t.n_chunks, shift=t.shift, kl_scale=float(kl_scale),
-        seed=as_int64(seed or 0), stream=stream, offset=offset,
+        seed=as_int64(seed or 0), noise_stream=stream, offset=offset,
         NOISE=t.noise if grad_z is not None else 0, GRAD_KL=grad_kl_mode if grad_kl is not None else 0,
         WRITE_MU=grad_mu is not None, WRITE_LOGVAR=grad_logvar is not None, WRITE_MU2=grad_mu2 is not None,
         WRITE_LOGVAR2=grad_logvar2 is not None, WRITE_NOISE=grad_noise is not None,

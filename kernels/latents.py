@@ -101,11 +101,11 @@ def truncated_normal_tile(seed, stream, offset, erf_psi, erfc_psi, bound, pid, B
     return idx, z
 
 
-@triton.jit(do_not_specialize=["seed", "stream", "offset", "erf_psi", "erfc_psi", "bound"])
-def _truncated_latents_kernel(out_ptr, n, seed: tl.int64, stream: tl.int64, offset: tl.int64,
+@triton.jit(do_not_specialize=["seed", "noise_stream", "offset", "erf_psi", "erfc_psi", "bound"])
+def _truncated_latents_kernel(out_ptr, n, seed: tl.int64, noise_stream: tl.int64, offset: tl.int64,
                               erf_psi: tl.float32, erfc_psi: tl.float32, bound: tl.float32, BLOCK: tl.constexpr,
                               PHASE0: tl.constexpr):
-    idx, z = truncated_normal_tile(seed, stream, offset, erf_psi, erfc_psi, bound, tl.program_id(0), BLOCK, PHASE0)
+    idx, z = truncated_normal_tile(seed, noise_stream, offset, erf_psi, erfc_psi, bound, tl.program_id(0), BLOCK, PHASE0)
     tl.store(out_ptr + idx, z.to(out_ptr.dtype.element_ty), mask=tile_mask(idx, n, PHASE0))
 
 

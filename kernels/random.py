@@ -112,18 +112,18 @@ def num_tiles(n: int, offset: int, block: int) -> int:
     return triton.cdiv(n + (offset & 3), block)
 
 
-@triton.jit(do_not_specialize=["seed", "stream", "offset"])
-def _randn_kernel(out_ptr, n, seed: tl.int64, stream: tl.int64, offset: tl.int64, BLOCK: tl.constexpr,
+@triton.jit(do_not_specialize=["seed", "noise_stream", "offset"])
+def _randn_kernel(out_ptr, n, seed: tl.int64, noise_stream: tl.int64, offset: tl.int64, BLOCK: tl.constexpr,
                   PHASE0: tl.constexpr):
-    idx, z = normal_tile(seed, stream, offset, tl.program_id(0), BLOCK, PHASE0)
+    idx, z = normal_tile(seed, noise_stream, offset, tl.program_id(0), BLOCK, PHASE0)
     tl.store(out_ptr + idx, z.to(out_ptr.dtype.element_ty), mask=tile_mask(idx, n, PHASE0))
 
 
-@triton.jit(do_not_specialize=["seed", "stream", "counter"])
-def _philox_kernel(out_ptr, n_blocks, seed: tl.int64, stream: tl.int64, counter: tl.int64,
+@triton.jit(do_not_specialize=["seed", "noise_stream", "counter"])
+def _philox_kernel(out_ptr, n_blocks, seed: tl.int64, noise_stream: tl.int64, counter: tl.int64,
                    BLOCK: tl.constexpr):
     j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    x0, x1, x2, x3 = philox(seed, stream, int64_arg(counter) + j)
+    x0, x1, x2, x3 = philox(seed, noise_stream, int64_arg(counter) + j)
     mask = j < n_blocks
     row = out_ptr + 4 * j
     tl.store(row + 0, x0.to(tl.int32, bitcast=True), mask=mask)

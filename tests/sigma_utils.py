@@ -1,11 +1,14 @@
 """Helpers for the sigma-space samplers' tests (test_karras.py, test_dpm_solver.py, test_flow_matching.py):
 whole trajectories on a StepTable (fused step or float64 reference, with the same counter noise) and
-fastgen's scheduler against diffusers' own, step by step, from the same generator."""
+fastgen's scheduler against diffusers' own, step by step, from the same generator. Every helper runs
+on the session's device (tests/conftest.py's DEVICE): the kernels compiled on a GPU, interpreted on a
+CPU; inputs may be made on the CPU (from CPU generators, as diffusers' pipelines draw them)."""
 import math
 
 import torch
 
 from fastgen.ops.samplers import sampler_step, step_noise
+from tests.conftest import DEVICE
 from tests.utils import assert_close
 
 SHAPE = (2, 3, 8, 8)
@@ -24,7 +27,7 @@ def fresh_sample(table, generator, shape=SHAPE):
 
 def fused_trajectory(table, x, *, seed=0, offset=0, backend="triton", model=toy_model):
     """All of ``table``'s steps from x through ``sampler_step`` (the model sees scale_i x at t_i)."""
-    prev = None
+    x, prev = x.to(DEVICE), None
     for i in range(table.num_steps):
         m = model(x * float(table.model_input_scales[i]), table.model_timesteps[i]).to(x.dtype)
         x, denoised = sampler_step(table, i, m, x, prev_denoised=prev if table.reads_previous and i else None,
@@ -53,7 +56,7 @@ def assert_trajectories_agree(table, x, *, seed, rtol=2e-5, atol=2e-5):
     want = reference_trajectory(table, x, seed=seed)
     assert torch.isfinite(want).all()
     scale = max(1.0, float(want.abs().max()))
-    assert_close(got, want.float(), rtol=rtol, atol=atol * scale)
+    assert_close(got.cpu(), want.float(), rtol=rtol, atol=atol * scale)
 
 
 def model_input(scheduler, x, t):
@@ -70,7 +73,7 @@ def step_by_step(ours, theirs, x, *, steps=None, step_kwargs=None, rtol=1e-5, at
     largest operand (diffusers' own fp32 sums cancel where x is large and x_i+1 small). Both go
     on from diffusers' output, so errors do not compound. with_generator=False: for the steps that
     take no generator (Heun, KDPM2). Returns diffusers' final sample."""
-    step_kwargs = step_kwargs or {}
+    step_kwargs, x = step_kwargs or {}, x.to(DEVICE)
     g_ours, g_theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
     timesteps = list(theirs.timesteps) if steps is None else list(theirs.timesteps)[:steps]
     for t_ours, t_theirs in zip(ours.timesteps, timesteps):
@@ -90,6 +93,7 @@ def step_by_step(ours, theirs, x, *, steps=None, step_kwargs=None, rtol=1e-5, at
 
 def seeded_loop(scheduler, x, *, seed, offset=0, step_kwargs=None, model=toy_model):
     """A pipeline's loop on ``scheduler`` with fastgen's counter noise (``step(..., seed=, offset=)``)."""
+    x = x.to(DEVICE)
     for t in scheduler.timesteps:
         m = model(model_input(scheduler, x, t), t)
         x = scheduler.step(m, t, x, seed=seed, offset=offset, **(step_kwargs or {})).prev_sample
