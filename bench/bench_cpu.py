@@ -10,7 +10,7 @@ Rows: the counter noise (2^20 normals: ``fastgen.randn`` as it runs by default, 
 Philox the loops fuse into their steps) beside torch.randn; every loop-only sampler (DDPM-1000,
 DDIM-50, Euler 30 with and without guidance, Euler ancestral 30, DPM-Solver++ 2M 20, SDE-DPM-Solver++
 20, flow matching 28, LCM 4, TCD 4, consistency 2, EDM Euler 30, EDM DPM-Solver++ 2M 20, DPM-Solver++
-2S 20, Heun 15, KDPM2 15 and its ancestral variant) at
+2S 20, Heun 15, KDPM2 15 and its ancestral variant, DEIS 20) at
 64x64,
 1024x64 and the Stable-Diffusion latent 4x4x64x64; and the
 whole DDIM-50 loop with the digits-sized MLP beside the model alone. The first call's compile time
@@ -33,7 +33,7 @@ LOOPS = {"ddpm1000": ("ddpm", 1000, None), "ddim50": ("ddim", 50, None), "euler3
          "consistency2": ("consistency", 2, None), "edm_euler30": ("edm_euler", 30, None),
          "edm_dpmpp2m20": ("edm_dpmsolver++", 20, None), "dpmpp2s20": ("dpmsolver++_singlestep", 20, None),
          "heun15": ("heun", 15, None), "kdpm2_15": ("kdpm2", 15, None),
-         "kdpm2_ancestral15": ("kdpm2_ancestral", 15, None)}
+         "kdpm2_ancestral15": ("kdpm2_ancestral", 15, None), "deis20": ("deis", 20, None)}
 NULL_LABEL = 10
 
 

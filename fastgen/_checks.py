@@ -98,10 +98,13 @@ def device(value, name: str = "device") -> torch.device:
 
 
 def compute_device(value, name: str = "device") -> torch.device:
-    """``device``, where an op will compute: not the meta device."""
+    """``device``, where an op will compute: not the meta device. "cuda" without an index is the current
+    CUDA device, as a tensor made there reports it ("cuda:0"), so the two compare equal."""
     value = device(value, name)
     if value.type == "meta":
         raise ValueError(f"{name} must not be 'meta': {META_UNSUPPORTED}")
+    if value.type == "cuda" and value.index is None and not torch.compiler.is_compiling() and torch.cuda.is_available():
+        value = torch.device("cuda", torch.cuda.current_device())
     return value
 
 

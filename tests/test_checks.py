@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import fastgen
+from fastgen import _checks
 
 SCHEDULE = fastgen.NoiseSchedule(num_train_timesteps=10)
 
@@ -68,3 +69,13 @@ def test_sample_offset_rejects_non_integers_by_name(offset, error):
 
     with pytest.raises(error, match="^offset"):
         _checks.sample_offset(offset, (2, 3))
+
+
+def test_cuda_without_an_index_is_the_current_device(monkeypatch):
+    """device="cuda" compares equal to the tensors made there ("cuda:0"): fastgen.sample(device="cuda")
+    checked its model's output against an index-less device and refused every output."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert _checks.compute_device("cuda") == torch.device("cuda", 1)
+    assert _checks.compute_device("cuda:0") == torch.device("cuda", 0)
+    assert _checks.compute_device("cpu") == torch.device("cpu")

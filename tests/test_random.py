@@ -232,14 +232,15 @@ def test_seeds_are_64_bit(device):
 
 def test_seed_stream_offset_are_not_specialised():
     """seed, stream and offset are int64 kernel arguments excluded from specialisation, so new
-    values never compile a new kernel (checked by compile count on CUDA, below)."""
+    values never compile a new kernel (checked by compile count on CUDA, below). The kernel calls
+    the stream noise_stream: a launch option is named stream."""
     kernel = k_random._randn_kernel
     fn = getattr(kernel, "fn", kernel)
     params = inspect.signature(fn).parameters
-    for name in ("seed", "stream", "offset"):
+    for name in ("seed", "noise_stream", "offset"):
         assert params[name].annotation in (k_random.tl.int64, "tl.int64"), name
     if not interpreted(kernel):
-        assert {p.name for p in kernel.params if p.do_not_specialize} >= {"seed", "stream", "offset"}
+        assert {p.name for p in kernel.params if p.do_not_specialize} >= {"seed", "noise_stream", "offset"}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compile caches exist only for compiled kernels; "
