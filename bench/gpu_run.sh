@@ -23,8 +23,17 @@
 #
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
+#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata lazy-importer \
+#       torchsde trampoline
 #   bash bench/gpu_run.sh tests sampling        # on the GPU machine
+#
+# What the stages took on an H200 (16 cores, xdist with 12-15 workers, 2026-12-04): the suite about
+# 300 s (the Triton compiles of a fresh machine dominate; the distributed tests are the slowest file),
+# validate about 150 s, the sampling table narrowed to one size per model about 90 s, the report at
+# one size and dtype about 60 s. The static stage needs no GPU: run it on any machine. To fit a
+# 15-minute lease, split the stages over two calls, e.g. `validate compile tests` and `sampling report`
+# with SAMPLING_ARGS / REPORT_ARGS as in bench/results/2026-12-04_H200_tests.md. A call's $OUT brings
+# back at most 8 files: the report's three and one log per stage fit.
 #
 # Then commit $OUT's results under bench/results/ (bench/results/README.md).
 set -uo pipefail

@@ -588,9 +588,9 @@ def build(launches_path) -> dict:
 def step_environment(step: str) -> dict:
     """The environment of a ``record`` or ``build`` process. TRITON_INTERPRET is read when triton is
     imported, and importing fastgen imports triton (its ops register with torch.library), before
-    this module runs: the record process must start with it set, the build process without it."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return {**env, "TRITON_INTERPRET": "1"} if step == "record" else env
+    this module runs: the record process must start with it "1", the build process with it "0" (unset,
+    ``import fastgen`` would choose the interpreter on a CPU build of torch)."""
+    return {**os.environ, "TRITON_INTERPRET": "1" if step == "record" else "0"}
 
 
 def _subprocess(*args):

@@ -1,12 +1,24 @@
 """fastgen: fused Triton kernels for sampling from generative models, each checked against a torch reference."""
 import importlib
+import os
+import sys
 
-from fastgen import registry
-from fastgen.backend import resolve_backend
-from fastgen.ops import (affine_coupling, ddim_step, ddpm_step, gaussian_kl, latents, q_sample, randn,
+import torch
+
+# Kernels run on CPU tensors only under the Triton interpreter, which must be chosen before triton is
+# imported (importing fastgen imports it, through torch.compile's machinery). A CPU build of torch has
+# no GPU to compile for: choose the interpreter here unless the caller chose already or imported triton
+# first (then backend="triton" on CPU tensors raises and says how). TRITON_INTERPRET=0 keeps the compiler
+# (compiling for a GPU target on a machine without one, as ``fastgen bench --static`` does).
+if torch.version.cuda is None and getattr(torch.version, "hip", None) is None and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fastgen import registry  # noqa: E402
+from fastgen.backend import resolve_backend  # noqa: E402
+from fastgen.ops import (affine_coupling, ddim_step, ddpm_step, gaussian_kl, latents, q_sample, randn,  # noqa: E402
                          reparameterize, reparameterize_with_kl)
-from fastgen.sampling import sample
-from fastgen.schedules import NoiseSchedule
+from fastgen.sampling import sample  # noqa: E402
+from fastgen.schedules import NoiseSchedule  # noqa: E402
 
 __version__ = "0.1.0"
 

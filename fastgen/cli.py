@@ -20,17 +20,21 @@ USER_ERRORS = (ValueError, TypeError, ImportError, FileNotFoundError, IsADirecto
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
-def _use_interpreter_without_gpu():
-    """Kernels run on CPU tensors only under the Triton interpreter, which must be chosen before
-    triton is imported: pick it here when no GPU is present and nothing has imported triton yet."""
+def _require_kernels_runnable(device):
+    """Without a GPU the kernels run only in the Triton interpreter, which ``import fastgen`` chooses
+    for a CPU build of torch; a CUDA build on a machine without a GPU needs TRITON_INTERPRET=1 set."""
     import torch
 
-    if not torch.cuda.is_available() and "triton" not in sys.modules:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from fastgen.backend import triton_interpreting
+
+    on_cpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
+    if on_cpu and not triton_interpreting():
+        raise ValueError("the kernels need a GPU or the Triton interpreter: run with TRITON_INTERPRET=1 set "
+                         "(this torch is a CUDA build, and no GPU was found)")
 
 
 def _validate(args) -> int:
-    _use_interpreter_without_gpu()
+    _require_kernels_runnable(args.device)
     from fastgen import validate
 
     return 0 if validate.run(device=args.device, quick=args.quick, ops=args.ops) else 1
@@ -39,7 +43,6 @@ def _validate(args) -> int:
 def _bench(args) -> int:
     if args.static:
         return _bench_static(args)
-    _use_interpreter_without_gpu()
     from fastgen.bench import report
 
     prepare_output(args.out, folder=True, name="--out")

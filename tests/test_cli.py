@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fastgen import validate
 
@@ -14,6 +15,19 @@ def test_validate_command_prints_a_passing_table():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "| randn" in proc.stdout and "| philox4x32" in proc.stdout
     assert "FAIL" not in proc.stdout
+
+
+def test_validate_runs_in_a_shell_without_triton_interpret():
+    """The suite sets TRITON_INTERPRET; a user's shell does not. On a CPU build of torch ``import fastgen``
+    chooses the interpreter (it imports triton, so the command cannot choose later); a CUDA build
+    without a GPU gets one line saying what to set, exit 2."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "fastgen", "validate", "--ops", "randn", "--quick"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    if torch.version.cuda is None or torch.cuda.is_available():
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    else:
+        assert proc.returncode == 2 and "TRITON_INTERPRET=1" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_validate_reports_a_failing_kernel(monkeypatch, device):
