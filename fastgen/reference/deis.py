@@ -28,11 +28,10 @@ output D = (x - alpha_s x0) / sigma_s (kernels/samplers.py: D = DX x + D0 x0) an
 import numpy as np
 
 from fastgen import _checks
-from fastgen.reference.dpm_solver import _run_sigmas, _x0_columns, alpha_sigma, data_prediction
+from fastgen.reference.dpm_solver import PREDICTION_TYPES, _run_sigmas, _x0_columns, alpha_sigma, data_prediction
 from fastgen.step_table import require_timesteps, scheduler_table, table_builder
 
 SOLVER_ORDERS = (1, 2)
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
 _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(32)
 
 
