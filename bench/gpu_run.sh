@@ -16,7 +16,7 @@
 #
 # Each stage has its own time limit (seconds, env VALIDATE_S / STATIC_S / COMPILE_S / TESTS_S / SAMPLING_S / REPORT_S) so one slow stage
 # cannot eat the call; logs and results are written under $OUT as they are produced.
-# SAMPLING_ARGS and REPORT_ARGS narrow those two (say --providers, --sizes) to fit a short lease.
+# SAMPLING_ARGS and REPORT_ARGS narrow those two (say --providers, --sizes) to fit a short GPU session.
 #
 # diffusers (the schedulers' base class and the peer rows) may be missing there: download its wheels
 # on a machine that reaches the registry and copy the folder .whl/ along with the checkout:
@@ -31,9 +31,8 @@
 # 300 s (the Triton compiles of a fresh machine dominate; the distributed tests are the slowest file),
 # validate about 150 s, the sampling table narrowed to one size per model about 90 s, the report at
 # one size and dtype about 60 s. The static stage needs no GPU: run it on any machine. To fit a
-# 15-minute lease, split the stages over two calls, e.g. `validate compile tests` and `sampling report`
-# with SAMPLING_ARGS / REPORT_ARGS as in bench/results/2026-12-04_H200_tests.md. A call's $OUT brings
-# back at most 8 files: the report's three and one log per stage fit.
+# 15-minute GPU session, split the stages over two calls, e.g. `validate compile tests` and `sampling report`
+# with SAMPLING_ARGS / REPORT_ARGS as in bench/results/2026-12-04_H200_tests.md.
 #
 # Then commit $OUT's results under bench/results/ (bench/results/README.md).
 set -uo pipefail

@@ -19,7 +19,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def pytest_collection_modifyitems(config, items):
     """FASTGEN_TEST_IDS=<file>: run only the test ids listed there, one per line (a GPU run's rerun of
-    what failed or did not get to run, within a short lease)."""
+    what failed or did not get to run, within a short GPU session)."""
     listed = os.environ.get("FASTGEN_TEST_IDS")
     if listed:
         keep = set(open(listed, encoding="utf-8").read().splitlines())
