@@ -14,6 +14,18 @@ from tests.utils import assert_close
 SHAPE = (2, 3, 8, 8)
 
 
+def scheduler_pair(name, config, steps, backend):
+    """(fastgen's scheduler ``name``, diffusers' own) on ``config``, both after ``set_timesteps(steps)``."""
+    import diffusers
+
+    import fastgen.schedulers as fs
+
+    ours, theirs = getattr(fs, name)(**config, backend=backend), getattr(diffusers, name)(**config)
+    ours.set_timesteps(steps)
+    theirs.set_timesteps(steps)
+    return ours, theirs
+
+
 def toy_model(x, t):
     """A smooth, bounded stand-in for a denoiser: F = 0.9 x + 0.1 sin(3 x + t / 1000) (any dtype)."""
     t = float(t)

@@ -8,7 +8,7 @@ import torch
 import fastgen.schedulers as fs
 from fastgen.step_table import step_table
 from tests.sigma_utils import (SHAPE, assert_sample_matches_reference, assert_trajectories_agree, fresh_sample,
-                               step_by_step)
+                               scheduler_pair, step_by_step)
 from tests.test_dpm_solver import _deter, _model
 
 # (scheduler config, inference steps, tolerance against diffusers relative to the largest operand)
@@ -26,10 +26,7 @@ SWEEP = {
 
 def _pair(case, backend):
     config, steps, _ = SWEEP[case]
-    ours, theirs = fs.DEISMultistepScheduler(**config, backend=backend), diffusers.DEISMultistepScheduler(**config)
-    ours.set_timesteps(steps)
-    theirs.set_timesteps(steps)
-    return ours, theirs
+    return scheduler_pair("DEISMultistepScheduler", config, steps, backend)
 
 
 @pytest.mark.parametrize("case", SWEEP)

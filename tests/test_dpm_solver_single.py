@@ -8,7 +8,7 @@ import torch
 import fastgen.schedulers as fs
 from fastgen.step_table import step_table
 from tests.sigma_utils import (SHAPE, assert_sample_matches_reference, assert_trajectories_agree, fresh_sample,
-                               step_by_step)
+                               scheduler_pair, step_by_step)
 
 # (scheduler config, inference steps)
 SWEEP = {
@@ -22,12 +22,7 @@ SWEEP = {
 
 
 def _pair(case, backend):
-    config, steps = SWEEP[case]
-    ours = fs.DPMSolverSinglestepScheduler(**config, backend=backend)
-    theirs = diffusers.DPMSolverSinglestepScheduler(**config)
-    ours.set_timesteps(steps)
-    theirs.set_timesteps(steps)
-    return ours, theirs
+    return scheduler_pair("DPMSolverSinglestepScheduler", *SWEEP[case], backend)
 
 
 @pytest.mark.parametrize("case", SWEEP)

@@ -10,7 +10,8 @@ import torch
 import fastgen
 import fastgen.schedulers as fs
 from fastgen.step_table import step_table
-from tests.sigma_utils import SHAPE, assert_batch_invariant, assert_trajectories_agree, fresh_sample, step_by_step
+from tests.sigma_utils import (SHAPE, assert_batch_invariant, assert_trajectories_agree, fresh_sample, scheduler_pair,
+                               step_by_step)
 
 # (class name, scheduler config, step keywords)
 SWEEP = {
@@ -30,10 +31,7 @@ SWEEP = {
 
 def _pair(case, backend, steps=6):
     name, config, step_kwargs = SWEEP[case]
-    ours, theirs = getattr(fs, name)(**config, backend=backend), getattr(diffusers, name)(**config)
-    ours.set_timesteps(steps)
-    theirs.set_timesteps(steps)
-    return ours, theirs, step_kwargs
+    return (*scheduler_pair(name, config, steps, backend), step_kwargs)
 
 
 @pytest.mark.parametrize("case", SWEEP)

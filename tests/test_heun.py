@@ -2,14 +2,12 @@
 heun_stage; the kernel in the interpreter), against diffusers' own step (prev_sample and
 pred_original_sample) in a pipeline's loop and with another sample given to the second stage, and in
 fastgen.sample."""
-import diffusers
 import pytest
 import torch
 
-import fastgen.schedulers as fs
 from fastgen.step_table import step_table
 from tests.sigma_utils import (SHAPE, assert_sample_matches_reference, assert_trajectories_agree, fresh_sample,
-                               step_by_step)
+                               scheduler_pair, step_by_step)
 
 # (scheduler config, inference steps)
 SWEEP = {
@@ -22,11 +20,7 @@ SWEEP = {
 
 
 def _pair(case, backend):
-    config, steps = SWEEP[case]
-    ours, theirs = fs.HeunDiscreteScheduler(**config, backend=backend), diffusers.HeunDiscreteScheduler(**config)
-    ours.set_timesteps(steps)
-    theirs.set_timesteps(steps)
-    return ours, theirs
+    return scheduler_pair("HeunDiscreteScheduler", *SWEEP[case], backend)
 
 
 @pytest.mark.parametrize("case", SWEEP)

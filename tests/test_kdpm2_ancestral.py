@@ -2,14 +2,13 @@
 float64 reference (fastgen/reference/karras.py's kdpm2_ancestral_stage, the same counter noise; the
 kernel in the interpreter), against diffusers' own step from the same generator, counter noise
 batch-invariant, and in fastgen.sample."""
-import diffusers
 import pytest
 import torch
 
 import fastgen.schedulers as fs
 from fastgen.step_table import step_table
 from tests.sigma_utils import (SHAPE, assert_batch_invariant, assert_sample_matches_reference,
-                               assert_trajectories_agree, fresh_sample, step_by_step)
+                               assert_trajectories_agree, fresh_sample, scheduler_pair, step_by_step)
 
 # (scheduler config, inference steps)
 SWEEP = {
@@ -20,12 +19,7 @@ SWEEP = {
 
 
 def _pair(case, backend):
-    config, steps = SWEEP[case]
-    ours = fs.KDPM2AncestralDiscreteScheduler(**config, backend=backend)
-    theirs = diffusers.KDPM2AncestralDiscreteScheduler(**config)
-    ours.set_timesteps(steps)
-    theirs.set_timesteps(steps)
-    return ours, theirs
+    return scheduler_pair("KDPM2AncestralDiscreteScheduler", *SWEEP[case], backend)
 
 
 @pytest.mark.parametrize("case", SWEEP)

@@ -1,14 +1,13 @@
 """TCDScheduler: the fused step against the float64 reference (fastgen/reference/tcd.py, the kernel in
 the interpreter), against diffusers' own step from the same generator (prev_sample and
 pred_noised_sample), counter noise batch-invariant, and a timestep off the step index."""
-import diffusers
 import pytest
 import torch
 
 import fastgen.schedulers as fs
 from fastgen.step_table import step_table
 from tests.sigma_utils import (SHAPE, assert_batch_invariant, assert_sample_matches_reference,
-                               assert_trajectories_agree, fresh_sample)
+                               assert_trajectories_agree, fresh_sample, scheduler_pair)
 from tests.utils import assert_close
 
 # (scheduler config, set_timesteps steps, gamma)
@@ -23,10 +22,7 @@ SWEEP = {
 
 def _pair(case, backend):
     config, steps, gamma = SWEEP[case]
-    ours, theirs = fs.TCDScheduler(**config, backend=backend), diffusers.TCDScheduler(**config)
-    ours.set_timesteps(steps)
-    theirs.set_timesteps(steps)
-    return ours, theirs, gamma
+    return (*scheduler_pair("TCDScheduler", config, steps, backend), gamma)
 
 
 def _model(x, t):
