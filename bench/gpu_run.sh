@@ -65,8 +65,9 @@ for stage in "${@:-validate static compile tests sampling report}"; do
           | tee "$OUT/static.log" || status=1 ;;
       validate)
         # one family at a time, so a stage cut off by its limit keeps the tables of the families done
+        # (and a failing family does not stop the next)
         families=$(python3 -c "from fastgen import validate; print(' '.join(validate.CHECKS))")
-        timeout "${VALIDATE_S:-300}" bash -c "for f in $families; do python3 -m fastgen validate --ops \$f || exit 1; done" \
+        timeout "${VALIDATE_S:-300}" bash -c "failed=0; for f in $families; do python3 -m fastgen validate --ops \$f || failed=1; done; exit \$failed" \
           2>&1 | tee "$OUT/validate.log" || status=1 ;;
       compile)
         timeout "${COMPILE_S:-300}" python3 -m pytest -q -p no:cacheprovider tests/test_torch_compile.py -k cuda 2>&1 \
