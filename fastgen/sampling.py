@@ -290,7 +290,7 @@ class _TritonSteps(_Steps):
             return x_next.reshape(shape)
         step = self.steps[index] if isinstance(index, int) else index.reshape(())
         denoised = self.denoised.reshape(x.shape) if self.denoised is not None else None
-        x_next, _ = sampler_ops._fused_step(
+        x_next, _ = sampler_ops.fused_step(
             plan.table, step, pred, x, denoised, noise=noise, seed=self.seed if self.seed is not None else 0,
             offset=self.element_offset, guidance_scale=self.guidance_scale, return_denoised=denoised is not None,
             denoised_out=denoised)

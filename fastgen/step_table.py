@@ -42,7 +42,8 @@ class StepTable:
     reference: ``reference(i, model_output, sample, prev_denoised, noise) -> (out, denoised)``, float64.
     pre_churn: None, or float64 [N]: x^ = x + pre_churn_i z_i, added by the loop before the model call
         (z_i stream i's noise, the model and the step at x^; Karras et al.'s Algorithm 2 form of churn).
-    any_draws, any_generator_draws (derived): whether any step uses noise / draws from diffusers' generator.
+    step_draws, any_draws, any_generator_draws (derived): whether each step / any step uses noise, and
+        whether any step draws from diffusers' generator (host values: a traced step reads them as constants).
     """
     kind: str
     coefficients: torch.Tensor
@@ -73,7 +74,8 @@ class StepTable:
         object.__setattr__(self, "_devices", {})
         # host facts of the whole run, read once here: a compiled step reads them as constants
         uses_noise = (self.coefficients[:, COLUMNS.index("churn")] != 0) | (self.coefficients[:, -1] != 0)
-        object.__setattr__(self, "any_draws", bool(uses_noise.any()))
+        object.__setattr__(self, "step_draws", tuple(uses_noise.tolist()))
+        object.__setattr__(self, "any_draws", any(self.step_draws))
         object.__setattr__(self, "any_generator_draws", bool(self.generator_draws.any()))
 
     @property
@@ -82,8 +84,7 @@ class StepTable:
 
     def draws(self, i: int) -> bool:
         """Whether step i uses noise at all (its churn or noise coefficient is not 0)."""
-        row = self.coefficients[i]
-        return bool(row[0] != 0 or row[-1] != 0)
+        return self.step_draws[i]
 
     def on(self, device):
         """(fp32 coefficients [N, ROW], int64 streams [N], int64 step indices [N]) on ``device``, made once."""

@@ -37,8 +37,18 @@ def launch(kernel, grid, *args, **kwargs):
     torch.compile traces or fake tensors run an op (fastgen's ops are ``torch.library.triton_op``s),
     inductor sees the kernel itself and can place it in its graph (and in a CUDA graph)."""
     if interpreted(kernel):
+        if _fake(args, kwargs):  # an interpreted op's fake run (fastgen/ops/_library.py): shapes only
+            return None
         with _INTERPRETER_LOCK:
             return kernel[grid](*args, **kwargs)
     import torch
 
     return torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def _fake(args, kwargs) -> bool:
+    """Whether a launch's tensors are fake (torch.compile's shape propagation): nothing to run."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return any(is_fake(value) for value in (*args, *kwargs.values()) if type(value).__module__ != "builtins"
+               and hasattr(value, "untyped_storage"))

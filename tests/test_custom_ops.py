@@ -189,12 +189,130 @@ OPCHECKS = {
     "affine_coupling": [(*_leaves(MU, LOGVAR, OTHER), reverse, "torch") for reverse in (False, True)]
     + [(*_leaves(MU[0], LOGVAR[0], OTHER[0]), False, "torch")],  # 1-d: log_scale is its own sum
 }
-# The backend "triton" is not opchecked here: under the Triton interpreter the fake-tensor checks run
-# the op's body, which launches the interpreted kernel on fake tensors (it needs real storage); on a
-# GPU the launches go through wrap_triton while torch.compile traces.
 
 
 @pytest.mark.parametrize("name, args", [(name, args) for name, cases in OPCHECKS.items() for args in cases],
                          ids=lambda v: v if isinstance(v, str) else "")
 def test_opcheck(name, args):
+    torch.library.opcheck(getattr(torch.ops.fastgen, name).default, args)
+
+
+# --- the Triton path -------------------------------------------------------------------------------
+# Under the Triton interpreter (this suite) an op is an opaque custom op whose fake implementation
+# skips the launches (fastgen/ops/_library.py): torch.compile keeps one call to the interpreted
+# kernel, so the compiled Triton path is checked here against the eager one. On a GPU the same ops are
+# triton_ops, whose kernels inductor places in its graph.
+
+SCHEDULE = fastgen.NoiseSchedule()
+X, F = _random((2, 3, 4, 4), 4), _random((2, 3, 4, 4), 5)
+T = torch.tensor([700, 20])
+
+
+def _sampler_table():
+    from fastgen.step_table import step_table
+
+    scheduler = fastgen.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", thresholding=True)
+    scheduler.set_timesteps(6)
+    return step_table(scheduler)
+
+
+TABLE = _sampler_table()
+TRITON = dict(backend="triton")
+TRITON_CASES = {
+    "randn": (lambda: fastgen.randn(SHAPE, seed=SEED, stream=2, offset=1, **TRITON), (), "randn"),
+    "latents": (lambda: fastgen.latents(*SHAPE, seed=SEED, offset=1, truncation=1.5, **TRITON), (), "latents"),
+    "reparameterize_with_kl": (lambda mu, logvar: fastgen.reparameterize_with_kl(mu, logvar, seed=SEED, **TRITON),
+                               (MU, LOGVAR), "reparameterize_with_kl"),
+    "gaussian_kl": (lambda mu, logvar: fastgen.gaussian_kl(mu, logvar, **TRITON), (MU, LOGVAR), "gaussian_kl"),
+    "affine_coupling": (lambda x, s, b: fastgen.affine_coupling(x, s, b, **TRITON), (MU, LOGVAR, OTHER),
+                        "affine_coupling"),
+    "q_sample": (lambda x0, t: fastgen.q_sample(x0, t, SCHEDULE, seed=SEED, return_noise=True, **TRITON), (X, T),
+                 "q_sample"),
+    "ddpm_step": (lambda f, x, t: fastgen.ddpm_step(f, t, x, SCHEDULE, seed=SEED, offset=3, **TRITON), (F, X, T),
+                  "diffusion_step"),
+    "ddim_step": (lambda f, x: fastgen.ddim_step(torch.cat([f, 0.5 * f]), 500, 480, x, SCHEDULE, eta=0.5, seed=1,
+                                                 thresholding=True, guidance_scale=2.0, **TRITON), (F, X),
+                  "diffusion_step"),
+    "sampler_step": (lambda f, x, p: fastgen.ops.samplers.sampler_step(TABLE, 3, f, x, prev_denoised=p, seed=SEED,
+                                                                       offset=2, **TRITON), (F, X, 0.5 * X),
+                     "sampler_step"),
+}
+
+DIFFERENTIABLE = ("reparameterize_with_kl", "gaussian_kl", "affine_coupling")  # the steps are not
+
+
+@pytest.mark.parametrize("name", TRITON_CASES)
+def test_triton_path_traced_whole_and_compiled_equals_eager(name):
+    fn, args, op = TRITON_CASES[name]
+    explained = torch._dynamo.explain(fn)(*args)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    assert _calls(explained, getattr(torch.ops.fastgen, op))
+    compiled_fn = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    if name in DIFFERENTIABLE:
+        actual, expected = outputs_and_grads(compiled_fn, args), outputs_and_grads(fn, args)
+    else:
+        actual, expected = (compiled_fn(*args),), (fn(*args),)
+    for a, e in zip(actual, expected):
+        assert_all_close([t for t in a if t is not None], [t for t in e if t is not None])
+
+
+def _calls(explained, op) -> bool:
+    """Whether a traced graph calls ``op`` (its packet or its default overload)."""
+    targets = {node.target for graph in explained.graphs for node in graph.graph.nodes}
+    return op in targets or op.default in targets
+
+
+@pytest.mark.parametrize("class_name, step_kwargs, op", [
+    ("EulerAncestralDiscreteScheduler", {"seed": 3}, "sampler_step"),
+    ("DPMSolverMultistepScheduler", {}, "sampler_step"),
+    ("DDIMScheduler", {"eta": 0.5, "seed": 3}, "diffusion_step"),
+])
+def test_compiled_scheduler_step_with_the_triton_op(class_name, step_kwargs, op):
+    """A drop-in scheduler's step compiled on backend "triton" calls fastgen's custom op (on a GPU
+    inductor launches fastgen's kernel from its graph) and gives the eager fused trajectory."""
+    import copy
+
+    scheduler = getattr(fastgen, class_name)()
+    scheduler.set_timesteps(4)
+    twin = copy.deepcopy(scheduler)
+
+    def step(scheduler, f, t, x):
+        return scheduler.step(f, t, x, backend="triton", **step_kwargs).prev_sample
+
+    explained_scheduler = copy.deepcopy(scheduler)
+    explained_scheduler.scale_model_input(X, scheduler.timesteps[0])
+    explained = torch._dynamo.explain(step)(explained_scheduler, F, scheduler.timesteps[0], X)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert _calls(explained, getattr(torch.ops.fastgen, op))
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x_compiled = x_eager = X
+    for i, t in enumerate(scheduler.timesteps):
+        scheduler.scale_model_input(x_compiled, t), twin.scale_model_input(x_eager, t)  # as a pipeline does, eagerly
+        f = F * (1 + 0.1 * i)
+        x_compiled, x_eager = compiled(scheduler, f, t, x_compiled), step(twin, f, t, x_eager)
+        torch.testing.assert_close(x_compiled, x_eager, **FP32)
+
+
+def _kernel_table_args(t):
+    return (X, t, 0, SCHEDULE.kernel_table("cpu"))
+
+
+TRITON_OPCHECKS = {
+    "q_sample": [(*_kernel_table_args(T), -5, 7, None, True), (X, None, 300, SCHEDULE.kernel_table("cpu"), 0, 0, F,
+                                                                  False)],
+    "diffusion_step": [(F, T, 0, None, None, X, SCHEDULE.kernel_table("cpu"), "ddpm", "epsilon", "fixed_small", True,
+                        1.0, False, 0.995, 1.0, 0.0, False, True, 1.0, 0.0, None, True, -5, 4, None, True),
+                       (F, None, 500, None, 480, X, SCHEDULE.kernel_table("cpu"), "ddim", "v_prediction", "fixed_small",
+                        False, 1.0, True, 0.9, 1.5, 0.5, True, False, 0.99, 0.01, X.flip(0), False, 0, 0, None,
+                        False)],
+    "sampler_step": [(F, X, 0.5 * X, None, *TABLE.on("cpu")[:2], torch.tensor(3), True, -5, 2, None,
+                      *TABLE.clip_settings, True),
+                     (F, X, None, X.flip(0), *TABLE.on("cpu")[:2], torch.tensor(0), False, 0, 0, None,
+                      *TABLE.clip_settings, False)],
+}
+
+
+@pytest.mark.parametrize("name, args", [(name, args) for name, cases in TRITON_OPCHECKS.items() for args in cases],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_opcheck_triton_path(name, args):
     torch.library.opcheck(getattr(torch.ops.fastgen, name).default, args)

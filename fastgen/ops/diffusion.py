@@ -11,10 +11,14 @@ the float64 reference. q_sample has no separate torch path: "torch" runs its ref
 n = elements per sample (``fastgen._checks.sample_offset`` converts it; the kernels and the reference
 take that element offset).
 """
+import dataclasses
+from typing import Optional
+
 import torch
 
 from fastgen import _checks
 from fastgen._alloc import empty
+from fastgen.ops._library import kernel_op
 from fastgen.backend import resolve_backend
 from fastgen.ops.guidance import check_guided_output, guidance_scale_arg, guided
 from fastgen.step_spec import StepSpec
@@ -51,16 +55,39 @@ def q_sample(x0, t, schedule, *, seed=None, noise=None, offset=0, return_noise=F
             noise = ref.noise_like(x0.shape, t, seed=seed, offset=element_offset).to(x0.device)
         x_t = ref.q_sample(x0, t, schedule, noise).to(x0.dtype)
         return (x_t, noise.to(x0.dtype)) if return_noise else x_t
+    outs = _q_sample_op(x0, *_timestep_operands(t), schedule.kernel_table(x0.device), _int64_bits(seed),
+                        element_offset, noise, return_noise and noise is None)
+    if return_noise:
+        return outs[0], (outs[1] if noise is None else noise.to(x0.dtype))
+    return outs[0]
+
+
+@kernel_op("fastgen::q_sample")
+def _q_sample_op(x0: torch.Tensor, t: Optional[torch.Tensor], t_int: int, table: torch.Tensor, seed: int, offset: int,
+                 noise: Optional[torch.Tensor], return_noise: bool) -> list[torch.Tensor]:
+    """The fused q_sample (kernels/diffusion.py): [x_t], and the drawn noise with ``return_noise``.
+    t: an int64 tensor [] / [B], or None and ``t_int``; ``table``: the schedule's kernel table;
+    ``seed`` the 64-bit seed's bits as an int64; ``offset`` in elements."""
     from fastgen.kernels import diffusion as k_diffusion
 
     out = empty(x0.shape, dtype=x0.dtype, device=x0.device)
-    noise_out = empty(x0.shape, dtype=x0.dtype, device=x0.device) if return_noise and noise is None else None
+    noise_out = empty(x0.shape, dtype=x0.dtype, device=x0.device) if return_noise else None
     if out.numel():
-        k_diffusion.q_sample(out, x0.contiguous(), t, schedule.kernel_table(x0.device), seed=seed,
-                             offset=element_offset, noise=noise, noise_out=noise_out)
-    if return_noise:
-        return out, (noise_out if noise is None else noise.to(x0.dtype))
-    return out
+        k_diffusion.q_sample(out, x0.contiguous(), t_int if t is None else t, table, seed=seed, offset=offset,
+                             noise=noise, noise_out=noise_out)
+    return [out] if noise_out is None else [out, noise_out]
+
+
+def _timestep_operands(t):
+    """(tensor or None, int): a timestep as an op takes it (an int timestep stays a host int)."""
+    return (None, t) if isinstance(t, int) else (t, 0)
+
+
+def _int64_bits(seed):
+    """A seed as an op's int64 argument: a 64-bit int's bits (a traced seed tensor as it is)."""
+    from fastgen.ops.random import _int64_bits as bits
+
+    return seed if isinstance(seed, torch.Tensor) else bits(seed)
 
 
 def ddpm_step(model_output, t, sample, schedule, *, prev_t=None, spec=None, seed=None, noise=None, offset=0,
@@ -196,37 +223,63 @@ def _seed(seed, backend: str):
 
 def _fused_step(spec, model_output, t, prev_t, sample, schedule, *, noise, draws, seed, offset, return_x0,
                 guidance_scale=None):
-    """The Triton path: allocate, pick the noise mode, run the thresholding pre-pass if asked, then the
-    one fused step kernel (kernels/diffusion.py's ddpm_step or ddim_step, as spec.kind says).
-    ``noise``: a tensor to read, or None; ``draws``: whether the kernel draws counter-based noise."""
+    """The Triton path: the custom op ``fastgen::diffusion_step`` on the spec's settings and the
+    schedule's kernel table. ``noise``: a tensor to read, or None; ``draws``: whether the kernel draws
+    counter-based noise."""
+    extra = (spec.final_alpha_cumprod(schedule), 0.0 if spec.set_alpha_to_one else schedule.first_one_minus_alpha_cumprod) \
+        if spec.kind == "ddim" else (1.0, 0.0)
+    prev_tensor, prev_int = (None, None) if prev_t is None else _timestep_operands(prev_t)
+    outs = _step_op(model_output, *_timestep_operands(t), prev_tensor, prev_int, sample,
+                    schedule.kernel_table(sample.device), *(getattr(spec, name) for name in _SPEC_FIELDS), *extra,
+                    noise, draws, _int64_bits(seed), offset, guidance_scale, return_x0)
+    return outs[0], (outs[1] if return_x0 else None)
+
+
+_SPEC_FIELDS = tuple(field.name for field in dataclasses.fields(StepSpec))  # the op's settings, in order
+
+
+@kernel_op("fastgen::diffusion_step")
+def _step_op(model_output: torch.Tensor, t: Optional[torch.Tensor], t_int: int, prev_t: Optional[torch.Tensor],
+             prev_int: Optional[int], sample: torch.Tensor, table: torch.Tensor, kind: str, prediction_type: str,
+             variance_type: str, clip_sample: bool, clip_sample_range: float, thresholding: bool,
+             dynamic_thresholding_ratio: float, sample_max_value: float, eta: float, use_clipped_model_output: bool,
+             set_alpha_to_one: bool, final_abar: float, final_bbar: float, noise: Optional[torch.Tensor], draws: bool,
+             seed: int, offset: int, guidance: Optional[float], return_x0: bool) -> list[torch.Tensor]:
+    """One fused DDPM or DDIM step (kernels/diffusion.py, as ``kind`` says): [x_prev], and x0 with
+    ``return_x0``. The settings are a StepSpec's fields in order; t / prev_t: int64 tensors, or None
+    and the ints ``t_int`` / ``prev_int`` (prev_int None: t - 1); final_abar / final_bbar: DDIM's abar
+    and 1 - abar after the last step; ``noise``: a tensor to read, or None (``draws``: counter noise);
+    ``seed``: the 64-bit seed's bits as an int64; ``offset`` in elements. Dynamic thresholding runs a
+    per-sample quantile pass on the unclipped x0 first."""
     from fastgen.kernels import diffusion as k_diffusion
 
-    launch_step = k_diffusion.ddpm_step if spec.kind == "ddpm" else k_diffusion.ddim_step
+    spec = StepSpec(kind, prediction_type, variance_type, clip_sample, clip_sample_range, thresholding,
+                    dynamic_thresholding_ratio, sample_max_value, eta, use_clipped_model_output, set_alpha_to_one)
+    t = t_int if t is None else t
+    prev_t = prev_int if prev_t is None else prev_t
+    launch_step = k_diffusion.ddpm_step if kind == "ddpm" else k_diffusion.ddim_step
+    extra = dict(final_abar=final_abar, final_bbar=final_bbar) if kind == "ddim" else {}
     prev = empty(sample.shape, dtype=sample.dtype, device=sample.device)
     x0 = empty(sample.shape, dtype=sample.dtype, device=sample.device) if return_x0 else None
+    outs = [prev] if x0 is None else [prev, x0]
     if sample.numel() == 0:
-        return prev, x0
+        return outs
     model_output, sample = model_output.contiguous(), sample.contiguous()
-    table = schedule.kernel_table(sample.device)
-    extra = {}
-    if spec.kind == "ddim":
-        extra = dict(final_abar=spec.final_alpha_cumprod(schedule),
-                     final_bbar=0.0 if spec.set_alpha_to_one else schedule.first_one_minus_alpha_cumprod)
     noise_mode = (k_diffusion.NOISE_TENSOR if noise is not None else
                   k_diffusion.NOISE_PHILOX if draws else k_diffusion.NOISE_NONE)
     scale = None
-    if spec.thresholding:  # s per sample: the reference's quantile rule on the unclipped x0 (fp32)
+    if thresholding:  # s per sample: the reference's quantile rule on the unclipped x0 (fp32)
         from fastgen.reference import diffusion as ref
 
         unclipped = empty(sample.shape, dtype=torch.float32, device=sample.device)
         launch_step(None, unclipped, model_output, sample, t, prev_t, table,
                     spec.replace(thresholding=False, clip_sample=False), noise_mode=k_diffusion.NOISE_NONE,
-                    guidance=guidance_scale, **extra)
-        scale = ref.dynamic_threshold_scale(unclipped, spec.dynamic_thresholding_ratio,
-                                            spec.sample_max_value).contiguous()
+                    guidance=guidance, **extra)
+        scale = ref.dynamic_threshold_scale(unclipped, dynamic_thresholding_ratio, sample_max_value).contiguous()
     launch_step(prev, x0, model_output, sample, t, prev_t, table, spec, scale=scale, noise_mode=noise_mode,
-                noise=noise, seed=seed, offset=offset, guidance=guidance_scale, **extra)
-    return prev, x0
+                noise=None if noise is None else noise.contiguous(), seed=seed, offset=offset, guidance=guidance,
+                **extra)
+    return outs
 
 
 # --- the "torch" backend: the fused kernels' update in whole-tensor fp32 torch ops -------------------

@@ -14,6 +14,7 @@ import torch
 
 from fastgen import _checks
 from fastgen._alloc import empty
+from fastgen.ops._library import kernel_op
 from fastgen.backend import resolve_backend
 from fastgen.ops._autograd import reference_grads, scattered
 from fastgen.reference import flows as ref_flows
@@ -24,7 +25,7 @@ def _torch_affine_coupling(x, log_scale, shift, reverse):
     return coupling(x, log_scale, shift)
 
 
-@torch.library.triton_op("fastgen::affine_coupling", mutates_args=())
+@kernel_op("fastgen::affine_coupling")
 def _affine_coupling_op(x: torch.Tensor, log_scale: torch.Tensor, shift: torch.Tensor, reverse: bool,
                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, logdet); Triton: one pass, fp32 partial sums of +-s per (row, chunk) added up here."""
@@ -45,7 +46,7 @@ def _affine_coupling_op(x: torch.Tensor, log_scale: torch.Tensor, shift: torch.T
     return y, partial.sum(1).to(x.dtype)
 
 
-@torch.library.triton_op("fastgen::affine_coupling_backward", mutates_args=())
+@kernel_op("fastgen::affine_coupling_backward")
 def _affine_coupling_backward_op(grad_y: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tensor,
                                  log_scale: torch.Tensor, shift: torch.Tensor, reverse: bool, need_x: bool,
                                  need_log_scale: bool, need_shift: bool) -> list[torch.Tensor]:

@@ -15,6 +15,7 @@ import torch
 
 from fastgen import _checks
 from fastgen._alloc import empty
+from fastgen.ops._library import kernel_op
 from fastgen.backend import resolve_backend
 from fastgen.ops._autograd import reference_grads, scattered
 from fastgen.ops.random import seed_of, seed_operands
@@ -118,7 +119,7 @@ def _torch_reparameterize(mu, logvar, noise, seed, seed_bits, stream, offset):
     return ref_gaussian.reparameterize(mu, logvar, _reference_eps(mu, noise, seed, seed_bits, stream, offset))
 
 
-@torch.library.triton_op("fastgen::reparameterize", mutates_args=())
+@kernel_op("fastgen::reparameterize")
 def _reparameterize_op(mu: torch.Tensor, logvar: torch.Tensor, noise: Optional[torch.Tensor], seed: int,
                        seed_bits: Optional[torch.Tensor], stream: int, offset: int, backend: str) -> torch.Tensor:
     """z = mu + exp(logvar / 2) eps, eps from ``noise`` or counter element ``offset`` on (elements);
@@ -134,7 +135,7 @@ def _reparameterize_op(mu: torch.Tensor, logvar: torch.Tensor, noise: Optional[t
     return z
 
 
-@torch.library.triton_op("fastgen::reparameterize_backward", mutates_args=())
+@kernel_op("fastgen::reparameterize_backward")
 def _reparameterize_backward_op(grad_z: Optional[torch.Tensor], grad_kl: Optional[torch.Tensor], mu: torch.Tensor,
                                 logvar: torch.Tensor, noise: Optional[torch.Tensor], seed: int, stream: int,
                                 offset: int, need_mu: bool, need_logvar: bool, need_noise: bool) -> list[torch.Tensor]:
@@ -214,7 +215,7 @@ def _torch_gaussian_kl(mu, logvar, mu2, logvar2, reduction):
     return ref_gaussian.reduce(ref_gaussian.gaussian_kl(mu, logvar, mu2, logvar2), reduction)
 
 
-@torch.library.triton_op("fastgen::gaussian_kl", mutates_args=())
+@kernel_op("fastgen::gaussian_kl")
 def _gaussian_kl_op(mu: torch.Tensor, logvar: torch.Tensor, mu2: Optional[torch.Tensor],
                     logvar2: Optional[torch.Tensor], reduction: str, backend: str) -> torch.Tensor:
     """KL(N(mu, e^logvar) || N(mu2, e^logvar2)) with a reduction; Triton: one pass, fp32 partial
@@ -241,7 +242,7 @@ def _gaussian_kl_op(mu: torch.Tensor, logvar: torch.Tensor, mu2: Optional[torch.
     return out.to(mu.dtype)
 
 
-@torch.library.triton_op("fastgen::gaussian_kl_backward", mutates_args=())
+@kernel_op("fastgen::gaussian_kl_backward")
 def _gaussian_kl_backward_op(grad_out: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
                              mu2: Optional[torch.Tensor], logvar2: Optional[torch.Tensor], reduction: str,
                              need_mu: bool, need_logvar: bool, need_mu2: bool,
@@ -327,7 +328,7 @@ def _torch_reparameterize_with_kl(mu, logvar, noise, seed, seed_bits, stream, of
     return ref_gaussian.reparameterize_with_kl(mu, logvar, eps)
 
 
-@torch.library.triton_op("fastgen::reparameterize_with_kl", mutates_args=())
+@kernel_op("fastgen::reparameterize_with_kl")
 def _reparameterize_with_kl_op(mu: torch.Tensor, logvar: torch.Tensor, noise: Optional[torch.Tensor], seed: int,
                                seed_bits: Optional[torch.Tensor], stream: int,
                                offset: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ import torch
 
 from fastgen import _checks
 from fastgen._alloc import empty
+from fastgen.ops._library import kernel_op
 from fastgen.backend import resolve_backend
 from fastgen.ops.random import seed_of, seed_operands
 from fastgen.reference import latents as ref_latents
@@ -24,7 +25,7 @@ def _truncation(psi):
     return psi
 
 
-@torch.library.triton_op("fastgen::latents", mutates_args=())
+@kernel_op("fastgen::latents")
 def _latents_op(n: int, dim: int, seed: int, seed_bits: Optional[torch.Tensor], offset: int,
                 truncation: Optional[float], dtype: torch.dtype, device: torch.device, backend: str) -> torch.Tensor:
     """[n, dim] latents from sample ``offset`` on (in samples), truncated to [-psi, psi] when

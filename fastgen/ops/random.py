@@ -9,6 +9,7 @@ import torch
 
 from fastgen import _checks, _compile
 from fastgen._alloc import empty
+from fastgen.ops._library import kernel_op
 from fastgen.backend import resolve_backend
 from fastgen.reference import random as ref_random
 
@@ -46,7 +47,7 @@ def seed_of(seed: int, seed_bits: Optional[torch.Tensor]):
     return seed if seed_bits is None else seed_bits
 
 
-@torch.library.triton_op("fastgen::randn", mutates_args=())
+@kernel_op("fastgen::randn")
 def _randn_op(shape: list[int], seed: int, seed_bits: Optional[torch.Tensor], stream: int, offset: int,
               dtype: torch.dtype, device: torch.device, backend: str) -> torch.Tensor:
     """Normals of counter elements offset .. offset + numel - 1 (``offset`` in elements) in ``shape``.

@@ -7,10 +7,13 @@ kernels/samplers.py; each sampler's float64 reference and table builder in fastg
 Backends: "triton" the fused kernel; "torch" the same affine map in whole-tensor fp32 torch ops;
 "reference" the sampler's float64 step. ``offset`` counts samples, as in every public op.
 """
+from typing import Optional
+
 import torch
 
 from fastgen import _checks, _compile
 from fastgen._alloc import empty
+from fastgen.ops._library import kernel_op
 from fastgen.backend import resolve_backend
 from fastgen.ops.guidance import check_guided_output, guidance_scale_arg, guided
 from fastgen.ops.random import compiled_normals
@@ -90,7 +93,7 @@ def sampler_step(table: StepTable, i, model_output, sample, *, prev_denoised=Non
     backend_arg, backend = backend, resolve_backend(backend, sample.device)
     seed = _checks.seed64(seed) if noise is None and table.any_draws else 0
     if backend == "triton":
-        return _fused_step(table, i, model_output, sample, prev_denoised, noise=noise, seed=seed,
+        return fused_step(table, i, model_output, sample, prev_denoised, noise=noise, seed=seed,
                            offset=element_offset, guidance_scale=guidance_scale, return_denoised=return_denoised,
                            denoised_out=denoised_out)
     if host_i is None:
@@ -127,6 +130,10 @@ def _traced_step(table, i, model_output, sample, prev_denoised, *, seed, noise, 
             _checks.like(tensor, name, sample, "sample")
     element_offset = _checks.sample_offset(offset, sample.shape)
     backend = resolve_backend(backend, sample.device)
+    if backend == "triton":  # the custom op: inductor places fastgen's kernel in its graph
+        seed = _checks.seed64(seed) if noise is None and table.any_draws else 0
+        return fused_step(table, i, model_output, sample, prev_denoised, noise=noise, seed=seed, offset=element_offset,
+                           guidance_scale=guidance_scale, return_denoised=return_denoised, denoised_out=denoised_out)
     seed, seed_bits = seed_operands(seed, "torch") if noise is None and table.any_draws else (0, None)
     out, denoised = device_step(table, i, model_output, sample, prev_denoised, noise=noise,
                                 seed=seed_of(seed, seed_bits), offset=element_offset, guidance_scale=guidance_scale)
@@ -241,38 +248,77 @@ def _clip(clip, x0):
                    dynamic_thresholding_ratio=ratio, sample_max_value=max_value)
 
 
-def _fused_step(table, i, model_output, sample, prev_denoised, *, noise, seed, offset, guidance_scale,
+def fused_step(table, i, model_output, sample, prev_denoised, *, noise, seed, offset, guidance_scale,
                 return_denoised, denoised_out):
+    """The Triton path: the custom op ``fastgen::sampler_step`` on the table's device copies, at the
+    step index i (an int, or an int64 tensor of one element: then any step may draw). With
+    ``denoised_out`` (the sampling loop's kept D', overwritten in place) the launch is direct: a custom
+    op returns new tensors only."""
+    coefficients, streams, steps = table.on(sample.device)
+    step = steps[i] if isinstance(i, int) else i.reshape(())
+    draws = table.draws(i) if isinstance(i, int) else table.any_draws
+    args = (model_output, sample, prev_denoised, noise, coefficients, streams, step, draws, _int64_bits(seed), offset,
+            guidance_scale, *table.clip_settings)
+    if denoised_out is not None and not torch.compiler.is_compiling():
+        return _launch_sampler_step(*args, denoised_out), denoised_out
+    outs = _sampler_step_op(*args, return_denoised or denoised_out is not None)
+    if denoised_out is not None:
+        return outs[0], denoised_out.copy_(outs[1])
+    return outs[0], (outs[1] if return_denoised else None)
+
+
+@kernel_op("fastgen::sampler_step")
+def _sampler_step_op(model_output: torch.Tensor, sample: torch.Tensor, prev_denoised: Optional[torch.Tensor],
+                     noise: Optional[torch.Tensor], coefficients: torch.Tensor, streams: torch.Tensor,
+                     step: torch.Tensor, draws: bool, seed: int, offset: int, guidance: Optional[float], clip: str,
+                     clip_range: float, dynamic_thresholding_ratio: float, sample_max_value: float,
+                     return_denoised: bool) -> list[torch.Tensor]:
+    """One fused sampler step (kernels/samplers.py) on the coefficient row ``coefficients[step]``
+    (``step`` an int64 tensor of one element): [x_next], and the denoised output with
+    ``return_denoised``. ``noise``: a tensor to read, or None (``draws``: counter noise of stream
+    ``streams[step]``); ``seed``: the 64-bit seed's bits as an int64; ``offset`` in elements; clip
+    settings as ``StepTable.clip_settings``."""
+    denoised = empty(sample.shape, dtype=sample.dtype, device=sample.device) if return_denoised else None
+    out = _launch_sampler_step(model_output, sample, prev_denoised, noise, coefficients, streams, step, draws, seed,
+                               offset, guidance, clip, clip_range, dynamic_thresholding_ratio, sample_max_value,
+                               denoised)
+    return [out] if denoised is None else [out, denoised]
+
+
+def _launch_sampler_step(model_output, sample, prev_denoised, noise, coefficients, streams, step, draws, seed, offset,
+                         guidance, clip, clip_range, dynamic_thresholding_ratio, sample_max_value, denoised):
+    """The step kernel's launch (the op's body): x_next, and D into ``denoised`` when not None (it may
+    be ``prev_denoised`` itself)."""
     from fastgen.kernels import samplers as k_samplers
     from fastgen.kernels.random import NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR
 
     out = empty(sample.shape, dtype=sample.dtype, device=sample.device)
-    denoised = denoised_out
-    if denoised is None and return_denoised:
-        denoised = empty(sample.shape, dtype=sample.dtype, device=sample.device)
     if sample.numel() == 0:
-        return out, denoised
-    coefficients, streams, steps = table.on(sample.device)
-    step = steps[i] if isinstance(i, int) else i.reshape(())
-    draws = table.draws(i) if isinstance(i, int) else table.any_draws  # a device index: any step may draw
+        return out
     noise_mode = NOISE_TENSOR if noise is not None else NOISE_PHILOX if draws else NOISE_NONE
     model_output, sample = model_output.contiguous(), sample.contiguous()
     scale = None
-    if table.clip == "threshold":  # s per sample: the reference's quantile rule on the unclipped x0 (fp32)
-        scale = threshold_scale(table, coefficients[step], guided(model_output.float(), guidance_scale),
-                                sample.float())
+    if clip == "threshold":  # s per sample: the reference's quantile rule on the unclipped x0 (fp32)
+        scale = threshold_scale(coefficients.index_select(0, step.reshape(1))[0], guided(model_output.float(), guidance),
+                                sample.float(), dynamic_thresholding_ratio, sample_max_value)
     k_samplers.sampler_step(out, denoised, model_output, sample,
                             None if prev_denoised is None else prev_denoised.contiguous(), coefficients, streams, step,
-                            guided=guidance_scale is not None, guidance=1.0 if guidance_scale is None else guidance_scale,
-                            clip=table.clip, clip_range=table.clip_range, scale=scale, noise_mode=noise_mode,
+                            guided=guidance is not None, guidance=1.0 if guidance is None else guidance,
+                            clip=clip, clip_range=clip_range, scale=scale, noise_mode=noise_mode,
                             noise=None if noise is None else noise.contiguous(), seed=seed, offset=offset)
-    return out, denoised
+    return out
 
 
-def threshold_scale(table: StepTable, row: torch.Tensor, f, x):
+def _int64_bits(seed: int) -> int:
+    from fastgen.ops.random import _int64_bits as bits
+
+    return bits(seed)
+
+
+def threshold_scale(row: torch.Tensor, f, x, ratio: float, max_value: float):
     """Dynamic thresholding's s per sample on the unclipped x0 = cx x + cf f (a device row: no sync;
     the thresholding samplers have no churn)."""
     from fastgen.reference.diffusion import dynamic_threshold_scale
 
     x0 = row[1] * x + row[2] * f
-    return dynamic_threshold_scale(x0, table.dynamic_thresholding_ratio, table.sample_max_value).float().contiguous()
+    return dynamic_threshold_scale(x0, ratio, max_value).float().contiguous()

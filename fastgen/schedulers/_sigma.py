@@ -14,7 +14,7 @@ import torch
 
 from fastgen import _checks
 from fastgen.backend import resolve_backend
-from fastgen.ops.samplers import device_step, sampler_step
+from fastgen.ops.samplers import device_step, fused_step, sampler_step
 from fastgen.schedulers._common import FastgenMixin
 from fastgen.step_table import (TABLES, StepTable, host_sigmas, require_timesteps, scheduler_table,  # noqa: F401
                                 step_table, table_builder)
@@ -135,11 +135,16 @@ class SigmaStepMixin(FastgenMixin):
                 # traced: every step draws (one graph for all steps); a step whose noise coefficients are 0 adds none
                 noise = self._draw(sample.shape, generator, sample, noise_dtype)
         prev = self._denoised if table.reads_previous else None
-        if traced and resolve_backend(backend, sample.device) != "reference":
-            # traced: the torch formulation, which inductor fuses into its own kernel (C++ or Triton)
+        traced_backend = resolve_backend(backend, sample.device) if traced else None
+        if traced_backend == "torch":
+            # traced: the torch formulation, which inductor fuses into its own loop
             out, denoised = device_step(table, i, model_output, sample, prev, noise=noise, seed=seed,
                                         offset=_checks.sample_offset(offset, sample.shape))
             out, denoised = out.to(sample.dtype), denoised.to(sample.dtype)
+        elif traced_backend == "triton":  # traced: the custom op, whose kernel inductor places in its graph
+            out, denoised = fused_step(table, i, model_output, sample, prev, noise=noise, seed=seed,
+                                       offset=_checks.sample_offset(offset, sample.shape), guidance_scale=None,
+                                       return_denoised=True, denoised_out=None)
         else:
             out, denoised = sampler_step(table, i, model_output, sample, prev_denoised=prev, seed=seed, noise=noise,
                                          offset=offset, backend=backend)
