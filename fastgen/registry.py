@@ -41,6 +41,7 @@ SAMPLERS = (
     Sampler("sde-dpmsolver++", "DPMSolverMultistepScheduler", "dpm_solver", "dpm_solver",
             {"algorithm_type": "sde-dpmsolver++"}, digits=True),
     Sampler("deis", "DEISMultistepScheduler", "deis", "deis", digits=True),
+    Sampler("lms", "LMSDiscreteScheduler", "lms", "lms", digits=True),
     Sampler("dpmsolver++_singlestep", "DPMSolverSinglestepScheduler", "dpm_solver_single", "dpm_solver",
             {"algorithm_type": "dpmsolver++"}),
     Sampler("flow_match", "FlowMatchEulerDiscreteScheduler", "flow_match", "flow_matching", digits=True),

@@ -242,7 +242,8 @@ class _Steps:
         self.plan, self.shape, self.seed, self.offset = plan, shape, seed, offset
         self.element_offset = _checks.sample_offset(offset, shape)  # what the kernels and references take
         self.device, self.dtype, self.guidance_scale = device, dtype, guidance_scale
-        self.denoised = None  # a multistep solver's previous output
+        self.denoised = None  # a multistep solver's previous output(s): D', or the ring of the last H
+        self.previous = ()  # the torch strategies' (D_i-1, ..., D_i-H), most recent first
 
     def initial_noise(self) -> torch.Tensor:
         """z_N from the initial stream (counter-based), not yet scaled."""
@@ -271,7 +272,7 @@ class _TritonSteps(_Steps):
         if plan.table is not None:
             self.steps = plan.table.on(device)[2]
             if plan.table.reads_previous:
-                self.denoised = torch.zeros(shape, dtype=self.dtype, device=device)
+                self.denoised = torch.zeros(_ring_shape(plan.table, shape), dtype=self.dtype, device=device)
 
     def step_at(self, index, pred, x, noise):
         """The step at ``index``: a host int (eager) or the device counter (captured)."""
@@ -289,7 +290,7 @@ class _TritonSteps(_Steps):
                                             guidance_scale=self.guidance_scale)
             return x_next.reshape(shape)
         step = self.steps[index] if isinstance(index, int) else index.reshape(())
-        denoised = self.denoised.reshape(x.shape) if self.denoised is not None else None
+        denoised = self.denoised.reshape(_ring_shape(plan.table, x.shape)) if self.denoised is not None else None
         x_next, _ = sampler_ops.fused_step(
             plan.table, step, pred, x, denoised, noise=noise, seed=self.seed if self.seed is not None else 0,
             offset=self.element_offset, guidance_scale=self.guidance_scale, return_denoised=denoised is not None,
@@ -353,11 +354,15 @@ class _TorchSteps(_Steps):
         if plan.spec is not None:
             x_next, _ = diffusion_ops.torch_update(plan.spec, self.rows[i], pred, x, z)
             return x_next.to(x.dtype)
-        x_next, denoised = sampler_ops.torch_step(plan.table, self.rows[i], pred, x.float(), self.denoised, z,
+        x_next, denoised = sampler_ops.torch_step(plan.table, self.rows[i], pred, x.float(), self.previous, z,
                                                   need_denoised=plan.table.reads_previous)
-        if plan.table.reads_previous:
-            self.denoised = denoised
+        self._keep(denoised)
         return x_next.to(x.dtype)
+
+    def _keep(self, denoised):
+        """The step's denoised output as the most recent of the last H (a multistep solver's history)."""
+        if self.plan.table.reads_previous:
+            self.previous = (denoised, *self.previous)[:self.plan.table.history]
 
 
 class _CompiledSteps(_TorchSteps):
@@ -424,11 +429,13 @@ class _CompiledSteps(_TorchSteps):
                              draws=self.draws_noise, seed=self.seed_tensor, offset=self.element_offset,
                              guidance_scale=self.guidance_scale)
         else:
-            x_next, denoised = self.fn(self.coefficients[i], self.streams[i], pred, x, self.denoised, draws=True,
+            # always H previous outputs (x where the run has fewer: their coefficients are 0), one graph
+            previous = (self.previous + (x,) * plan.table.history)[:plan.table.history] \
+                if plan.table.reads_previous else ()
+            x_next, denoised = self.fn(self.coefficients[i], self.streams[i], pred, x, previous, draws=True,
                                        seed=self.seed_tensor, offset=self.element_offset,
                                        guidance_scale=self.guidance_scale, clip=plan.table.clip_settings)
-            if plan.table.reads_previous:
-                self.denoised = denoised
+            self._keep(denoised)
             x_next = x_next.to(x.dtype)
         if self.compile_seconds is None:
             self.step_seconds.append(time.perf_counter() - start)
@@ -458,13 +465,18 @@ class _ReferenceSteps(_Steps):
                                             guidance_scale=self.guidance_scale)
             return x_next
         table = plan.table
-        x_next, denoised = sampler_ops.sampler_step(
+        if table.reads_previous and self.denoised is None:
+            self.denoised = torch.zeros(_ring_shape(table, x.shape), dtype=x.dtype, device=x.device)
+        x_next, _ = sampler_ops.sampler_step(
             table, i, pred, x, prev_denoised=self.denoised, seed=self.seed if noise is None else None, noise=noise,
-            offset=self.offset, guidance_scale=self.guidance_scale, return_denoised=table.reads_previous,
-            backend="reference")
-        if table.reads_previous:
-            self.denoised = denoised
+            offset=self.offset, guidance_scale=self.guidance_scale, return_denoised=False,
+            denoised_out=self.denoised, backend="reference")
         return x_next
+
+
+def _ring_shape(table, shape) -> tuple:
+    """The shape of the kept denoised outputs: the sample's (history 1), or a ring of H of them."""
+    return tuple(shape) if table.history == 1 else (table.history, *shape)
 
 
 STRATEGIES = {"triton": _TritonSteps, "torch": _TorchSteps, "reference": _ReferenceSteps}

@@ -21,7 +21,8 @@ import torch
 
 from fastgen import _checks
 
-COLUMNS = ("churn", "cx", "cf", "dx", "d0", "ax", "ad", "ap", "af", "noise")  # kernels/samplers.py's row order
+COLUMNS = ("churn", "cx", "cf", "dx", "d0", "ax", "ad", "ap", "ap2", "ap3", "af", "noise")  # kernels/samplers.py's
+HISTORY_COLUMNS = ("ap", "ap2", "ap3")  # the coefficients of D_i-1, D_i-2, D_i-3       # row order
 CLIPS = ("none", "range", "threshold")
 
 
@@ -39,9 +40,12 @@ class StepTable:
     reads_previous: whether a step reads the previous step's denoised output D' (multistep solvers).
     clip, clip_range, dynamic_thresholding_ratio, sample_max_value: clipping of x0 ("none" | "range"
         | "threshold", diffusers' names).
-    reference: ``reference(i, model_output, sample, prev_denoised, noise) -> (out, denoised)``, float64.
+    reference: ``reference(i, model_output, sample, prev_denoised, noise) -> (out, denoised)``, float64;
+        prev_denoised: D' (history 1), or the tuple (D_i-1, ..., D_i-history).
     pre_churn: None, or float64 [N]: x^ = x + pre_churn_i z_i, added by the loop before the model call
         (z_i stream i's noise, the model and the step at x^; Karras et al.'s Algorithm 2 form of churn).
+    history (derived): how many previous denoised outputs a step reads (1 to 3: the last nonzero
+        HISTORY_COLUMNS); above 1 they live in a ring [history, B, ...] (kernels/samplers.py).
     step_draws, any_draws, any_generator_draws (derived): whether each step / any step uses noise, and
         whether any step draws from diffusers' generator (host values: a traced step reads them as constants).
     """
@@ -75,6 +79,8 @@ class StepTable:
         # host facts of the whole run, read once here: a compiled step reads them as constants
         uses_noise = (self.coefficients[:, COLUMNS.index("churn")] != 0) | (self.coefficients[:, -1] != 0)
         object.__setattr__(self, "step_draws", tuple(uses_noise.tolist()))
+        reads = [bool((self.coefficients[:, COLUMNS.index(name)] != 0).any()) for name in HISTORY_COLUMNS]
+        object.__setattr__(self, "history", max((k + 1 for k, read in enumerate(reads) if read), default=1))
         object.__setattr__(self, "any_draws", any(self.step_draws))
         object.__setattr__(self, "any_generator_draws", bool(self.generator_draws.any()))
 

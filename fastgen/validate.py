@@ -180,7 +180,7 @@ def _check_samplers(device, quick):
     """The sigma-space samplers' step (kernels/samplers.py): random affine rows against the map itself,
     then every registered sampler (its diffusers default config) step by step against its own float64
     reference, with counter noise and with fused classifier-free guidance."""
-    from fastgen.ops.samplers import COLUMNS, affine_table, sampler_step
+    from fastgen.ops.samplers import COLUMNS, HISTORY_COLUMNS, affine_table, sampler_step
     from fastgen.sampling import SCHEDULERS, _sigma_tables, make_scheduler
     from fastgen.schedulers._sigma import step_table
 
@@ -188,7 +188,8 @@ def _check_samplers(device, quick):
     shapes = [(3, 2, 5, 7), (2, 4, 16, 16)] if quick else [(3, 2, 5, 7), (4, 3, 32, 32)]
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(3, len(COLUMNS), generator=g, dtype=torch.float64)
-    rows[0, COLUMNS.index("ap")] = 0.0
+    for k, name in enumerate(HISTORY_COLUMNS, start=1):  # step i reads its i previous denoised outputs
+        rows[:k, COLUMNS.index(name)] = 0.0
     tables = {"affine rows": affine_table(rows)}
     registered = _sigma_tables()
     for kind, (name, _) in SCHEDULERS.items():
@@ -203,28 +204,33 @@ def _check_samplers(device, quick):
             rtol, atol = (1e-5, 1e-5) if dtype == torch.float32 else testing.tolerance(dtype)
             fp32_ulp = 2.0 ** -23
             x = (table.init_noise_sigma * torch.randn(shape, generator=g, dtype=torch.float64)).to(device, dtype)
-            prev = None
+            kept = None  # the kernel's last denoised outputs: D', or the ring of the last H
+            if table.reads_previous:
+                kept = torch.zeros(shape if table.history == 1 else (table.history, *shape), dtype=dtype,
+                                   device=device)
             for i in range(table.num_steps):
+                kept_reference = None if kept is None else kept.cpu().clone()  # one step from the same inputs
                 guidance = w if i % 2 else None
                 m = torch.randn((2 * shape[0], *shape[1:]) if guidance else shape, generator=g, dtype=torch.float64)
                 m = m.to(device, dtype)
-                kwargs = dict(prev_denoised=prev, seed=seed, offset=offset, guidance_scale=guidance)
+                kwargs = dict(seed=seed, offset=offset, guidance_scale=guidance)
                 # the affine map's terms may be far larger than its result (x0 = x / alpha - ... at high
                 # noise; DEIS's eps = (x - alpha x0) / sigma): the kernel computes in fp32 whatever the
                 # storage dtype and rounds each term, so the absolute error scales with the largest of them
                 terms = float(table.coefficients[i].abs().max()) * (float(x.abs().max()) + float(m.abs().max()))
                 step_atol = max(atol, 4 * fp32_ulp * terms)
                 with poisoned_outputs():
-                    out, denoised = sampler_step(table, i, m, x, backend="triton", **kwargs)
+                    out, denoised = sampler_step(table, i, m, x, backend="triton", prev_denoised=kept,
+                                                 denoised_out=kept, **kwargs)
                 want, want_denoised = sampler_step(table, i, m.cpu(), x.cpu(), backend="reference",
-                                                   **dict(kwargs, prev_denoised=None if prev is None else prev.cpu()))
+                                                   prev_denoised=kept_reference, denoised_out=kept_reference, **kwargs)
                 case = f"{label} {shape} step {i}{' guided' if guidance else ''}"
                 cases.append(Case("sampler_step", case, name,
                                   testing.compare(out, want.double(), dtype=dtype, rtol=rtol, atol=step_atol)))
                 cases.append(Case("sampler_step", f"{case} denoised", name,
                                   testing.compare(denoised, want_denoised.double(), dtype=dtype, rtol=rtol,
                                                   atol=step_atol)))
-                x, prev = out, denoised
+                x = out
     return cases
 
 

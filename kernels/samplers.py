@@ -1,5 +1,5 @@
-"""The fused step of the sigma-space samplers: Euler, Euler ancestral, DPM-Solver++ (2M, SDE), flow
-matching and consistency sampling, one kernel for all of them.
+"""The fused step of the sigma-space samplers: Euler, Euler ancestral, Heun, KDPM2, DPM-Solver++ (2M,
+SDE), DEIS, LMS, flow matching, consistency and EDM sampling, one kernel for all of them.
 
 Each of these steps is, per element, affine in the sample x, the model output F, the data
 prediction D' kept from the previous step and one standard normal z, once the data prediction x0
@@ -13,11 +13,15 @@ i read from a device int64 (no host value changes between steps, so a CUDA graph
     x0  = clip(r[CX] x^ + r[CF] F)                 the data prediction (clip_sample, dynamic thresholding)
     D   = r[DX] x^ + r[D0] x0                      the step's denoised output (x0; a consistency
                                                    model's boundary-conditioned output)
-    out = r[AX] x^ + r[AD] D + r[AP] D' + r[AF] F + r[NOISE] z
+    out = r[AX] x^ + r[AD] D + r[AP] D_i-1 + r[AP2] D_i-2 + r[AP3] D_i-3 + r[AF] F + r[NOISE] z
 
-D is stored when asked (the multistep solvers keep it as the next step's D'; it may overwrite D' in
-place). A term with a zero coefficient is dropped, not multiplied: D' before the first step and the
-noise of a step that draws none may hold anything, NaN included. NaN or inf in x or F reaches the
+D is stored when asked: the multistep solvers keep it for the next steps. A solver that reads the
+last H of them (HISTORY = H, 1 to 3) keeps them in a ring of H slots, [H, B, ...]: D_j in slot j mod H,
+so step i reads slots (i - k) mod H and writes slot i mod H, over the D_i-H it no longer needs (each
+element is read before it is written, by the same program). With H = 1 the ring is one tensor like the
+sample (the step may overwrite its D' in place). A term with a zero coefficient is dropped, not
+multiplied: the history before the first steps and the noise of a step that draws none may hold
+anything, NaN included. NaN or inf in x or F reaches the
 outputs as it does in the float64 references (clamps propagate NaN).
 
 Noise: z of element g of sample b is the normal of counter element offset + b n + g in stream
@@ -32,8 +36,9 @@ from .diffusion import CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD, _block, _clip_x0, 
 from .random import NOISE_NONE, NOISE_TENSOR, as_int64, int64_arg
 
 # The columns of a coefficient row (fastgen.ops.samplers builds the rows in this order).
-CHURN, CX, CF, DX, D0, AX, AD, AP, AF, NOISE = (tl.constexpr(i) for i in range(10))
-ROW = tl.constexpr(10)
+CHURN, CX, CF, DX, D0, AX, AD, AP, AP2, AP3, AF, NOISE = (tl.constexpr(i) for i in range(12))
+ROW = tl.constexpr(12)
+MAX_HISTORY = 3  # the columns AP, AP2, AP3
 CLIP = {"none": CLIP_NONE.value, "range": CLIP_RANGE.value, "threshold": CLIP_THRESHOLD.value}
 
 
@@ -43,13 +48,25 @@ def _term(coefficient, value):
     return tl.where(coefficient != 0.0, coefficient * value, 0.0)
 
 
+@triton.jit
+def _slot(i, k, HISTORY: tl.constexpr):
+    """The ring slot of D_(i - k): (i - k) mod HISTORY, never negative (k <= 3)."""
+    return (i + 3 * HISTORY - k) % HISTORY
+
+
+@triton.jit
+def _history_term(coefficient, ptr, i, k, slot_size, base, mask, HISTORY: tl.constexpr):
+    """coefficient * D_(i - k), read from its ring slot."""
+    return _term(coefficient, tl.load(ptr + _slot(i, k, HISTORY) * slot_size + base, mask=mask).to(tl.float32))
+
+
 @triton.jit(do_not_specialize=["step_ptr", "seed", "offset"])  # step_ptr: one int64 of a table, 8-byte aligned
 def _sampler_step_kernel(out_ptr, denoised_ptr, model_ptr, sample_ptr, prev_ptr, noise_ptr, scale_ptr,
                          table, streams, step_ptr, n, half, tiles, guidance, clip_range,
                          seed: tl.int64, offset: tl.int64,
                          GUIDED: tl.constexpr, CLIP: tl.constexpr, NOISE_SOURCE: tl.constexpr,
-                         READ_PREV: tl.constexpr, STORE_DENOISED: tl.constexpr, BLOCK: tl.constexpr,
-                         PHASE0: tl.constexpr):
+                         READ_PREV: tl.constexpr, STORE_DENOISED: tl.constexpr, HISTORY: tl.constexpr,
+                         DENOISED_IN_RING: tl.constexpr, BLOCK: tl.constexpr, PHASE0: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // tiles).to(tl.int64)
     i = tl.load(step_ptr).to(tl.int64)
@@ -68,22 +85,29 @@ def _sampler_step_kernel(out_ptr, denoised_ptr, model_ptr, sample_ptr, prev_ptr,
     x0 = _clip_x0(cx * x + cf * f, scale_ptr, b, clip_range, CLIP)
     denoised = dx * x + d0 * x0
     out = ax * x + ad * denoised + af * f
-    if READ_PREV:
-        out += _term(ap, tl.load(prev_ptr + base, mask=mask).to(tl.float32))
+    if READ_PREV:  # half: the elements of one ring slot (the batch's)
+        out += _history_term(ap, prev_ptr, i, 1, half, base, mask, HISTORY)
+        if HISTORY > 1:
+            out += _history_term(tl.load(row + AP2), prev_ptr, i, 2, half, base, mask, HISTORY)
+        if HISTORY > 2:
+            out += _history_term(tl.load(row + AP3), prev_ptr, i, 3, half, base, mask, HISTORY)
     if NOISE_SOURCE != NOISE_NONE:
         out += _term(cz, z)
     if STORE_DENOISED:
-        tl.store(denoised_ptr + base, denoised.to(denoised_ptr.dtype.element_ty), mask=mask)
+        slot = _slot(i, 0, HISTORY) if DENOISED_IN_RING else 0
+        tl.store(denoised_ptr + slot * half + base, denoised.to(denoised_ptr.dtype.element_ty), mask=mask)
     tl.store(out_ptr + base, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def sampler_step(out, denoised, model_output, sample, prev_denoised, table, streams, step, *, guided=False,
                  guidance=1.0, clip="none", clip_range=1.0, scale=None, noise_mode, noise=None, seed=0, offset=0,
-                 block=None):
+                 history=1, block=None):
     """One step of the sampler whose coefficients are ``table`` (fp32 [N, ROW]) at the step index
     ``step`` (an int64 tensor of one element on the device) into ``out`` (and the denoised output
-    into ``denoised`` when not None; it may be ``prev_denoised`` itself). model_output: like the
-    sample, or [2B, ...] with ``guided`` (guidance: w); prev_denoised: D' or None (not read);
+    into ``denoised`` when not None: like the sample, or the ring itself, [history, ...], whose slot
+    step mod history it writes). model_output: like the sample, or [2B, ...] with ``guided``
+    (guidance: w); prev_denoised: the ring of the last ``history`` denoised outputs (history 1: D' like
+    the sample), or None (not read);
     clip: "none" | "range" (clip_range) | "threshold" (scale: fp32 [B] thresholds); noise_mode:
     NOISE_*; offset: the element offset of sample 0's noise."""
     batch = sample.shape[0]
@@ -97,5 +121,6 @@ def sampler_step(out, denoised, model_output, sample, prev_denoised, table, stre
            scale if scale is not None else table, table, streams, step, n, sample.numel(), tiles, float(guidance),
            float(clip_range), as_int64(seed), offset,
            GUIDED=guided, CLIP=CLIP[clip], NOISE_SOURCE=noise_mode, READ_PREV=prev_denoised is not None,
-           STORE_DENOISED=denoised is not None, BLOCK=block, PHASE0=phase0)
+           STORE_DENOISED=denoised is not None, HISTORY=history,
+           DENOISED_IN_RING=denoised is not None and denoised.numel() != sample.numel(), BLOCK=block, PHASE0=phase0)
     return out

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from fastgen.ops.samplers import sampler_step, step_noise
+from fastgen.ops.samplers import reference_previous, sampler_step, step_noise
 from tests.conftest import DEVICE
 from tests.utils import assert_close
 
@@ -39,25 +39,28 @@ def fresh_sample(table, generator, shape=SHAPE):
 
 def fused_trajectory(table, x, *, seed=0, offset=0, backend="triton", model=toy_model):
     """All of ``table``'s steps from x through ``sampler_step`` (the model sees scale_i x at t_i)."""
-    x, prev = x.to(DEVICE), None
+    x = x.to(DEVICE)
+    kept = None  # the last denoised outputs, kept in place: D', or the ring of the last H
+    if table.reads_previous:
+        kept = torch.zeros(x.shape if table.history == 1 else (table.history, *x.shape), dtype=x.dtype, device=DEVICE)
     for i in range(table.num_steps):
         m = model(x * float(table.model_input_scales[i]), table.model_timesteps[i]).to(x.dtype)
-        x, denoised = sampler_step(table, i, m, x, prev_denoised=prev if table.reads_previous and i else None,
-                                   seed=seed, offset=offset, backend=backend)
-        prev = denoised
+        x, _ = sampler_step(table, i, m, x, prev_denoised=kept if i else None, denoised_out=kept, seed=seed,
+                            offset=offset, backend=backend)
     return x
 
 
 def reference_trajectory(table, x, *, seed=0, offset=0, model=toy_model):
     """The same trajectory in float64 through the sampler's own equations (``table.reference``), with
     the counter noise the kernel draws (stream i, sample b's element g at counter (offset + b) n + g)."""
-    x, prev = x.double(), None
+    x, previous = x.double(), ()
     n = math.prod(x.shape[1:])
     for i in range(table.num_steps):
         m = model(x * float(table.model_input_scales[i]), table.model_timesteps[i])
         z = (step_noise(table, i, x.shape, seed=seed, offset=offset * n, device=x.device) if table.draws(i)
              else None)
-        x, prev = table.reference(i, m, x, prev, z)
+        x, denoised = table.reference(i, m, x, reference_previous(table, previous), z)
+        previous = (denoised, *previous)[:table.history]
     return x
 
 

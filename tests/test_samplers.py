@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastgen.ops import guidance
-from fastgen.ops.samplers import COLUMNS, affine_table, sampler_step
+from fastgen.ops.samplers import COLUMNS, HISTORY_COLUMNS, affine_table, sampler_step
 from tests.utils import FLOAT_DTYPES, assert_close, poison, rand_like_shape
 
 
@@ -13,9 +13,13 @@ def _table(coefficients, *, clip="none", **clip_settings):
     return affine_table(coefficients, clip=clip, **clip_settings)
 
 
-def _random_rows(n, generator, *, zero_columns=()):
+def _random_rows(n, generator, *, zero_columns=(), history=1):
+    """n random rows reading the last ``history`` denoised outputs (none that a step has not got yet)."""
     rows = torch.randn(n, len(COLUMNS), generator=generator, dtype=torch.float64)
-    rows[:, COLUMNS.index("ap")][0] = 0.0  # the first step has no previous denoised output
+    for k, name in enumerate(HISTORY_COLUMNS, start=1):
+        rows[:k, COLUMNS.index(name)] = 0.0  # step i has i previous denoised outputs
+        if k > history:
+            rows[:, COLUMNS.index(name)] = 0.0
     for name in zero_columns:
         rows[:, COLUMNS.index(name)] = 0.0
     return rows
@@ -167,3 +171,41 @@ def test_guided_is_the_cfg_combination():
     m = torch.randn(4, 3, dtype=torch.float64)
     torch.testing.assert_close(guidance.guided(m, 2.5), m[:2] + 2.5 * (m[2:] - m[:2]))
     assert guidance.guided(m, None) is m
+
+
+@pytest.mark.parametrize("history", [2, 3])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_history_ring(history, backend, device):
+    """A step reading the last H denoised outputs keeps them in a ring [H, B, ...] that the step
+    overwrites in place (slot i mod H): a run of steps equals the reference run, which is handed the
+    previous outputs themselves, most recent first (the kernel reads every slot before it writes)."""
+    g = torch.Generator().manual_seed(10 + history)
+    steps = 5
+    table = _table(_random_rows(steps, g, history=history) * 0.5)
+    assert table.history == history
+    x, m, _ = _inputs((3, 2, 9), torch.float32, device, g)
+    ring = poison(torch.empty((history, *x.shape), device=device))  # unread before each slot is written
+    previous, want_x, got_x = [], x, x
+    for i in range(steps):
+        m_i = m * (1 + 0.1 * i)
+        got_x, got_d = sampler_step(table, i, m_i, got_x, prev_denoised=ring, denoised_out=ring, seed=3,
+                                    backend=backend)
+        want_x, want_d = table.reference(i, m_i.double(), want_x.double(), tuple(previous), None
+                                         if not table.draws(i) else _noise(table, i, x, device))
+        previous = [want_d, *previous][:history]
+        assert_close(got_x, want_x.float(), rtol=1e-5, atol=1e-5)
+        assert_close(got_d, want_d.float(), rtol=1e-5, atol=1e-5)
+        assert_close(ring[i % history], want_d.float(), rtol=1e-5, atol=1e-5)
+
+
+def _noise(table, i, x, device):
+    from fastgen.ops.samplers import step_noise
+
+    return step_noise(table, i, x.shape, seed=3, offset=0, device=device)
+
+
+def test_history_ring_shape_is_checked(device):
+    table = _table(_random_rows(3, torch.Generator().manual_seed(1), history=2))
+    x = torch.randn(2, 5, device=device)
+    with pytest.raises(ValueError, match=r"prev_denoised must be the ring of the last 2 denoised outputs"):
+        sampler_step(table, 2, x, x, prev_denoised=x, backend="torch")

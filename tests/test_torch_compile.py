@@ -41,6 +41,8 @@ CONFIGS = {
     "tcd": ("TCDScheduler", {}, {}, {"seed": 3}),
     "dpmsolver++_singlestep": ("DPMSolverSinglestepScheduler", {}, {}, {}),
     "deis": ("DEISMultistepScheduler", {}, {}, {}),
+    "lms": ("LMSDiscreteScheduler", {}, {}, {}),
+    "lms_karras_order_2": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}, {}, {"order": 2}),
     "edm_euler": ("EDMEulerScheduler", {}, {}, {}),
     "edm_sde-dpmsolver++": ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}, {"seed": 3}),
 }

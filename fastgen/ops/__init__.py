@@ -7,7 +7,7 @@ backend (fastgen.backend), call the kernel's launcher (kernels/<family>.py) or t
     gaussian   reparameterize, gaussian_kl, reparameterize_with_kl   the VAE's ops, with autograd
     diffusion  q_sample, ddpm_step, ddim_step                   the diffusion steps (a StepSpec each)
     flows      affine_coupling                                  a normalizing flow's coupling, with its log-det
-    samplers   sampler_step, StepTable                          the sigma-space samplers' step (Euler, DPM-Solver++,
+    samplers   sampler_step, StepTable                          the sigma-space samplers' step (Euler, DPM-Solver++, LMS,
                                                                 flow matching, consistency): one affine kernel
 
 These modules are the one place that calls into ``fastgen.kernels``; kernels are imported on first

@@ -17,7 +17,7 @@ from fastgen.ops._library import kernel_op
 from fastgen.backend import resolve_backend
 from fastgen.ops.guidance import check_guided_output, guidance_scale_arg, guided
 from fastgen.ops.random import compiled_normals
-from fastgen.step_table import CLIPS, COLUMNS, StepTable  # noqa: F401  (CLIPS, COLUMNS: this op's row names)
+from fastgen.step_table import CLIPS, COLUMNS, HISTORY_COLUMNS, StepTable  # noqa: F401  (CLIPS, COLUMNS: this op's row names)
 
 def affine_table(coefficients, *, reads_previous=True, **clip_settings) -> StepTable:
     """A StepTable of arbitrary coefficient rows (float64 [N, len(COLUMNS)]) whose reference is the
@@ -48,14 +48,16 @@ def sampler_step(table: StepTable, i, model_output, sample, *, prev_denoised=Non
         model_output: like ``sample``, or [2B, ...] with guidance_scale (unconditional half first).
         sample: x [B, ...] fp32/fp16/bf16.
         prev_denoised: the previous step's denoised output, like sample (required when the table
-            reads it, from its second step on).
+            reads it, from its second step on); with ``table.history`` = H > 1 the ring of the last H,
+            [H, *sample.shape], D_j in slot j mod H (kernels/samplers.py).
         seed, offset, noise: the step's noise z: counter-based (stream table.streams[i], element g
             of sample b the normal of counter element (offset + b) n + g, offset counted in samples)
             or the tensor ``noise`` (like sample).
         guidance_scale: None, or w: classifier-free guidance fused into the step.
         return_denoised: False returns (x_next, None).
-        denoised_out: backend "triton": write the denoised output into this tensor (like sample; it
-            may be ``prev_denoised`` itself, overwritten in place: what a captured loop keeps).
+        denoised_out: write the denoised output into this tensor: like sample (it may be
+            ``prev_denoised`` itself, overwritten in place: what a captured loop keeps), or with
+            history H > 1 the ring, whose slot i mod H it writes.
     Returns (x_next, denoised) in the sample's dtype.
     """
     if not isinstance(table, StepTable):
@@ -75,18 +77,19 @@ def sampler_step(table: StepTable, i, model_output, sample, *, prev_denoised=Non
     guidance_scale = guidance_scale_arg(guidance_scale)
     _checks.like(model_output, "model_output", sample, "sample", shape=guidance_scale is None)
     check_guided_output(model_output, sample.shape, guidance_scale)
-    needs_previous = table.reads_previous and (host_i is None or bool(table.coefficients[host_i, 7] != 0))
+    needs_previous = table.reads_previous and (host_i is None or any(table.row(host_i)[name] != 0
+                                                                     for name in HISTORY_COLUMNS))
     if needs_previous:
         if prev_denoised is None:
             raise ValueError(f"prev_denoised is required: the {table.kind} step reads the previous step's denoised "
                              "output")
-        _checks.like(prev_denoised, "prev_denoised", sample, "sample")
+        _check_history(prev_denoised, "prev_denoised", sample, table.history)
     else:
         prev_denoised = None
     if noise is not None:
         _checks.like(noise, "noise", sample, "sample")
     if denoised_out is not None:
-        _checks.like(denoised_out, "denoised_out", sample, "sample")
+        _check_history(denoised_out, "denoised_out", sample, table.history)
         if not denoised_out.is_contiguous():
             raise ValueError("denoised_out must be contiguous")
     element_offset = _checks.sample_offset(offset, sample.shape)
@@ -103,16 +106,64 @@ def sampler_step(table: StepTable, i, model_output, sample, *, prev_denoised=Non
             noise = compiled_normals(sample.shape, seed, int(table.streams[host_i]), element_offset)
         else:
             noise = step_noise(table, host_i, sample.shape, seed=seed, offset=element_offset, device=sample.device)
+    previous = previous_outputs(table, prev_denoised, host_i)
     if backend == "reference":
         f = guided(model_output.double(), guidance_scale)
-        prev = None if prev_denoised is None else prev_denoised.double()
-        out, denoised = table.reference(host_i, f, sample.double(), prev, None if noise is None else noise.double())
+        previous = tuple(d.double() for d in previous)
+        out, denoised = table.reference(host_i, f, sample.double(), reference_previous(table, previous),
+                                        None if noise is None else noise.double())
     else:
         out, denoised = torch_step(table, table.row(host_i), guided(model_output.float(), guidance_scale),
-                                   sample.float(), prev_denoised, noise)
+                                   sample.float(), previous, noise)
     if denoised_out is not None:
-        denoised = denoised_out.copy_(denoised)
+        denoised = keep_denoised(table, denoised_out, host_i, denoised)
     return out.to(sample.dtype), (denoised.to(sample.dtype) if return_denoised else None)
+
+
+def _check_history(tensor, name, sample, history: int):
+    """``tensor`` like the sample (history 1) or a ring of ``history`` of them."""
+    if history == 1:
+        return _checks.like(tensor, name, sample, "sample")
+    _checks.like(tensor, name, sample, "sample", shape=False)
+    if tuple(tensor.shape) != (history, *sample.shape):
+        raise ValueError(f"{name} must be the ring of the last {history} denoised outputs, shape "
+                         f"{(history, *sample.shape)}, got {tuple(tensor.shape)}")
+    return tensor
+
+
+def previous_outputs(table: StepTable, prev, i) -> tuple:
+    """(D_i-1, ..., D_i-H) of step i (an int, a symbolic int or an int64 tensor of one element) from
+    ``prev``: D' itself (history 1), or the ring [H, ...] (D_j in slot j mod H); () for None."""
+    if prev is None:
+        return ()
+    if table.history == 1:
+        return (prev,)
+    return tuple(_ring_slot(prev, i, k, table.history) for k in range(1, table.history + 1))
+
+
+def _ring_slot(ring, i, k: int, history: int):
+    """D_(i - k) in ``ring``: slot (i - k) mod H (a view for an int i, read on the device for a tensor)."""
+    if isinstance(i, torch.Tensor):
+        return ring.index_select(0, (i.reshape(1) - k) % history)[0]
+    return ring[(i - k) % history]
+
+
+def reference_previous(table: StepTable, previous: tuple):
+    """What a table's reference takes: D' (history 1, None before the first step) or the tuple."""
+    if table.history == 1:
+        return previous[0] if previous else None
+    return previous
+
+
+def keep_denoised(table: StepTable, kept, i: int, denoised):
+    """Step i's denoised output written where the next steps read it: ``kept`` itself (history 1) or
+    its ring slot i mod H. Returns the kept tensor (history 1) or the slot."""
+    if table.history == 1:
+        return kept.copy_(denoised)
+    if isinstance(i, torch.Tensor):  # a device index: written on the device
+        kept.index_copy_(0, i.reshape(1) % table.history, denoised.unsqueeze(0).to(kept.dtype))
+        return _ring_slot(kept, i, 0, table.history)
+    return kept[i % table.history].copy_(denoised)
 
 
 def _traced_step(table, i, model_output, sample, prev_denoised, *, seed, noise, offset, guidance_scale, return_denoised,
@@ -125,9 +176,11 @@ def _traced_step(table, i, model_output, sample, prev_denoised, *, seed, noise, 
     guidance_scale = guidance_scale_arg(guidance_scale)
     _checks.like(model_output, "model_output", sample, "sample", shape=guidance_scale is None)
     check_guided_output(model_output, sample.shape, guidance_scale)
-    for tensor, name in ((prev_denoised, "prev_denoised"), (noise, "noise"), (denoised_out, "denoised_out")):
+    for tensor, name in ((prev_denoised, "prev_denoised"), (denoised_out, "denoised_out")):
         if tensor is not None:
-            _checks.like(tensor, name, sample, "sample")
+            _check_history(tensor, name, sample, table.history)
+    if noise is not None:
+        _checks.like(noise, "noise", sample, "sample")
     element_offset = _checks.sample_offset(offset, sample.shape)
     backend = resolve_backend(backend, sample.device)
     if backend == "triton":  # the custom op: inductor places fastgen's kernel in its graph
@@ -138,7 +191,7 @@ def _traced_step(table, i, model_output, sample, prev_denoised, *, seed, noise, 
     out, denoised = device_step(table, i, model_output, sample, prev_denoised, noise=noise,
                                 seed=seed_of(seed, seed_bits), offset=element_offset, guidance_scale=guidance_scale)
     if denoised_out is not None:
-        denoised = denoised_out.copy_(denoised)
+        denoised = keep_denoised(table, denoised_out, i, denoised)
     return out.to(sample.dtype), (denoised.to(sample.dtype) if return_denoised else None)
 
 
@@ -150,9 +203,10 @@ def step_noise(table: StepTable, i: int, shape, *, seed: int, offset: int, devic
                               device=device, dtype=dtype).reshape(shape)
 
 
-def torch_step(table: StepTable, row: dict, f, x, prev_denoised, noise, *, need_denoised=True):
+def torch_step(table: StepTable, row: dict, f, x, previous, noise, *, need_denoised=True):
     """The kernel's affine map (kernels/samplers.py) in whole-tensor torch ops on one row of Python
-    floats: the fast CPU path. f: the (guided) model output; noise None where the step draws none.
+    floats: the fast CPU path. f: the (guided) model output; previous: (D_i-1, ..., D_i-H), fewer
+    (even none) before the run has them, or D' itself; noise None where the step draws none.
     need_denoised=False: D is not wanted (no multistep history, not returned): where the output does
     not use it (AD = 0, e.g. an Euler or flow-matching step) it is not formed, one pass fewer; NaN in x
     or F still reaches the output through their own terms. Returns (x_next, D or None)."""
@@ -164,8 +218,8 @@ def torch_step(table: StepTable, row: dict, f, x, prev_denoised, noise, *, need_
         denoised = x0 if (row["dx"], row["d0"]) == (0.0, 1.0) else affine((row["dx"], x), (row["d0"], x0))
     terms = [(row["ax"], x), (row["af"], f)] if denoised is None else [(row["ax"], x), (row["ad"], denoised),
                                                                        (row["af"], f)]
-    if row["ap"] and prev_denoised is not None:
-        terms.append((row["ap"], prev_denoised.to(x.dtype)))
+    previous = (previous,) if isinstance(previous, torch.Tensor) else previous or ()
+    terms += [(row[name], d.to(x.dtype)) for name, d in zip(HISTORY_COLUMNS, previous) if row[name]]
     if row["noise"] and noise is not None:
         terms.append((row["noise"], noise.to(x.dtype)))
     return affine(*terms), denoised
@@ -178,29 +232,31 @@ def device_step(table: StepTable, i, model_output, sample, prev_denoised=None, *
     read, so torch.compile traces the whole step. What a compiled scheduler step runs; the arguments
     are trusted (``sampler_step`` checks them). Returns (x_next, denoised) in fp32."""
     coefficients, streams, _ = table.on(sample.device)
+    previous = previous_outputs(table, prev_denoised, i)
     if isinstance(i, torch.Tensor):
         i = i.reshape(())
-    return affine_step(coefficients[i], streams[i], model_output, sample, prev_denoised, noise=noise,
+    return affine_step(coefficients[i], streams[i], model_output, sample, previous, noise=noise,
                        draws=table.any_draws, seed=seed, offset=offset, guidance_scale=guidance_scale,
                        clip=table.clip_settings)
 
 
-def affine_step(row, stream, model_output, sample, prev_denoised=None, *, noise=None, draws=False, seed=0, offset=0,
+def affine_step(row, stream, model_output, sample, previous=(), *, noise=None, draws=False, seed=0, offset=0,
                 guidance_scale=None, clip=("none", 1.0, 0.995, 1.0)):
-    """The kernel's affine map (kernels/samplers.py) on one coefficient row held in a tensor (fp32 [10],
+    """The kernel's affine map (kernels/samplers.py) on one coefficient row held in a tensor (fp32,
     COLUMNS), in whole-tensor torch ops with no host read: what torch.compile fuses, counter noise
     included, into one loop (the compiled scheduler step and the compiled CPU sampling loop).
 
         x^ = x + churn z;   x0 = clip(cx x^ + cf F);   D = dx x^ + d0 x0
-        x' = ax x^ + ad D + af F + ap D' + cnoise z            (a term with coefficient 0 adds 0)
+        x' = ax x^ + ad D + af F + ap D_i-1 + ap2 D_i-2 + ap3 D_i-3 + cnoise z    (a 0 coefficient adds 0)
 
+    previous: (D_i-1, ..., D_i-H), fewer (even none) before the run has them, or D' itself.
     noise: z like the sample, or None: drawn from the counter stream ``stream`` (an int64 tensor) when
     ``draws``, element g of the flat batch at counter element offset + g (``offset`` in elements;
     ``seed`` an int or an int64 tensor). clip: (mode, range, thresholding ratio, max value), as
     ``StepTable.clip_settings``. Returns (x_next, denoised) in fp32."""
     from fastgen.reference.random import normals
 
-    churn, cx, cf, dx, d0, ax, ad, ap, af, cz = row.unbind()
+    churn, cx, cf, dx, d0, ax, ad, ap, ap2, ap3, af, cz = row.unbind()
     f, x = guided(model_output.float(), guidance_scale), sample.float()
     if noise is None and draws:
         noise = normals(sample.numel(), seed=seed, stream=stream.reshape(1), offset=offset, device=sample.device,
@@ -211,8 +267,9 @@ def affine_step(row, stream, model_output, sample, prev_denoised=None, *, noise=
     x0 = _clip(clip, cx * x + cf * f)
     denoised = dx * x + d0 * x0
     out = ax * x + ad * denoised + af * f
-    if prev_denoised is not None:
-        out = out + _term(ap, prev_denoised.float())
+    previous = (previous,) if isinstance(previous, torch.Tensor) else previous or ()
+    for coefficient, d in zip((ap, ap2, ap3), previous):
+        out = out + _term(coefficient, d.float())
     if z is not None:
         out = out + _term(cz, z)
     return out, denoised
@@ -258,12 +315,15 @@ def fused_step(table, i, model_output, sample, prev_denoised, *, noise, seed, of
     step = steps[i] if isinstance(i, int) else i.reshape(())
     draws = table.draws(i) if isinstance(i, int) else table.any_draws
     args = (model_output, sample, prev_denoised, noise, coefficients, streams, step, draws, _int64_bits(seed), offset,
-            guidance_scale, *table.clip_settings)
+            guidance_scale, *table.clip_settings, table.history)
     if denoised_out is not None and not torch.compiler.is_compiling():
-        return _launch_sampler_step(*args, denoised_out), denoised_out
+        out = _launch_sampler_step(*args, denoised_out)
+        if table.history == 1:
+            return out, denoised_out
+        return out, (_ring_slot(denoised_out, i, 0, table.history) if return_denoised else None)
     outs = _sampler_step_op(*args, return_denoised or denoised_out is not None)
     if denoised_out is not None:
-        return outs[0], denoised_out.copy_(outs[1])
+        return outs[0], keep_denoised(table, denoised_out, i, outs[1])
     return outs[0], (outs[1] if return_denoised else None)
 
 
@@ -271,24 +331,25 @@ def fused_step(table, i, model_output, sample, prev_denoised, *, noise, seed, of
 def _sampler_step_op(model_output: torch.Tensor, sample: torch.Tensor, prev_denoised: Optional[torch.Tensor],
                      noise: Optional[torch.Tensor], coefficients: torch.Tensor, streams: torch.Tensor,
                      step: torch.Tensor, draws: bool, seed: int, offset: int, guidance: Optional[float], clip: str,
-                     clip_range: float, dynamic_thresholding_ratio: float, sample_max_value: float,
+                     clip_range: float, dynamic_thresholding_ratio: float, sample_max_value: float, history: int,
                      return_denoised: bool) -> list[torch.Tensor]:
     """One fused sampler step (kernels/samplers.py) on the coefficient row ``coefficients[step]``
     (``step`` an int64 tensor of one element): [x_next], and the denoised output with
     ``return_denoised``. ``noise``: a tensor to read, or None (``draws``: counter noise of stream
     ``streams[step]``); ``seed``: the 64-bit seed's bits as an int64; ``offset`` in elements; clip
-    settings as ``StepTable.clip_settings``."""
+    settings as ``StepTable.clip_settings``; ``history``: ``prev_denoised`` is the ring of the last H
+    denoised outputs (``StepTable.history``)."""
     denoised = empty(sample.shape, dtype=sample.dtype, device=sample.device) if return_denoised else None
     out = _launch_sampler_step(model_output, sample, prev_denoised, noise, coefficients, streams, step, draws, seed,
                                offset, guidance, clip, clip_range, dynamic_thresholding_ratio, sample_max_value,
-                               denoised)
+                               history, denoised)
     return [out] if denoised is None else [out, denoised]
 
 
 def _launch_sampler_step(model_output, sample, prev_denoised, noise, coefficients, streams, step, draws, seed, offset,
-                         guidance, clip, clip_range, dynamic_thresholding_ratio, sample_max_value, denoised):
-    """The step kernel's launch (the op's body): x_next, and D into ``denoised`` when not None (it may
-    be ``prev_denoised`` itself)."""
+                         guidance, clip, clip_range, dynamic_thresholding_ratio, sample_max_value, history, denoised):
+    """The step kernel's launch (the op's body): x_next, and D into ``denoised`` when not None (like
+    the sample, or the ring ``prev_denoised`` itself, its slot step mod history)."""
     from fastgen.kernels import samplers as k_samplers
     from fastgen.kernels.random import NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR
 
@@ -305,7 +366,8 @@ def _launch_sampler_step(model_output, sample, prev_denoised, noise, coefficient
                             None if prev_denoised is None else prev_denoised.contiguous(), coefficients, streams, step,
                             guided=guidance is not None, guidance=1.0 if guidance is None else guidance,
                             clip=clip, clip_range=clip_range, scale=scale, noise_mode=noise_mode,
-                            noise=None if noise is None else noise.contiguous(), seed=seed, offset=offset)
+                            noise=None if noise is None else noise.contiguous(), seed=seed, offset=offset,
+                            history=history)
     return out
 
 

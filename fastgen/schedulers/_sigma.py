@@ -14,7 +14,7 @@ import torch
 
 from fastgen import _checks
 from fastgen.backend import resolve_backend
-from fastgen.ops.samplers import device_step, fused_step, sampler_step
+from fastgen.ops.samplers import device_step, fused_step, keep_denoised, sampler_step
 from fastgen.schedulers._common import FastgenMixin
 from fastgen.step_table import (TABLES, StepTable, host_sigmas, require_timesteps, scheduler_table,  # noqa: F401
                                 step_table, table_builder)
@@ -55,6 +55,7 @@ class SigmaStepMixin(FastgenMixin):
                                 np.asarray(torch.as_tensor(value).detach().cpu().double().reshape(-1).tolist()))
         self._tables = {}
         self._denoised = None
+        self._run_start = None
 
     def _host_timestep(self, timestep):
         """``timestep`` as a Python float where that costs no synchronisation (and not while
@@ -134,6 +135,8 @@ class SigmaStepMixin(FastgenMixin):
             elif table.any_generator_draws if traced else bool(table.generator_draws[i]):
                 # traced: every step draws (one graph for all steps); a step whose noise coefficients are 0 adds none
                 noise = self._draw(sample.shape, generator, sample, noise_dtype)
+        if table.history > 1 and (self._denoised is None or self._denoised.shape[1:] != sample.shape):
+            self._denoised = sample.new_zeros((table.history, *sample.shape))  # the ring of the last H
         prev = self._denoised if table.reads_previous else None
         traced_backend = resolve_backend(backend, sample.device) if traced else None
         if traced_backend == "torch":
@@ -148,8 +151,10 @@ class SigmaStepMixin(FastgenMixin):
         else:
             out, denoised = sampler_step(table, i, model_output, sample, prev_denoised=prev, seed=seed, noise=noise,
                                          offset=offset, backend=backend)
-        if table.reads_previous:
+        if table.reads_previous and table.history == 1:
             self._denoised = denoised
+        elif table.reads_previous:
+            keep_denoised(table, self._denoised, i, denoised)
         self._step_index += 1
         return out, denoised
 
