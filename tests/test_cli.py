@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from fastgen import validate
+from fastgen import registry, validate
 
 
 def test_validate_command_prints_a_passing_table():
@@ -179,15 +179,17 @@ def test_the_command_line_prints_one_line_without_a_traceback(tmp_path):
                                         f"got the directory {str(tmp_path)!r}"]
 
 
-@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "dpmsolver++", "sde-dpmsolver++", "flow_match",
-                                     "consistency"])
+@pytest.mark.parametrize("sampler", [name for name in registry.DIGITS_SAMPLERS if name not in ("ddpm", "ddim")])
 def test_sample_runs_every_sampler_into_npz(tmp_path, capsys, sampler):
     import numpy as np
 
     from fastgen import cli
 
     out = tmp_path / "x.npz"
-    assert cli.main(["sample", "--sampler", sampler, "--steps", "3", "--n", "3", "--out", str(out), "--no-progress"]) == 0
+    # KDPM2 ancestral's first step from the digits schedule's sigma_max (~2e4) in 3 steps has sigma_down 0
+    # in float32 (diffusers' own step gives NaN there; fastgen refuses the run): 10 steps
+    steps = "10" if sampler == "kdpm2_ancestral" else "3"
+    assert cli.main(["sample", "--sampler", sampler, "--steps", steps, "--n", "3", "--out", str(out), "--no-progress"]) == 0
     samples = np.load(out)["samples"]
     assert samples.shape == (3, 1, 8, 8) and samples.dtype == np.float32
     assert ((samples >= 0) & (samples <= 1)).all()
