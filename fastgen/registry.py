@@ -42,6 +42,8 @@ SAMPLERS = (
             {"algorithm_type": "sde-dpmsolver++"}, digits=True),
     Sampler("deis", "DEISMultistepScheduler", "deis", "deis", digits=True),
     Sampler("lms", "LMSDiscreteScheduler", "lms", "lms", digits=True),
+    Sampler("pndm", "PNDMScheduler", "pndm", "pndm", {"skip_prk_steps": True}, digits=True),
+    Sampler("unipc", "UniPCMultistepScheduler", "unipc", "unipc", digits=True),
     Sampler("dpmsolver++_singlestep", "DPMSolverSinglestepScheduler", "dpm_solver_single", "dpm_solver",
             {"algorithm_type": "dpmsolver++"}),
     Sampler("flow_match", "FlowMatchEulerDiscreteScheduler", "flow_match", "flow_matching", digits=True),

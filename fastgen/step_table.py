@@ -21,8 +21,8 @@ import torch
 
 from fastgen import _checks
 
-COLUMNS = ("churn", "cx", "cf", "dx", "d0", "ax", "ad", "ap", "ap2", "ap3", "af", "noise")  # kernels/samplers.py's
-HISTORY_COLUMNS = ("ap", "ap2", "ap3")  # the coefficients of D_i-1, D_i-2, D_i-3       # row order
+COLUMNS = ("churn", "cx", "cf", "dx", "d0", "ax", "ad", "ap", "ap2", "ap3", "ap4", "af", "noise")  # kernels/samplers.py's
+HISTORY_COLUMNS = ("ap", "ap2", "ap3", "ap4")  # the coefficients of D_i-1, ..., D_i-4            # row order
 CLIPS = ("none", "range", "threshold")
 
 
@@ -44,7 +44,7 @@ class StepTable:
         prev_denoised: D' (history 1), or the tuple (D_i-1, ..., D_i-history).
     pre_churn: None, or float64 [N]: x^ = x + pre_churn_i z_i, added by the loop before the model call
         (z_i stream i's noise, the model and the step at x^; Karras et al.'s Algorithm 2 form of churn).
-    history (derived): how many previous denoised outputs a step reads (1 to 3: the last nonzero
+    history (derived): how many previous denoised outputs a step reads (1 to 4: the last nonzero
         HISTORY_COLUMNS); above 1 they live in a ring [history, B, ...] (kernels/samplers.py).
     step_draws, any_draws, any_generator_draws (derived): whether each step / any step uses noise, and
         whether any step draws from diffusers' generator (host values: a traced step reads them as constants).

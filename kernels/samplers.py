@@ -1,5 +1,5 @@
 """The fused step of the sigma-space samplers: Euler, Euler ancestral, Heun, KDPM2, DPM-Solver++ (2M,
-SDE), DEIS, LMS, flow matching, consistency and EDM sampling, one kernel for all of them.
+SDE), DEIS, UniPC, LMS, PNDM, flow matching, consistency and EDM sampling, one kernel for all of them.
 
 Each of these steps is, per element, affine in the sample x, the model output F, the data
 prediction D' kept from the previous step and one standard normal z, once the data prediction x0
@@ -13,10 +13,10 @@ i read from a device int64 (no host value changes between steps, so a CUDA graph
     x0  = clip(r[CX] x^ + r[CF] F)                 the data prediction (clip_sample, dynamic thresholding)
     D   = r[DX] x^ + r[D0] x0                      the step's denoised output (x0; a consistency
                                                    model's boundary-conditioned output)
-    out = r[AX] x^ + r[AD] D + r[AP] D_i-1 + r[AP2] D_i-2 + r[AP3] D_i-3 + r[AF] F + r[NOISE] z
+    out = r[AX] x^ + r[AD] D + r[AP] D_i-1 + r[AP2] D_i-2 + r[AP3] D_i-3 + r[AP4] D_i-4 + r[AF] F + r[NOISE] z
 
 D is stored when asked: the multistep solvers keep it for the next steps. A solver that reads the
-last H of them (HISTORY = H, 1 to 3) keeps them in a ring of H slots, [H, B, ...]: D_j in slot j mod H,
+last H of them (HISTORY = H, 1 to 4) keeps them in a ring of H slots, [H, B, ...]: D_j in slot j mod H,
 so step i reads slots (i - k) mod H and writes slot i mod H, over the D_i-H it no longer needs (each
 element is read before it is written, by the same program). With H = 1 the ring is one tensor like the
 sample (the step may overwrite its D' in place). A term with a zero coefficient is dropped, not
@@ -36,9 +36,9 @@ from .diffusion import CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD, _block, _clip_x0, 
 from .random import NOISE_NONE, NOISE_TENSOR, as_int64, int64_arg
 
 # The columns of a coefficient row (fastgen.ops.samplers builds the rows in this order).
-CHURN, CX, CF, DX, D0, AX, AD, AP, AP2, AP3, AF, NOISE = (tl.constexpr(i) for i in range(12))
-ROW = tl.constexpr(12)
-MAX_HISTORY = 3  # the columns AP, AP2, AP3
+CHURN, CX, CF, DX, D0, AX, AD, AP, AP2, AP3, AP4, AF, NOISE = (tl.constexpr(i) for i in range(13))
+ROW = tl.constexpr(13)
+MAX_HISTORY = 4  # the columns AP, AP2, AP3, AP4
 CLIP = {"none": CLIP_NONE.value, "range": CLIP_RANGE.value, "threshold": CLIP_THRESHOLD.value}
 
 
@@ -50,8 +50,8 @@ def _term(coefficient, value):
 
 @triton.jit
 def _slot(i, k, HISTORY: tl.constexpr):
-    """The ring slot of D_(i - k): (i - k) mod HISTORY, never negative (k <= 3)."""
-    return (i + 3 * HISTORY - k) % HISTORY
+    """The ring slot of D_(i - k): (i - k) mod HISTORY, never negative (k <= 4)."""
+    return (i + 4 * HISTORY - k) % HISTORY
 
 
 @triton.jit
@@ -91,6 +91,8 @@ def _sampler_step_kernel(out_ptr, denoised_ptr, model_ptr, sample_ptr, prev_ptr,
             out += _history_term(tl.load(row + AP2), prev_ptr, i, 2, half, base, mask, HISTORY)
         if HISTORY > 2:
             out += _history_term(tl.load(row + AP3), prev_ptr, i, 3, half, base, mask, HISTORY)
+        if HISTORY > 3:
+            out += _history_term(tl.load(row + AP4), prev_ptr, i, 4, half, base, mask, HISTORY)
     if NOISE_SOURCE != NOISE_NONE:
         out += _term(cz, z)
     if STORE_DENOISED:

@@ -106,7 +106,7 @@ def test_sample_refuses_a_checkpoint_and_says_why(tmp_path, capsys):
     (["bench", "--device", "meta"], "argument --device: must be cpu, cuda or cuda:N"),
     (["train", "ddpm", "--denoiser", "vit"], "argument --denoiser: invalid choice: 'vit'"),
     (["validate", "--ops", "no_such_op"], "ops must name registered checks"),
-    (["sample", "--sampler", "unipc"], "argument --sampler: invalid choice: 'unipc'"),
+    (["sample", "--sampler", "ipndm"], "argument --sampler: invalid choice: 'ipndm'"),
     (["sample", "--guidance-scale", "inf"], "argument --guidance-scale: must be a finite number, got inf"),
     (["sample", "--guidance-scale", "3", "--n", "1"], "--guidance-scale needs --label"),
     (["sample", "--label", "10", "--n", "1"], "--label must be in [0, 10) (the model's classes), got 10"),

@@ -15,6 +15,7 @@ from tests.test_dpm_solver import _deter, _model
 # (scheduler config, inference steps, step()'s order, tolerance against diffusers relative to the largest operand)
 SWEEP = {
     "order 4": ({}, 10, 4, 1e-5),
+    "order 5": ({}, 9, 5, 1e-5),
     "order 1": ({}, 6, 1, 1e-5),
     "order 2": ({}, 7, 2, 1e-5),
     "order 3 karras v_prediction": (dict(prediction_type="v_prediction", use_karras_sigmas=True), 20, 3, 1e-5),
@@ -64,13 +65,13 @@ def test_builder_coefficients_are_the_quadrature_weights():
                                    atol=1e-6)
 
 
-def test_orders_above_four_run_diffusers_step():
+def test_orders_above_five_run_diffusers_step():
     ours, theirs = fs.LMSDiscreteScheduler(), diffusers.LMSDiscreteScheduler()
-    assert "keeps at most 3" in lms.fused_settings(5)
+    assert "keeps at most 4" in lms.fused_settings(6)
     ours.set_timesteps(8)
     theirs.set_timesteps(8)
     step_by_step(ours, theirs, torch.randn(SHAPE, generator=torch.Generator().manual_seed(3)), rtol=0, atol=0,
-                 with_generator=False, step_kwargs=dict(order=5))
+                 with_generator=False, step_kwargs=dict(order=6))
 
 
 # diffusers' own test (tests/schedulers/test_scheduler_lms.py): 10 steps of its dummy model from its

@@ -173,7 +173,7 @@ def test_guided_is_the_cfg_combination():
     assert guidance.guided(m, None) is m
 
 
-@pytest.mark.parametrize("history", [2, 3])
+@pytest.mark.parametrize("history", [2, 3, 4])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_history_ring(history, backend, device):
     """A step reading the last H denoised outputs keeps them in a ring [H, B, ...] that the step

@@ -5,7 +5,7 @@ Tiny shapes and few steps: on a CPU the fused steps run in the Triton interprete
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler, PNDMScheduler)
+                       EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, IPNDMScheduler, LCMScheduler)
 from diffusers.utils.torch_utils import randn_tensor
 
 import fastgen
@@ -342,8 +342,8 @@ class _ConfigOnly:
      "sampling device"),
     (lambda: fastgen.sample(lambda x, t: "nope", (2, 3), _ddpm(), backend="torch"), TypeError, "model must return"),
     (lambda: fastgen.sample("model", (2, 3), _ddpm()), TypeError, "model must be callable"),
-    (lambda: fastgen.sample(Toy(), (2, 3), PNDMScheduler()), TypeError,
-     "scheduler must be one of DDPMScheduler, DDIMScheduler.*got PNDMScheduler"),
+    (lambda: fastgen.sample(Toy(), (2, 3), IPNDMScheduler()), TypeError,
+     "scheduler must be one of DDPMScheduler, DDIMScheduler.*got IPNDMScheduler"),
     (lambda: fastgen.sample(Toy(), (2, 3), object()), TypeError, "scheduler must be a diffusers or fastgen.schedulers scheduler"),
     (lambda: fastgen.sample(Toy(), (2, 3), DDPMScheduler(prediction_type="x0")), ValueError,
      "prediction_type must be one of.*got 'x0'"),

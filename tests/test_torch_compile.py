@@ -43,6 +43,10 @@ CONFIGS = {
     "deis": ("DEISMultistepScheduler", {}, {}, {}),
     "lms": ("LMSDiscreteScheduler", {}, {}, {}),
     "lms_karras_order_2": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}, {}, {"order": 2}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, {}, {}),
+    "unipc": ("UniPCMultistepScheduler", {}, {}, {}),
+    "unipc_bh1_order_3": ("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 3,
+                                                      "final_sigmas_type": "sigma_min"}, {}, {}),
     "edm_euler": ("EDMEulerScheduler", {}, {}, {}),
     "edm_sde-dpmsolver++": ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}, {"seed": 3}),
 }

@@ -247,7 +247,7 @@ def affine_step(row, stream, model_output, sample, previous=(), *, noise=None, d
     included, into one loop (the compiled scheduler step and the compiled CPU sampling loop).
 
         x^ = x + churn z;   x0 = clip(cx x^ + cf F);   D = dx x^ + d0 x0
-        x' = ax x^ + ad D + af F + ap D_i-1 + ap2 D_i-2 + ap3 D_i-3 + cnoise z    (a 0 coefficient adds 0)
+        x' = ax x^ + ad D + af F + ap D_i-1 + ... + ap4 D_i-4 + cnoise z    (a 0 coefficient adds 0)
 
     previous: (D_i-1, ..., D_i-H), fewer (even none) before the run has them, or D' itself.
     noise: z like the sample, or None: drawn from the counter stream ``stream`` (an int64 tensor) when
@@ -256,7 +256,7 @@ def affine_step(row, stream, model_output, sample, previous=(), *, noise=None, d
     ``StepTable.clip_settings``. Returns (x_next, denoised) in fp32."""
     from fastgen.reference.random import normals
 
-    churn, cx, cf, dx, d0, ax, ad, ap, ap2, ap3, af, cz = row.unbind()
+    churn, cx, cf, dx, d0, ax, ad, ap, ap2, ap3, ap4, af, cz = row.unbind()
     f, x = guided(model_output.float(), guidance_scale), sample.float()
     if noise is None and draws:
         noise = normals(sample.numel(), seed=seed, stream=stream.reshape(1), offset=offset, device=sample.device,
@@ -268,7 +268,7 @@ def affine_step(row, stream, model_output, sample, previous=(), *, noise=None, d
     denoised = dx * x + d0 * x0
     out = ax * x + ad * denoised + af * f
     previous = (previous,) if isinstance(previous, torch.Tensor) else previous or ()
-    for coefficient, d in zip((ap, ap2, ap3), previous):
+    for coefficient, d in zip((ap, ap2, ap3, ap4), previous):
         out = out + _term(coefficient, d.float())
     if z is not None:
         out = out + _term(cz, z)

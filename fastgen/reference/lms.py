@@ -24,7 +24,7 @@ than p in a run begun mid-schedule: the basis is that of p nodes, the missing te
 
 Every step is affine in (x, F, the previous derivatives): the fused step keeps d as its "denoised"
 output D (kernels/samplers.py: D = DX x + D0 x0, with x0's row holding d itself, see ``lms_table``) and
-reads the last order - 1 of them back from its history ring.
+reads the last order - 1 of them back from its history ring (order <= 5).
 """
 import numpy as np
 
@@ -33,7 +33,7 @@ from fastgen.reference.karras import _input_scales, _run_sigmas, denoised
 from fastgen.step_table import scheduler_table, table_builder
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-MAX_FUSED_ORDER = 4  # the current derivative and 3 kept ones (kernels/samplers.py's AP, AP2, AP3)
+MAX_FUSED_ORDER = 5  # the current derivative and 4 kept ones (kernels/samplers.py's AP, AP2, AP3, AP4)
 _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(8)  # exact for the basis polynomials (degree <= 7)
 
 
@@ -117,11 +117,11 @@ def _solve_or_nan(a, b):
 @table_builder("LMSDiscreteScheduler")
 def lms_table(scheduler, *, order=4, start=0):
     """The StepTable of diffusers' LMSDiscreteScheduler after ``set_timesteps`` (every sigma option:
-    Karras, exponential, beta; every timestep spacing), for step()'s ``order`` (1 to 4) and a run whose
+    Karras, exponential, beta; every timestep spacing), for step()'s ``order`` (1 to 5) and a run whose
     first step is step ``start``. From ``lms_step``, per step i (p, m = ``step_orders``):
 
         x0 row: CX, CF with d_i = CX x + CF F      (DX = 0, D0 = 1: D = d_i, what the ring keeps)
-        AX = 1,  AD = c_0,  AP = c_1,  AP2 = c_2,  AP3 = c_3     (c_k for k >= m: 0)
+        AX = 1,  AD = c_0,  AP = c_1, ..., AP4 = c_4     (c_k for k >= m: 0)
 
     c_k = integral_{sigma_i}^{sigma_i+1} l_k, the basis polynomial through sigma_i, ..., sigma_i-p+1, in
     closed form (``_adams_weights``), not by the reference's quadrature."""
@@ -134,7 +134,7 @@ def lms_table(scheduler, *, order=4, start=0):
     n = len(sigmas) - 1
     orders = step_orders(n, order=order, start=start)
     weights = _adams_weights(sigmas, orders)
-    columns = ("ad", "ap", "ap2", "ap3")
+    columns = ("ad", "ap", "ap2", "ap3", "ap4")
     rows = []
     for i, (p, used) in enumerate(orders):
         row = dict(_derivative_columns(prediction_type, sigmas[i]), dx=0.0, d0=1.0, ax=1.0)

@@ -1,6 +1,6 @@
 """Drop-in replacements for diffusers' schedulers whose step is one fused kernel: every class of
 ``fastgen.registry.SCHEDULER_CLASSES`` (DDPM, DDIM and the sigma-space samplers: Euler, Heun, KDPM2,
-DPM-Solver++, DEIS, LMS, flow matching, the consistency and EDM samplers; the README's sampler table
+DPM-Solver++, DEIS, UniPC, LMS, PNDM, flow matching, the consistency and EDM samplers; the README's sampler table
 lists them with what each fuses).
 
 They are subclasses of diffusers' own classes: change one import::

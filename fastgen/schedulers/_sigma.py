@@ -44,13 +44,13 @@ class SigmaStepMixin(FastgenMixin):
 
     @property
     def timesteps(self) -> torch.Tensor:
-        return self._timesteps
+        return self._run_timesteps
 
     @timesteps.setter
     def timesteps(self, value):
         """Assigned by diffusers' ``__init__`` / ``set_timesteps``: a new run. A host copy is taken once
         (what the step index is found in), and the run's tables and previous output are dropped."""
-        self._timesteps = value
+        self._run_timesteps = value
         self._host_timesteps = (None if value is None else
                                 np.asarray(torch.as_tensor(value).detach().cpu().double().reshape(-1).tolist()))
         self._tables = {}

@@ -8,9 +8,9 @@ with d_j = (x_j - D(x_j; sigma_j)) / sigma_j the ODE's derivative at step j:
                                                  polynomial through sigma_i, ..., sigma_i-p+1
 
 p = min(step index + 1, order). The last order - 1 derivatives stay on the device between steps, in a
-ring the kernel writes as it steps. Fused: step()'s order 1 to 4 (default 4), every prediction type,
+ring the kernel writes as it steps. Fused: step()'s order 1 to 5 (default 4), every prediction type,
 every sigma option (Karras, exponential, beta) and timestep spacing, a run started mid-schedule
-(``set_begin_index``). order > 4 steps with diffusers' own ``step``. The step draws no noise.
+(``set_begin_index``). order > 5 steps with diffusers' own ``step``. The step draws no noise.
 
 pred_original_sample is x_i - sigma_i d_i, formed from the kept derivative (one more pass; diffusers
 returns it from every step).
@@ -45,7 +45,7 @@ class LMSDiscreteScheduler(SigmaStepMixin, diffusers.LMSDiscreteScheduler):
             model_output: the model's output at ``scale_model_input(sample, timestep)``, like ``sample``.
             timestep: one of ``scheduler.timesteps``.
             sample: x_i [B, ...] fp32/fp16/bf16.
-            order: the multistep order (1 to 4 fused; more: diffusers' own step).
+            order: the multistep order (1 to 5 fused; more: diffusers' own step).
             return_dict: LMSDiscreteSchedulerOutput or a tuple.
             backend: this step's backend (default: the scheduler's).
         Returns LMSDiscreteSchedulerOutput(prev_sample, pred_original_sample).
