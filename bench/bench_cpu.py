@@ -35,7 +35,7 @@ LOOPS = {"ddpm1000": ("ddpm", 1000, None), "ddim50": ("ddim", 50, None), "euler3
          "heun15": ("heun", 15, None), "kdpm2_15": ("kdpm2", 15, None),
          "kdpm2_ancestral15": ("kdpm2_ancestral", 15, None), "deis20": ("deis", 20, None),
          "lms20": ("lms", 20, None), "pndm50": ("pndm", 50, None),
-         "unipc20": ("unipc", 20, None)}
+         "unipc20": ("unipc", 20, None), "dpm_sde10": ("dpm_sde", 10, None)}
 NULL_LABEL = 10
 
 

@@ -9,7 +9,7 @@ import torch
 
 from fastgen import registry
 
-SCHEDULERS = registry.SCHEDULER_CLASSES
+SCHEDULERS = registry.AVAILABLE_CLASSES
 
 
 def breaks(scheduler_class, steps=10) -> int:

@@ -32,7 +32,10 @@ _SCHEDULER_EXPORTS = (*registry.SCHEDULER_CLASSES, "SchedulerMixin")
 def __getattr__(name):
     if name == "schedulers" or name in _SCHEDULER_EXPORTS:
         schedulers = importlib.import_module("fastgen.schedulers")
-        return schedulers if name == "schedulers" else getattr(schedulers, name)
+        if name == "schedulers":
+            return schedulers
+        # a class whose diffusers base needs a package that is missing: ImportError naming it
+        return getattr(schedulers, name) if hasattr(schedulers, name) else registry.scheduler_class(name)
     raise AttributeError(f"module 'fastgen' has no attribute {name!r}")
 
 

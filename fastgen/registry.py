@@ -6,6 +6,7 @@ a test file and one record here.
 """
 import dataclasses
 import importlib
+import importlib.util
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +20,8 @@ class Sampler:
         builder (None: DDPM and DDIM, whose steps are StepSpec ops).
     config: the config this name stands for (e.g. algorithm_type="sde-dpmsolver++").
     digits: runs on the shipped digits models (CLI ``sample --sampler``).
+    requires: a package diffusers' class needs beyond diffusers (None: none); without it the class is
+        not exported and asking for it raises ImportError naming the package.
     """
     name: str
     scheduler: str
@@ -26,6 +29,7 @@ class Sampler:
     reference: str = None
     config: dict = dataclasses.field(default_factory=dict)
     digits: bool = False
+    requires: str = None
 
 
 SAMPLERS = (
@@ -44,6 +48,7 @@ SAMPLERS = (
     Sampler("lms", "LMSDiscreteScheduler", "lms", "lms", digits=True),
     Sampler("pndm", "PNDMScheduler", "pndm", "pndm", {"skip_prk_steps": True}, digits=True),
     Sampler("unipc", "UniPCMultistepScheduler", "unipc", "unipc", digits=True),
+    Sampler("dpm_sde", "DPMSolverSDEScheduler", "dpm_sde", "dpm_sde", digits=True, requires="torchsde"),
     Sampler("dpmsolver++_singlestep", "DPMSolverSinglestepScheduler", "dpm_solver_single", "dpm_solver",
             {"algorithm_type": "dpmsolver++"}),
     Sampler("flow_match", "FlowMatchEulerDiscreteScheduler", "flow_match", "flow_matching", digits=True),
@@ -58,13 +63,25 @@ SAMPLERS = (
 )
 BY_NAME = {sampler.name: sampler for sampler in SAMPLERS}
 SCHEDULER_CLASSES = tuple(dict.fromkeys(sampler.scheduler for sampler in SAMPLERS))  # each class once, in order
-DIGITS_SAMPLERS = tuple(sampler.name for sampler in SAMPLERS if sampler.digits)
+
+
+def available(sampler: Sampler) -> bool:
+    """Whether the package the sampler's diffusers class needs (``requires``) is installed."""
+    return sampler.requires is None or importlib.util.find_spec(sampler.requires) is not None
+
+
+DIGITS_SAMPLERS = tuple(sampler.name for sampler in SAMPLERS if sampler.digits and available(sampler))
+AVAILABLE_CLASSES = tuple(name for name in SCHEDULER_CLASSES
+                          if all(available(s) for s in SAMPLERS if s.scheduler == name))
 
 
 def scheduler_class(class_name: str):
     """fastgen's drop-in class named ``class_name`` (imported on first use: it imports diffusers)."""
-    module = next(sampler.module for sampler in SAMPLERS if sampler.scheduler == class_name)
-    return getattr(importlib.import_module(f"fastgen.schedulers.{module}"), class_name)
+    sampler = next(sampler for sampler in SAMPLERS if sampler.scheduler == class_name)
+    if not available(sampler):
+        raise ImportError(f"{class_name} needs the {sampler.requires} package, as diffusers' own class does: "
+                          f"pip install {sampler.requires}")
+    return getattr(importlib.import_module(f"fastgen.schedulers.{sampler.module}"), class_name)
 
 
 def load_builders() -> None:

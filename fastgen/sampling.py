@@ -321,6 +321,7 @@ class _TorchSteps(_Steps):
             self.rows = [plan.table.row(i) for i in range(plan.num_steps)]
         self.draws = plan.counter_draws.tolist()
         self._noise_rows = {}
+        self._previous_noise = None  # the last step's counter noise (a NOISE_PREV row adds it again)
 
     def initial_noise(self) -> torch.Tensor:
         """z_N (drawn in one call with the first steps' noise)."""
@@ -354,8 +355,11 @@ class _TorchSteps(_Steps):
         if plan.spec is not None:
             x_next, _ = diffusion_ops.torch_update(plan.spec, self.rows[i], pred, x, z)
             return x_next.to(x.dtype)
-        x_next, denoised = sampler_ops.torch_step(plan.table, self.rows[i], pred, x.float(), self.previous, z,
-                                                  need_denoised=plan.table.reads_previous)
+        row = self.rows[i]
+        noise_prev = self._previous_noise if row["noise_prev"] else None
+        self._previous_noise = z
+        x_next, denoised = sampler_ops.torch_step(plan.table, row, pred, x.float(), self.previous, z,
+                                                  need_denoised=plan.table.reads_previous, noise_prev=noise_prev)
         self._keep(denoised)
         return x_next.to(x.dtype)
 
@@ -432,9 +436,11 @@ class _CompiledSteps(_TorchSteps):
             # always H previous outputs (x where the run has fewer: their coefficients are 0), one graph
             previous = (self.previous + (x,) * plan.table.history)[:plan.table.history] \
                 if plan.table.reads_previous else ()
+            prev_stream = self.streams[max(i - 1, 0)] if plan.table.reads_previous_noise else None
             x_next, denoised = self.fn(self.coefficients[i], self.streams[i], pred, x, previous, draws=True,
                                        seed=self.seed_tensor, offset=self.element_offset,
-                                       guidance_scale=self.guidance_scale, clip=plan.table.clip_settings)
+                                       guidance_scale=self.guidance_scale, clip=plan.table.clip_settings,
+                                       prev_stream=prev_stream)
             self._keep(denoised)
             x_next = x_next.to(x.dtype)
         if self.compile_seconds is None:
@@ -679,6 +685,10 @@ class Sampler:
                                                       device)
         plan = _Plan(scheduler, num_inference_steps, eta, timesteps,
                      churn=dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise))
+        if generator is not None and plan.table is not None and plan.table.reads_previous_noise:
+            raise ValueError(f"{type(scheduler).__name__}'s steps draw correlated Brownian increments from the counter "
+                             "stream (diffusers' own step draws them from torchsde's tree, never from a generator): "
+                             "pass seed=, not generator=")
         if plan.learned_variance and len(shape) < 2:
             raise ValueError(f"shape needs a channel dimension (dim 1) for variance_type={plan.spec.variance_type!r}, "
                              f"got {tuple(shape)}")

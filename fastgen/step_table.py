@@ -21,7 +21,8 @@ import torch
 
 from fastgen import _checks
 
-COLUMNS = ("churn", "cx", "cf", "dx", "d0", "ax", "ad", "ap", "ap2", "ap3", "ap4", "af", "noise")  # kernels/samplers.py's
+COLUMNS = ("churn", "cx", "cf", "dx", "d0", "ax", "ad", "ap", "ap2", "ap3", "ap4", "af", "noise_prev",  # kernels/
+           "noise")  # samplers.py's
 HISTORY_COLUMNS = ("ap", "ap2", "ap3", "ap4")  # the coefficients of D_i-1, ..., D_i-4            # row order
 CLIPS = ("none", "range", "threshold")
 
@@ -46,6 +47,8 @@ class StepTable:
         (z_i stream i's noise, the model and the step at x^; Karras et al.'s Algorithm 2 form of churn).
     history (derived): how many previous denoised outputs a step reads (1 to 4: the last nonzero
         HISTORY_COLUMNS); above 1 they live in a ring [history, B, ...] (kernels/samplers.py).
+    reads_previous_noise (derived): whether a step adds the previous step's counter noise again (NOISE_PREV:
+        DPM-Solver SDE's correlated Brownian increments); such a table takes counter noise only.
     step_draws, any_draws, any_generator_draws (derived): whether each step / any step uses noise, and
         whether any step draws from diffusers' generator (host values: a traced step reads them as constants).
     """
@@ -77,7 +80,10 @@ class StepTable:
         _checks.choice(self.clip, "clip", CLIPS)
         object.__setattr__(self, "_devices", {})
         # host facts of the whole run, read once here: a compiled step reads them as constants
-        uses_noise = (self.coefficients[:, COLUMNS.index("churn")] != 0) | (self.coefficients[:, -1] != 0)
+        uses_noise = (self.coefficients[:, COLUMNS.index("churn")] != 0) | (self.coefficients[:, -1] != 0) | \
+            (self.coefficients[:, COLUMNS.index("noise_prev")] != 0)
+        object.__setattr__(self, "reads_previous_noise",
+                           bool((self.coefficients[:, COLUMNS.index("noise_prev")] != 0).any()))
         object.__setattr__(self, "step_draws", tuple(uses_noise.tolist()))
         reads = [bool((self.coefficients[:, COLUMNS.index(name)] != 0).any()) for name in HISTORY_COLUMNS]
         object.__setattr__(self, "history", max((k + 1 for k, read in enumerate(reads) if read), default=1))

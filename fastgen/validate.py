@@ -190,6 +190,7 @@ def _check_samplers(device, quick):
     rows = torch.randn(3, len(COLUMNS), generator=g, dtype=torch.float64)
     for k, name in enumerate(HISTORY_COLUMNS, start=1):  # step i reads its i previous denoised outputs
         rows[:k, COLUMNS.index(name)] = 0.0
+    rows[0, COLUMNS.index("noise_prev")] = 0.0  # and from step 1 on the previous step's noise again
     tables = {"affine rows": affine_table(rows)}
     registered = _sigma_tables()
     for kind, (name, _) in SCHEDULERS.items():

@@ -13,7 +13,8 @@ i read from a device int64 (no host value changes between steps, so a CUDA graph
     x0  = clip(r[CX] x^ + r[CF] F)                 the data prediction (clip_sample, dynamic thresholding)
     D   = r[DX] x^ + r[D0] x0                      the step's denoised output (x0; a consistency
                                                    model's boundary-conditioned output)
-    out = r[AX] x^ + r[AD] D + r[AP] D_i-1 + r[AP2] D_i-2 + r[AP3] D_i-3 + r[AP4] D_i-4 + r[AF] F + r[NOISE] z
+    out = r[AX] x^ + r[AD] D + r[AP] D_i-1 + r[AP2] D_i-2 + r[AP3] D_i-3 + r[AP4] D_i-4 + r[AF] F
+          + r[NOISE_PREV] z_i-1 + r[NOISE] z                z_i-1: step i-1's counter noise, drawn again
 
 D is stored when asked: the multistep solvers keep it for the next steps. A solver that reads the
 last H of them (HISTORY = H, 1 to 4) keeps them in a ring of H slots, [H, B, ...]: D_j in slot j mod H,
@@ -36,8 +37,8 @@ from .diffusion import CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD, _block, _clip_x0, 
 from .random import NOISE_NONE, NOISE_TENSOR, as_int64, int64_arg
 
 # The columns of a coefficient row (fastgen.ops.samplers builds the rows in this order).
-CHURN, CX, CF, DX, D0, AX, AD, AP, AP2, AP3, AP4, AF, NOISE = (tl.constexpr(i) for i in range(13))
-ROW = tl.constexpr(13)
+CHURN, CX, CF, DX, D0, AX, AD, AP, AP2, AP3, AP4, AF, NOISE_PREV, NOISE = (tl.constexpr(i) for i in range(14))
+ROW = tl.constexpr(14)
 MAX_HISTORY = 4  # the columns AP, AP2, AP3, AP4
 CLIP = {"none": CLIP_NONE.value, "range": CLIP_RANGE.value, "threshold": CLIP_THRESHOLD.value}
 
@@ -66,7 +67,8 @@ def _sampler_step_kernel(out_ptr, denoised_ptr, model_ptr, sample_ptr, prev_ptr,
                          seed: tl.int64, offset: tl.int64,
                          GUIDED: tl.constexpr, CLIP: tl.constexpr, NOISE_SOURCE: tl.constexpr,
                          READ_PREV: tl.constexpr, STORE_DENOISED: tl.constexpr, HISTORY: tl.constexpr,
-                         DENOISED_IN_RING: tl.constexpr, BLOCK: tl.constexpr, PHASE0: tl.constexpr):
+                         DENOISED_IN_RING: tl.constexpr, NOISE_PREV_STREAM: tl.constexpr, BLOCK: tl.constexpr,
+                         PHASE0: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // tiles).to(tl.int64)
     i = tl.load(step_ptr).to(tl.int64)
@@ -95,6 +97,10 @@ def _sampler_step_kernel(out_ptr, denoised_ptr, model_ptr, sample_ptr, prev_ptr,
             out += _history_term(tl.load(row + AP4), prev_ptr, i, 4, half, base, mask, HISTORY)
     if NOISE_SOURCE != NOISE_NONE:
         out += _term(cz, z)
+    if NOISE_PREV_STREAM:  # counter noise only: step i - 1's normals at the same counter elements
+        stream_prev = tl.load(streams + tl.maximum(i - 1, 0))
+        _, _, z_prev = _tile(seed, stream_prev, int64_arg(offset) + b * n, pid % tiles, n, NOISE_SOURCE, BLOCK, PHASE0)
+        out += _term(tl.load(row + NOISE_PREV), z_prev)
     if STORE_DENOISED:
         slot = _slot(i, 0, HISTORY) if DENOISED_IN_RING else 0
         tl.store(denoised_ptr + slot * half + base, denoised.to(denoised_ptr.dtype.element_ty), mask=mask)
@@ -103,13 +109,13 @@ def _sampler_step_kernel(out_ptr, denoised_ptr, model_ptr, sample_ptr, prev_ptr,
 
 def sampler_step(out, denoised, model_output, sample, prev_denoised, table, streams, step, *, guided=False,
                  guidance=1.0, clip="none", clip_range=1.0, scale=None, noise_mode, noise=None, seed=0, offset=0,
-                 history=1, block=None):
+                 history=1, noise_prev=False, block=None):
     """One step of the sampler whose coefficients are ``table`` (fp32 [N, ROW]) at the step index
     ``step`` (an int64 tensor of one element on the device) into ``out`` (and the denoised output
     into ``denoised`` when not None: like the sample, or the ring itself, [history, ...], whose slot
     step mod history it writes). model_output: like the sample, or [2B, ...] with ``guided``
     (guidance: w); prev_denoised: the ring of the last ``history`` denoised outputs (history 1: D' like
-    the sample), or None (not read);
+    the sample), or None (not read); noise_prev: add the NOISE_PREV term (noise_mode NOISE_PHILOX);
     clip: "none" | "range" (clip_range) | "threshold" (scale: fp32 [B] thresholds); noise_mode:
     NOISE_*; offset: the element offset of sample 0's noise."""
     batch = sample.shape[0]
@@ -124,5 +130,6 @@ def sampler_step(out, denoised, model_output, sample, prev_denoised, table, stre
            float(clip_range), as_int64(seed), offset,
            GUIDED=guided, CLIP=CLIP[clip], NOISE_SOURCE=noise_mode, READ_PREV=prev_denoised is not None,
            STORE_DENOISED=denoised is not None, HISTORY=history,
-           DENOISED_IN_RING=denoised is not None and denoised.numel() != sample.numel(), BLOCK=block, PHASE0=phase0)
+           DENOISED_IN_RING=denoised is not None and denoised.numel() != sample.numel(), NOISE_PREV_STREAM=noise_prev,
+           BLOCK=block, PHASE0=phase0)
     return out

@@ -59,6 +59,8 @@ def reference_trajectory(table, x, *, seed=0, offset=0, model=toy_model):
         m = model(x * float(table.model_input_scales[i]), table.model_timesteps[i])
         z = (step_noise(table, i, x.shape, seed=seed, offset=offset * n, device=x.device) if table.draws(i)
              else None)
+        if table.row(i)["noise_prev"]:  # the previous step's noise again (DPM-Solver SDE's second stage)
+            z = (z, step_noise(table, i - 1, x.shape, seed=seed, offset=offset * n, device=x.device))
         x, denoised = table.reference(i, m, x, reference_previous(table, previous), z)
         previous = (denoised, *previous)[:table.history]
     return x

@@ -306,9 +306,9 @@ TRITON_OPCHECKS = {
                         False, 1.0, True, 0.9, 1.5, 0.5, True, False, 0.99, 0.01, X.flip(0), False, 0, 0, None,
                         False)],
     "sampler_step": [(F, X, 0.5 * X, None, *TABLE.on("cpu")[:2], torch.tensor(3), True, -5, 2, None,
-                      *TABLE.clip_settings, 1, True),
+                      *TABLE.clip_settings, 1, False, True),
                      (F, X, None, X.flip(0), *TABLE.on("cpu")[:2], torch.tensor(0), False, 0, 0, None,
-                      *TABLE.clip_settings, 1, False)],
+                      *TABLE.clip_settings, 1, False, False)],
 }
 
 

@@ -36,6 +36,7 @@ SAMPLERS = {
     "tcd": ("tcd", dict(num_inference_steps=3)),  # noise in every step but the last
     "edm_sde-dpmsolver++": ("edm_sde-dpmsolver++", dict(num_inference_steps=4)),  # EDM scaling, noise every step
     "lms": ("lms", dict(num_inference_steps=5)),  # the last three derivatives in the history ring
+    "dpm_sde": ("dpm_sde", dict(num_inference_steps=3)),  # two noisy stages, the second reading the first's noise
 }
 N, BATCH, SHARD = 9, 2, 4  # 5 batches; shards [0, 4), [4, 8), [8, 9)
 SHAPE = (1, 8, 8)

@@ -13,9 +13,11 @@ def _table(coefficients, *, clip="none", **clip_settings):
     return affine_table(coefficients, clip=clip, **clip_settings)
 
 
-def _random_rows(n, generator, *, zero_columns=(), history=1):
-    """n random rows reading the last ``history`` denoised outputs (none that a step has not got yet)."""
+def _random_rows(n, generator, *, zero_columns=(), history=1, noise_prev=False):
+    """n random rows reading the last ``history`` denoised outputs (none that a step has not got yet),
+    and with ``noise_prev`` the previous step's counter noise again (from the second step on)."""
     rows = torch.randn(n, len(COLUMNS), generator=generator, dtype=torch.float64)
+    rows[:1 if noise_prev else n, COLUMNS.index("noise_prev")] = 0.0
     for k, name in enumerate(HISTORY_COLUMNS, start=1):
         rows[:k, COLUMNS.index(name)] = 0.0  # step i has i previous denoised outputs
         if k > history:
@@ -209,3 +211,20 @@ def test_history_ring_shape_is_checked(device):
     x = torch.randn(2, 5, device=device)
     with pytest.raises(ValueError, match=r"prev_denoised must be the ring of the last 2 denoised outputs"):
         sampler_step(table, 2, x, x, prev_denoised=x, backend="torch")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_previous_steps_noise_drawn_again(backend, device):
+    """NOISE_PREV adds step i - 1's counter normals (stream i - 1, the same counter elements) again:
+    the kernel and the torch path equal the affine map on the two draws, and a noise tensor is refused."""
+    g = torch.Generator().manual_seed(21)
+    table = _table(_random_rows(3, g, noise_prev=True))
+    assert table.reads_previous_noise
+    x, m, prev = _inputs((3, 2, 7), torch.float32, device, g)
+    for i in (1, 2):
+        got = sampler_step(table, i, m, x, prev_denoised=prev, seed=5, offset=1, backend=backend)
+        want = sampler_step(table, i, m, x, prev_denoised=prev, seed=5, offset=1, backend="reference")
+        for a, e in zip(got, want):
+            assert_close(a, e.float(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="pass seed=, not a noise tensor"):
+        sampler_step(table, 1, m, x, prev_denoised=prev, noise=x, backend=backend)

@@ -45,6 +45,7 @@ CONFIGS = {
     "lms_karras_order_2": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}, {}, {"order": 2}),
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, {}, {}),
     "unipc": ("UniPCMultistepScheduler", {}, {}, {}),
+    "dpm_sde": ("DPMSolverSDEScheduler", {}, {}, {"seed": 3}),
     "unipc_bh1_order_3": ("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 3,
                                                       "final_sigmas_type": "sigma_min"}, {}, {}),
     "edm_euler": ("EDMEulerScheduler", {}, {}, {}),

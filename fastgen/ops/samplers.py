@@ -28,7 +28,8 @@ def affine_table(coefficients, *, reads_previous=True, **clip_settings) -> StepT
     tables = []
 
     def affine_map(i, f, x, prev, z):
-        return torch_step(tables[0], tables[0].row(i), f, x, prev, z)
+        z, z_prev = z if isinstance(z, tuple) else (z, None)
+        return torch_step(tables[0], tables[0].row(i), f, x, prev, z, noise_prev=z_prev)
 
     tables.append(StepTable(
         kind="affine", coefficients=coefficients, streams=torch.arange(7, 7 + n), generator_draws=torch.ones(n, dtype=bool),
@@ -88,6 +89,7 @@ def sampler_step(table: StepTable, i, model_output, sample, *, prev_denoised=Non
         prev_denoised = None
     if noise is not None:
         _checks.like(noise, "noise", sample, "sample")
+        _refuse_noise_tensor(table)
     if denoised_out is not None:
         _check_history(denoised_out, "denoised_out", sample, table.history)
         if not denoised_out.is_contiguous():
@@ -107,17 +109,27 @@ def sampler_step(table: StepTable, i, model_output, sample, *, prev_denoised=Non
         else:
             noise = step_noise(table, host_i, sample.shape, seed=seed, offset=element_offset, device=sample.device)
     previous = previous_outputs(table, prev_denoised, host_i)
+    noise_prev = None
+    if table.row(host_i)["noise_prev"]:  # the previous step's counter noise, drawn again
+        noise_prev = step_noise(table, host_i - 1, sample.shape, seed=seed, offset=element_offset, device=sample.device)
     if backend == "reference":
         f = guided(model_output.double(), guidance_scale)
         previous = tuple(d.double() for d in previous)
-        out, denoised = table.reference(host_i, f, sample.double(), reference_previous(table, previous),
-                                        None if noise is None else noise.double())
+        z = None if noise is None else noise.double() if noise_prev is None else (noise.double(), noise_prev.double())
+        out, denoised = table.reference(host_i, f, sample.double(), reference_previous(table, previous), z)
     else:
         out, denoised = torch_step(table, table.row(host_i), guided(model_output.float(), guidance_scale),
-                                   sample.float(), previous, noise)
+                                   sample.float(), previous, noise, noise_prev=noise_prev)
     if denoised_out is not None:
         denoised = keep_denoised(table, denoised_out, host_i, denoised)
     return out.to(sample.dtype), (denoised.to(sample.dtype) if return_denoised else None)
+
+
+def _refuse_noise_tensor(table: StepTable):
+    """A table whose steps add the previous step's counter noise again takes counter noise only."""
+    if table.reads_previous_noise:
+        raise ValueError(f"the {table.kind} steps add the previous step's counter noise again (correlated Brownian "
+                         "increments): pass seed=, not a noise tensor")
 
 
 def _check_history(tensor, name, sample, history: int):
@@ -181,6 +193,7 @@ def _traced_step(table, i, model_output, sample, prev_denoised, *, seed, noise, 
             _check_history(tensor, name, sample, table.history)
     if noise is not None:
         _checks.like(noise, "noise", sample, "sample")
+        _refuse_noise_tensor(table)
     element_offset = _checks.sample_offset(offset, sample.shape)
     backend = resolve_backend(backend, sample.device)
     if backend == "triton":  # the custom op: inductor places fastgen's kernel in its graph
@@ -203,10 +216,11 @@ def step_noise(table: StepTable, i: int, shape, *, seed: int, offset: int, devic
                               device=device, dtype=dtype).reshape(shape)
 
 
-def torch_step(table: StepTable, row: dict, f, x, previous, noise, *, need_denoised=True):
+def torch_step(table: StepTable, row: dict, f, x, previous, noise, *, need_denoised=True, noise_prev=None):
     """The kernel's affine map (kernels/samplers.py) in whole-tensor torch ops on one row of Python
     floats: the fast CPU path. f: the (guided) model output; previous: (D_i-1, ..., D_i-H), fewer
-    (even none) before the run has them, or D' itself; noise None where the step draws none.
+    (even none) before the run has them, or D' itself; noise None where the step draws none; noise_prev:
+    the previous step's counter noise where the row's NOISE_PREV is not 0.
     need_denoised=False: D is not wanted (no multistep history, not returned): where the output does
     not use it (AD = 0, e.g. an Euler or flow-matching step) it is not formed, one pass fewer; NaN in x
     or F still reaches the output through their own terms. Returns (x_next, D or None)."""
@@ -222,6 +236,8 @@ def torch_step(table: StepTable, row: dict, f, x, previous, noise, *, need_denoi
     terms += [(row[name], d.to(x.dtype)) for name, d in zip(HISTORY_COLUMNS, previous) if row[name]]
     if row["noise"] and noise is not None:
         terms.append((row["noise"], noise.to(x.dtype)))
+    if row["noise_prev"] and noise_prev is not None:
+        terms.append((row["noise_prev"], noise_prev.to(x.dtype)))
     return affine(*terms), denoised
 
 
@@ -235,13 +251,15 @@ def device_step(table: StepTable, i, model_output, sample, prev_denoised=None, *
     previous = previous_outputs(table, prev_denoised, i)
     if isinstance(i, torch.Tensor):
         i = i.reshape(())
-    return affine_step(coefficients[i], streams[i], model_output, sample, previous, noise=noise,
+    prev_stream = streams[(i - 1).clamp(min=0) if isinstance(i, torch.Tensor) else max(i - 1, 0)] \
+        if table.reads_previous_noise else None
+    return affine_step(coefficients[i], streams[i], model_output, sample, previous, noise=noise, prev_stream=prev_stream,
                        draws=table.any_draws, seed=seed, offset=offset, guidance_scale=guidance_scale,
                        clip=table.clip_settings)
 
 
 def affine_step(row, stream, model_output, sample, previous=(), *, noise=None, draws=False, seed=0, offset=0,
-                guidance_scale=None, clip=("none", 1.0, 0.995, 1.0)):
+                guidance_scale=None, clip=("none", 1.0, 0.995, 1.0), prev_stream=None):
     """The kernel's affine map (kernels/samplers.py) on one coefficient row held in a tensor (fp32,
     COLUMNS), in whole-tensor torch ops with no host read: what torch.compile fuses, counter noise
     included, into one loop (the compiled scheduler step and the compiled CPU sampling loop).
@@ -249,14 +267,15 @@ def affine_step(row, stream, model_output, sample, previous=(), *, noise=None, d
         x^ = x + churn z;   x0 = clip(cx x^ + cf F);   D = dx x^ + d0 x0
         x' = ax x^ + ad D + af F + ap D_i-1 + ... + ap4 D_i-4 + cnoise z    (a 0 coefficient adds 0)
 
-    previous: (D_i-1, ..., D_i-H), fewer (even none) before the run has them, or D' itself.
+    previous: (D_i-1, ..., D_i-H), fewer (even none) before the run has them, or D' itself. prev_stream:
+    the previous step's stream (an int64 tensor), whose normals the NOISE_PREV term adds; None: no such term.
     noise: z like the sample, or None: drawn from the counter stream ``stream`` (an int64 tensor) when
     ``draws``, element g of the flat batch at counter element offset + g (``offset`` in elements;
     ``seed`` an int or an int64 tensor). clip: (mode, range, thresholding ratio, max value), as
     ``StepTable.clip_settings``. Returns (x_next, denoised) in fp32."""
     from fastgen.reference.random import normals
 
-    churn, cx, cf, dx, d0, ax, ad, ap, ap2, ap3, ap4, af, cz = row.unbind()
+    churn, cx, cf, dx, d0, ax, ad, ap, ap2, ap3, ap4, af, cz_prev, cz = row.unbind()
     f, x = guided(model_output.float(), guidance_scale), sample.float()
     if noise is None and draws:
         noise = normals(sample.numel(), seed=seed, stream=stream.reshape(1), offset=offset, device=sample.device,
@@ -272,6 +291,10 @@ def affine_step(row, stream, model_output, sample, previous=(), *, noise=None, d
         out = out + _term(coefficient, d.float())
     if z is not None:
         out = out + _term(cz, z)
+    if prev_stream is not None:
+        z_prev = normals(sample.numel(), seed=seed, stream=prev_stream.reshape(1), offset=offset, device=sample.device,
+                         dtype=torch.float32).reshape(sample.shape)
+        out = out + _term(cz_prev, z_prev)
     return out, denoised
 
 
@@ -315,7 +338,7 @@ def fused_step(table, i, model_output, sample, prev_denoised, *, noise, seed, of
     step = steps[i] if isinstance(i, int) else i.reshape(())
     draws = table.draws(i) if isinstance(i, int) else table.any_draws
     args = (model_output, sample, prev_denoised, noise, coefficients, streams, step, draws, _int64_bits(seed), offset,
-            guidance_scale, *table.clip_settings, table.history)
+            guidance_scale, *table.clip_settings, table.history, table.reads_previous_noise and noise is None)
     if denoised_out is not None and not torch.compiler.is_compiling():
         out = _launch_sampler_step(*args, denoised_out)
         if table.history == 1:
@@ -332,22 +355,24 @@ def _sampler_step_op(model_output: torch.Tensor, sample: torch.Tensor, prev_deno
                      noise: Optional[torch.Tensor], coefficients: torch.Tensor, streams: torch.Tensor,
                      step: torch.Tensor, draws: bool, seed: int, offset: int, guidance: Optional[float], clip: str,
                      clip_range: float, dynamic_thresholding_ratio: float, sample_max_value: float, history: int,
-                     return_denoised: bool) -> list[torch.Tensor]:
+                     noise_prev: bool, return_denoised: bool) -> list[torch.Tensor]:
     """One fused sampler step (kernels/samplers.py) on the coefficient row ``coefficients[step]``
     (``step`` an int64 tensor of one element): [x_next], and the denoised output with
     ``return_denoised``. ``noise``: a tensor to read, or None (``draws``: counter noise of stream
     ``streams[step]``); ``seed``: the 64-bit seed's bits as an int64; ``offset`` in elements; clip
     settings as ``StepTable.clip_settings``; ``history``: ``prev_denoised`` is the ring of the last H
-    denoised outputs (``StepTable.history``)."""
+    denoised outputs (``StepTable.history``); ``noise_prev``: add the NOISE_PREV term (step - 1's counter
+    noise)."""
     denoised = empty(sample.shape, dtype=sample.dtype, device=sample.device) if return_denoised else None
     out = _launch_sampler_step(model_output, sample, prev_denoised, noise, coefficients, streams, step, draws, seed,
                                offset, guidance, clip, clip_range, dynamic_thresholding_ratio, sample_max_value,
-                               history, denoised)
+                               history, noise_prev, denoised)
     return [out] if denoised is None else [out, denoised]
 
 
 def _launch_sampler_step(model_output, sample, prev_denoised, noise, coefficients, streams, step, draws, seed, offset,
-                         guidance, clip, clip_range, dynamic_thresholding_ratio, sample_max_value, history, denoised):
+                         guidance, clip, clip_range, dynamic_thresholding_ratio, sample_max_value, history, noise_prev,
+                         denoised):
     """The step kernel's launch (the op's body): x_next, and D into ``denoised`` when not None (like
     the sample, or the ring ``prev_denoised`` itself, its slot step mod history)."""
     from fastgen.kernels import samplers as k_samplers
@@ -367,7 +392,7 @@ def _launch_sampler_step(model_output, sample, prev_denoised, noise, coefficient
                             guided=guidance is not None, guidance=1.0 if guidance is None else guidance,
                             clip=clip, clip_range=clip_range, scale=scale, noise_mode=noise_mode,
                             noise=None if noise is None else noise.contiguous(), seed=seed, offset=offset,
-                            history=history)
+                            history=history, noise_prev=noise_prev and noise_mode == NOISE_PHILOX)
     return out
 
 

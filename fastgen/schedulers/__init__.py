@@ -1,6 +1,6 @@
 """Drop-in replacements for diffusers' schedulers whose step is one fused kernel: every class of
 ``fastgen.registry.SCHEDULER_CLASSES`` (DDPM, DDIM and the sigma-space samplers: Euler, Heun, KDPM2,
-DPM-Solver++, DEIS, UniPC, LMS, PNDM, flow matching, the consistency and EDM samplers; the README's sampler table
+DPM-Solver++ (and its SDE), DEIS, UniPC, LMS, PNDM, flow matching, the consistency and EDM samplers; the README's sampler table
 lists them with what each fuses).
 
 They are subclasses of diffusers' own classes: change one import::
@@ -42,8 +42,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from fastgen import registry
 
-globals().update({name: registry.scheduler_class(name) for name in registry.SCHEDULER_CLASSES})
+globals().update({name: registry.scheduler_class(name) for name in registry.AVAILABLE_CLASSES})
 
-__all__ = [*registry.SCHEDULER_CLASSES, "DDPMSchedulerOutput", "DDIMSchedulerOutput", "EulerDiscreteSchedulerOutput",
+__all__ = [*registry.AVAILABLE_CLASSES, "DDPMSchedulerOutput", "DDIMSchedulerOutput", "EulerDiscreteSchedulerOutput",
            "EulerAncestralDiscreteSchedulerOutput", "FlowMatchEulerDiscreteSchedulerOutput",
            "CMStochasticIterativeSchedulerOutput", "LCMSchedulerOutput", "SchedulerMixin"]

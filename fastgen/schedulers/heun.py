@@ -38,23 +38,25 @@ class TwoStageMixin(SigmaStepMixin):
         ``sample``: the stage's input."""
         raise NotImplementedError
 
-    def _two_stage_step(self, model_output, timestep, sample, *, seed, offset, backend, generator=None):
-        """(prev_sample, pred_original_sample) of one stage."""
+    def _two_stage_step(self, model_output, timestep, sample, *, seed, offset, backend, generator=None,
+                        **step_settings):
+        """(prev_sample, pred_original_sample) of one stage; step_settings: the table's (e.g. s_noise)."""
         if self.step_index is None:
             self._init_step_index(timestep)
         if self._run_start is None or self.state_in_first_order and self._denoised is None:
             self._run_start = self.step_index  # a new run: its first step is a first stage
         first, i = self.state_in_first_order, self.step_index
         prev_sample, denoised = self._fused_step(model_output, timestep, sample, generator=generator, seed=seed,
-                                                 offset=offset, backend=backend, start=int(self._run_start))
+                                                 offset=offset, backend=backend, start=int(self._run_start),
+                                                 **step_settings)
         if first:  # the kernel's output carries the step to the second stage: x0 itself for the caller
-            denoised = self._first_stage_x0(model_output, sample, i)
+            denoised = self._first_stage_x0(model_output, sample, i, step_settings)
         self._set_first_stage_done(first, sample)
         return prev_sample, denoised
 
-    def _first_stage_x0(self, model_output, sample, i):
+    def _first_stage_x0(self, model_output, sample, i, step_settings):
         """x0 = CX x + CF F of step i's row (clipped as diffusers clips it), on the device."""
-        coefficients = self._step_table(start=int(self._run_start)).on(sample.device)[0]
+        coefficients = self._step_table(start=int(self._run_start), **step_settings).on(sample.device)[0]
         cx, cf = coefficients[i, COLUMNS.index("cx")], coefficients[i, COLUMNS.index("cf")]
         x0 = cx * sample.float() + cf * model_output.float()
         if getattr(self.config, "clip_sample", False):
