@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import fastgen
-from fastgen import distributed, sampling
+from fastgen import distributed, registry, sampling
 from fastgen.cli import main
 from fastgen.models import pretrained_denoiser
 
@@ -37,7 +37,11 @@ SAMPLERS = {
     "edm_sde-dpmsolver++": ("edm_sde-dpmsolver++", dict(num_inference_steps=4)),  # EDM scaling, noise every step
     "lms": ("lms", dict(num_inference_steps=5)),  # the last three derivatives in the history ring
     "dpm_sde": ("dpm_sde", dict(num_inference_steps=3)),  # two noisy stages, the second reading the first's noise
+    # noise in every second stage; fewer steps from the digits schedule's sigma_max are degenerate (sigma_down 0)
+    "kdpm2_ancestral": ("kdpm2_ancestral", dict(num_inference_steps=10)),
 }
+# and every other sampler that runs on the digits denoiser (fastgen.registry), 4 steps
+SAMPLERS.update({name: (name, dict(num_inference_steps=4)) for name in registry.DIGITS_SAMPLERS if name not in SAMPLERS})
 N, BATCH, SHARD = 9, 2, 4  # 5 batches; shards [0, 4), [4, 8), [8, 9)
 SHAPE = (1, 8, 8)
 SEED = 11
@@ -175,7 +179,10 @@ def test_samples_do_not_depend_on_the_batch_but_for_the_model_rounding(reference
     matmul blocks by the number of rows), by float rounding."""
     model, scheduler, kwargs = _setup(kind)
     one_batch = fastgen.sample(model, (N, *SHAPE), scheduler, seed=SEED, **kwargs)
-    torch.testing.assert_close(one_batch, references[kind], rtol=1e-4, atol=1e-4)
+    # the two-stage samplers call the model twice a step from sigma_max ~ 2e4 in 4 steps: the rounding
+    # grows by about 10 over the run (seen: 4e-4 on one element of 576)
+    tolerance = 1e-3 if kind in ("heun", "kdpm2") else 1e-4
+    torch.testing.assert_close(one_batch, references[kind], rtol=tolerance, atol=tolerance)
     assert not torch.allclose(one_batch, _reference(kind, seed=SEED + 1), atol=1e-2)
 
 
