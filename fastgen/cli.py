@@ -139,7 +139,7 @@ def _train_consistency(args) -> int:
 
 
 TRAIN_TARGETS = {"gan": _train_gan, "ddpm": _train_ddpm, "flow": _train_flow, "consistency": _train_consistency}
-# sample --sampler: the schedulers of fastgen.sampling.make_scheduler that run on the digits denoiser
+# sample --sampler: the samplers of fastgen.registry that run on the digits denoiser (fastgen.models.views)
 SAMPLERS = registry.DIGITS_SAMPLERS
 
 
@@ -205,10 +205,9 @@ def _sample_flow(args) -> int:
 def _denoiser_run(args, device):
     """(model, scheduler, steps, shape, run) of ``sample --model ddpm``'s arguments; run: the sampling
     arguments of --steps (num_inference_steps, or the distilled model's searched 2-step timesteps),
-    --label and --guidance-scale. Flow matching samples the denoiser as a velocity model
-    (fastgen.models.velocity)."""
-    from fastgen import sampling
-    from fastgen.models import denoisers
+    --label and --guidance-scale. Flow matching samples the denoiser as a velocity model, the EDM
+    samplers as an EDM-preconditioned network (fastgen.models.views)."""
+    from fastgen.models import denoisers, views
 
     if args.sampler == "consistency":  # the distilled student (--checkpoint: another one) and its scheduler
         from fastgen.models import consistency
@@ -226,12 +225,7 @@ def _denoiser_run(args, device):
     else:  # the MLP sees square grey images flattened
         side = math.isqrt(model.dim)
         shape = (args.n, 1, side, side)
-    if args.sampler == "flow_match":
-        from fastgen.models.velocity import VelocityModel
-
-        model, scheduler = VelocityModel(model), sampling.make_scheduler("flow_match")
-    else:
-        scheduler = sampling.make_scheduler(args.sampler, **model.scheduler_config)
+    model, scheduler = views.for_sampler(model, args.sampler)
     steps = args.steps if args.steps is not None else (1000 if args.sampler == "ddpm" else 50)
     return model, scheduler, steps, shape, {"num_inference_steps": steps, **guidance}
 
@@ -527,8 +521,9 @@ def _add_sample(commands):
                    help="the shipped model to sample (default: ddpm; flow: the normalizing flow)")
     p.add_argument("--temperature", type=_positive_float, default=None, help="flow: the latent's scale (default: 1)")
     p.add_argument("--sampler", default=None, choices=SAMPLERS,
-                   help="ddpm: the scheduler (default: ddim); flow_match samples the denoiser as a velocity model; "
-                        "consistency the distilled student (default 2 steps)")
+                   help="ddpm: the scheduler (default: ddim); flow_match samples the denoiser as a velocity model, "
+                        "edm_* as an EDM-preconditioned network, consistency the distilled student "
+                        "(default 2 steps)")
     p.add_argument("--label", type=_int_at_least(0), default=None,
                    help="ddpm: the digit to sample (a class-conditional denoiser, train ddpm --conditional)")
     p.add_argument("--guidance-scale", type=_finite_float, default=None,

@@ -20,6 +20,8 @@ class Sampler:
         builder (None: DDPM and DDIM, whose steps are StepSpec ops).
     config: the config this name stands for (e.g. algorithm_type="sde-dpmsolver++").
     digits: runs on the shipped digits models (CLI ``sample --sampler``).
+    view: how a denoiser trained as a DDPM is seen by this sampler (``fastgen.models.views.for_sampler``):
+        None as itself, "velocity" as a flow velocity model, "edm" as an EDM-preconditioned network.
     requires: a package diffusers' class needs beyond diffusers (None: none); without it the class is
         not exported and asking for it raises ImportError naming the package.
     """
@@ -30,6 +32,7 @@ class Sampler:
     config: dict = dataclasses.field(default_factory=dict)
     digits: bool = False
     requires: str = None
+    view: str = None
 
 
 SAMPLERS = (
@@ -50,16 +53,17 @@ SAMPLERS = (
     Sampler("unipc", "UniPCMultistepScheduler", "unipc", "unipc", digits=True),
     Sampler("dpm_sde", "DPMSolverSDEScheduler", "dpm_sde", "dpm_sde", digits=True, requires="torchsde"),
     Sampler("dpmsolver++_singlestep", "DPMSolverSinglestepScheduler", "dpm_solver_single", "dpm_solver",
-            {"algorithm_type": "dpmsolver++"}),
-    Sampler("flow_match", "FlowMatchEulerDiscreteScheduler", "flow_match", "flow_matching", digits=True),
+            {"algorithm_type": "dpmsolver++"}, digits=True),
+    Sampler("flow_match", "FlowMatchEulerDiscreteScheduler", "flow_match", "flow_matching", digits=True,
+            view="velocity"),
     Sampler("consistency", "CMStochasticIterativeScheduler", "consistency", "consistency", digits=True),
-    Sampler("lcm", "LCMScheduler", "lcm", "consistency"),
-    Sampler("tcd", "TCDScheduler", "tcd", "tcd"),
-    Sampler("edm_euler", "EDMEulerScheduler", "edm_euler", "edm"),
+    Sampler("lcm", "LCMScheduler", "lcm", "consistency", digits=True),
+    Sampler("tcd", "TCDScheduler", "tcd", "tcd", digits=True),
+    Sampler("edm_euler", "EDMEulerScheduler", "edm_euler", "edm", digits=True, view="edm"),
     Sampler("edm_dpmsolver++", "EDMDPMSolverMultistepScheduler", "edm_dpm_solver", "edm",
-            {"algorithm_type": "dpmsolver++"}),
+            {"algorithm_type": "dpmsolver++"}, digits=True, view="edm"),
     Sampler("edm_sde-dpmsolver++", "EDMDPMSolverMultistepScheduler", "edm_dpm_solver", "edm",
-            {"algorithm_type": "sde-dpmsolver++"}),
+            {"algorithm_type": "sde-dpmsolver++"}, digits=True, view="edm"),
 )
 BY_NAME = {sampler.name: sampler for sampler in SAMPLERS}
 SCHEDULER_CLASSES = tuple(dict.fromkeys(sampler.scheduler for sampler in SAMPLERS))  # each class once, in order

@@ -22,7 +22,7 @@ import torch
 import fastgen
 from fastgen import distributed, registry, sampling
 from fastgen.cli import main
-from fastgen.models import pretrained_denoiser
+from fastgen.models import pretrained_denoiser, views
 
 # Every sampler fastgen.sample accepts, by name: (scheduler kind, sampling arguments). A new sampler
 # kind is one more entry; every test below runs on each.
@@ -34,7 +34,7 @@ SAMPLERS = {
     "sde-dpmsolver++": ("sde-dpmsolver++", dict(num_inference_steps=4)),  # multistep, noise in every step
     "flow_match": ("flow_match", dict(num_inference_steps=4)),
     "tcd": ("tcd", dict(num_inference_steps=3)),  # noise in every step but the last
-    "edm_sde-dpmsolver++": ("edm_sde-dpmsolver++", dict(num_inference_steps=4)),  # EDM scaling, noise every step
+    "edm_sde-dpmsolver++": ("edm_sde-dpmsolver++", dict(num_inference_steps=4)),  # EDM view, noise every step
     "lms": ("lms", dict(num_inference_steps=5)),  # the last three derivatives in the history ring
     "dpm_sde": ("dpm_sde", dict(num_inference_steps=3)),  # two noisy stages, the second reading the first's noise
     # noise in every second stage; fewer steps from the digits schedule's sigma_max are degenerate (sigma_down 0)
@@ -50,9 +50,10 @@ TIMEOUT_S = 60
 
 
 def _setup(kind):
-    model = pretrained_denoiser()
+    """(the digits denoiser as ``kind`` sees it, its scheduler, sampling arguments)."""
     scheduler_kind, kwargs = SAMPLERS[kind]
-    return model, sampling.make_scheduler(scheduler_kind, **model.scheduler_config), dict(kwargs, backend="torch")
+    model, scheduler = views.for_sampler(pretrained_denoiser(), scheduler_kind)
+    return model, scheduler, dict(kwargs, backend="torch")
 
 
 def _reference(kind, n=N, seed=SEED):

@@ -459,11 +459,11 @@ def sample_quality(model: Denoiser, *, n: int = 500, seed: int = 1, steps: int =
 
 
 def _samples(model, n, seed, steps, class_labels, guidance_scale, sampler):
-    from fastgen import sampling
+    from fastgen.models import views
 
-    scheduler = sampling.make_scheduler(sampler, **model.scheduler_config)
+    seen, scheduler = views.for_sampler(model, sampler)
     with torch.no_grad():
-        return fastgen.sample(model, (n, 1, 8, 8), scheduler, num_inference_steps=steps, seed=seed, backend="torch",
+        return fastgen.sample(seen, (n, 1, 8, 8), scheduler, num_inference_steps=steps, seed=seed, backend="torch",
                               class_labels=class_labels, guidance_scale=guidance_scale,
                               device=next(model.parameters()).device)
 
