@@ -2,14 +2,14 @@
 t, sample, generator=g)``, fastgen's drop-in schedulers against diffusers' own classes on the same
 tensors, the same step of the same schedule and the same generator, timed interleaved in one run.
 
-Samplers (each at the middle step of its run, the step index restored before every call so each call
-is the same step; the multistep solver holds its previous x0, so its second-order update is timed):
-
-    euler                  EulerDiscreteScheduler, 30 steps (SDXL's default)
-    euler_ancestral        EulerAncestralDiscreteScheduler, 30 steps (noise every step)
-    dpmpp_2m_karras        DPMSolverMultistepScheduler, 20 steps, use_karras_sigmas
-    dpmpp_2m_sde_karras    the same with algorithm_type "sde-dpmsolver++" (noise every step)
-    flow_match             FlowMatchEulerDiscreteScheduler, 28 steps, shift 3 (SD3's default)
+Samplers: every sampler of ``fastgen.registry`` with a StepTable (all but DDPM and DDIM, whose steps
+``bench_schedulers.py`` times), by registry name, in its registry configuration; a class that takes
+``beta_schedule`` gets Stable Diffusion's (scaled_linear, 0.00085 .. 0.012), flow matching shift 3
+(SD3's). Steps: 20, or the count in STEPS (a pipeline's default for that sampler). Each scheduler is
+first stepped to the middle of its run, so its state holds what the next step reads (a multistep
+solver's previous outputs, a two-stage method's first stage); that state is restored before every
+timed call (its lists copied: a few microseconds, for both providers alike), so every call is the
+same step.
 
 Shapes: [1, 4, 128, 128] (one SDXL latent), [4, 4, 64, 64] (four SD 1.5 latents), [1, 16, 128, 128]
 (one SD3 latent); ``--quick``: [2, 4, 8, 8]. fp32.
@@ -17,14 +17,15 @@ Shapes: [1, 4, 128, 128] (one SDXL latent), [4, 4, 64, 64] (four SD 1.5 latents)
 Providers:
     fastgen                fastgen's scheduler as a pipeline runs it (backend "auto"): the fused Triton
                            step on CUDA; on a CPU the fp32 torch path "auto" picks there
-    fastgen, seed noise    the same with ``seed=`` (noisy samplers): the noise drawn in the step from
-                           the counter-based stream, not by the generator
+    fastgen, seed noise    the same with ``seed=`` (samplers whose run draws noise): the noise drawn in
+                           the step from the counter-based stream, not by the generator
     diffusers              diffusers' class
 
     python bench/bench_samplers.py --threads 1        # median per step and ratio to diffusers
     python bench/bench_samplers.py --quick            # a smoke run
 """
 import argparse
+import inspect
 import os
 import sys
 
@@ -33,73 +34,84 @@ import torch
 if __name__ == "__main__" and not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # as the CLI does: the interpreter runs CPU tensors
 
+from fastgen import registry  # noqa: E402
 from fastgen.bench import harness  # noqa: E402
 
 SEED = 0x5A3B_1E55
-SAMPLERS = {  # name: (class name, config, inference steps, noisy)
-    "euler": ("EulerDiscreteScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), 30,
-              False),
-    "euler_ancestral": ("EulerAncestralDiscreteScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085,
-                                                                beta_end=0.012), 30, True),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085,
-                                                            beta_end=0.012, use_karras_sigmas=True), 20, False),
-    "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085,
-                                                                beta_end=0.012, use_karras_sigmas=True,
-                                                                algorithm_type="sde-dpmsolver++"), 20, True),
-    "flow_match": ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0), 28, False),
-    "tcd": ("TCDScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), 4, True),
-    "edm_euler": ("EDMEulerScheduler", {}, 30, False),
-    "edm_dpmpp_2m_sde": ("EDMDPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++"), 20, True),
-}
+SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+STEPS = {"euler": 30, "euler_ancestral": 30, "heun": 15, "kdpm2": 15, "kdpm2_ancestral": 15, "pndm": 50,
+         "dpm_sde": 10, "flow_match": 28, "consistency": 2, "lcm": 4, "tcd": 4, "edm_euler": 30}
+SAMPLERS = tuple(sampler.name for sampler in registry.SAMPLERS if sampler.reference and registry.available(sampler))
 SHAPES = [(1, 4, 128, 128), (4, 4, 64, 64), (1, 16, 128, 128)]
 QUICK_SHAPES = [(2, 4, 8, 8)]
 
 
+def make(module, name: str):
+    """``module``'s class (fastgen.schedulers or diffusers) of the registry sampler ``name``, configured."""
+    sampler = registry.BY_NAME[name]
+    cls = getattr(module, sampler.scheduler)
+    accepted = inspect.signature(cls.__init__).parameters
+    config = dict(SD_BETAS if "beta_schedule" in accepted else {}, **sampler.config)
+    if name == "flow_match":
+        config["shift"] = 3.0
+    return cls(**config)
+
+
 class Stepper:
-    """One scheduler stepping the same middle step of its run on every call (state restored first)."""
+    """A zero-argument call: one scheduler stepping the same middle step of its run on ``model_output``
+    and ``sample`` every time (its state restored first; ``index`` is that step's index)."""
 
-    def __init__(self, scheduler, steps, device, sample, **step_kwargs):
-        self.scheduler, self.step_kwargs = scheduler, step_kwargs
-        scheduler.set_timesteps(steps, device=device)
-        self.index = steps // 2
-        self.t = scheduler.timesteps[self.index]
-        self.previous = 0.9 * sample  # a previous x0 for the multistep solver's second-order update
-        if hasattr(scheduler, "scale_model_input"):
-            scheduler.scale_model_input(sample, self.t)  # as a pipeline does (and silences diffusers' warning)
+    def __init__(self, scheduler, steps, model_output, sample, **step_kwargs):
+        self.scheduler, self.model_output, self.sample, self.step_kwargs = scheduler, model_output, sample, step_kwargs
+        scheduler.set_timesteps(steps, device=sample.device)
+        timesteps = scheduler.timesteps
+        self.index = len(timesteps) // 2
+        self.t = timesteps[self.index]
+        scale = getattr(scheduler, "scale_model_input", lambda x, t: x)  # as a pipeline calls it (flow matching: none)
+        x = sample
+        for t in timesteps[:self.index]:  # the run up to the middle: the state the timed step reads
+            scale(x, t)
+            x = scheduler.step(model_output, t, x, return_dict=False, **step_kwargs)[0]
+        scale(sample, self.t)
+        self.state = dict(vars(scheduler))
 
-    def __call__(self, model_output, sample):
-        s = self.scheduler
-        s._step_index = self.index
-        if hasattr(s, "lower_order_nums"):
-            s.lower_order_nums, s.model_outputs = 1, [None, self.previous]
-        return s.step(model_output, self.t, sample, return_dict=False, **self.step_kwargs)
+    def __call__(self):
+        vars(self.scheduler).update({k: list(v) if isinstance(v, list) else v for k, v in self.state.items()})
+        return self.scheduler.step(self.model_output, self.t, self.sample, return_dict=False, **self.step_kwargs)
+
+
+def draws_noise(scheduler, steps: int) -> bool:
+    """Whether a run of ``steps`` steps of ``scheduler`` draws noise after its initial sample."""
+    from fastgen import sampling
+
+    return bool(sampling._Plan(scheduler, steps, eta=0.0).counter_draws.any())
 
 
 def calls_for(name, shape, device):
-    """{provider: zero-argument call} of one sampler and shape (fresh N(0, 1) inputs)."""
+    """{provider: Stepper} of one sampler and shape (fresh N(0, 1) inputs)."""
     import diffusers
 
     import fastgen.schedulers
 
-    class_name, config, steps, noisy = SAMPLERS[name]
+    steps = STEPS.get(name, 20)
     generator = torch.Generator(device).manual_seed(SEED)
     sample = torch.randn(shape, device=device, generator=generator)
     model_output = torch.randn(shape, device=device, generator=generator)
-    steppers = {"fastgen": Stepper(getattr(fastgen.schedulers, class_name)(**config), steps, device, sample,
-                                   generator=generator)}
-    if noisy:
-        steppers["fastgen, seed noise"] = Stepper(getattr(fastgen.schedulers, class_name)(**config), steps, device,
-                                                  sample, seed=SEED)
-    steppers["diffusers"] = Stepper(getattr(diffusers, class_name)(**config), steps, device, sample,
-                                    generator=generator)
-    return {provider: (lambda s=stepper: s(model_output, sample)) for provider, stepper in steppers.items()}
+    takes_generator = "generator" in inspect.signature(make(diffusers, name).step).parameters
+    noise = dict(generator=generator) if takes_generator else {}
+    steppers = {"fastgen": Stepper(make(fastgen.schedulers, name), steps, model_output, sample, **noise)}
+    if draws_noise(make(fastgen.schedulers, name), steps):
+        steppers["fastgen, seed noise"] = Stepper(make(fastgen.schedulers, name), steps, model_output, sample,
+                                                  seed=SEED)
+    steppers["diffusers"] = Stepper(make(diffusers, name), steps, model_output, sample, **noise)
+    return steppers
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="one sampler step: fastgen's sigma-space schedulers against "
                                                  "diffusers'")
     parser.add_argument("--quick", action="store_true", help="the quick size ([2, 4, 8, 8]): a smoke run")
-    parser.add_argument("--samplers", nargs="+", choices=sorted(SAMPLERS), default=None, help="only these samplers")
+    parser.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=None, help="only these samplers")
     harness.add_timing_arguments(parser, min_time=0.5)
     args = parser.parse_args(argv)
     device = harness.timing_device(args)

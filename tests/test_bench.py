@@ -218,6 +218,31 @@ def test_pytest_collects_the_bench_files():
     assert re.search(rf"\b{expected} passed", proc.stdout), proc.stdout
 
 
+def _bench_samplers():
+    from fastgen.bench import bench_samplers
+
+    return bench_samplers
+
+
+@pytest.mark.parametrize("name", _bench_samplers().SAMPLERS)
+def test_bench_samplers_steps_every_sampler_at_its_middle_step(name):
+    """bench_samplers.py builds every sampler's providers (fastgen, seed noise where the run draws noise,
+    diffusers) at the middle of its run; every call steps that same step (its state restored before
+    each) and gives a finite step of the sample's shape."""
+    bench = _bench_samplers()
+    shape = bench.QUICK_SHAPES[0]
+    calls = bench.calls_for(name, shape, torch.device("cpu"))
+    assert {"fastgen", "diffusers"} <= set(calls)
+    for provider, stepper in calls.items():
+        after = []
+        for _ in range(2):
+            out = stepper()[0]
+            assert out.shape == shape and torch.isfinite(out).all(), provider
+            scheduler = stepper.scheduler  # diffusers' PNDM counts its calls instead of a step index
+            after.append(scheduler.step_index if hasattr(scheduler, "step_index") else scheduler.counter)
+        assert after == [after[0]] * 2 and after[0] > 0, provider
+
+
 # A toy op with a backward pass: y = 2 x. Its "fastgen" provider is plain torch, so it runs anywhere.
 def _double_inputs(size, dtype, device, generator):
     return {"x": registry.random_tensor((size,), dtype, device, generator)}
