@@ -33,17 +33,30 @@ _INTERPRETER_LOCK = threading.Lock()
 def launch(kernel, grid, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)``, the one place a kernel is started; under the interpreter
     one launch at a time (compiled launches need no lock: they only enqueue work on a stream).
-    Compiled launches go through ``torch.library.wrap_triton`` (eagerly, the kernel itself): while
-    torch.compile traces or fake tensors run an op (fastgen's ops are ``torch.library.triton_op``s),
-    inductor sees the kernel itself and can place it in its graph (and in a CUDA graph)."""
+    Compiled launches go through ``torch.library.wrap_triton`` unless only eager torch sees them
+    (``eager_only``): while torch.compile traces or fake tensors run an op (fastgen's ops are
+    ``torch.library.triton_op``s), inductor sees the kernel itself and can place it in its graph (and
+    in a CUDA graph); eagerly, the kernel starts at once (wrap_triton's dispatch costs microseconds)."""
     if interpreted(kernel):
         if _fake(args, kwargs):  # an interpreted op's fake run (fastgen/ops/_library.py): shapes only
             return None
         with _INTERPRETER_LOCK:
             return kernel[grid](*args, **kwargs)
+    if eager_only((*args, *kwargs.values())):
+        return kernel[grid](*args, **kwargs)
     import torch
 
     return torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def eager_only(args) -> bool:
+    """Whether a call with ``args`` is seen by eager torch alone: not traced by torch.compile, no
+    dispatch mode active (fake tensors, functionalisation, a user's mode), every tensor a plain
+    ``torch.Tensor`` (no fake or other subclass)."""
+    import torch
+
+    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and all(type(arg) is torch.Tensor for arg in args if isinstance(arg, torch.Tensor)))
 
 
 def _fake(args, kwargs) -> bool:

@@ -94,8 +94,7 @@ def test_traced_whole_with_the_op_in_the_graph(name):
     fn, args = CASES[name]
     explained = torch._dynamo.explain(fn)(*args)
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
-    targets = {node.target for graph in explained.graphs for node in graph.graph.nodes}
-    assert getattr(torch.ops.fastgen, name) in targets
+    assert _calls(explained, getattr(torch.ops.fastgen, name))
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -125,6 +124,34 @@ def test_compiled_missing_seed_follows_torch_manual_seed(fn, args):
         torch.manual_seed(seed)
         draws.append(run(*args))
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+class _SeenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops dispatched while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_eager_calls_run_the_op_body_and_a_dispatch_mode_sees_the_op(backend):
+    """The ops without autograd (randn, latents, q_sample, the steps) run their body directly when only
+    eager torch sees the call: the same numbers as the registered op, and under a dispatch mode (here a
+    recording one; fake tensors, functionalisation) the call is the op itself."""
+    from fastgen.ops import random as random_ops
+
+    direct = fastgen.randn(SHAPE, seed=SEED, stream=2, offset=1, backend=backend)
+    through_op = random_ops._randn_op.op(list(SHAPE), random_ops._int64_bits(SEED), None, 2, SHAPE[1],
+                                         torch.float32, torch.device("cpu"), backend)
+    assert torch.equal(direct, through_op)
+    with _SeenOps() as mode:
+        seen = fastgen.randn(SHAPE, seed=SEED, stream=2, offset=1, backend=backend)
+    assert torch.ops.fastgen.randn.default in mode.seen and torch.equal(seen, direct)
 
 
 def test_inductor_compiles_the_op_body():

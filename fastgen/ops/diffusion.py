@@ -62,7 +62,7 @@ def q_sample(x0, t, schedule, *, seed=None, noise=None, offset=0, return_noise=F
     return outs[0]
 
 
-@kernel_op("fastgen::q_sample")
+@kernel_op("fastgen::q_sample", direct=True)
 def _q_sample_op(x0: torch.Tensor, t: Optional[torch.Tensor], t_int: int, table: torch.Tensor, seed: int, offset: int,
                  noise: Optional[torch.Tensor], return_noise: bool) -> list[torch.Tensor]:
     """The fused q_sample (kernels/diffusion.py): [x_t], and the drawn noise with ``return_noise``.
@@ -238,7 +238,7 @@ def _fused_step(spec, model_output, t, prev_t, sample, schedule, *, noise, draws
 _SPEC_FIELDS = tuple(field.name for field in dataclasses.fields(StepSpec))  # the op's settings, in order
 
 
-@kernel_op("fastgen::diffusion_step")
+@kernel_op("fastgen::diffusion_step", direct=True)
 def _step_op(model_output: torch.Tensor, t: Optional[torch.Tensor], t_int: int, prev_t: Optional[torch.Tensor],
              prev_int: Optional[int], sample: torch.Tensor, table: torch.Tensor, kind: str, prediction_type: str,
              variance_type: str, clip_sample: bool, clip_sample_range: float, thresholding: bool,

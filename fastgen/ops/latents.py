@@ -25,7 +25,7 @@ def _truncation(psi):
     return psi
 
 
-@kernel_op("fastgen::latents")
+@kernel_op("fastgen::latents", direct=True)
 def _latents_op(n: int, dim: int, seed: int, seed_bits: Optional[torch.Tensor], offset: int,
                 truncation: Optional[float], dtype: torch.dtype, device: torch.device, backend: str) -> torch.Tensor:
     """[n, dim] latents from sample ``offset`` on (in samples), truncated to [-psi, psi] when
@@ -74,4 +74,4 @@ def latents(n, dim, *, seed=None, offset=0, truncation=None, dtype=torch.float32
     device = _checks.compute_device(device)
     backend = resolve_backend(backend, device)
     seed, seed_bits = seed_operands(seed, backend)
-    return torch.ops.fastgen.latents(n, dim, seed, seed_bits, offset, psi, dtype, device, backend)
+    return _latents_op(n, dim, seed, seed_bits, offset, psi, dtype, device, backend)

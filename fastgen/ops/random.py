@@ -47,7 +47,7 @@ def seed_of(seed: int, seed_bits: Optional[torch.Tensor]):
     return seed if seed_bits is None else seed_bits
 
 
-@kernel_op("fastgen::randn")
+@kernel_op("fastgen::randn", direct=True)
 def _randn_op(shape: list[int], seed: int, seed_bits: Optional[torch.Tensor], stream: int, offset: int,
               dtype: torch.dtype, device: torch.device, backend: str) -> torch.Tensor:
     """Normals of counter elements offset .. offset + numel - 1 (``offset`` in elements) in ``shape``.
@@ -95,7 +95,7 @@ def randn(shape, *, seed=None, stream=0, offset=0, device=None, dtype=torch.floa
         seed_bits = torch.tensor(seed, dtype=torch.int64) if seed_bits is None else seed_bits
         return _compile.compiled(_torch_randn, dtype, dynamic=True)(list(shape), seed_bits, stream, element_offset,
                                                                     dtype)
-    return torch.ops.fastgen.randn(list(shape), seed, seed_bits, stream, element_offset, dtype, device, backend)
+    return _randn_op(list(shape), seed, seed_bits, stream, element_offset, dtype, device, backend)
 
 
 COMPILED_NUMEL = 1 << 20  # a draw this large runs compiled on a CPU ("auto"; below, eager: the compile costs seconds)

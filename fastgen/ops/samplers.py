@@ -350,7 +350,7 @@ def fused_step(table, i, model_output, sample, prev_denoised, *, noise, seed, of
     return outs[0], (outs[1] if return_denoised else None)
 
 
-@kernel_op("fastgen::sampler_step")
+@kernel_op("fastgen::sampler_step", direct=True)
 def _sampler_step_op(model_output: torch.Tensor, sample: torch.Tensor, prev_denoised: Optional[torch.Tensor],
                      noise: Optional[torch.Tensor], coefficients: torch.Tensor, streams: torch.Tensor,
                      step: torch.Tensor, draws: bool, seed: int, offset: int, guidance: Optional[float], clip: str,
