@@ -21,8 +21,14 @@ Providers:
                            the step from the counter-based stream, not by the generator
     diffusers              diffusers' class
 
+``--host-cost``: fastgen's classes on backend "triton" with every kernel launch replaced by a no-op,
+at [2, 4, 8, 8]: the Python a GPU step costs around its one launch (argument checks, the row lookup,
+the custom op's dispatch), on any machine; Triton's own launcher is not in it. diffusers' step runs
+whole on the same tiny tensors, where its few tensor ops cost little next to its own Python.
+
     python bench/bench_samplers.py --threads 1        # median per step and ratio to diffusers
     python bench/bench_samplers.py --quick            # a smoke run
+    python bench/bench_samplers.py --host-cost        # the host cost of a fused step
 """
 import argparse
 import inspect
@@ -46,15 +52,26 @@ SHAPES = [(1, 4, 128, 128), (4, 4, 64, 64), (1, 16, 128, 128)]
 QUICK_SHAPES = [(2, 4, 8, 8)]
 
 
-def make(module, name: str):
-    """``module``'s class (fastgen.schedulers or diffusers) of the registry sampler ``name``, configured."""
+def make(module, name: str, **kwargs):
+    """``module``'s class (fastgen.schedulers or diffusers) of the registry sampler ``name``, configured
+    (``kwargs``: e.g. fastgen's backend)."""
     sampler = registry.BY_NAME[name]
     cls = getattr(module, sampler.scheduler)
     accepted = inspect.signature(cls.__init__).parameters
     config = dict(SD_BETAS if "beta_schedule" in accepted else {}, **sampler.config)
     if name == "flow_match":
         config["shift"] = 3.0
-    return cls(**config)
+    return cls(**config, **kwargs)
+
+
+def stub_launches():
+    """Every kernel launch a no-op from now on (``--host-cost``): what is left of a step is its host cost."""
+    import fastgen.kernels
+
+    real = fastgen.kernels.launch
+    for module in list(sys.modules.values()):
+        if getattr(module, "launch", None) is real:
+            module.launch = lambda kernel, grid, *args, **kwargs: None
 
 
 class Stepper:
@@ -87,8 +104,9 @@ def draws_noise(scheduler, steps: int) -> bool:
     return bool(sampling._Plan(scheduler, steps, eta=0.0).counter_draws.any())
 
 
-def calls_for(name, shape, device):
-    """{provider: Stepper} of one sampler and shape (fresh N(0, 1) inputs)."""
+def calls_for(name, shape, device, **fastgen_kwargs):
+    """{provider: Stepper} of one sampler and shape (fresh N(0, 1) inputs); ``fastgen_kwargs``: the
+    arguments of fastgen's classes (e.g. backend="triton")."""
     import diffusers
 
     import fastgen.schedulers
@@ -99,10 +117,11 @@ def calls_for(name, shape, device):
     model_output = torch.randn(shape, device=device, generator=generator)
     takes_generator = "generator" in inspect.signature(make(diffusers, name).step).parameters
     noise = dict(generator=generator) if takes_generator else {}
-    steppers = {"fastgen": Stepper(make(fastgen.schedulers, name), steps, model_output, sample, **noise)}
+    steppers = {"fastgen": Stepper(make(fastgen.schedulers, name, **fastgen_kwargs), steps, model_output, sample,
+                                   **noise)}
     if draws_noise(make(fastgen.schedulers, name), steps):
-        steppers["fastgen, seed noise"] = Stepper(make(fastgen.schedulers, name), steps, model_output, sample,
-                                                  seed=SEED)
+        steppers["fastgen, seed noise"] = Stepper(make(fastgen.schedulers, name, **fastgen_kwargs), steps,
+                                                  model_output, sample, seed=SEED)
     steppers["diffusers"] = Stepper(make(diffusers, name), steps, model_output, sample, **noise)
     return steppers
 
@@ -112,8 +131,12 @@ def main(argv=None):
                                                  "diffusers'")
     parser.add_argument("--quick", action="store_true", help="the quick size ([2, 4, 8, 8]): a smoke run")
     parser.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=None, help="only these samplers")
+    parser.add_argument("--host-cost", action="store_true",
+                        help="fastgen on backend triton with the kernel launches stubbed out, at [2, 4, 8, 8]")
     harness.add_timing_arguments(parser, min_time=0.5)
     args = parser.parse_args(argv)
+    if args.host_cost:
+        stub_launches()
     device = harness.timing_device(args)
     config = harness.TimerConfig.quick() if args.quick else harness.TimerConfig(cpu_min_time_s=args.min_time)
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
@@ -121,8 +144,8 @@ def main(argv=None):
     print("| sampler | shape | provider | median us | p20-p80 us | this / diffusers |")
     print("|---|---|---|---|---|---|")
     for name in args.samplers or SAMPLERS:
-        for shape in QUICK_SHAPES if args.quick else SHAPES:
-            calls = calls_for(name, shape, device)
+        for shape in QUICK_SHAPES if args.quick or args.host_cost else SHAPES:
+            calls = calls_for(name, shape, device, **({"backend": "triton"} if args.host_cost else {}))
             timings = {p: t.summary() for p, t in harness.time_calls(calls, device, config).items()}
             for provider, s in timings.items():
                 ratio = s["median_ms"] / timings["diffusers"]["median_ms"]

@@ -89,6 +89,7 @@ class StepTable:
         object.__setattr__(self, "history", max((k + 1 for k, read in enumerate(reads) if read), default=1))
         object.__setattr__(self, "any_draws", any(self.step_draws))
         object.__setattr__(self, "any_generator_draws", bool(self.generator_draws.any()))
+        object.__setattr__(self, "_rows", tuple(dict(zip(COLUMNS, row)) for row in self.coefficients.tolist()))
 
     @property
     def num_steps(self) -> int:
@@ -113,8 +114,8 @@ class StepTable:
         return self.clip, self.clip_range, self.dynamic_thresholding_ratio, self.sample_max_value
 
     def row(self, i: int) -> dict:
-        """Step i's coefficients as Python floats by column name."""
-        return dict(zip(COLUMNS, self.coefficients[i].tolist()))
+        """Step i's coefficients as Python floats by column name (made once; read it, do not change it)."""
+        return self._rows[i]
 
 
 TABLES = {}  # diffusers class name -> builder(scheduler, **step_settings) -> StepTable

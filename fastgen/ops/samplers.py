@@ -78,8 +78,8 @@ def sampler_step(table: StepTable, i, model_output, sample, *, prev_denoised=Non
     guidance_scale = guidance_scale_arg(guidance_scale)
     _checks.like(model_output, "model_output", sample, "sample", shape=guidance_scale is None)
     check_guided_output(model_output, sample.shape, guidance_scale)
-    needs_previous = table.reads_previous and (host_i is None or any(table.row(host_i)[name] != 0
-                                                                     for name in HISTORY_COLUMNS))
+    row = None if host_i is None else table.row(host_i)
+    needs_previous = table.reads_previous and (row is None or any(row[name] != 0 for name in HISTORY_COLUMNS))
     if needs_previous:
         if prev_denoised is None:
             raise ValueError(f"prev_denoised is required: the {table.kind} step reads the previous step's denoised "
@@ -110,7 +110,7 @@ def sampler_step(table: StepTable, i, model_output, sample, *, prev_denoised=Non
             noise = step_noise(table, host_i, sample.shape, seed=seed, offset=element_offset, device=sample.device)
     previous = previous_outputs(table, prev_denoised, host_i)
     noise_prev = None
-    if table.row(host_i)["noise_prev"]:  # the previous step's counter noise, drawn again
+    if row["noise_prev"]:  # the previous step's counter noise, drawn again
         noise_prev = step_noise(table, host_i - 1, sample.shape, seed=seed, offset=element_offset, device=sample.device)
     if backend == "reference":
         f = guided(model_output.double(), guidance_scale)
@@ -118,7 +118,7 @@ def sampler_step(table: StepTable, i, model_output, sample, *, prev_denoised=Non
         z = None if noise is None else noise.double() if noise_prev is None else (noise.double(), noise_prev.double())
         out, denoised = table.reference(host_i, f, sample.double(), reference_previous(table, previous), z)
     else:
-        out, denoised = torch_step(table, table.row(host_i), guided(model_output.float(), guidance_scale),
+        out, denoised = torch_step(table, row, guided(model_output.float(), guidance_scale),
                                    sample.float(), previous, noise, noise_prev=noise_prev)
     if denoised_out is not None:
         denoised = keep_denoised(table, denoised_out, host_i, denoised)

@@ -22,7 +22,6 @@ from diffusers.schedulers.scheduling_heun_discrete import HeunDiscreteSchedulerO
 from fastgen.reference import karras
 from fastgen.schedulers._common import with_backend
 from fastgen.schedulers._sigma import SigmaStepMixin
-from fastgen.step_table import COLUMNS
 
 
 class TwoStageMixin(SigmaStepMixin):
@@ -56,9 +55,8 @@ class TwoStageMixin(SigmaStepMixin):
 
     def _first_stage_x0(self, model_output, sample, i, step_settings):
         """x0 = CX x + CF F of step i's row (clipped as diffusers clips it), on the device."""
-        coefficients = self._step_table(start=int(self._run_start), **step_settings).on(sample.device)[0]
-        cx, cf = coefficients[i, COLUMNS.index("cx")], coefficients[i, COLUMNS.index("cf")]
-        x0 = cx * sample.float() + cf * model_output.float()
+        row = self._step_table(start=int(self._run_start), **step_settings).row(i)
+        x0 = torch.add(sample.float() * row["cx"], model_output.float(), alpha=row["cf"])
         if getattr(self.config, "clip_sample", False):
             x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
         return x0.to(sample.dtype)
