@@ -8,6 +8,7 @@ Compiles are slow on small CPUs: the steps compile with the ``aot_eager`` backen
 autograd's, no code generation), and one test per family runs inductor's C++ code (the Philox integers
 in generated code must stay bit-exact)."""
 import copy
+import inspect
 
 import pytest
 import torch
@@ -20,37 +21,25 @@ torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limi
 
 SHAPE = (2, 4, 8, 8)
 STEPS = 6
-# (scheduler class, config, set_timesteps keywords, step keywords): defaults and what pipelines use
-CONFIGS = {
-    "ddpm": ("DDPMScheduler", {}, {}, {"seed": 3}),
-    "ddim": ("DDIMScheduler", {}, {}, {}),
+def _registry_config(sampler):
+    """(scheduler class, config, set_timesteps keywords, step keywords) of a registry sampler: its own
+    configuration, stepped with counter noise where its step takes seed= (a no-op where it draws none)."""
+    takes_seed = "seed" in inspect.signature(getattr(fastgen, sampler.scheduler).step).parameters
+    return sampler.scheduler, dict(sampler.config), {}, {"seed": 3} if takes_seed else {}
+
+
+# every sampler of the registry as configured there, and the configurations pipelines use beside them
+CONFIGS = {sampler.name: _registry_config(sampler) for sampler in registry.SAMPLERS if registry.available(sampler)}
+CONFIGS.update({
     "ddim_alpha_not_one": ("DDIMScheduler", {"set_alpha_to_one": False, "clip_sample": False}, {}, {}),
     "ddim_eta": ("DDIMScheduler", {}, {}, {"eta": 0.5, "seed": 3}),
-    "euler": ("EulerDiscreteScheduler", {}, {}, {}),
     "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, {}, {}),
-    "heun": ("HeunDiscreteScheduler", {}, {}, {}),
-    "kdpm2": ("KDPM2DiscreteScheduler", {}, {}, {}),
-    "kdpm2_ancestral": ("KDPM2AncestralDiscreteScheduler", {}, {}, {"seed": 3}),
-    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}, {}, {"seed": 3}),
-    "dpmsolver++": ("DPMSolverMultistepScheduler", {}, {}, {}),
     "dpmsolver++_no_lower_order_final": ("DPMSolverMultistepScheduler", {"lower_order_final": False}, {}, {}),
-    "sde-dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}, {"seed": 3}),
     "flow_match_shift": ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}, {}, {}),
-    "lcm": ("LCMScheduler", {}, {}, {"seed": 3}),
-    "consistency": ("CMStochasticIterativeScheduler", {}, {}, {"seed": 3}),
-    "tcd": ("TCDScheduler", {}, {}, {"seed": 3}),
-    "dpmsolver++_singlestep": ("DPMSolverSinglestepScheduler", {}, {}, {}),
-    "deis": ("DEISMultistepScheduler", {}, {}, {}),
-    "lms": ("LMSDiscreteScheduler", {}, {}, {}),
     "lms_karras_order_2": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}, {}, {"order": 2}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, {}, {}),
-    "unipc": ("UniPCMultistepScheduler", {}, {}, {}),
-    "dpm_sde": ("DPMSolverSDEScheduler", {}, {}, {"seed": 3}),
     "unipc_bh1_order_3": ("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 3,
                                                       "final_sigmas_type": "sigma_min"}, {}, {}),
-    "edm_euler": ("EDMEulerScheduler", {}, {}, {}),
-    "edm_sde-dpmsolver++": ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}, {"seed": 3}),
-}
+})
 
 
 def _scheduler(name):
