@@ -155,11 +155,18 @@ def test_eager_calls_run_the_op_body_and_a_dispatch_mode_sees_the_op(backend):
 
 
 def test_inductor_compiles_the_op_body():
-    """Inductor decomposes the op (counter noise, the reparameterization, the KL and their backward)
-    into its own code, with no call back into torch.ops.fastgen, and matches eager to fp32 rounding."""
+    """With compiled kernels the ops are triton_ops: inductor decomposes the op (counter noise, the
+    reparameterization, the KL and their backward) into its own code, with no call back into
+    torch.ops.fastgen. Under the Triton interpreter they are opaque custom ops (fastgen/ops/_library.py):
+    the generated forward calls the op once (the backward of the torch path is torch ops, decomposed
+    either way). The compiled outputs and gradients match eager to fp32 rounding."""
+    from fastgen.ops import _library
+
     compiled_fn = torch.compile(reparameterize_with_kl, fullgraph=True)
     actual, codes = run_and_get_code(outputs_and_grads, compiled_fn, (MU, LOGVAR))
-    assert len(codes) == 2 and not any("torch.ops.fastgen" in code for code in codes)  # forward, backward
+    assert len(codes) == 2  # forward, backward
+    calls = ["torch.ops.fastgen" in code for code in codes]
+    assert calls == [_library._interpreting(), False]
     for a, e in zip(actual, outputs_and_grads(reparameterize_with_kl, (MU, LOGVAR))):
         assert_all_close(a, e)
 
