@@ -10,13 +10,16 @@
 #   compile    the torch.compile checks on CUDA first (tests/test_torch_compile.py: the captured fused
 #              step beside torch.compile(mode="reduce-overhead") of the same step), apart from the suite
 #   tests      pytest with the kernels compiled (the CUDA-graph and compile-cache tests run there)
+#   steps      python bench/bench_samplers.py: one eager drop-in step of every sigma-space sampler
+#              against diffusers' step (what a pipeline without torch.compile pays per step)
 #   sampling   python bench/bench_sampling.py: the sampling-loop table (graph loop vs eager vs
 #              diffusers vs model only, MLP and UNet, DDPM-1000 and DDIM-50)
 #   report     python -m fastgen bench over every op family but sampling: results.json/.md/.csv
 #
-# Each stage has its own time limit (seconds, env VALIDATE_S / STATIC_S / COMPILE_S / TESTS_S / SAMPLING_S / REPORT_S) so one slow stage
+# Each stage has its own time limit (seconds, env VALIDATE_S / STATIC_S / COMPILE_S / TESTS_S / STEPS_S / SAMPLING_S / REPORT_S) so one slow stage
 # cannot eat the call; logs and results are written under $OUT as they are produced.
-# SAMPLING_ARGS and REPORT_ARGS narrow those two (say --providers, --sizes) to fit a short GPU session.
+# STEPS_ARGS, SAMPLING_ARGS and REPORT_ARGS narrow those three (say --samplers, --providers, --sizes) to
+# fit a short GPU session.
 #
 # diffusers (the schedulers' base class and the peer rows) may be missing there: download its wheels
 # on a machine that reaches the registry and copy the folder .whl/ along with the checkout:
@@ -57,7 +60,7 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,
   --format=csv 2>&1 | tee -a "$OUT/env.txt"
 
 status=0
-for stage in "${@:-validate static compile tests sampling report}"; do
+for stage in "${@:-validate static compile tests steps sampling report}"; do
   for s in $stage; do
     case "$s" in
       static)
@@ -81,6 +84,10 @@ for stage in "${@:-validate static compile tests sampling report}"; do
         eval "pytest_args=(${PYTEST_ARGS:-})"  # e.g. --tb=line; FASTGEN_TEST_IDS=<file> runs only those ids
         timeout "${TESTS_S:-420}" python3 -m pytest -v -rfE -p no:cacheprovider $parallel $per_test "${pytest_args[@]}" 2>&1 \
           | tee "$OUT/pytest.log" || status=1 ;;
+      steps)
+        eval "steps_args=(${STEPS_ARGS:-})"
+        timeout "${STEPS_S:-300}" python3 bench/bench_samplers.py "${steps_args[@]}" 2>&1 \
+          | tee "$OUT/steps.md" || status=1 ;;
       sampling)
         eval "sampling_args=(${SAMPLING_ARGS:-})"  # provider names hold spaces: quote them in SAMPLING_ARGS
         timeout "${SAMPLING_S:-420}" python3 bench/bench_sampling.py --reps 3 "${sampling_args[@]}" 2>&1 \
@@ -91,7 +98,7 @@ for stage in "${@:-validate static compile tests sampling report}"; do
         timeout "${REPORT_S:-540}" python3 -m fastgen bench --ops $ops --out "$OUT/report" --no-plots --no-progress \
           "${report_args[@]}" 2>&1 \
           | tee "$OUT/report.log" || status=1 ;;
-      *) echo "unknown stage $s (validate, static, compile, tests, sampling, report)"; status=2 ;;
+      *) echo "unknown stage $s (validate, static, compile, tests, steps, sampling, report)"; status=2 ;;
     esac
   done
 done
