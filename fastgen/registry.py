@@ -52,8 +52,9 @@ SAMPLERS = (
     Sampler("pndm", "PNDMScheduler", "pndm", "pndm", {"skip_prk_steps": True}, digits=True),
     Sampler("unipc", "UniPCMultistepScheduler", "unipc", "unipc", digits=True),
     Sampler("dpm_sde", "DPMSolverSDEScheduler", "dpm_sde", "dpm_sde", digits=True, requires="torchsde"),
+    # lower_order_final: what diffusers' set_timesteps switches to anyway with its final sigma 0 (and warns)
     Sampler("dpmsolver++_singlestep", "DPMSolverSinglestepScheduler", "dpm_solver_single", "dpm_solver",
-            {"algorithm_type": "dpmsolver++"}, digits=True),
+            {"algorithm_type": "dpmsolver++", "lower_order_final": True}, digits=True),
     Sampler("flow_match", "FlowMatchEulerDiscreteScheduler", "flow_match", "flow_matching", digits=True,
             view="velocity"),
     Sampler("consistency", "CMStochasticIterativeScheduler", "consistency", "consistency", digits=True),
