@@ -2,7 +2,9 @@
 whole trajectories on a StepTable (fused step or float64 reference, with the same counter noise) and
 fastgen's scheduler against diffusers' own, step by step, from the same generator. Every helper runs
 on the session's device (tests/conftest.py's DEVICE): the kernels compiled on a GPU, interpreted on a
-CPU; inputs may be made on the CPU (from CPU generators, as diffusers' pipelines draw them)."""
+CPU; inputs may be made on the CPU (from CPU generators, as diffusers' pipelines draw them). And the
+loop of diffusers' own full-loop tests (its dummy model from its deterministic sample), whose asserted
+values the tests of each drop-in scheduler assert too."""
 import math
 
 import torch
@@ -12,6 +14,8 @@ from tests.conftest import DEVICE
 from tests.utils import assert_close
 
 SHAPE = (2, 3, 8, 8)
+# the config of diffusers' tests of Euler, Euler ancestral, LMS, Heun, KDPM2, KDPM2 ancestral and DPM-SDE
+DIFFUSERS_TEST_CONFIG = dict(num_train_timesteps=1100, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
 
 
 def scheduler_pair(name, config, steps, backend):
@@ -74,6 +78,53 @@ def assert_trajectories_agree(table, x, *, seed, rtol=2e-5, atol=2e-5):
     assert torch.isfinite(want).all()
     scale = max(1.0, float(want.abs().max()))
     assert_close(got.cpu(), want.float(), rtol=rtol, atol=atol * scale)
+
+
+def dummy_sample(reverse=False):
+    """diffusers' dummy_sample_deter (reverse=True: its dummy_noise_deter, the ramp flipped): the ramp
+    k / 768, k = 0 .. 767, laid out [C, H, W, B] = [3, 8, 8, 4] and returned as [B, C, H, W]."""
+    values = torch.arange(4 * 3 * 8 * 8)
+    values = values.flip(-1) if reverse else values
+    return (values.reshape(3, 8, 8, 4) / values.numel()).permute(3, 0, 1, 2)
+
+
+def dummy_model(sample, t):
+    """diffusers' dummy_model: sample t / (t + 1), the timestep broadcast over the batch."""
+    if isinstance(t, torch.Tensor):
+        t = t.reshape(-1, *[1] * (sample.dim() - 1)).to(sample.device, sample.dtype)
+    return sample * t / (t + 1)
+
+
+def diffusers_full_loop(scheduler, *, steps=10, start=None, noise=True, scale=None, seed=None, device=DEVICE,
+                        **step_kwargs):
+    """The loop of diffusers' full-loop tests, on ``device``: set_timesteps(steps), the dummy model from the
+    dummy sample. start: begin at timesteps[start * order], the dummy noise added there (noise=False: not).
+    scale=None: the sample as it is; "model": scaled by init_noise_sigma, the model fed scale_model_input's
+    output; "sample": the same, the sample itself replaced by scale_model_input's output, the step fed that
+    too (as diffusers' tests of the Karras-sigma schedulers do). seed: a CPU generator seeded so (the draws
+    of diffusers' torch.manual_seed(seed)) given to every step. Returns the final sample."""
+    scheduler.set_timesteps(steps, device=device)
+    sample, timesteps = dummy_sample().to(device), scheduler.timesteps
+    if scale is not None:
+        sample = sample * scheduler.init_noise_sigma
+    if start is not None:
+        timesteps = timesteps[start * scheduler.order:]
+        if noise:
+            sample = scheduler.add_noise(sample, dummy_sample(reverse=True).to(device), timesteps[:1])
+    if seed is not None:
+        step_kwargs["generator"] = torch.Generator().manual_seed(seed)
+    for t in timesteps:
+        scaled = sample if scale is None else scheduler.scale_model_input(sample, t)
+        sample = scaled if scale == "sample" else sample
+        sample = scheduler.step(dummy_model(scaled, t), t, sample, **step_kwargs).prev_sample
+    return sample
+
+
+def assert_abs_sum_mean(sample, total, mean, sum_tolerance=1e-2, mean_tolerance=1e-3):
+    """diffusers' full-loop assertion: sum |x| and mean |x| within its tolerances (total None: not asserted)."""
+    if total is not None:
+        assert abs(sample.abs().sum().item() - total) < sum_tolerance, sample.abs().sum().item()
+    assert abs(sample.abs().mean().item() - mean) < mean_tolerance, sample.abs().mean().item()
 
 
 def model_input(scheduler, x, t):

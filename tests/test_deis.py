@@ -7,9 +7,8 @@ import torch
 
 import fastgen.schedulers as fs
 from fastgen.step_table import step_table
-from tests.sigma_utils import (SHAPE, assert_sample_matches_reference, assert_trajectories_agree, fresh_sample,
-                               scheduler_pair, step_by_step)
-from tests.test_dpm_solver import _deter, _model
+from tests.sigma_utils import (SHAPE, assert_abs_sum_mean, assert_sample_matches_reference, assert_trajectories_agree,
+                               diffusers_full_loop, fresh_sample, scheduler_pair, step_by_step)
 
 # (scheduler config, inference steps, tolerance against diffusers relative to the largest operand)
 SWEEP = {
@@ -56,30 +55,21 @@ def test_third_order_runs_diffusers_step():
 
 
 # diffusers' own test (tests/schedulers/test_scheduler_deis.py): 10 steps of its dummy model from its
-# deterministic sample; (config changes, first timestep index or None, |x| sum or None, |x| mean)
+# deterministic sample; (config changes, loop keywords, |x| sum or None, |x| mean)
 DIFFUSERS_VALUES = {
-    "no noise": ({}, None, None, 0.23916),
-    "v_prediction": (dict(prediction_type="v_prediction"), None, None, 0.091),
-    "with noise": ({}, 8, 315.3016, 0.41054),
+    "no noise": ({}, {}, None, 0.23916),
+    "v_prediction": (dict(prediction_type="v_prediction"), {}, None, 0.091),
+    "with noise": ({}, dict(start=8), 315.3016, 0.41054),
 }
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("case", DIFFUSERS_VALUES)
 def test_diffusers_asserted_full_loops(case, backend):
-    config, t_start, total, mean = DIFFUSERS_VALUES[case]
+    config, loop, *values = DIFFUSERS_VALUES[case]
     scheduler = fs.DEISMultistepScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
                                           beta_schedule="linear", solver_order=2, **config, backend=backend)
-    scheduler.set_timesteps(10)
-    sample, timesteps = _deter(), scheduler.timesteps
-    if t_start is not None:
-        timesteps = timesteps[t_start:]
-        sample = scheduler.add_noise(sample, _deter(reverse=True), timesteps[:1])
-    for t in timesteps:
-        sample = scheduler.step(_model(sample, t), t, sample).prev_sample
-    if total is not None:
-        assert abs(sample.abs().sum().item() - total) < 1e-2
-    assert abs(sample.abs().mean().item() - mean) < 1e-3
+    assert_abs_sum_mean(diffusers_full_loop(scheduler, **loop), *values)
 
 
 def test_saved_scheduler_reloads_as_fastgen(tmp_path):

@@ -1,7 +1,7 @@
 """DPMSolverSDEScheduler: the fused stages with counter-based Brownian increments against the float64
 reference (fastgen/reference/dpm_sde.py; the kernel in the interpreter on a CPU), the stages' equations
-against diffusers' own step on the same increments, the increments' law, batch invariance, and
-diffusers' own step (its torchsde tree) without seed=."""
+against diffusers' own step on the same increments, the increments' law, batch invariance,
+diffusers' own step (its torchsde tree) without seed=, and diffusers' asserted values."""
 import math
 
 import diffusers
@@ -12,9 +12,9 @@ import fastgen
 import fastgen.schedulers as fs
 from fastgen.reference import dpm_sde
 from fastgen.step_table import step_table
-from tests.sigma_utils import (SHAPE, assert_batch_invariant, assert_sample_matches_reference,
-                               assert_trajectories_agree, fresh_sample, model_input, reference_trajectory, seeded_loop,
-                               toy_model)
+from tests.sigma_utils import (DIFFUSERS_TEST_CONFIG, SHAPE, assert_abs_sum_mean, assert_batch_invariant,
+                               assert_sample_matches_reference, assert_trajectories_agree, diffusers_full_loop,
+                               fresh_sample, model_input, reference_trajectory, seeded_loop, toy_model)
 
 SWEEP = {
     "default": ({}, 6),
@@ -122,6 +122,28 @@ def test_without_seed_the_step_is_diffusers_own():
         x = ours.step(toy_model(model_input(ours, x, t), t), t, x).prev_sample
         y = theirs.step(toy_model(model_input(theirs, y, t), t), t, y).prev_sample
     torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+# diffusers' own test (tests/schedulers/test_scheduler_dpm_sde.py), its CPU values: 10 steps of its dummy model from
+# its deterministic sample times init_noise_sigma, the sample replaced by scale_model_input's output each step (the
+# model and the step get that), no generator: the Brownian tree seeded by noise_sampler_seed=0. Without seed= the
+# step is diffusers' own (torchsde's tree), on either backend; on the CPU, since the tree draws other numbers on
+# CUDA (the test asserts other values there). Its full_loop_device test repeats the no-noise loop.
+# (config changes, |x| sum, |x| mean[, sum tolerance, mean tolerance])
+DIFFUSERS_VALUES = {
+    "no noise": ({}, 162.52383422851562, 0.211619570851326),
+    "v_prediction": (dict(prediction_type="v_prediction"), 119.8487548828125, 0.1560530662536621),
+    "karras sigmas": (dict(use_karras_sigmas=True), 170.3135223388672, 0.23003872730981811, 1e-2, 1e-2),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Should have")  # torchsde's own, from diffusers' step at the run's ends
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", DIFFUSERS_VALUES)
+def test_diffusers_asserted_full_loops(case, backend):
+    config, *values = DIFFUSERS_VALUES[case]
+    scheduler = fs.DPMSolverSDEScheduler(**DIFFUSERS_TEST_CONFIG, noise_sampler_seed=0, **config, backend=backend)
+    assert_abs_sum_mean(diffusers_full_loop(scheduler, scale="sample", device="cpu"), *values)
 
 
 def test_noise_tensor_and_generator_are_refused():

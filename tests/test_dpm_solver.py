@@ -13,7 +13,8 @@ import fastgen
 import fastgen.schedulers as fs
 from fastgen.reference import dpm_solver
 from fastgen.schedulers._sigma import step_table
-from tests.sigma_utils import SHAPE, assert_batch_invariant, assert_trajectories_agree, fresh_sample, step_by_step
+from tests.sigma_utils import (SHAPE, assert_abs_sum_mean, assert_batch_invariant, assert_trajectories_agree,
+                               diffusers_full_loop, dummy_model, dummy_sample, fresh_sample, step_by_step)
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 SDE = dict(algorithm_type="sde-dpmsolver++")
@@ -158,48 +159,24 @@ DIFFUSERS_CONFIG = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.
                         euler_at_final=False, variance_type=None, final_sigmas_type="sigma_min")
 
 
-def _deter(reverse=False):
-    values = torch.arange(4 * 3 * 8 * 8)
-    values = values.flip(-1) if reverse else values
-    return (values.reshape(3, 8, 8, 4) / values.numel()).permute(3, 0, 1, 2)
-
-
-def _model(sample, t):
-    t = t.reshape(-1, 1, 1, 1).to(sample.dtype)
-    return sample * t / (t + 1)
-
-
-def _full_loop(scheduler, t_start=None):
-    scheduler.set_timesteps(10)
-    generator = torch.manual_seed(0)
-    sample, timesteps = _deter(), scheduler.timesteps
-    if t_start is not None:
-        timesteps = timesteps[t_start:]
-        sample = scheduler.add_noise(sample, _deter(reverse=True), timesteps[:1])
-    for t in timesteps:
-        sample = scheduler.step(_model(sample, t), t, sample, generator=generator).prev_sample
-    return sample
-
-
-DIFFUSERS_VALUES = {  # diffusers' test: (config changes, t_start, |x| sum or None, |x| mean)
-    "no noise": ({}, None, None, 0.3301),
-    "with noise": ({}, 5, 318.4111, 0.4146),
-    "no noise thres": (dict(thresholding=True, dynamic_thresholding_ratio=0.87, sample_max_value=0.5), None, None,
+DIFFUSERS_VALUES = {  # diffusers' test: 10 steps from its deterministic sample, a generator seeded 0 given to
+    # every step; (config changes, loop keywords, |x| sum or None, |x| mean)
+    "no noise": ({}, {}, None, 0.3301),
+    "with noise": ({}, dict(start=5), 318.4111, 0.4146),
+    "no noise thres": (dict(thresholding=True, dynamic_thresholding_ratio=0.87, sample_max_value=0.5), {}, None,
                        1.1364),
-    "v_prediction": (dict(prediction_type="v_prediction"), None, None, 0.2251),
-    "karras v_prediction": (dict(prediction_type="v_prediction", use_karras_sigmas=True), None, None, 0.2096),
-    "lu v_prediction": (dict(prediction_type="v_prediction", use_lu_lambdas=True), None, None, 0.1554),
+    "v_prediction": (dict(prediction_type="v_prediction"), {}, None, 0.2251),
+    "karras v_prediction": (dict(prediction_type="v_prediction", use_karras_sigmas=True), {}, None, 0.2096),
+    "lu v_prediction": (dict(prediction_type="v_prediction", use_lu_lambdas=True), {}, None, 0.1554),
 }
 
 
 @pytest.mark.parametrize("case, backend", [(case, "torch") for case in DIFFUSERS_VALUES] +
                          [("no noise thres", "triton"), ("with noise", "triton")])
 def test_diffusers_asserted_full_loops(case, backend):
-    changes, t_start, total, mean = DIFFUSERS_VALUES[case]
-    sample = _full_loop(fs.DPMSolverMultistepScheduler(**{**DIFFUSERS_CONFIG, **changes}, backend=backend), t_start)
-    if total is not None:
-        assert abs(sample.abs().sum().item() - total) < 1e-2
-    assert abs(sample.abs().mean().item() - mean) < 1e-3
+    changes, loop, *values = DIFFUSERS_VALUES[case]
+    scheduler = fs.DPMSolverMultistepScheduler(**{**DIFFUSERS_CONFIG, **changes}, backend=backend)
+    assert_abs_sum_mean(diffusers_full_loop(scheduler, seed=0, **loop), *values)
 
 
 def test_switch_through_compatible_schedulers_keeps_the_values():
@@ -209,7 +186,7 @@ def test_switch_through_compatible_schedulers_keeps_the_values():
                 diffusers.DEISMultistepScheduler, fs.DPMSolverMultistepScheduler):
         scheduler = cls.from_config(scheduler.config)
     assert type(scheduler) is fs.DPMSolverMultistepScheduler
-    assert abs(_full_loop(scheduler).abs().mean().item() - 0.3301) < 1e-3
+    assert_abs_sum_mean(diffusers_full_loop(scheduler, seed=0), None, 0.3301)
 
 
 def test_fp16_with_thresholding():
@@ -223,9 +200,9 @@ def test_fp16_with_thresholding():
                              ("diffusers fp32", diffusers.DPMSolverMultistepScheduler, torch.float32)):
         s = cls(**config, **(dict(backend="triton") if cls is fs.DPMSolverMultistepScheduler else {}))
         s.set_timesteps(4)
-        sample = _deter().half().to(dtype)
+        sample = dummy_sample().half().to(dtype)
         for t in s.timesteps:
-            sample = s.step(_model(sample, t), t, sample).prev_sample
+            sample = s.step(dummy_model(sample, t), t, sample).prev_sample
         assert sample.dtype == dtype
         runs[name] = sample.float()
     ours, theirs = ((runs[name] - runs["diffusers fp32"]).abs() for name in ("ours fp16", "diffusers fp16"))

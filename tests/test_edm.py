@@ -1,6 +1,6 @@
 """EDMEulerScheduler and EDMDPMSolverMultistepScheduler: the fused step against the float64 reference
 (fastgen/reference/edm.py, the kernel in the interpreter), against diffusers' own step from the same
-generator, counter noise batch-invariant, the fallbacks, and the saved pipeline."""
+generator, counter noise batch-invariant, the fallbacks, the saved pipeline, and diffusers' asserted values."""
 import json
 
 import diffusers
@@ -10,8 +10,8 @@ import torch
 import fastgen
 import fastgen.schedulers as fs
 from fastgen.step_table import step_table
-from tests.sigma_utils import (SHAPE, assert_batch_invariant, assert_trajectories_agree, fresh_sample, scheduler_pair,
-                               step_by_step)
+from tests.sigma_utils import (SHAPE, assert_abs_sum_mean, assert_batch_invariant, assert_trajectories_agree,
+                               diffusers_full_loop, fresh_sample, scheduler_pair, step_by_step)
 
 # (class name, scheduler config, step keywords)
 SWEEP = {
@@ -96,3 +96,28 @@ def test_saved_pipeline_reloads_fastgen_scheduler(tmp_path):
     loaded = diffusers.DDPMPipeline.from_pretrained(tmp_path)
     assert type(loaded.scheduler) is fastgen.EDMEulerScheduler
     assert loaded.scheduler.config.sigma_data == 0.7
+
+
+# diffusers' own tests (tests/schedulers/test_scheduler_edm_euler.py, test_scheduler_edm_dpmsolver_multistep.py):
+# 10 steps of its dummy model from its deterministic sample. EDM Euler's: the sample times init_noise_sigma, the
+# model fed scale_model_input's output, the step the sample (its full_loop_device test is the same loop); EDM
+# DPM-Solver's: the sample as it is, with lower_order_final=False, final_sigmas_type="sigma_min" (the rest of its
+# config is the defaults). (class, config, loop keywords, |x| sum or None, |x| mean[, sum tolerance])
+EDM_DPM = dict(lower_order_final=False, final_sigmas_type="sigma_min")
+DIFFUSERS_VALUES = {
+    "euler no noise": ("EDMEulerScheduler", dict(num_train_timesteps=256), dict(scale="model"), 34.1855, 0.044, 1e-3),
+    "dpmsolver++ no noise": ("EDMDPMSolverMultistepScheduler", EDM_DPM, {}, None, 0.0001),
+    "dpmsolver++ with noise": ("EDMDPMSolverMultistepScheduler", EDM_DPM, dict(start=5), 8.1661, 0.0106),
+    "dpmsolver++ no noise thres": ("EDMDPMSolverMultistepScheduler",
+                                   dict(EDM_DPM, thresholding=True, dynamic_thresholding_ratio=0.87,
+                                        sample_max_value=0.5), {}, None, 0.0080),
+    "dpmsolver++ v_prediction": ("EDMDPMSolverMultistepScheduler", dict(EDM_DPM, prediction_type="v_prediction"), {},
+                                 None, 0.0092),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", DIFFUSERS_VALUES)
+def test_diffusers_asserted_full_loops(case, backend):
+    name, config, loop, *values = DIFFUSERS_VALUES[case]
+    assert_abs_sum_mean(diffusers_full_loop(getattr(fs, name)(**config, backend=backend), **loop), *values)

@@ -14,7 +14,8 @@ import fastgen
 import fastgen.schedulers as fs
 from fastgen.reference import karras
 from fastgen.schedulers._sigma import step_table
-from tests.sigma_utils import SHAPE, assert_batch_invariant, assert_trajectories_agree, fresh_sample, step_by_step
+from tests.sigma_utils import (DIFFUSERS_TEST_CONFIG, SHAPE, assert_abs_sum_mean, assert_batch_invariant,
+                               assert_trajectories_agree, diffusers_full_loop, fresh_sample, step_by_step)
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 CHURN = dict(s_churn=2.0, s_tmin=0.05, s_tmax=8.0, s_noise=1.003)
@@ -131,42 +132,18 @@ def test_seed_step_equals_reference_with_counter_noise():
 
 # --- diffusers' own asserted values (tests/schedulers/test_scheduler_euler*.py), ported -------------------
 
-def _deter(reverse=False):
-    """diffusers' dummy_sample_deter (reverse: dummy_noise_deter): a ramp laid out [C, H, W, B]."""
-    values = torch.arange(4 * 3 * 8 * 8)
-    values = values.flip(-1) if reverse else values
-    return (values.reshape(3, 8, 8, 4) / values.numel()).permute(3, 0, 1, 2)
-
-
-def _diffusers_model(sample, t):
-    t = t.reshape(-1, 1, 1, 1).to(sample.dtype)
-    return sample * t / (t + 1)
-
-
-def _full_loop(scheduler, t_start=None):
-    scheduler.set_timesteps(10)
-    generator = torch.manual_seed(0)
-    sample = _deter() * scheduler.init_noise_sigma
-    timesteps = scheduler.timesteps
-    if t_start is not None:
-        timesteps = timesteps[t_start:]
-        sample = scheduler.add_noise(sample, _deter(reverse=True), timesteps[:1])
-    for t in timesteps:
-        sample = scheduler.scale_model_input(sample, t)
-        sample = scheduler.step(_diffusers_model(sample, t), t, sample, generator=generator).prev_sample
-    return sample
-
-
-DIFFUSERS_VALUES = {  # diffusers' test name: (class, config, t_start, |x| sum, |x| mean)
-    "euler no noise": ("EulerDiscreteScheduler", {}, None, 10.0807, 0.0131),
-    "euler v_prediction": ("EulerDiscreteScheduler", dict(prediction_type="v_prediction"), None, 0.0002, 2.2676e-06),
-    "euler karras": ("EulerDiscreteScheduler", dict(use_karras_sigmas=True), None, 124.52299499511719,
+# diffusers' loop: the sample times init_noise_sigma, replaced by scale_model_input's output each step, a generator
+# seeded 0 given to every step; (class, config changes, loop keywords, |x| sum, |x| mean)
+DIFFUSERS_VALUES = {
+    "euler no noise": ("EulerDiscreteScheduler", {}, {}, 10.0807, 0.0131),
+    "euler v_prediction": ("EulerDiscreteScheduler", dict(prediction_type="v_prediction"), {}, 0.0002, 2.2676e-06),
+    "euler karras": ("EulerDiscreteScheduler", dict(use_karras_sigmas=True), {}, 124.52299499511719,
                      0.16213932633399963),
-    "euler with noise": ("EulerDiscreteScheduler", {}, 8, 57062.9297, 74.3007),
-    "ancestral no noise": ("EulerAncestralDiscreteScheduler", {}, None, 152.3192, 0.1983),
-    "ancestral v_prediction": ("EulerAncestralDiscreteScheduler", dict(prediction_type="v_prediction"), None,
+    "euler with noise": ("EulerDiscreteScheduler", {}, dict(start=8), 57062.9297, 74.3007),
+    "ancestral no noise": ("EulerAncestralDiscreteScheduler", {}, {}, 152.3192, 0.1983),
+    "ancestral v_prediction": ("EulerAncestralDiscreteScheduler", dict(prediction_type="v_prediction"), {},
                                108.4439, 0.1412),
-    "ancestral with noise": ("EulerAncestralDiscreteScheduler", {}, 8, 56163.0508, 73.1290),
+    "ancestral with noise": ("EulerAncestralDiscreteScheduler", {}, dict(start=8), 56163.0508, 73.1290),
 }
 
 
@@ -176,11 +153,9 @@ KERNEL_LOOPS = ("euler karras", "ancestral with noise")  # the interpreter is sl
 @pytest.mark.parametrize("case, backend", [(case, "torch") for case in DIFFUSERS_VALUES] +
                          [(case, "triton") for case in KERNEL_LOOPS])
 def test_diffusers_asserted_full_loops(case, backend):
-    name, config, t_start, total, mean = DIFFUSERS_VALUES[case]
-    config = dict(num_train_timesteps=1100, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", **config)
-    sample = _full_loop(getattr(fs, name)(**config, backend=backend), t_start)
-    assert abs(sample.abs().sum().item() - total) < 1e-2
-    assert abs(sample.abs().mean().item() - mean) < 1e-3
+    name, config, loop, *values = DIFFUSERS_VALUES[case]
+    scheduler = getattr(fs, name)(**DIFFUSERS_TEST_CONFIG, **config, backend=backend)
+    assert_abs_sum_mean(diffusers_full_loop(scheduler, scale="sample", seed=0, **loop), *values)
 
 
 # --- bad input ---------------------------------------------------------------------------------------------

@@ -1,13 +1,15 @@
 """KDPM2DiscreteScheduler: both stages fused, against the float64 reference (fastgen/reference/karras.py's
 kdpm2_stage; the kernel in the interpreter), against diffusers' own step (prev_sample and
-pred_original_sample) in a pipeline's loop and with another sample given to the second stage, and in
-fastgen.sample."""
+pred_original_sample) in a pipeline's loop and with another sample given to the second stage, in
+fastgen.sample, and diffusers' asserted values."""
 import pytest
 import torch
 
+import fastgen.schedulers as fs
 from fastgen.step_table import step_table
-from tests.sigma_utils import (SHAPE, assert_sample_matches_reference, assert_trajectories_agree, fresh_sample,
-                               scheduler_pair, step_by_step)
+from tests.sigma_utils import (DIFFUSERS_TEST_CONFIG, SHAPE, assert_abs_sum_mean, assert_sample_matches_reference,
+                               assert_trajectories_agree, diffusers_full_loop, fresh_sample, scheduler_pair,
+                               step_by_step)
 
 # (scheduler config, inference steps)
 SWEEP = {
@@ -52,6 +54,25 @@ def test_second_stage_at_another_sample_is_diffusers():
         x = ours.step(0.8 * x, t_ours, x).prev_sample
         y = theirs.step(0.8 * y, t_theirs, y).prev_sample
     torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+# diffusers' own test (tests/schedulers/test_scheduler_kdpm2_discrete.py): 10 steps of its dummy model from its
+# deterministic sample times init_noise_sigma, the sample replaced by scale_model_input's output each step (the model
+# and the step get that); its full_loop_device test repeats the no-noise loop on the device. (config changes, loop
+# keywords, |x| sum, |x| mean)
+DIFFUSERS_VALUES = {
+    "no noise": ({}, {}, 20.4125, 0.0266),
+    "v_prediction": (dict(prediction_type="v_prediction"), {}, 4.6934e-07, 6.1112e-10),
+    "with noise": ({}, dict(start=8), 70408.4062, 91.6776),  # from timesteps[8 * order]
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", DIFFUSERS_VALUES)
+def test_diffusers_asserted_full_loops(case, backend):
+    config, loop, *values = DIFFUSERS_VALUES[case]
+    scheduler = fs.KDPM2DiscreteScheduler(**DIFFUSERS_TEST_CONFIG, **config, backend=backend)
+    assert_abs_sum_mean(diffusers_full_loop(scheduler, scale="sample", **loop), *values)
 
 
 def test_sample_runs_kdpm2():

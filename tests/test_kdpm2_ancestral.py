@@ -1,14 +1,15 @@
 """KDPM2AncestralDiscreteScheduler: both stages fused, the ancestral noise in the second, against the
 float64 reference (fastgen/reference/karras.py's kdpm2_ancestral_stage, the same counter noise; the
 kernel in the interpreter), against diffusers' own step from the same generator, counter noise
-batch-invariant, and in fastgen.sample."""
+batch-invariant, in fastgen.sample, and diffusers' asserted values."""
 import pytest
 import torch
 
 import fastgen.schedulers as fs
 from fastgen.step_table import step_table
-from tests.sigma_utils import (SHAPE, assert_batch_invariant, assert_sample_matches_reference,
-                               assert_trajectories_agree, fresh_sample, scheduler_pair, step_by_step)
+from tests.sigma_utils import (DIFFUSERS_TEST_CONFIG, SHAPE, assert_abs_sum_mean, assert_batch_invariant,
+                               assert_sample_matches_reference, assert_trajectories_agree, diffusers_full_loop,
+                               fresh_sample, scheduler_pair, step_by_step)
 
 # (scheduler config, inference steps)
 SWEEP = {
@@ -45,6 +46,26 @@ def test_seed_is_batch_invariant():
         return s
 
     assert_batch_invariant(make, torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(5)), seed=80)
+
+
+# diffusers' own test (tests/schedulers/test_scheduler_kdpm2_ancestral.py): 10 steps of its dummy model from its
+# deterministic sample times init_noise_sigma, the sample replaced by scale_model_input's output each step (the model
+# and the step get that), the ancestral noise from a generator seeded 0; (config changes, loop keywords, |x| sum,
+# |x| mean[, sum tolerance, mean tolerance])
+DIFFUSERS_VALUES = {
+    # the no-noise test asserts the mean within 5e-3, full_loop_device (the same loop) within 1e-3: the stricter
+    "no noise": ({}, {}, 13979.9433, 18.2030),
+    "v_prediction": (dict(prediction_type="v_prediction"), {}, 331.8133, 0.4320),
+    "with noise": ({}, dict(start=8), 93087.3437, 121.2074, 1e-2, 5e-3),  # from timesteps[8 * order]
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", DIFFUSERS_VALUES)
+def test_diffusers_asserted_full_loops(case, backend):
+    config, loop, *values = DIFFUSERS_VALUES[case]
+    scheduler = fs.KDPM2AncestralDiscreteScheduler(**DIFFUSERS_TEST_CONFIG, **config, backend=backend)
+    assert_abs_sum_mean(diffusers_full_loop(scheduler, scale="sample", seed=0, **loop), *values)
 
 
 def test_sample_runs_kdpm2_ancestral():

@@ -8,9 +8,9 @@ import torch
 import fastgen.schedulers as fs
 from fastgen.reference import lms
 from fastgen.step_table import step_table
-from tests.sigma_utils import (SHAPE, assert_sample_matches_reference, assert_trajectories_agree, fresh_sample,
+from tests.sigma_utils import (DIFFUSERS_TEST_CONFIG, SHAPE, assert_abs_sum_mean, assert_sample_matches_reference,
+                               assert_trajectories_agree, diffusers_full_loop, dummy_model, fresh_sample,
                                scheduler_pair, step_by_step)
-from tests.test_dpm_solver import _deter, _model
 
 # (scheduler config, inference steps, step()'s order, tolerance against diffusers relative to the largest operand)
 SWEEP = {
@@ -76,31 +76,22 @@ def test_orders_above_five_run_diffusers_step():
 
 # diffusers' own test (tests/schedulers/test_scheduler_lms.py): 10 steps of its dummy model from its
 # deterministic sample, the model fed scale_model_input's output and the step that too, as the test does;
-# (config changes, first timestep index or None, |x| sum, |x| mean, sum tolerance)
+# (config changes, loop keywords, |x| sum, |x| mean[, sum tolerance])
 DIFFUSERS_VALUES = {
-    "no noise": ({}, None, 1006.388, 1.31, 1e-2),
-    "v_prediction": (dict(prediction_type="v_prediction"), None, 0.0017, 2.2676e-06, 1e-2),
-    "karras sigmas": (dict(use_karras_sigmas=True), None, 3812.9927, 4.9648, 2e-2),
-    "with noise": ({}, 8, 27663.6895, 36.0204, 1e-2),
+    "no noise": ({}, {}, 1006.388, 1.31),
+    "v_prediction": (dict(prediction_type="v_prediction"), {}, 0.0017, 2.2676e-06),
+    "karras sigmas": (dict(use_karras_sigmas=True), {}, 3812.9927, 4.9648, 2e-2),
+    # a run begun mid-schedule: its first steps have fewer derivatives than the order
+    "with noise": ({}, dict(start=8), 27663.6895, 36.0204),
 }
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("case", DIFFUSERS_VALUES)
 def test_diffusers_asserted_full_loops(case, backend):
-    config, t_start, total, mean, tolerance = DIFFUSERS_VALUES[case]
-    scheduler = fs.LMSDiscreteScheduler(num_train_timesteps=1100, beta_start=0.0001, beta_end=0.02,
-                                        beta_schedule="linear", **config, backend=backend)
-    scheduler.set_timesteps(10)
-    sample, timesteps = _deter() * scheduler.init_noise_sigma, scheduler.timesteps
-    if t_start is not None:  # a run begun mid-schedule: its first steps have fewer derivatives than the order
-        timesteps = timesteps[t_start:]
-        sample = scheduler.add_noise(sample, _deter(reverse=True), timesteps[:1])
-    for t in timesteps:
-        sample = scheduler.scale_model_input(sample, t)
-        sample = scheduler.step(_model(sample, t), t, sample).prev_sample
-    assert abs(sample.abs().sum().item() - total) < tolerance
-    assert abs(sample.abs().mean().item() - mean) < 1e-3
+    config, loop, *values = DIFFUSERS_VALUES[case]
+    scheduler = fs.LMSDiscreteScheduler(**DIFFUSERS_TEST_CONFIG, **config, backend=backend)
+    assert_abs_sum_mean(diffusers_full_loop(scheduler, scale="sample", **loop), *values)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -113,7 +104,7 @@ def test_run_begun_mid_schedule_matches_diffusers(backend):
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
     for t in theirs.timesteps[5:]:
         ours.scale_model_input(x, t), theirs.scale_model_input(x, t)
-        m = _model(x, t)
+        m = dummy_model(x, t)
         got, want = ours.step(m, t, x), theirs.step(m, t, x)
         torch.testing.assert_close(got.prev_sample, want.prev_sample, rtol=1e-5, atol=1e-5)
         x = want.prev_sample

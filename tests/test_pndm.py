@@ -9,9 +9,8 @@ import fastgen
 import fastgen.schedulers as fs
 from fastgen.reference import pndm
 from fastgen.step_table import step_table
-from tests.sigma_utils import (SHAPE, assert_sample_matches_reference, assert_trajectories_agree, fresh_sample,
-                               scheduler_pair, step_by_step)
-from tests.test_dpm_solver import _deter, _model
+from tests.sigma_utils import (SHAPE, assert_abs_sum_mean, assert_sample_matches_reference, assert_trajectories_agree,
+                               diffusers_full_loop, fresh_sample, scheduler_pair, step_by_step)
 
 # (scheduler config, inference steps); every case skips the Runge-Kutta warm-up but the last
 SWEEP = {
@@ -68,15 +67,10 @@ DIFFUSERS_VALUES = {
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("case", DIFFUSERS_VALUES)
 def test_diffusers_asserted_full_loops(case, backend):
-    config, total, mean = DIFFUSERS_VALUES[case]
+    config, *values = DIFFUSERS_VALUES[case]
     scheduler = fs.PNDMScheduler(**{"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
                                     "beta_schedule": "linear", **config}, backend=backend)
-    scheduler.set_timesteps(10)
-    sample = _deter()
-    for t in scheduler.timesteps:
-        sample = scheduler.step(_model(sample, t), t, sample).prev_sample
-    assert abs(sample.abs().sum().item() - total) < 1e-2
-    assert abs(sample.abs().mean().item() - mean) < 1e-3
+    assert_abs_sum_mean(diffusers_full_loop(scheduler), *values)
 
 
 def test_plms_builder_refuses_the_warm_up_for_the_sampling_loop():

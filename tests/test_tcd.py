@@ -1,13 +1,14 @@
 """TCDScheduler: the fused step against the float64 reference (fastgen/reference/tcd.py, the kernel in
 the interpreter), against diffusers' own step from the same generator (prev_sample and
-pred_noised_sample), counter noise batch-invariant, and a timestep off the step index."""
+pred_noised_sample), counter noise batch-invariant, a timestep off the step index, and diffusers' asserted
+values."""
 import pytest
 import torch
 
 import fastgen.schedulers as fs
 from fastgen.step_table import step_table
-from tests.sigma_utils import (SHAPE, assert_batch_invariant, assert_sample_matches_reference,
-                               assert_trajectories_agree, fresh_sample, scheduler_pair)
+from tests.sigma_utils import (SHAPE, assert_abs_sum_mean, assert_batch_invariant, assert_sample_matches_reference,
+                               assert_trajectories_agree, diffusers_full_loop, fresh_sample, scheduler_pair)
 from tests.utils import assert_close
 
 # (scheduler config, set_timesteps steps, gamma)
@@ -67,6 +68,23 @@ def test_gamma_outside_the_unit_interval_is_refused():
     scheduler.set_timesteps(2)
     with pytest.raises(ValueError, match="eta .* must be a number in \\[0, 1\\]"):
         scheduler.step(torch.zeros(SHAPE), scheduler.timesteps[0], torch.zeros(SHAPE), eta=1.5)
+
+
+# diffusers' own test (tests/schedulers/test_scheduler_tcd.py): its dummy model from its deterministic sample, the
+# config the defaults, every step given gamma (eta) = 0 and a generator seeded 0: with gamma 0 nothing is drawn,
+# and the test asserts no value for gamma > 0. (loop keywords, |x| sum, |x| mean, sum tolerance)
+DIFFUSERS_VALUES = {
+    "onestep deter": (dict(steps=1), 29.8715, 0.0389, 1e-3),
+    "multistep deter": (dict(steps=10), 181.2040, 0.2359, 1e-3),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", DIFFUSERS_VALUES)
+def test_diffusers_asserted_full_loops(case, backend):
+    loop, *values = DIFFUSERS_VALUES[case]
+    sample = diffusers_full_loop(fs.TCDScheduler(backend=backend), eta=0.0, seed=0, **loop)
+    assert_abs_sum_mean(sample, *values)
 
 
 def test_sample_runs_tcd():

@@ -8,9 +8,8 @@ import torch
 import fastgen.schedulers as fs
 from fastgen.reference import unipc
 from fastgen.step_table import step_table
-from tests.sigma_utils import (SHAPE, assert_sample_matches_reference, assert_trajectories_agree, fresh_sample,
-                               scheduler_pair, step_by_step)
-from tests.test_dpm_solver import _deter, _model
+from tests.sigma_utils import (SHAPE, assert_abs_sum_mean, assert_sample_matches_reference, assert_trajectories_agree,
+                               diffusers_full_loop, dummy_model, fresh_sample, scheduler_pair, step_by_step)
 
 # (scheduler config, inference steps, tolerance against diffusers relative to the largest operand)
 SWEEP = {
@@ -68,8 +67,8 @@ def test_bh1_onto_sigma_zero_is_finite():
     ours, theirs = scheduler_pair("UniPCMultistepScheduler", dict(solver_type="bh1"), 10, "torch")
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
     for t in ours.timesteps:
-        x_ours = ours.step(_model(x, t), t, x).prev_sample
-        x_theirs = theirs.step(_model(x, t), t, x).prev_sample
+        x_ours = ours.step(dummy_model(x, t), t, x).prev_sample
+        x_theirs = theirs.step(dummy_model(x, t), t, x).prev_sample
         x = x_ours
     assert torch.isfinite(x_ours).all() and torch.isnan(x_theirs).all()
 
@@ -86,33 +85,25 @@ def test_unfused_configurations_run_diffusers_step():
 
 
 # diffusers' own test (tests/schedulers/test_scheduler_unipc.py): 10 steps of its dummy model from its
-# deterministic sample; (config changes, first timestep index or None, |x| sum or None, |x| mean)
+# deterministic sample; (config changes, loop keywords, |x| sum or None, |x| mean)
 DIFFUSERS_VALUES = {
-    "no noise": ({}, None, None, 0.2464),
-    "karras": (dict(use_karras_sigmas=True), None, None, 0.2925),
-    "v_prediction": (dict(prediction_type="v_prediction"), None, None, 0.1014),
-    "karras v_prediction": (dict(prediction_type="v_prediction", use_karras_sigmas=True), None, None, 0.1966),
-    "with noise": ({}, 8, 315.5757, 0.4109),
+    "no noise": ({}, {}, None, 0.2464),
+    "karras": (dict(use_karras_sigmas=True), {}, None, 0.2925),
+    "v_prediction": (dict(prediction_type="v_prediction"), {}, None, 0.1014),
+    "karras v_prediction": (dict(prediction_type="v_prediction", use_karras_sigmas=True), {}, None, 0.1966),
+    # a run begun mid-schedule: its first step is first order, uncorrected
+    "with noise": ({}, dict(start=8), 315.5757, 0.4109),
 }
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("case", DIFFUSERS_VALUES)
 def test_diffusers_asserted_full_loops(case, backend):
-    config, t_start, total, mean = DIFFUSERS_VALUES[case]
+    config, loop, *values = DIFFUSERS_VALUES[case]
     scheduler = fs.UniPCMultistepScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
                                            beta_schedule="linear", solver_order=2, solver_type="bh2",
                                            final_sigmas_type="sigma_min", **config, backend=backend)
-    scheduler.set_timesteps(10)
-    sample, timesteps = _deter(), scheduler.timesteps
-    if t_start is not None:  # a run begun mid-schedule: its first step is first order, uncorrected
-        timesteps = timesteps[t_start:]
-        sample = scheduler.add_noise(sample, _deter(reverse=True), timesteps[:1])
-    for t in timesteps:
-        sample = scheduler.step(_model(sample, t), t, sample).prev_sample
-    if total is not None:
-        assert abs(sample.abs().sum().item() - total) < 1e-2
-    assert abs(sample.abs().mean().item() - mean) < 1e-3
+    assert_abs_sum_mean(diffusers_full_loop(scheduler, **loop), *values)
 
 
 def test_saved_scheduler_reloads_as_fastgen(tmp_path):
