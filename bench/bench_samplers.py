@@ -98,10 +98,11 @@ class Stepper:
 
 
 def draws_noise(scheduler, steps: int) -> bool:
-    """Whether a run of ``steps`` steps of ``scheduler`` draws noise after its initial sample."""
-    from fastgen import sampling
+    """Whether a run of ``steps`` steps of ``scheduler`` draws noise after its initial sample (its StepTable)."""
+    from fastgen.step_table import step_table
 
-    return bool(sampling._Plan(scheduler, steps, eta=0.0).counter_draws.any())
+    scheduler.set_timesteps(steps)
+    return step_table(scheduler).any_draws
 
 
 def calls_for(name, shape, device, **fastgen_kwargs):
